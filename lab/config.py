@@ -1,0 +1,347 @@
+"""One validated YAML config per cluster, and its resolution into a `ClusterSpec`.
+
+Fields carry their units in their names and are real-hardware figures; `scaling` turns them
+into emulated ones (rate x bandwidth_scale, time x time_dilation, bytes x both). Errors name
+the field and the allowed values. No file I/O happens while the models are constructed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scheduler.costmodel import CostModel, CostModelParams
+from services.spec import ClusterSpec, Endpoint, NodeSpec, Policy, ProfileSpec, Role
+
+
+class ConfigError(Exception):
+    """The config is invalid; the message names the field and what is allowed."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelProfile(_Model):
+    name: str = Field("ds27b-like", description="profile name shown in reports")
+    num_layers: int = Field(30, ge=1, le=256, description="transformer layers")
+    kv_bytes_per_token: float = Field(
+        20480, gt=0, description="real KV bytes per token over all layers"
+    )
+    block_tokens: int = Field(64, ge=1, le=4096, description="tokens per Full Block")
+    layer_groups: int = Field(
+        5, ge=1, le=64, description="layer groups streamed one at a time (layerwise prefill)"
+    )
+    prefill_base_ms: float = Field(5.0, ge=0, description="fixed cost of a prefill, real ms")
+    prefill_us_per_token: float = Field(10.0, ge=0, description="per new token, real us")
+    attention_ns_per_token_pair: float = Field(
+        0.5, ge=0, description="attention cost per (query, key) pair, real ns"
+    )
+    decode_base_ms: float = Field(8.0, ge=0, description="fixed cost of a decode step, real ms")
+    decode_us_per_seq: float = Field(20.0, ge=0, description="per sequence in the batch, real us")
+    decode_ns_per_context_token: float = Field(
+        5.0, ge=0, description="per context token in the batch, real ns"
+    )
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> ModelProfile:
+        if self.layer_groups > self.num_layers:
+            raise ValueError(
+                f"layer_groups ({self.layer_groups}) must be <= num_layers ({self.num_layers})"
+            )
+        return self
+
+    def cost_params(self) -> CostModelParams:
+        return CostModelParams(
+            prefill_base_ms=self.prefill_base_ms,
+            prefill_us_per_token=self.prefill_us_per_token,
+            attention_ns_per_token_pair=self.attention_ns_per_token_pair,
+            decode_base_ms=self.decode_base_ms,
+            decode_us_per_seq=self.decode_us_per_seq,
+            decode_ns_per_context_token=self.decode_ns_per_context_token,
+        )
+
+
+class ClusterShape(_Model):
+    prefill_nodes: int = Field(1, ge=1, le=16, description="P, prefill nodes")
+    decode_nodes: int = Field(1, ge=1, le=16, description="D, decode nodes")
+    storage_servers: int = Field(2, ge=1, le=16, description="S, storage servers")
+    gpus_per_node: int = Field(4, ge=1, le=16, description="g, emulated GPUs (engines) per node")
+    cnic_gbit_per_gpu: float = Field(400, gt=0, description="real compute NIC rate per GPU")
+    snic_gbit: float = Field(400, gt=0, description="real storage NIC rate, one per node")
+    dram_buffer_gb: float = Field(80, gt=0, description="real DRAM buffer per node")
+    dram_gbyte_per_s: float = Field(500, gt=0, description="real DRAM bandwidth per node")
+    gpu_kv_capacity_gb: float = Field(40, gt=0, description="real HBM for KV per decode GPU")
+
+    @model_validator(mode="after")
+    def _cnic_snic_ratio(self) -> ClusterShape:
+        ratio = self.gpus_per_node * self.cnic_gbit_per_gpu / self.snic_gbit
+        if ratio < 2:
+            raise ValueError(
+                f"per-node CNIC:SNIC ratio is {ratio:.2f}; it must be >= 2 (the paper has 8, "
+                "keep >= 4) or the relay itself becomes the bottleneck (DualPath §4.2)"
+            )
+        return self
+
+
+class Scaling(_Model):
+    bandwidth_scale: float = Field(
+        0.00025, gt=0, le=1, description="k: emulated link rate = real rate x k"
+    )
+    time_dilation: float = Field(
+        10, gt=0, le=10000, description="tau: emulated durations = real durations x tau"
+    )
+
+
+class Workload(_Model):
+    num_agents: int = Field(64, ge=1, le=100000, description="agents (trajectories) to replay")
+    max_len: Literal[32768, 49152, 65536] = Field(
+        65536, description="MaxLen of the Table 2 dataset to imitate (32768, 49152 or 65536)"
+    )
+    seed: int = Field(1, ge=0, description="seed of the trajectory generator")
+    trajectories_file: str | None = Field(
+        None, description="JSONL trajectories to replay instead of generated ones"
+    )
+    start_turn_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="start each agent this far into its trajectory, earlier turns' KV pre-seeded",
+    )
+    max_turns_per_agent: int | None = Field(
+        None, ge=1, description="replay at most this many turns per agent"
+    )
+    gen_token_scale: float = Field(
+        1.0, gt=0, le=1, description="scale generated tokens per turn (decode-light demos)"
+    )
+
+
+class Network(_Model):
+    compute_subnet: str = Field("198.18.0.0/24", description="compute network (cnic)")
+    storage_subnet: str = Field("198.18.1.0/24", description="storage network (snic)")
+    mgmt_subnet: str = Field("198.18.2.0/24", description="unshaped management network")
+    kv_min_fraction: float = Field(
+        0.05, gt=0, lt=1, description="guaranteed share of the cnic for the kv class"
+    )
+
+    @field_validator("compute_subnet", "storage_subnet", "mgmt_subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"not an IPv4 network: {exc}") from exc
+        if net.num_addresses < 64:
+            raise ValueError(f"{v} is too small; use a /26 or larger")
+        return v
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Network:
+        nets = [
+            ipaddress.IPv4Network(s)
+            for s in (self.compute_subnet, self.storage_subnet, self.mgmt_subnet)
+        ]
+        for i, a in enumerate(nets):
+            for b in nets[i + 1 :]:
+                if a.overlaps(b):
+                    raise ValueError(f"subnets {a} and {b} overlap")
+        return self
+
+
+class Scheduling(_Model):
+    pull_interval_ms: float = Field(
+        10, gt=0, le=10000, description="how often engine groups pull work, emulated ms"
+    )
+    alpha_tokens: int | None = Field(
+        None, ge=1, description="alpha: tokens a node's snic reads in 3 s (default: derived)"
+    )
+    beta_tokens: int | None = Field(
+        None, ge=1, description="beta: tokens one GPU processes in 5 s (default: derived)"
+    )
+    collective_kbytes_per_step: float = Field(
+        64, ge=0, description="emulated all-to-all bytes per prefill step to each group peer"
+    )
+
+
+class LabConfig(_Model):
+    name: str = Field("lab", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$", description="config name")
+    policy: Policy = Field(Policy.DUALPATH, description="basic, dualpath or oracle")
+    model: ModelProfile = ModelProfile()
+    cluster: ClusterShape = ClusterShape()
+    scaling: Scaling = Scaling()
+    workload: Workload = Workload()
+    network: Network = Network()
+    scheduling: Scheduling = Scheduling()
+
+    # -- emulated figures -------------------------------------------------------------------
+    @property
+    def emulated_kv_bytes_per_token(self) -> float:
+        s = self.scaling
+        return self.model.kv_bytes_per_token * s.bandwidth_scale * s.time_dilation
+
+    @property
+    def snic_rate_mbit(self) -> float:
+        return self.cluster.snic_gbit * 1000 * self.scaling.bandwidth_scale
+
+    @property
+    def cnic_rate_mbit(self) -> float:
+        c = self.cluster
+        return c.gpus_per_node * c.cnic_gbit_per_gpu * 1000 * self.scaling.bandwidth_scale
+
+    def derived_alpha_tokens(self) -> int:
+        """DualPath §6: alpha = tokens the node's snic reads in 3 s (real)."""
+        if self.scheduling.alpha_tokens is not None:
+            return self.scheduling.alpha_tokens
+        bytes_per_s = self.cluster.snic_gbit * 1e9 / 8
+        return max(1, int(3 * bytes_per_s / self.model.kv_bytes_per_token))
+
+    def derived_beta_tokens(self) -> int:
+        """DualPath §6: beta = tokens one GPU processes in 5 s (real), at a typical turn."""
+        if self.scheduling.beta_tokens is not None:
+            return self.scheduling.beta_tokens
+        cost = CostModel(self.model.cost_params())
+        cached = self.workload.max_len // 2
+        return max(1, int(5 * cost.prefill_tokens_per_s(cached, 512)))
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def parse_config(data: Any, *, source: str = "config") -> LabConfig:
+    """Validate a parsed YAML document; raise ConfigError naming every bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return LabConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {_field_path(tuple(err['loc']))}: {msg}")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if overrides:
+        data = {**data, **overrides}
+    return parse_config(data, source=str(path))
+
+
+# -- resolution into a ClusterSpec --------------------------------------------------------------
+
+PORT_DATA = 7100
+PORT_STORAGE = 7200
+PORT_MGMT = 7300
+PORT_GRPC = 7400
+PORT_HTTP = 7401
+
+
+def _host(subnet: str, offset: int) -> str:
+    return str(ipaddress.IPv4Network(subnet)[offset])
+
+
+def build_cluster_spec(
+    cfg: LabConfig, *, lab_id: str, backend: str, data_dir: Path, base_port: int = 0
+) -> ClusterSpec:
+    """Addresses, ports and emulated sizes for every node.
+
+    `netns`/`compose`: one address per node per network, fixed ports. `local`: everything on
+    127.0.0.1 with per-node ports starting at `base_port`, no shaping (for tests).
+    """
+    local = backend == "local"
+    net = cfg.network
+    c = cfg.cluster
+    s = cfg.scaling
+    dil_bytes = s.bandwidth_scale * s.time_dilation
+    kv_tok = cfg.emulated_kv_bytes_per_token
+    nodes: list[NodeSpec] = []
+    next_port = base_port
+
+    def ports(n: int) -> list[int]:
+        nonlocal next_port
+        got = list(range(next_port, next_port + n))
+        next_port += n
+        return got
+
+    def ep(subnet: str, offset: int, port: int, local_port: int) -> Endpoint:
+        if local:
+            return Endpoint(host="127.0.0.1", port=local_port)
+        return Endpoint(host=_host(subnet, offset), port=port)
+
+    gpu_kv_tokens = int(c.gpu_kv_capacity_gb * 1e9 / cfg.model.kv_bytes_per_token)
+    engine_roles = [(Role.PREFILL, c.prefill_nodes), (Role.DECODE, c.decode_nodes)]
+    host_offset = 10
+    for role, count in engine_roles:
+        for i in range(count):
+            p_data, p_mgmt = ports(2) if local else (0, 0)
+            nodes.append(
+                NodeSpec(
+                    node_id=f"{role.value}-{i}",
+                    role=role,
+                    index=i,
+                    num_gpus=c.gpus_per_node,
+                    mgmt=ep(net.mgmt_subnet, host_offset, PORT_MGMT, p_mgmt),
+                    cnic=ep(net.compute_subnet, host_offset, PORT_DATA, p_data),
+                    snic_host="127.0.0.1" if local else _host(net.storage_subnet, host_offset),
+                    cnic_rate_mbit=None if local else cfg.cnic_rate_mbit,
+                    snic_rate_mbit=None if local else cfg.snic_rate_mbit,
+                    dram_buffer_bytes=int(c.dram_buffer_gb * 1e9 * dil_bytes),
+                    gpu_kv_capacity_tokens=gpu_kv_tokens,
+                )
+            )
+            host_offset += 1
+    for i in range(c.storage_servers):
+        p_store, p_mgmt = ports(2) if local else (0, 0)
+        offset = 100 + i
+        nodes.append(
+            NodeSpec(
+                node_id=f"storage-{i}",
+                role=Role.STORAGE,
+                index=i,
+                mgmt=ep(net.mgmt_subnet, offset, PORT_MGMT, p_mgmt),
+                storage=ep(net.storage_subnet, offset, PORT_STORAGE, p_store),
+            )
+        )
+    p_grpc, p_http, p_mgmt = ports(3) if local else (0, 0, 0)
+    sched_mgmt = ep(net.mgmt_subnet, 2, PORT_MGMT, p_mgmt)
+    nodes.append(NodeSpec(node_id="scheduler", role=Role.SCHEDULER, index=0, mgmt=sched_mgmt))
+    profile = ProfileSpec(
+        name=cfg.model.name,
+        num_layers=cfg.model.num_layers,
+        layer_groups=cfg.model.layer_groups,
+        block_tokens=cfg.model.block_tokens,
+        kv_bytes_per_token=kv_tok,
+        cost=cfg.model.cost_params(),
+        time_dilation=s.time_dilation,
+    )
+    return ClusterSpec(
+        lab_id=lab_id,
+        backend=backend,
+        policy=cfg.policy,
+        bandwidth_scale=s.bandwidth_scale,
+        time_dilation=s.time_dilation,
+        profile=profile,
+        nodes=tuple(nodes),
+        grpc=ep(net.mgmt_subnet, 2, PORT_GRPC, p_grpc),
+        http=ep(net.mgmt_subnet, 2, PORT_HTTP, p_http),
+        pull_interval_s=cfg.scheduling.pull_interval_ms / 1000.0,
+        alpha_tokens=cfg.derived_alpha_tokens(),
+        beta_tokens=cfg.derived_beta_tokens(),
+        collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),
+        data_dir=str(data_dir),
+    )

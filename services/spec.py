@@ -1,0 +1,128 @@
+"""The resolved cluster spec every lab process is started with.
+
+`lab.config` turns a user's YAML into one `ClusterSpec` (emulated units already applied:
+bytes, bit rates and dilated times); every node process reads the same JSON file. It holds
+addresses and sizes only, never behaviour.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from scheduler.costmodel import CostModel, CostModelParams
+
+
+class Role(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    STORAGE = "storage"
+    SCHEDULER = "scheduler"
+
+
+class Policy(StrEnum):
+    BASIC = "basic"
+    DUALPATH = "dualpath"
+    ORACLE = "oracle"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Endpoint(_Frozen):
+    host: str
+    port: int
+
+
+class ProfileSpec(_Frozen):
+    """Model profile in emulated units (bytes already scaled by bandwidth_scale x dilation)."""
+
+    name: str
+    num_layers: int
+    layer_groups: int
+    block_tokens: int
+    kv_bytes_per_token: float
+    cost: CostModelParams
+    time_dilation: float
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one Full Block (all layers of `block_tokens` tokens), emulated."""
+        return self.layer_group_bytes(0) * self.layer_groups
+
+    def layer_group_bytes(self, group: int) -> int:
+        """Bytes of one block's slice for one layer group (all groups the same size)."""
+        del group
+        per_group = self.block_tokens * self.kv_bytes_per_token / self.layer_groups
+        return max(64, round(per_group))
+
+    def cost_model(self) -> CostModel:
+        return CostModel(self.cost)
+
+
+class NodeSpec(_Frozen):
+    node_id: str
+    role: Role
+    index: int
+    num_gpus: int = 0
+    mgmt: Endpoint
+    """Control/metrics listener on the unshaped management network."""
+    cnic: Endpoint | None = None
+    """KV + collective listener on the compute network (engine nodes)."""
+    snic_host: str | None = None
+    """Address of the node's storage NIC (engine nodes bind outgoing storage traffic to it)."""
+    storage: Endpoint | None = None
+    """Block service on the storage network (storage servers)."""
+    cnic_rate_mbit: float | None = None
+    snic_rate_mbit: float | None = None
+    dram_buffer_bytes: int = 0
+    gpu_kv_capacity_tokens: int = 0
+
+
+class ClusterSpec(_Frozen):
+    lab_id: str
+    backend: str
+    policy: Policy
+    bandwidth_scale: float
+    time_dilation: float
+    profile: ProfileSpec
+    nodes: tuple[NodeSpec, ...]
+    grpc: Endpoint
+    """Scheduler gRPC endpoint for engine-group leaders."""
+    http: Endpoint
+    """Scheduler HTTP API for clients."""
+    pull_interval_s: float
+    alpha_tokens: int
+    beta_tokens: int
+    collective_bytes_per_step: int
+    data_dir: str
+    request_timeout_s: float = 120.0
+    max_frame_bytes: int = 64 * 1024 * 1024
+
+    def node(self, node_id: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        raise KeyError(f"no node {node_id!r} in cluster (have: {[n.node_id for n in self.nodes]})")
+
+    def by_role(self, role: Role) -> tuple[NodeSpec, ...]:
+        return tuple(n for n in self.nodes if n.role == role)
+
+    @property
+    def storage_nodes(self) -> tuple[NodeSpec, ...]:
+        return self.by_role(Role.STORAGE)
+
+    def storage_server_for(self, traj_id: int, block: int) -> NodeSpec:
+        """Striping: block i of trajectory t lives on server (t + i) mod S (like 3FS chunks)."""
+        servers = self.storage_nodes
+        return servers[(traj_id + block) % len(servers)]
+
+    def dump(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> ClusterSpec:
+        return cls.model_validate_json(path.read_text())

@@ -1,0 +1,209 @@
+"""Thin asyncio transport for codec frames: pumps bytes, sets DSCP, enforces limits.
+
+Protocol logic lives in the codec and the node modules; this module only moves frames. A
+malformed frame gets an error frame back and the connection closed; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+from enum import IntEnum
+
+from services.codec import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    PREFIX_SIZE,
+    Frame,
+    FrameError,
+    decode_header,
+    encode,
+    error_frame,
+    parse_prefix,
+)
+
+STREAM_LIMIT = 4 << 20
+SOCK_BUF_BYTES = 4 << 20
+
+
+class Dscp(IntEnum):
+    """Traffic classes on the cnic (architecture: collective > control > kv)."""
+
+    COLLECTIVE = 46
+    CONTROL = 24
+    KV = 8
+    BEST_EFFORT = 0
+
+    @property
+    def tos(self) -> int:
+        return int(self) << 2
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (cleanly or not) before a whole frame arrived."""
+
+
+class RemoteError(Exception):
+    """The peer answered with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def set_dscp(sock: socket.socket | None, dscp: Dscp) -> None:
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp.tos)
+
+
+def _tune(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF_BYTES)
+
+
+class FrameConnection:
+    """One TCP connection carrying frames in both directions."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        io_timeout_s: float = 120.0,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.max_payload_bytes = max_payload_bytes
+        self.io_timeout_s = io_timeout_s
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def peer(self) -> str:
+        info = self.writer.get_extra_info("peername")
+        return f"{info[0]}:{info[1]}" if info else "?"
+
+    async def recv(self) -> Frame:
+        """Next frame; raises ConnectionClosed, FrameError or TimeoutError."""
+        try:
+            async with asyncio.timeout(self.io_timeout_s):
+                prefix = await self.reader.readexactly(PREFIX_SIZE)
+                hlen, plen = parse_prefix(prefix, max_payload_bytes=self.max_payload_bytes)
+                kind, head = decode_header(await self.reader.readexactly(hlen))
+                payload = await self.reader.readexactly(plen) if plen else b""
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionClosed(f"peer {self.peer} closed mid-frame") from exc
+        except ConnectionError as exc:
+            raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
+        return Frame(kind, head, payload)
+
+    async def recv_reply(self) -> Frame:
+        """Like recv(), but an error frame raises RemoteError."""
+        frame = await self.recv()
+        if frame.kind == "error":
+            raise RemoteError(str(frame.header.get("code")), str(frame.header.get("message")))
+        return frame
+
+    async def send(self, frame: Frame) -> None:
+        async with self._send_lock:
+            self.writer.writelines(encode(frame))
+            try:
+                async with asyncio.timeout(self.io_timeout_s):
+                    await self.writer.drain()
+            except ConnectionError as exc:
+                raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    dscp: Dscp = Dscp.BEST_EFFORT,
+    local_host: str | None = None,
+    timeout_s: float = 10.0,
+    io_timeout_s: float = 120.0,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> FrameConnection:
+    """Open a frame connection, marked with `dscp` (IP_TOS) from the first packet on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        set_dscp(sock, dscp)
+        _tune(sock)
+        if local_host:
+            sock.bind((local_host, 0))
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout_s):
+            await loop.sock_connect(sock, (host, port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+    except BaseException:
+        sock.close()
+        raise
+    return FrameConnection(
+        reader, writer, max_payload_bytes=max_payload_bytes, io_timeout_s=io_timeout_s
+    )
+
+
+Handler = Callable[[FrameConnection, Frame], Awaitable[None]]
+
+
+async def serve(
+    host: str,
+    port: int,
+    handler: Handler,
+    *,
+    dscp: Dscp = Dscp.BEST_EFFORT,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    io_timeout_s: float = 3600.0,
+    on_error: Callable[[str], None] | None = None,
+) -> asyncio.Server:
+    """Serve frames: `handler(conn, frame)` per frame, in order, per connection.
+
+    A malformed frame is answered with an error frame and the connection is closed; an
+    exception from the handler is answered with an error frame and the connection stays open.
+    """
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        set_dscp(sock, dscp)
+        _tune(sock)
+        conn = FrameConnection(
+            reader, writer, max_payload_bytes=max_payload_bytes, io_timeout_s=io_timeout_s
+        )
+        try:
+            while True:
+                try:
+                    frame = await conn.recv()
+                except (ConnectionClosed, TimeoutError):
+                    return
+                except FrameError as exc:
+                    if on_error:
+                        on_error(f"malformed frame from {conn.peer}: {exc}")
+                    with contextlib.suppress(Exception):
+                        await conn.send(error_frame("malformed", str(exc)))
+                    return
+                try:
+                    await handler(conn, frame)
+                except (ConnectionClosed, ConnectionError):
+                    return
+                except Exception as exc:
+                    if on_error:
+                        on_error(f"{frame.kind} from {conn.peer} failed: {exc}")
+                    with contextlib.suppress(Exception):
+                        await conn.send(error_frame(type(exc).__name__, str(exc) or repr(exc)))
+        finally:
+            await conn.close()
+
+    return await asyncio.start_server(on_client, host, port, limit=STREAM_LIMIT, reuse_address=True)
