@@ -344,4 +344,11 @@ def build_cluster_spec(
         beta_tokens=cfg.derived_beta_tokens(),
         collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),
         data_dir=str(data_dir),
+        subnets={}
+        if local
+        else {
+            "compute": net.compute_subnet,
+            "storage": net.storage_subnet,
+            "mgmt": net.mgmt_subnet,
+        },
     )

@@ -99,6 +99,8 @@ class ClusterSpec(_Frozen):
     beta_tokens: int
     collective_bytes_per_step: int
     data_dir: str
+    subnets: dict[str, str] = {}
+    """Network name (compute, storage, mgmt) -> CIDR; empty on the local backend."""
     request_timeout_s: float = 120.0
     max_frame_bytes: int = 64 * 1024 * 1024
 
@@ -119,6 +121,21 @@ class ClusterSpec(_Frozen):
         """Striping: block i of trajectory t lives on server (t + i) mod S (like 3FS chunks)."""
         servers = self.storage_nodes
         return servers[(traj_id + block) % len(servers)]
+
+    def addresses(self, node: NodeSpec) -> dict[str, str]:
+        """The node's interface addresses with prefix length, per network it is attached to."""
+        hosts = {"mgmt": node.mgmt.host}
+        if node.cnic is not None:
+            hosts["compute"] = node.cnic.host
+        if node.snic_host is not None:
+            hosts["storage"] = node.snic_host
+        if node.storage is not None:
+            hosts["storage"] = node.storage.host
+        out = {}
+        for net, host in hosts.items():
+            prefix = self.subnets[net].split("/")[1]
+            out[net] = f"{host}/{prefix}"
+        return out
 
     def dump(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2))

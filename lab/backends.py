@@ -1,0 +1,314 @@
+"""Backends that host a lab's node processes: `netns` (shaped namespaces) and `local` (loopback).
+
+A backend brings the network up, starts one process per node, runs the driver where the
+management network reaches, samples kernel counters, and removes exactly what it created.
+Every process it starts is recorded in a run-state file first, so `dualpath down` can finish
+the job after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from services.spec import ClusterSpec, NodeSpec, Role
+
+STOP_GRACE_S = 5.0
+PROCESS_MARKER = "services"
+
+
+class BackendError(Exception):
+    """The backend could not start or stop the lab; the message says what and why."""
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("DUALPATH_STATE_DIR", "/run/dualpath"))
+
+
+def _python() -> str:
+    return sys.executable
+
+
+class Backend(Protocol):
+    name: str
+
+    def up(self) -> None: ...
+
+    def driver_argv(self, argv: Sequence[str]) -> list[str]: ...
+
+    def exec_argv(self, node_id: str, argv: Sequence[str]) -> list[str]: ...
+
+    def counters(self) -> dict[str, dict[str, dict[str, Any]]] | None: ...
+
+    def down(self) -> list[str]: ...
+
+
+class RunState:
+    """The record of processes a lab started (`<state_dir>/<lab_id>.run.json`)."""
+
+    def __init__(self, lab_id: str, backend: str, spec_path: Path, data_dir: Path) -> None:
+        self.path = state_dir() / f"{lab_id}.run.json"
+        self.data: dict[str, Any] = {
+            "lab_id": lab_id,
+            "backend": backend,
+            "spec": str(spec_path),
+            "data_dir": str(data_dir),
+            "pids": {},
+            "created_at": time.time(),
+        }
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+    def add_pid(self, name: str, pid: int) -> None:
+        self.data["pids"][name] = pid
+        self.save()
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _is_ours(pid: int, spec_path: str) -> bool:
+    """Only signal a recorded pid if it still runs our command line (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in cmdline]
+    return spec_path in args
+
+
+def stop_pids(pids: dict[str, int], spec_path: str) -> list[str]:
+    """SIGTERM, then SIGKILL after a grace period, the recorded pids that are still ours."""
+    live = {name: pid for name, pid in pids.items() if _is_ours(pid, spec_path)}
+    for pid in live.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(_is_ours(p, spec_path) for p in live.values()):
+        time.sleep(0.05)
+        for pid in live.values():  # reap our own children
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+    for pid in live.values():
+        if _is_ours(pid, spec_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in live.values():
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+    return [f"process {name} (pid {pid})" for name, pid in live.items()]
+
+
+class _ProcessHost:
+    """Starts node processes (through `wrap`), records them, stops them."""
+
+    def __init__(self, spec: ClusterSpec, spec_path: Path, log_dir: Path, state: RunState) -> None:
+        self.spec = spec
+        self.spec_path = spec_path
+        self.log_dir = log_dir
+        self.state = state
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def wrap(self, node_id: str, argv: list[str]) -> list[str]:
+        return argv
+
+    def start_nodes(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        order = [Role.STORAGE, Role.SCHEDULER, Role.PREFILL, Role.DECODE]
+        for role in order:
+            for node in self.spec.by_role(role):
+                self._start(node)
+        time.sleep(0.3)
+        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            logs = "; ".join(f"{n}: see {self.log_dir / (n + '.log')}" for n in dead)
+            raise BackendError(f"node processes exited at start: {dead} ({logs})")
+
+    def _start(self, node: NodeSpec) -> None:
+        argv = [_python(), "-m", "services", "--spec", str(self.spec_path), "--node", node.node_id]
+        log = (self.log_dir / f"{node.node_id}.log").open("wb")
+        self._logs.append(log)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            self.wrap(node.node_id, argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches the runner, which stops nodes in order
+        )
+        self.procs[node.node_id] = proc
+        self.state.add_pid(node.node_id, proc.pid)
+
+    def stop_nodes(self) -> list[str]:
+        removed = stop_pids({n: p.pid for n, p in self.procs.items()}, str(self.spec_path))
+        for proc in self.procs.values():
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=1)
+        for log in self._logs:
+            log.close()
+        return removed
+
+
+class LocalBackend(_ProcessHost):
+    """Every node on 127.0.0.1, unshaped: for tests and machines without CAP_NET_ADMIN."""
+
+    name = "local"
+
+    def up(self) -> None:
+        self.state.save()
+        self.start_nodes()
+
+    def driver_argv(self, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+    def exec_argv(self, node_id: str, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+    def counters(self) -> dict[str, dict[str, dict[str, Any]]] | None:
+        return None
+
+    def down(self) -> list[str]:
+        removed = self.stop_nodes()
+        self.state.remove()
+        return removed
+
+
+def topology_for(spec: ClusterSpec, kv_min_fraction: float) -> Any:
+    """The netem topology of a cluster: which NICs each node has, their addresses and shapes."""
+    from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec
+
+    hosts = []
+    for node in spec.nodes:
+        addrs = spec.addresses(node)
+        nics = []
+        if node.cnic is not None:
+            shape = (
+                LinkShape(
+                    node.cnic_rate_mbit, priority_classes=True, kv_min_fraction=kv_min_fraction
+                )
+                if node.cnic_rate_mbit
+                else None
+            )
+            nics.append(NicSpec("cnic", "compute", addrs["compute"], shape))
+        if "storage" in addrs:
+            shape = LinkShape(node.snic_rate_mbit) if node.snic_rate_mbit else None
+            nics.append(NicSpec("snic", "storage", addrs["storage"], shape))
+        nics.append(NicSpec("mgmt", "mgmt", addrs["mgmt"], None))
+        hosts.append(HostSpec(node.node_id, tuple(nics)))
+    return TopologySpec(spec.lab_id, tuple(hosts))
+
+
+class NetnsBackend(_ProcessHost):
+    """One network namespace per node, bridges in a switch namespace, HTB/IFB shaping."""
+
+    name = "netns"
+
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        spec_path: Path,
+        log_dir: Path,
+        state: RunState,
+        *,
+        kv_min_fraction: float,
+    ) -> None:
+        super().__init__(spec, spec_path, log_dir, state)
+        from netem.netns import NetnsLab, require_net_admin
+
+        require_net_admin()
+        if shutil.which("ip") is None:
+            raise BackendError("the netns backend needs iproute2 ('ip'): apt-get install iproute2")
+        self.lab = NetnsLab(topology_for(spec, kv_min_fraction), state_dir=state_dir())
+
+    def wrap(self, node_id: str, argv: list[str]) -> list[str]:
+        return self.lab.exec_argv(node_id, argv)
+
+    def up(self) -> None:
+        self.state.save()
+        self.lab.up()
+        self.start_nodes()
+
+    def driver_argv(self, argv: Sequence[str]) -> list[str]:
+        return self.lab.exec_argv("scheduler", argv)
+
+    def exec_argv(self, node_id: str, argv: Sequence[str]) -> list[str]:
+        return self.lab.exec_argv(node_id, argv)
+
+    def counters(self) -> dict[str, dict[str, dict[str, Any]]] | None:
+        from dataclasses import asdict
+
+        raw = self.lab.counters()
+        return {node: {nic: asdict(c) for nic, c in nics.items()} for node, nics in raw.items()}
+
+    def down(self) -> list[str]:
+        removed = self.stop_nodes()
+        removed += self.lab.down()
+        self.state.remove()
+        return removed
+
+
+def free_port_base(count: int) -> int:
+    """A base port with `count` consecutive free TCP ports on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + count >= 65000:
+            continue
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise BackendError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+def down_recorded(lab_id: str | None = None) -> list[str]:
+    """Stop every recorded lab's processes and remove its network (used by `dualpath down`)."""
+    removed: list[str] = []
+    sdir = state_dir()
+    if sdir.is_dir():
+        for path in sorted(sdir.glob("*.run.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if lab_id is not None and data.get("lab_id") != lab_id:
+                continue
+            removed += stop_pids(dict(data.get("pids", {})), str(data.get("spec")))
+            data_dir = Path(str(data.get("data_dir", "")))
+            if data_dir.name.startswith("dualpath-") and data_dir.is_dir():
+                shutil.rmtree(data_dir, ignore_errors=True)
+                removed.append(f"data dir {data_dir}")
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(ImportError):
+        from netem.netns import down_from_state, recorded_labs
+
+        if lab_id is not None:
+            if lab_id in recorded_labs(sdir):
+                removed += down_from_state(lab_id, state_dir=sdir)
+        elif recorded_labs(sdir):
+            removed += down_from_state(None, state_dir=sdir)
+    return removed

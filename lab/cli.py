@@ -1,0 +1,241 @@
+"""The `dualpath` command line: run, compare, up, down, status, exec.
+
+Only parses arguments, loads the config, calls the runner/backends and prints. Exit status:
+0 ok, 1 the run failed, 2 bad input (config, arguments, missing privileges), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+from lab.backends import (
+    BackendError,
+    LocalBackend,
+    NetnsBackend,
+    RunState,
+    down_recorded,
+    free_port_base,
+    state_dir,
+)
+from lab.config import ConfigError, LabConfig, build_cluster_spec, load_config
+from lab.report import comparison_table, summary_lines
+from lab.runner import BACKENDS, RunError, compare, run_once
+from lab.workload import TrajectoryFileError
+from services.spec import Policy
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so that every `finally` cleans up."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Terminated()
+
+
+def _load(args: argparse.Namespace) -> LabConfig:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "policy", None):
+        overrides["policy"] = args.policy
+    return load_config(Path(args.config), overrides)
+
+
+def _default_out(cfg: LabConfig, kind: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"{cfg.name}-{kind}-{stamp}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    out = Path(args.out) if args.out else _default_out(cfg, cfg.policy.value)
+    res = run_once(cfg, backend=args.backend, out_dir=out, progress=not args.quiet)
+    print("\n".join(summary_lines(res.summary)))
+    print(f"summary: {out / 'summary.json'}")
+    return EXIT_OK if not res.summary["errors"] else EXIT_FAILED
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    out = Path(args.out) if args.out else _default_out(cfg, "compare")
+    cmp = compare(cfg, backend=args.backend, out_dir=out, progress=not args.quiet)
+    print()
+    print(
+        f"{cfg.name}: {cfg.cluster.prefill_nodes}P{cfg.cluster.decode_nodes}D, "
+        f"{cmp['runs']['basic']['num_agents']} agents, backend {args.backend}"
+    )
+    print(comparison_table(cmp))
+    print(f"comparison: {out / 'comparison.json'}")
+    failed = any(s["errors"] for s in cmp["runs"].values())
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    lab_id = secrets.token_hex(3)
+    out = Path(args.out) if args.out else Path("results") / f"{cfg.name}-up-{lab_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
+    base = free_port_base(64) if args.backend == "local" else 0
+    spec = build_cluster_spec(
+        cfg, lab_id=lab_id, backend=args.backend, data_dir=data_dir, base_port=base
+    )
+    spec_path = (out / "spec.json").resolve()
+    spec.dump(spec_path)
+    state = RunState(lab_id, args.backend, spec_path, data_dir)
+    if args.backend == "netns":
+        be: LocalBackend | NetnsBackend = NetnsBackend(
+            spec, spec_path, out / "logs", state, kv_min_fraction=cfg.network.kv_min_fraction
+        )
+    else:
+        be = LocalBackend(spec, spec_path, out / "logs", state)
+    try:
+        be.up()
+    except BaseException:
+        be.down()
+        raise
+    print(f"lab {lab_id} is up ({args.backend}): {', '.join(n.node_id for n in spec.nodes)}")
+    print(f"  scheduler HTTP API: http://{spec.http.host}:{spec.http.port}/v1/status")
+    print(f"  logs: {out / 'logs'}")
+    print("  run a command in a node:  dualpath exec prefill-0 -- ss -tin")
+    print("  tear it down:             dualpath down")
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    removed = down_recorded(args.lab)
+    if not removed:
+        print("nothing to remove: no lab is recorded in", state_dir())
+    for item in removed:
+        print("removed", item)
+    return EXIT_OK
+
+
+def _recorded() -> list[dict[str, Any]]:
+    sdir = state_dir()
+    out = []
+    if sdir.is_dir():
+        for path in sorted(sdir.glob("*.run.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    labs = _recorded()
+    if not labs:
+        print("no lab is up")
+        return EXIT_OK
+    for lab in labs:
+        alive = {n: p for n, p in lab["pids"].items() if Path(f"/proc/{p}").exists()}
+        print(f"lab {lab['lab_id']} ({lab['backend']}), spec {lab['spec']}")
+        for node, pid in sorted(lab["pids"].items()):
+            print(f"  {node:12s} pid {pid:<8d} {'running' if node in alive else 'exited'}")
+    return EXIT_OK
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    labs = [lab for lab in _recorded() if args.lab in (None, lab["lab_id"])]
+    if not labs:
+        print("error: no lab is up (start one with `dualpath up -c CONFIG`)", file=sys.stderr)
+        return EXIT_USAGE
+    if len(labs) > 1:
+        ids = ", ".join(lab["lab_id"] for lab in labs)
+        print(f"error: several labs are up ({ids}); choose one with --lab", file=sys.stderr)
+        return EXIT_USAGE
+    lab = labs[0]
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("error: no command given (dualpath exec NODE -- CMD...)", file=sys.stderr)
+        return EXIT_USAGE
+    if lab["backend"] != "netns":
+        os.execvp(cmd[0], cmd)
+    ns = f"dp-{lab['lab_id']}-{args.node}"
+    if not Path(f"/run/netns/{ns}").exists():
+        print(f"error: lab {lab['lab_id']} has no node {args.node!r}", file=sys.stderr)
+        return EXIT_USAGE
+    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dualpath",
+        description="DualPath Mesh: a DualPath LLM-inference lab on real, shaped networks.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, policy: bool = True) -> None:
+        sp.add_argument("-c", "--config", required=True, help="lab config (YAML)")
+        if policy:
+            sp.add_argument("--policy", choices=[x.value for x in Policy], help="override policy")
+        sp.add_argument("--backend", choices=BACKENDS, default="netns", help="default: netns")
+        sp.add_argument("--out", help="output directory (default: results/<name>-...)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+    run = sub.add_parser("run", help="run the workload once and write summary.json")
+    common(run)
+    run.set_defaults(func=cmd_run)
+    cmp = sub.add_parser("compare", help="basic vs dualpath vs oracle on the same workload")
+    common(cmp, policy=False)
+    cmp.set_defaults(func=cmd_compare)
+    up = sub.add_parser("up", help="bring a lab up and leave it running")
+    common(up)
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop every recorded lab and remove what it created")
+    down.add_argument("--lab", help="only this lab id")
+    down.set_defaults(func=cmd_down)
+    st = sub.add_parser("status", help="labs that are up and their processes")
+    st.set_defaults(func=cmd_status)
+    ex = sub.add_parser("exec", help="run a command inside a node: dualpath exec NODE -- CMD")
+    ex.add_argument("node", help="node id, e.g. prefill-0")
+    ex.add_argument("--lab", help="lab id, when several are up")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
+    ex.set_defaults(func=cmd_exec)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        result: int = args.func(args)
+        return result
+    except (ConfigError, TrajectoryFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except RunError as exc:
+        print(f"error: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: the lab was taken down", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        from netem.netns import NetemError, NetemPermissionError
+
+        if isinstance(exc, NetemPermissionError):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, NetemError):
+            print(f"error: network setup failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The workload driver: replays agent turns against the scheduler's HTTP API.
+
+Runs as its own process on the management network (in the scheduler's namespace on the netns
+backend). Seeds warm-start KV, starts every agent at once (offline mode), measures TTFT, TTST,
+TPOT and JCT from the client side, prints progress as JSON lines and writes a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from services.spec import ClusterSpec
+from services.storage_client import StorageClient
+
+READY_TIMEOUT_S = 60.0
+SEED_CONCURRENCY = 8
+
+
+@dataclass
+class TurnResult:
+    traj_id: int
+    turn_index: int
+    prompt_tokens: int
+    gen_tokens: int
+    submitted_at: float
+    first_token_at: float | None = None
+    second_token_at: float | None = None
+    done_at: float | None = None
+    read_side: str | None = None
+    prefill: str | None = None
+    decode: str | None = None
+    error: str | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
+
+
+@dataclass
+class DriverProgress:
+    turns_total: int
+    turns_done: int = 0
+    turns_failed: int = 0
+    agents_done: int = 0
+    tokens_done: int = 0
+    results: list[TurnResult] = field(default_factory=list)
+
+
+async def _wait_ready(session: aiohttp.ClientSession, base: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{base}/v1/status") as resp:
+                status = await resp.json()
+                if status.get("ready"):
+                    return
+                last = f"nodes reported: {sorted(status.get('nodes', {}))}"
+        except aiohttp.ClientError as exc:
+            last = str(exc)
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"cluster not ready after {READY_TIMEOUT_S:.0f} s ({last})")
+
+
+async def _run_turn(
+    session: aiohttp.ClientSession, base: str, traj_id: int, turn: dict[str, Any], timeout_s: float
+) -> TurnResult:
+    prompt = int(turn["context_tokens"]) + int(turn["append_tokens"])
+    res = TurnResult(
+        traj_id=traj_id,
+        turn_index=int(turn["turn_index"]),
+        prompt_tokens=prompt,
+        gen_tokens=int(turn["gen_tokens"]),
+        submitted_at=time.time(),
+    )
+    body = {
+        "traj_id": traj_id,
+        **{
+            k: int(turn[k]) for k in ("turn_index", "context_tokens", "append_tokens", "gen_tokens")
+        },
+    }
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.post(f"{base}/v1/turns", json=body) as resp:
+                if resp.status != 200:
+                    res.error = f"HTTP {resp.status}: {await resp.text()}"
+                    return res
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    ev = json.loads(line)
+                    now = time.time()
+                    kind = ev.get("event")
+                    if kind == "assigned":
+                        res.read_side = ev.get("read_side")
+                        res.prefill = ev.get("prefill")
+                        res.decode = ev.get("decode")
+                    elif kind == "first_token":
+                        res.first_token_at = now
+                    elif kind == "second_token":
+                        res.second_token_at = now
+                    elif kind == "done":
+                        res.done_at = now
+                        return res
+                    elif kind == "failed":
+                        res.error = f"{ev.get('node')}: {ev.get('reason')}"
+                        return res
+                res.error = "event stream ended before the turn finished"
+    except TimeoutError:
+        res.error = f"turn did not finish within {timeout_s:.0f} s"
+    except aiohttp.ClientError as exc:
+        res.error = f"HTTP error: {exc}"
+    return res
+
+
+async def _agent(
+    session: aiohttp.ClientSession,
+    base: str,
+    agent: dict[str, Any],
+    progress: DriverProgress,
+    timeout_s: float,
+) -> None:
+    for turn in agent["turns"]:
+        res = await _run_turn(session, base, int(agent["traj_id"]), turn, timeout_s)
+        progress.results.append(res)
+        if res.error is not None:
+            progress.turns_failed += 1
+            # the rest of this trajectory depends on this turn's KV: stop the agent
+            progress.turns_failed += len(agent["turns"]) - 1 - agent["turns"].index(turn)
+            break
+        progress.turns_done += 1
+        progress.tokens_done += res.prompt_tokens + res.gen_tokens
+    progress.agents_done += 1
+
+
+async def _progress_printer(progress: DriverProgress, started: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        line = {
+            "progress": {
+                "elapsed_s": round(time.time() - started, 2),
+                "turns_done": progress.turns_done,
+                "turns_failed": progress.turns_failed,
+                "turns_total": progress.turns_total,
+                "agents_done": progress.agents_done,
+                "tokens_done": progress.tokens_done,
+            }
+        }
+        print(json.dumps(line), flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
+    base = f"http://{spec.http.host}:{spec.http.port}"
+    agents: list[dict[str, Any]] = plan["agents"]
+    storage = StorageClient(spec)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await _wait_ready(session, base)
+        sem = asyncio.Semaphore(SEED_CONCURRENCY)
+
+        async def seed(agent: dict[str, Any]) -> int:
+            async with sem:
+                return await storage.seed(int(agent["traj_id"]), 0, int(agent["seed_blocks"]))
+
+        seeded = sum(await asyncio.gather(*(seed(a) for a in agents if int(a["seed_blocks"]) > 0)))
+        storage_before = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
+        progress = DriverProgress(turns_total=sum(len(a["turns"]) for a in agents))
+        started = time.time()
+        print(json.dumps({"started_at": started}), flush=True)
+        stop = asyncio.Event()
+        printer = asyncio.create_task(_progress_printer(progress, started, stop))
+        await asyncio.gather(
+            *(_agent(session, base, a, progress, spec.request_timeout_s * 4) for a in agents)
+        )
+        finished = time.time()
+        stop.set()
+        await printer
+        # Let every node's next pull carry its final counters to the scheduler.
+        await asyncio.sleep(spec.pull_interval_s * 3 + 0.3)
+        async with session.get(f"{base}/v1/cluster") as resp:
+            cluster = await resp.json()
+        storage_after = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
+    await storage.close()
+    return {
+        "started_at": started,
+        "finished_at": finished,
+        "jct_s": finished - started,
+        "seeded_bytes": seeded,
+        "turns": [asdict(r) for r in progress.results],
+        "cluster": cluster,
+        "storage_before": storage_before,
+        "storage_after": storage_after,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.driver", description=__doc__)
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--plan", type=Path, required=True, help="agents to replay (JSON)")
+    parser.add_argument("--out", type=Path, required=True, help="results JSON to write")
+    args = parser.parse_args(argv)
+    spec = ClusterSpec.load(args.spec)
+    plan = json.loads(args.plan.read_text())
+    import uvloop
+
+    try:
+        result = uvloop.run(drive(spec, plan))
+    except TimeoutError as exc:
+        print(json.dumps({"fatal": str(exc)}), flush=True)
+        return 1
+    args.out.write_text(json.dumps(result))
+    print(json.dumps({"finished": True, "jct_s": result["jct_s"]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

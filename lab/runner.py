@@ -1,0 +1,263 @@
+"""One lab run, start to finish: spec, workload, backend up, driver, counters, summary, down.
+
+The runner owns the lifecycle: whatever happens (error, Ctrl-C, SIGTERM) the backend's
+`down()` runs and removes exactly what was created. Progress goes to stderr while the driver
+replays the workload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab.backends import Backend, BackendError, LocalBackend, NetnsBackend, RunState, free_port_base
+from lab.config import LabConfig, build_cluster_spec
+from lab.metrics import Sample, summarize, throughput_series
+from lab.report import write_plot
+from lab.workload import generate, load_jsonl, plan_agents
+from services.spec import ClusterSpec, Policy
+
+SAMPLE_INTERVAL_S = 0.5
+BACKENDS = ("netns", "local")
+
+
+class RunError(Exception):
+    """The run could not produce a result; the message says why."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    summary: dict[str, Any]
+    out_dir: Path
+
+
+def _agents_plan(cfg: LabConfig, block_tokens: int) -> list[dict[str, Any]]:
+    w = cfg.workload
+    if w.trajectories_file:
+        trajs = load_jsonl(Path(w.trajectories_file))[: w.num_agents]
+    else:
+        trajs = generate(w.num_agents, w.max_len, w.seed)
+    agents = plan_agents(
+        trajs,
+        block_tokens=block_tokens,
+        start_turn_fraction=w.start_turn_fraction,
+        max_turns=w.max_turns_per_agent,
+        gen_token_scale=w.gen_token_scale,
+    )
+    return [
+        {
+            "traj_id": a.traj_id,
+            "seed_blocks": a.seed_blocks,
+            "turns": [
+                {
+                    "turn_index": t.turn_index,
+                    "context_tokens": t.context_tokens,
+                    "append_tokens": t.append_tokens,
+                    "gen_tokens": t.gen_tokens,
+                }
+                for t in a.turns
+            ],
+        }
+        for a in agents
+        if a.turns
+    ]
+
+
+def _make_backend(
+    cfg: LabConfig, spec: ClusterSpec, spec_path: Path, out: Path, state: RunState
+) -> Backend:
+    if spec.backend == "local":
+        return LocalBackend(spec, spec_path, out / "logs", state)
+    if spec.backend == "netns":
+        return NetnsBackend(
+            spec, spec_path, out / "logs", state, kv_min_fraction=cfg.network.kv_min_fraction
+        )
+    raise RunError(f"unknown backend {spec.backend!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+class _Progress:
+    """Prints one status line every ~2 s: turns, agents, tokens/s, storage NIC use."""
+
+    def __init__(self, policy: str, enabled: bool) -> None:
+        self.policy = policy
+        self.enabled = enabled
+        self.last_print = 0.0
+        self.progress: dict[str, Any] = {}
+
+    def update(self, samples: list[Sample]) -> None:
+        if not self.enabled or time.monotonic() - self.last_print < 2.0 or not self.progress:
+            return
+        self.last_print = time.monotonic()
+        p = self.progress
+        tok_s = p["tokens_done"] / max(p["elapsed_s"], 1e-9)
+        nic = ""
+        if len(samples) >= 2:
+            a, b = samples[-2], samples[-1]
+            dt = max(b["t"] - a["t"], 1e-9)
+            parts = []
+            for node, nics in sorted(b["nodes"].items()):
+                c = nics.get("snic")
+                prev = a["nodes"].get(node, {}).get("snic")
+                if c is None or prev is None or not c.get("rate_mbit"):
+                    continue
+                if not node.startswith(("prefill", "decode")):
+                    continue
+                mbit = (c["ingress_bytes"] - prev["ingress_bytes"]) * 8 / dt / 1e6
+                parts.append(f"{node} snic {100 * mbit / c['rate_mbit']:3.0f}%")
+            nic = "  " + "  ".join(parts)
+        line = (
+            f"[{self.policy}] {p['elapsed_s']:6.1f}s  turns {p['turns_done']}/{p['turns_total']}"
+            f"  agents {p['agents_done']}  {tok_s / 1000:7.1f}k tok/s{nic}"
+        )
+        if p.get("turns_failed"):
+            line += f"  FAILED {p['turns_failed']}"
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_once(
+    cfg: LabConfig,
+    *,
+    backend: str,
+    out_dir: Path,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run the config's workload once under cfg.policy on `backend`; write summary.json."""
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    if backend not in BACKENDS:
+        raise RunError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lab_id = secrets.token_hex(3)
+    data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
+    base_port = free_port_base(64) if backend == "local" else 0
+    spec = build_cluster_spec(
+        cfg, lab_id=lab_id, backend=backend, data_dir=data_dir, base_port=base_port
+    )
+    spec_path = out_dir / "spec.json"
+    spec.dump(spec_path)
+    agents = _agents_plan(cfg, spec.profile.block_tokens)
+    plan_path = out_dir / "agents.json"
+    plan_path.write_text(json.dumps({"agents": agents}))
+    state = RunState(lab_id, backend, spec_path, data_dir)
+    be = _make_backend(cfg, spec, spec_path, out_dir, state)
+    samples: list[Sample] = []
+    driver_out = out_dir / "driver.json"
+    show = _Progress(cfg.policy.value, progress)
+    say(
+        f"[{cfg.policy.value}] lab {lab_id} on {backend}: {len(agents)} agents, "
+        f"{sum(len(a['turns']) for a in agents)} turns"
+    )
+    try:
+        be.up()
+        argv = be.driver_argv(
+            [
+                sys.executable,
+                "-m",
+                "lab.driver",
+                "--spec",
+                str(spec_path),
+                "--plan",
+                str(plan_path),
+                "--out",
+                str(driver_out),
+            ]
+        )
+        driver_log = (out_dir / "logs" / "driver.log").open("w")
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=driver_log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        state.add_pid("driver", proc.pid)
+        fatal: list[str] = []
+
+        def read_driver() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                try:
+                    msg = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "progress" in msg:
+                    show.progress = msg["progress"]
+                if "fatal" in msg:
+                    fatal.append(str(msg["fatal"]))
+
+        reader = threading.Thread(target=read_driver, daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            counters = be.counters()
+            if counters is not None:
+                samples.append({"t": time.time(), "nodes": counters})
+            show.update(samples)
+            time.sleep(SAMPLE_INTERVAL_S)
+        counters = be.counters()
+        if counters is not None:
+            samples.append({"t": time.time(), "nodes": counters})
+        reader.join(timeout=5)
+        driver_log.close()
+        if proc.returncode != 0 or not driver_out.exists():
+            why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
+            raise RunError(f"{why} (logs in {out_dir / 'logs'})")
+    finally:
+        removed = be.down()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        say(f"[{cfg.policy.value}] lab {lab_id} down: removed {len(removed)} objects")
+    driver = json.loads(driver_out.read_text())
+    summary = summarize(
+        policy=cfg.policy.value,
+        backend=backend,
+        config_name=cfg.name,
+        time_dilation=cfg.scaling.time_dilation,
+        driver=driver,
+        samples=samples,
+        num_agents=len(agents),
+    )
+    series = throughput_series(samples, driver["started_at"])
+    (out_dir / "timeseries.json").write_text(json.dumps(series))
+    (out_dir / "counters.json").write_text(json.dumps(samples))
+    if series:
+        write_plot(series, out_dir / "throughput.svg", title=f"{cfg.name} / {cfg.policy.value}")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(summary, out_dir)
+
+
+def compare(
+    cfg: LabConfig, *, backend: str, out_dir: Path, progress: bool = True
+) -> dict[str, Any]:
+    """basic, dualpath and oracle on the same seeded workload; writes comparison.json."""
+    results: dict[str, dict[str, Any]] = {}
+    for policy in (Policy.BASIC, Policy.DUALPATH, Policy.ORACLE):
+        run_cfg = cfg.model_copy(update={"policy": policy})
+        res = run_once(run_cfg, backend=backend, out_dir=out_dir / policy.value, progress=progress)
+        results[policy.value] = res.summary
+    jct = {p: s["jct_s"] for p, s in results.items()}
+    comparison = {
+        "config": cfg.name,
+        "backend": backend,
+        "jct_s": jct,
+        "speedup": {
+            "dualpath_over_basic": round(jct["basic"] / jct["dualpath"], 3),
+            "oracle_over_basic": round(jct["basic"] / jct["oracle"], 3),
+            "oracle_over_dualpath": round(jct["dualpath"] / jct["oracle"], 3),
+        },
+        "runs": results,
+    }
+    (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    return comparison
+
+
+__all__ = ["BackendError", "RunError", "RunResult", "compare", "run_once"]

@@ -1,0 +1,56 @@
+"""Node entry point: `python -m services --spec SPEC.json --node NODE_ID`.
+
+Loads the cluster spec, picks the node's role and runs it on uvloop until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from services.spec import ClusterSpec, Role
+
+
+async def _run(spec: ClusterSpec, node_id: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    role = spec.node(node_id).role
+    if role is Role.STORAGE:
+        from services.storage import serve_storage
+
+        await serve_storage(spec, node_id, stop)
+    elif role is Role.SCHEDULER:
+        from services.scheduler_service import serve_scheduler
+
+        await serve_scheduler(spec, node_id, stop)
+    else:
+        from services.engine import serve_engine
+
+        await serve_engine(spec, node_id, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services", description=__doc__)
+    parser.add_argument("--spec", type=Path, required=True, help="cluster spec JSON")
+    parser.add_argument("--node", required=True, help="node id, e.g. prefill-0")
+    args = parser.parse_args(argv)
+    spec = ClusterSpec.load(args.spec)
+    try:
+        spec.node(args.node)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(f"[{args.node}] ready pid={__import__('os').getpid()}", flush=True)
+    uvloop.run(_run(spec, args.node))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

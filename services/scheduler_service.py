@@ -1,0 +1,414 @@
+"""The central scheduler service: gRPC for engine-group leaders, HTTP for clients.
+
+Leaders call `Fetch` every pull interval with their engines' `seq_e`/`tok_e`, their node's
+`read_q` and the turns they hold; prefill fetches run the policy from `scheduler/` over the
+global FIFO queue. Engines push turn events with `Report`; clients submit a turn over HTTP and
+read its events as an NDJSON stream. Policy decisions live in `scheduler/`, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import msgpack
+from aiohttp import web
+from grpc import aio
+
+from scheduler.policies import SchedulingPolicy, make_policy
+from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
+from services.spec import ClusterSpec, Role
+
+SERVICE = "dualpath.Scheduler"
+TERMINAL_EVENTS = frozenset({"done", "failed"})
+MAX_CONTEXT_TOKENS = 10_000_000
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+class TurnInputError(ValueError):
+    """A submitted turn is malformed; the message names the field."""
+
+
+@dataclass
+class TurnState:
+    pending: PendingTurn
+    traj_id: int
+    turn_index: int
+    context_tokens: int
+    append_tokens: int
+    gen_tokens: int
+    submitted_at: float
+    assignment: Assignment | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    waiters: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
+    finished: bool = False
+
+    def wire(self, block_tokens: int) -> dict[str, Any]:
+        a = self.assignment
+        assert a is not None
+        prompt = self.context_tokens + self.append_tokens
+        return {
+            "turn_id": self.pending.turn_id,
+            "traj_id": self.traj_id,
+            "turn_index": self.turn_index,
+            "context_tokens": self.context_tokens,
+            "prompt_tokens": prompt,
+            "gen_tokens": self.gen_tokens,
+            "hit_blocks": self.context_tokens // block_tokens,
+            "prompt_blocks": -(-prompt // block_tokens),
+            "persist_end_block": (prompt + self.gen_tokens) // block_tokens,
+            "prefill_node": a.prefill_node,
+            "prefill_engine": a.prefill_engine,
+            "decode_node": a.decode_node,
+            "decode_engine": a.decode_engine,
+            "read_side": a.read_side.value,
+        }
+
+
+@dataclass
+class NodeReport:
+    node_id: str
+    role: str
+    read_q_tokens: int
+    engines: list[tuple[int, int, int, int]]
+    turns: set[str]
+    counters: dict[str, Any]
+    at: float
+
+
+class SchedulerState:
+    """All mutable scheduler state; driven by the gRPC and HTTP handlers."""
+
+    def __init__(self, spec: ClusterSpec, policy: SchedulingPolicy) -> None:
+        self.spec = spec
+        self.policy = policy
+        self.queue: deque[str] = deque()
+        self.turns: dict[str, TurnState] = {}
+        self.reports: dict[str, NodeReport] = {}
+        self.outbox: dict[str, list[str]] = {n.node_id: [] for n in spec.nodes}
+        self._next_id = 0
+        self.num_done = 0
+        self.num_failed = 0
+
+    # -- clients --------------------------------------------------------------------------
+    def submit(self, body: dict[str, Any], now: float) -> TurnState:
+        fields = {}
+        for key in ("traj_id", "turn_index", "context_tokens", "append_tokens", "gen_tokens"):
+            value = body.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TurnInputError(f"{key}: must be an integer >= 0, got {value!r}")
+            fields[key] = value
+        if fields["append_tokens"] < 1 or fields["gen_tokens"] < 1:
+            raise TurnInputError("append_tokens and gen_tokens must be >= 1")
+        if fields["context_tokens"] + fields["append_tokens"] > MAX_CONTEXT_TOKENS:
+            raise TurnInputError(f"context_tokens + append_tokens exceeds {MAX_CONTEXT_TOKENS}")
+        self._next_id += 1
+        turn_id = f"t{self._next_id}"
+        bt = self.spec.profile.block_tokens
+        hit_tokens = (fields["context_tokens"] // bt) * bt
+        prompt = fields["context_tokens"] + fields["append_tokens"]
+        pending = PendingTurn(turn_id, fields["traj_id"], prompt, hit_tokens, fields["gen_tokens"])
+        state = TurnState(
+            pending=pending,
+            traj_id=fields["traj_id"],
+            turn_index=fields["turn_index"],
+            context_tokens=fields["context_tokens"],
+            append_tokens=fields["append_tokens"],
+            gen_tokens=fields["gen_tokens"],
+            submitted_at=now,
+        )
+        self.turns[turn_id] = state
+        self.queue.append(turn_id)
+        self.event(turn_id, "queued", now)
+        return state
+
+    def event(self, turn_id: str, kind: str, at: float, **extra: Any) -> None:
+        state = self.turns.get(turn_id)
+        if state is None or state.finished:
+            return
+        ev = {"event": kind, "turn_id": turn_id, "at": at, **extra}
+        state.events.append(ev)
+        for q in state.waiters:
+            q.put_nowait(ev)
+        if kind in TERMINAL_EVENTS:
+            state.finished = True
+            if kind == "done":
+                self.num_done += 1
+            else:
+                self.num_failed += 1
+
+    # -- engine leaders ---------------------------------------------------------------------
+    def fetch(self, req: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        node_id = str(req["node_id"])
+        self.spec.node(node_id)  # raises KeyError for strangers
+        self.reports[node_id] = NodeReport(
+            node_id=node_id,
+            role=str(req["role"]),
+            read_q_tokens=int(req["read_q_tokens"]),
+            engines=[(int(e[0]), int(e[1]), int(e[2]), int(e[3])) for e in req["engines"]],
+            turns=set(req.get("turns", ())),
+            counters=dict(req.get("counters", {})),
+            at=now,
+        )
+        if req["role"] == Role.PREFILL.value:
+            self._schedule(now)
+        ids = self.outbox[node_id]
+        self.outbox[node_id] = []
+        bt = self.spec.profile.block_tokens
+        return [self.turns[t].wire(bt) for t in ids if not self.turns[t].finished]
+
+    def _view(self, role: Role) -> list[NodeView] | None:
+        views = []
+        for node in self.spec.by_role(role):
+            rep = self.reports.get(node.node_id)
+            if rep is None:
+                return None  # wait until every node of the role has reported once
+            tok = {e[0]: e[2] for e in rep.engines}
+            seq = {e[0]: e[1] for e in rep.engines}
+            free = {e[0]: e[3] for e in rep.engines}
+            read_q = rep.read_q_tokens
+            # Turns assigned to this node that its last report does not include yet.
+            for turn in self.turns.values():
+                a = turn.assignment
+                if a is None or turn.finished or turn.pending.turn_id in rep.turns:
+                    continue
+                p = turn.pending
+                if a.prefill_node == node.node_id:
+                    tok[a.prefill_engine] = tok.get(a.prefill_engine, 0) + p.prompt_tokens
+                    seq[a.prefill_engine] = seq.get(a.prefill_engine, 0) + 1
+                    if a.read_side is ReadSide.PREFILL:
+                        read_q += p.hit_tokens
+                if a.decode_node == node.node_id:
+                    tok[a.decode_engine] = tok.get(a.decode_engine, 0) + p.kv_tokens
+                    seq[a.decode_engine] = seq.get(a.decode_engine, 0) + 1
+                    free[a.decode_engine] = free.get(a.decode_engine, 0) - p.kv_tokens
+                    if a.read_side is ReadSide.DECODE:
+                        read_q += p.hit_tokens
+            engines = tuple(
+                EngineView(node.node_id, i, seq.get(i, 0), tok.get(i, 0), free.get(i, 0))
+                for i in sorted(tok)
+            )
+            views.append(NodeView(node.node_id, read_q, engines))
+        return views
+
+    def _schedule(self, now: float) -> None:
+        if not self.queue:
+            return
+        prefill = self._view(Role.PREFILL)
+        decode = self._view(Role.DECODE)
+        if prefill is None or decode is None:
+            return
+        pending = [self.turns[t].pending for t in self.queue]
+        plan = self.policy.schedule(pending, prefill, decode, now=now)
+        for a in plan.assignments:
+            state = self.turns[a.turn_id]
+            state.assignment = a
+            self.outbox[a.prefill_node].append(a.turn_id)
+            self.outbox[a.decode_node].append(a.turn_id)
+            self.event(
+                a.turn_id,
+                "assigned",
+                now,
+                prefill=f"{a.prefill_node}/{a.prefill_engine}",
+                decode=f"{a.decode_node}/{a.decode_engine}",
+                read_side=a.read_side.value,
+            )
+        done = plan.assigned_ids
+        self.queue = deque(t for t in self.queue if t not in done)
+
+    def report(self, req: dict[str, Any]) -> None:
+        for ev in req.get("events", ()):
+            turn_id, kind, at, extra = ev
+            self.event(str(turn_id), str(kind), float(at), **dict(extra))
+
+    # -- introspection ----------------------------------------------------------------------
+    def status(self, now: float) -> dict[str, Any]:
+        engine_nodes = [n.node_id for n in self.spec.nodes if n.role in (Role.PREFILL, Role.DECODE)]
+        return {
+            "policy": self.policy.name,
+            "queue": len(self.queue),
+            "turns": len(self.turns),
+            "done": self.num_done,
+            "failed": self.num_failed,
+            "ready": all(n in self.reports for n in engine_nodes),
+            "nodes": {
+                r.node_id: {
+                    "role": r.role,
+                    "age_s": round(now - r.at, 3),
+                    "read_q_tokens": r.read_q_tokens,
+                    "engines": [
+                        {"engine": e[0], "seq": e[1], "tok": e[2], "free_kv_tokens": e[3]}
+                        for e in r.engines
+                    ],
+                }
+                for r in self.reports.values()
+            },
+        }
+
+    def cluster(self) -> dict[str, Any]:
+        return {r.node_id: {"role": r.role, "counters": r.counters} for r in self.reports.values()}
+
+    def prometheus(self, now: float) -> str:
+        lines = [
+            "# TYPE dualpath_queue_turns gauge",
+            f"dualpath_queue_turns {len(self.queue)}",
+            "# TYPE dualpath_turns_done_total counter",
+            f"dualpath_turns_done_total {self.num_done}",
+            "# TYPE dualpath_turns_failed_total counter",
+            f"dualpath_turns_failed_total {self.num_failed}",
+            "# TYPE dualpath_read_queue_tokens gauge",
+        ]
+        for r in self.reports.values():
+            lines.append(f'dualpath_read_queue_tokens{{node="{r.node_id}"}} {r.read_q_tokens}')
+        lines.append("# TYPE dualpath_node_counter counter")
+        for r in self.reports.values():
+            for key, value in sorted(r.counters.items()):
+                if isinstance(value, int | float):
+                    labels = f'node="{r.node_id}",name="{key}"'
+                    lines.append(f"dualpath_node_counter{{{labels}}} {value}")
+        return "\n".join(lines) + "\n"
+
+
+# -- gRPC -----------------------------------------------------------------------------------
+
+
+def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.GenericRpcHandler:
+    async def fetch(req: dict[str, Any], ctx: aio.ServicerContext) -> dict[str, Any]:
+        try:
+            return {"assignments": state.fetch(req, clock())}
+        except (KeyError, ValueError, TypeError) as exc:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad fetch: {exc}")
+            raise  # unreachable: abort raises
+
+    async def report(req: dict[str, Any], ctx: aio.ServicerContext) -> dict[str, Any]:
+        try:
+            state.report(req)
+        except (KeyError, ValueError, TypeError) as exc:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad report: {exc}")
+        return {}
+
+    methods = {
+        "Fetch": grpc.unary_unary_rpc_method_handler(
+            fetch, request_deserializer=_unpack, response_serializer=_pack
+        ),
+        "Report": grpc.unary_unary_rpc_method_handler(
+            report, request_deserializer=_unpack, response_serializer=_pack
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+class SchedulerClient:
+    """What an engine-group leader uses to talk to the scheduler."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self._channel = aio.insecure_channel(f"{spec.grpc.host}:{spec.grpc.port}")
+        self._fetch = self._channel.unary_unary(
+            f"/{SERVICE}/Fetch", request_serializer=_pack, response_deserializer=_unpack
+        )
+        self._report = self._channel.unary_unary(
+            f"/{SERVICE}/Report", request_serializer=_pack, response_deserializer=_unpack
+        )
+        self._timeout = spec.request_timeout_s
+
+    async def fetch(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        reply = await self._fetch(req, timeout=self._timeout)
+        return list(reply["assignments"])
+
+    async def report(self, events: list[tuple[str, str, float, dict[str, Any]]]) -> None:
+        await self._report({"events": [list(e) for e in events]}, timeout=self._timeout)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
+def _problem(status: int, title: str, detail: str) -> web.Response:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+def _http_app(state: SchedulerState, clock: Callable[[], float]) -> web.Application:
+    async def submit_turn(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _problem(400, "invalid JSON", "the request body is not a JSON object")
+        if not isinstance(body, dict):
+            return _problem(400, "invalid turn", "the request body must be a JSON object")
+        try:
+            turn = state.submit(body, clock())
+        except TurnInputError as exc:
+            return _problem(400, "invalid turn", str(exc))
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        for ev in turn.events:
+            queue.put_nowait(ev)
+        turn.waiters.append(queue)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            while True:
+                ev = await queue.get()
+                await resp.write(json.dumps(ev).encode() + b"\n")
+                if ev["event"] in TERMINAL_EVENTS:
+                    break
+        finally:
+            turn.waiters.remove(queue)
+        await resp.write_eof()
+        return resp
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(state.status(clock()))
+
+    async def cluster(request: web.Request) -> web.Response:
+        return web.json_response(state.cluster())
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=state.prometheus(clock()), content_type="text/plain")
+
+    app = web.Application(client_max_size=1 << 20)
+    app.router.add_post("/v1/turns", submit_turn)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/cluster", cluster)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve_scheduler(
+    spec: ClusterSpec, node_id: str, stop: asyncio.Event, *, clock: Callable[[], float] = time.time
+) -> None:
+    """Run the scheduler's gRPC and HTTP servers until `stop` is set."""
+    del node_id
+    policy = make_policy(spec.policy.value, beta_tokens=spec.beta_tokens)
+    state = SchedulerState(spec, policy)
+    server = aio.server()
+    server.add_generic_rpc_handlers((_grpc_handler(state, clock),))
+    server.add_insecure_port(f"{spec.grpc.host}:{spec.grpc.port}")
+    await server.start()
+    runner = web.AppRunner(_http_app(state, clock), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, spec.http.host, spec.http.port, reuse_address=True)
+    await site.start()
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        await server.stop(grace=0.5)
