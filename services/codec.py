@@ -108,5 +108,8 @@ class FrameDecoder:
         return frames
 
 
-def error_frame(code: str, message: str) -> Frame:
-    return Frame("error", {"code": code, "message": message})
+def error_frame(code: str, message: str, *, req: Any = None) -> Frame:
+    header: dict[str, Any] = {"code": code, "message": message}
+    if req is not None:
+        header["req"] = req
+    return Frame("error", header)

@@ -21,7 +21,7 @@ from services.kvblocks import KvCorruption, KvGenerator, crc
 from services.scheduler_service import SchedulerClient
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.storage_client import StorageClient
-from services.transport import Dscp, FrameConnection, connect, serve
+from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
 
 READ_CONCURRENCY = 2
 KV_FRAME_SLICES = 512
@@ -164,7 +164,7 @@ class EngineNode:
         self._decode_wake = [asyncio.Event() for _ in range(self.me.num_gpus)]
         self.storage: StorageClient | None = None
         self.scheduler: SchedulerClient | None = None
-        self._server: asyncio.Server | None = None
+        self._server: FrameServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -194,7 +194,7 @@ class EngineNode:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._server.close()
+            await self._server.close()
             for conn in self._peers.values():
                 await conn.close()
             await self.storage.close()

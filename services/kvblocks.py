@@ -50,6 +50,12 @@ class KvGenerator:
     slice_bytes: int
     layer_groups: int
 
+    def __post_init__(self) -> None:
+        if self.slice_bytes < _STAMP.size:
+            raise ValueError(f"slice_bytes must be >= {_STAMP.size}, got {self.slice_bytes}")
+        if self.layer_groups < 1:
+            raise ValueError(f"layer_groups must be >= 1, got {self.layer_groups}")
+
     def slice(self, traj: int, block: int, group: int) -> bytes:
         n = self.slice_bytes
         if n > POOL_BYTES - _STAMP.size:
@@ -83,7 +89,12 @@ class KvGenerator:
             )
         view = memoryview(payload)
         for i, entry in enumerate(entries):
-            block, group, carried = int(entry[0]), int(entry[1]), int(entry[2])
+            try:
+                block, group, carried = int(entry[0]), int(entry[1]), int(entry[2])
+                if not (0 <= block < 1 << 32 and 0 <= group < self.layer_groups):
+                    raise ValueError("block or group out of range")
+            except (IndexError, TypeError, ValueError) as exc:
+                raise KvCorruption(f"traj {traj}: malformed slice entry {entry!r}: {exc}") from None
             got = crc(view[i * n : (i + 1) * n])
             if got != carried:
                 raise KvCorruption(

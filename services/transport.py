@@ -62,10 +62,13 @@ def set_dscp(sock: socket.socket | None, dscp: Dscp) -> None:
 def _tune(sock: socket.socket | None) -> None:
     if sock is None:
         return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF_BYTES)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF_BYTES)
+    for level, opt, value in (
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF_BYTES),
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF_BYTES),
+    ):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, opt, value)
 
 
 class FrameConnection:
@@ -120,10 +123,19 @@ class FrameConnection:
             except ConnectionError as exc:
                 raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
 
-    async def close(self) -> None:
+    async def close(self, *, timeout_s: float = 2.0) -> None:
+        """Close; a peer that stopped reading cannot hold us: abort after `timeout_s`."""
         self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            self.writer.transport.abort()
+        except Exception:
+            pass
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
 
 
 async def connect(
@@ -159,6 +171,29 @@ async def connect(
 Handler = Callable[[FrameConnection, Frame], Awaitable[None]]
 
 
+class FrameServer:
+    """A listening frame server; `close()` also ends its live connections (3.11's
+    asyncio.Server.close() leaves them running)."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self.server.sockets) if self.server else ()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+
+
 async def serve(
     host: str,
     port: int,
@@ -168,14 +203,20 @@ async def serve(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     io_timeout_s: float = 3600.0,
     on_error: Callable[[str], None] | None = None,
-) -> asyncio.Server:
+) -> FrameServer:
     """Serve frames: `handler(conn, frame)` per frame, in order, per connection.
 
     A malformed frame is answered with an error frame and the connection is closed; an
-    exception from the handler is answered with an error frame and the connection stays open.
+    exception from the handler is answered with an error frame (carrying the request's `req`)
+    and the connection stays open.
     """
+    fs = FrameServer()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            fs.tasks.add(task)
+            task.add_done_callback(fs.tasks.discard)
         sock = writer.get_extra_info("socket")
         set_dscp(sock, dscp)
         _tune(sock)
@@ -196,14 +237,23 @@ async def serve(
                     return
                 try:
                     await handler(conn, frame)
-                except (ConnectionClosed, ConnectionError):
+                except (ConnectionClosed, ConnectionError, TimeoutError):
                     return
                 except Exception as exc:
                     if on_error:
                         on_error(f"{frame.kind} from {conn.peer} failed: {exc}")
+                    err = error_frame(
+                        type(exc).__name__, str(exc) or repr(exc), req=frame.header.get("req")
+                    )
                     with contextlib.suppress(Exception):
-                        await conn.send(error_frame(type(exc).__name__, str(exc) or repr(exc)))
+                        await conn.send(err)
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
         finally:
             await conn.close()
 
-    return await asyncio.start_server(on_client, host, port, limit=STREAM_LIMIT, reuse_address=True)
+    fs.server = await asyncio.start_server(
+        on_client, host, port, limit=STREAM_LIMIT, reuse_address=True
+    )
+    return fs

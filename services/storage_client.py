@@ -1,0 +1,357 @@
+"""Storage client of the engine nodes: striped reads and writes of Full Blocks, pooled connections.
+
+Every chunk read is checked (the blocks asked for, in order, and KvGenerator.verify) before the
+caller sees it. It does not decide what to read or when (engines and the scheduler do), and it
+never retries: a connection that saw an error is closed and the error goes to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from services.codec import Frame
+from services.kvblocks import KvCorruption, KvGenerator
+from services.spec import ClusterSpec, Endpoint, NodeSpec
+from services.transport import Dscp, FrameConnection, connect
+
+WRITE_CHUNK_BYTES = 1 << 20
+"""Target payload of one `write` frame (whole blocks, so at least one block)."""
+
+T = TypeVar("T")
+OnChunk = Callable[[list[list[int]], bytes], Awaitable[None]]
+
+
+class StorageClientError(Exception):
+    """Base of the client's own errors (transport and KV errors are raised as they are)."""
+
+
+class StorageProtocolError(StorageClientError):
+    """A server answered with a frame the protocol does not allow here."""
+
+
+class StorageClientClosed(StorageClientError):
+    """The client was closed."""
+
+
+class ConnectionPool:
+    """Connections to one endpoint: idle ones are reused, at most `max_conns` in use at once,
+    and one that saw any error (or was cancelled mid-request) is closed, not returned."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        dscp: Dscp,
+        local_host: str | None,
+        max_conns: int,
+        timeout_s: float,
+        max_payload_bytes: int,
+    ) -> None:
+        if max_conns < 1:
+            raise ValueError(f"max_conns must be >= 1, got {max_conns}")
+        self.endpoint = endpoint
+        self._dscp = dscp
+        self._local_host = local_host
+        self._timeout_s = timeout_s
+        self._max_payload = max_payload_bytes
+        self._slots = asyncio.Semaphore(max_conns)
+        self._idle: list[FrameConnection] = []
+        self._closed = False
+
+    def _take_idle(self) -> FrameConnection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not (conn.reader.at_eof() or conn.writer.is_closing()):
+                return conn
+            conn.writer.transport.abort()  # the server closed it while it was idle
+        return None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[FrameConnection]:
+        if self._closed:
+            raise StorageClientClosed(f"pool to {self.endpoint.host}:{self.endpoint.port}")
+        async with self._slots:
+            conn = self._take_idle() or await connect(
+                self.endpoint.host,
+                self.endpoint.port,
+                dscp=self._dscp,
+                local_host=self._local_host,
+                timeout_s=self._timeout_s,
+                io_timeout_s=self._timeout_s,
+                max_payload_bytes=self._max_payload,
+            )
+            try:
+                yield conn
+            except BaseException:
+                # Mid-request: unread replies may follow, so the connection is unusable.
+                conn.writer.transport.abort()
+                raise
+            if self._closed or conn.writer.is_closing():
+                conn.writer.transport.abort()
+            else:
+                self._idle.append(conn)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+
+async def _all_or_first_error(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; on the first failure cancel the rest and raise that error as is."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            exc = t.exception() if t.done() and not t.cancelled() else None
+            if exc is not None:
+                raise exc
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_reply(frame: Frame, kind: str, req: int) -> None:
+    if frame.kind != kind:
+        raise StorageProtocolError(f"expected {kind!r} for req {req}, got {frame.kind!r}")
+    if frame.header.get("req") != req:
+        raise StorageProtocolError(f"{kind!r} for req {frame.header.get('req')!r}, sent {req}")
+
+
+def _int(header: dict[str, Any], name: str) -> int:
+    value = header.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StorageProtocolError(f"field {name!r} is {value!r}, expected an integer")
+    return value
+
+
+class StorageClient:
+    """What an engine node uses to read and persist KV blocks (and to seed/inspect servers)."""
+
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        *,
+        local_host: str | None = None,
+        max_conns_per_server: int = 4,
+    ) -> None:
+        if not spec.storage_nodes:
+            raise ValueError("the cluster has no storage servers")
+        if max_conns_per_server < 1:
+            raise ValueError(f"max_conns_per_server must be >= 1, got {max_conns_per_server}")
+        self.spec = spec
+        self.local_host = local_host
+        self.max_conns_per_server = max_conns_per_server
+        profile = spec.profile
+        self._gen = KvGenerator(
+            slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
+        )
+        self._block_bytes = profile.block_bytes
+        self._write_blocks_per_frame = max(
+            1, min(WRITE_CHUNK_BYTES, spec.max_frame_bytes) // self._block_bytes
+        )
+        self._data_pools: dict[str, ConnectionPool] = {}
+        self._mgmt_pools: dict[str, ConnectionPool] = {}
+        self._req_ids = itertools.count(1)
+        self._closed = False
+        self.bytes_read = 0
+        """Payload bytes received by reads (verified or not)."""
+        self.bytes_written = 0
+        """Payload bytes whose write the servers acknowledged."""
+        self.bytes_verified = 0
+        """Payload bytes of reads that passed verification."""
+
+    # -- pools ------------------------------------------------------------------------------
+
+    def _pool(self, node: NodeSpec, *, mgmt: bool) -> ConnectionPool:
+        if self._closed:
+            raise StorageClientClosed("the storage client is closed")
+        pools = self._mgmt_pools if mgmt else self._data_pools
+        pool = pools.get(node.node_id)
+        if pool is None:
+            endpoint = node.mgmt if mgmt else node.storage
+            if endpoint is None:
+                raise ValueError(f"{node.node_id} has no storage endpoint")
+            pool = ConnectionPool(
+                endpoint,
+                # Data goes over the snic: the storage network carries only storage traffic.
+                # Management goes over the (unshaped) mgmt network, so it is not bound to the snic.
+                dscp=Dscp.CONTROL if mgmt else Dscp.BEST_EFFORT,
+                local_host=None if mgmt else self.local_host,
+                max_conns=self.max_conns_per_server,
+                timeout_s=self.spec.request_timeout_s,
+                max_payload_bytes=self.spec.max_frame_bytes,
+            )
+            pools[node.node_id] = pool
+        return pool
+
+    def _stripe(self, traj: int, blocks: Sequence[int]) -> dict[str, list[int]]:
+        """Blocks per owning server, each list in request order."""
+        by_node: dict[str, list[int]] = {}
+        for b in blocks:
+            by_node.setdefault(self.spec.storage_server_for(traj, b).node_id, []).append(b)
+        return by_node
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def read(self, traj: int, blocks: Sequence[int], on_chunk: OnChunk | None = None) -> int:
+        """Read blocks from their servers concurrently; return the verified bytes.
+
+        `on_chunk(entries, payload)` gets each verified chunk: in order per server, chunks of
+        different servers interleave. Raises KvCorruption, RemoteError (e.g. code "missing"),
+        ConnectionClosed, TimeoutError or StorageProtocolError.
+        """
+        by_node = self._stripe(traj, blocks)
+        coros = [
+            self._read_from(self.spec.node(node_id), traj, node_blocks, on_chunk)
+            for node_id, node_blocks in by_node.items()
+        ]
+        return sum(await _all_or_first_error(coros)) if coros else 0
+
+    async def _read_from(
+        self, node: NodeSpec, traj: int, blocks: list[int], on_chunk: OnChunk | None
+    ) -> int:
+        req = next(self._req_ids)
+        groups = self._gen.layer_groups
+        verified = 0
+        pos = 0  # blocks[pos] is the next block the server must send
+        async with self._pool(node, mgmt=False).connection() as conn:
+            await conn.send(Frame("read", {"req": req, "traj": traj, "blocks": blocks}))
+            while True:
+                frame = await conn.recv_reply()
+                if frame.kind == "read_done":
+                    _check_reply(frame, "read_done", req)
+                    num_blocks = _int(frame.header, "num_blocks")
+                    num_bytes = _int(frame.header, "num_bytes")
+                    if pos != len(blocks) or num_blocks != len(blocks) or num_bytes != verified:
+                        raise StorageProtocolError(
+                            f"{node.node_id} read_done of {num_blocks} blocks/{num_bytes} bytes "
+                            f"after {pos} of {len(blocks)} blocks/{verified} bytes"
+                        )
+                    return verified
+                _check_reply(frame, "blocks", req)
+                if frame.header.get("traj") != traj:
+                    raise StorageProtocolError(f"blocks of traj {frame.header.get('traj')!r}")
+                entries = _parse_entries(frame.header.get("entries"))
+                self.bytes_read += len(frame.payload)
+                n_blocks = len(entries) // groups
+                want = [[b, g] for b in blocks[pos : pos + n_blocks] for g in range(groups)]
+                got = [e[:2] for e in entries]
+                if len(entries) % groups or n_blocks == 0 or got != want:
+                    raise KvCorruption(
+                        f"traj {traj}: {node.node_id} sent slices {got[:4]}..., "
+                        f"expected {want[:4]}... (whole blocks in request order)"
+                    )
+                verified += self._gen.verify(traj, entries, frame.payload)
+                self.bytes_verified += len(frame.payload)
+                pos += n_blocks
+                if on_chunk is not None:
+                    await on_chunk(entries, frame.payload)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def write(self, traj: int, blocks: Sequence[int]) -> int:
+        """Generate Full Blocks and persist each on its server; return the acknowledged bytes."""
+        coros = [
+            self._write_to(self.spec.node(node_id), traj, node_blocks)
+            for node_id, node_blocks in self._stripe(traj, blocks).items()
+        ]
+        return sum(await _all_or_first_error(coros)) if coros else 0
+
+    async def _write_to(self, node: NodeSpec, traj: int, blocks: list[int]) -> int:
+        groups = self._gen.layer_groups
+        per_frame = self._write_blocks_per_frame
+        written = 0
+        async with self._pool(node, mgmt=False).connection() as conn:
+            for i in range(0, len(blocks), per_frame):
+                chunk = blocks[i : i + per_frame]
+                entries, payload = self._gen.pack(
+                    traj, ((b, g) for b in chunk for g in range(groups))
+                )
+                req = next(self._req_ids)
+                head = {"req": req, "traj": traj, "entries": entries}
+                await conn.send(Frame("write", head, payload))
+                reply = await conn.recv_reply()
+                _check_reply(reply, "write_done", req)
+                if _int(reply.header, "num_bytes") != len(payload):
+                    raise StorageProtocolError(
+                        f"{node.node_id} acknowledged {reply.header['num_bytes']} of "
+                        f"{len(payload)} bytes"
+                    )
+                written += len(payload)
+                self.bytes_written += len(payload)
+        return written
+
+    # -- management -------------------------------------------------------------------------
+
+    async def seed(self, traj: int, first_block: int, end_block: int) -> int:
+        """Have the servers write blocks [first_block, end_block) of `traj` themselves (warm
+        cache, outside the measured run); return the bytes seeded, like read() and write()."""
+        if not 0 <= first_block <= end_block:
+            raise ValueError(f"bad seed range [{first_block}, {end_block})")
+        period = len(self.spec.storage_nodes)
+        owners = {
+            self.spec.storage_server_for(traj, b).node_id
+            for b in range(first_block, min(end_block, first_block + period))
+        }
+        coros = [
+            self._seed_on(self.spec.node(node_id), traj, first_block, end_block)
+            for node_id in sorted(owners)
+        ]
+        replies = await _all_or_first_error(coros) if coros else []
+        num_blocks = sum(n for n, _ in replies)
+        num_bytes = sum(b for _, b in replies)
+        if num_blocks != end_block - first_block or num_bytes != num_blocks * self._block_bytes:
+            raise StorageProtocolError(
+                f"servers seeded {num_blocks} blocks ({num_bytes} bytes) "
+                f"of [{first_block}, {end_block})"
+            )
+        return num_bytes
+
+    async def _seed_on(self, node: NodeSpec, traj: int, first: int, end: int) -> tuple[int, int]:
+        req = next(self._req_ids)
+        head = {"req": req, "traj": traj, "first_block": first, "end_block": end}
+        async with self._pool(node, mgmt=True).connection() as conn:
+            await conn.send(Frame("seed", head))
+            reply = await conn.recv_reply()
+        _check_reply(reply, "seed_done", req)
+        return _int(reply.header, "num_blocks"), _int(reply.header, "num_bytes")
+
+    async def stats(self, node_id: str) -> dict[str, int]:
+        """A storage server's counters (read queue, bytes, blocks stored, errors)."""
+        req = next(self._req_ids)
+        async with self._pool(self.spec.node(node_id), mgmt=True).connection() as conn:
+            await conn.send(Frame("stats", {"req": req}))
+            reply = await conn.recv_reply()
+        _check_reply(reply, "stats", req)
+        return {k: _int(reply.header, k) for k in reply.header if k != "req"}
+
+    async def close(self) -> None:
+        """Close idle connections; ones in use are closed when their request ends."""
+        self._closed = True
+        for pool in (*self._data_pools.values(), *self._mgmt_pools.values()):
+            await pool.close()
+
+
+def _parse_entries(raw: object) -> list[list[int]]:
+    if not isinstance(raw, list):
+        raise StorageProtocolError("'entries' must be a list of [block, group, crc]")
+    entries: list[list[int]] = []
+    for e in raw:
+        if (
+            not isinstance(e, list)
+            or len(e) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in e)
+        ):
+            raise StorageProtocolError(f"entry {e!r} is not [block, group, crc]")
+        entries.append(e)
+    return entries

@@ -1,0 +1,60 @@
+"""Integration fixtures: a small local-backend cluster spec on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.config import build_cluster_spec, parse_config
+from services.spec import ClusterSpec
+
+SMALL_CONFIG: dict[str, Any] = {
+    "name": "it",
+    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 2, "gpus_per_node": 2},
+    # 20480 B/token x 0.00025 x 100 = 512 B/token: 64-token blocks of 5 slices of 6554 bytes.
+    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 100},
+    "workload": {"num_agents": 4},
+}
+
+
+def free_port_base(count: int, *, rng: random.Random | None = None) -> int:
+    """A base port such that [base, base + count) can all be bound on 127.0.0.1 right now."""
+    rng = rng or random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 60_000 - count)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+def local_spec(
+    data_dir: Path, config: dict[str, Any] | None = None, **overrides: Any
+) -> ClusterSpec:
+    """A `local`-backend ClusterSpec whose endpoints are all on free ports."""
+    cfg = parse_config(config or SMALL_CONFIG)
+    probe = build_cluster_spec(cfg, lab_id="it", backend="local", data_dir=data_dir, base_port=0)
+    ports = [ep.port for n in probe.nodes for ep in (n.mgmt, n.cnic, n.storage) if ep is not None]
+    ports += [probe.grpc.port, probe.http.port]
+    base = free_port_base(max(ports) + 1)
+    spec = build_cluster_spec(cfg, lab_id="it", backend="local", data_dir=data_dir, base_port=base)
+    return spec.model_copy(update=overrides) if overrides else spec
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path) -> Callable[..., ClusterSpec]:
+    def make(config: dict[str, Any] | None = None, **overrides: Any) -> ClusterSpec:
+        return local_spec(tmp_path / "data", config, **overrides)
+
+    return make
