@@ -118,6 +118,9 @@ class Workload(_Model):
     gen_token_scale: float = Field(
         1.0, gt=0, le=1, description="scale generated tokens per turn (decode-light demos)"
     )
+    max_gen_tokens_per_turn: int | None = Field(
+        None, ge=1, description="cap generated tokens per turn, after scaling"
+    )
 
 
 class Network(_Model):
@@ -135,8 +138,8 @@ class Network(_Model):
             net = ipaddress.IPv4Network(v, strict=True)
         except ValueError as exc:
             raise ValueError(f"not an IPv4 network: {exc}") from exc
-        if net.num_addresses < 64:
-            raise ValueError(f"{v} is too small; use a /26 or larger")
+        if net.num_addresses < 128:
+            raise ValueError(f"{v} is too small; use a /25 or larger")
         return v
 
     @model_validator(mode="after")
@@ -237,7 +240,7 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfi
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         data = {}
-    if overrides:
+    if overrides and isinstance(data, dict):
         data = {**data, **overrides}
     return parse_config(data, source=str(path))
 
@@ -263,7 +266,11 @@ def build_cluster_spec(
     `netns`/`compose`: one address per node per network, fixed ports. `local`: everything on
     127.0.0.1 with per-node ports starting at `base_port`, no shaping (for tests).
     """
+    if backend not in ("netns", "compose", "local"):
+        raise ConfigError(f"unknown backend {backend!r}; valid backends: netns, compose, local")
     local = backend == "local"
+    if local and base_port < 1024:
+        raise ConfigError(f"the local backend needs base_port >= 1024, got {base_port}")
     net = cfg.network
     c = cfg.cluster
     s = cfg.scaling

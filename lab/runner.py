@@ -53,6 +53,7 @@ def _agents_plan(cfg: LabConfig, block_tokens: int) -> list[dict[str, Any]]:
         start_turn_fraction=w.start_turn_fraction,
         max_turns=w.max_turns_per_agent,
         gen_token_scale=w.gen_token_scale,
+        max_gen_tokens=w.max_gen_tokens_per_turn,
     )
     return [
         {

@@ -1,0 +1,5 @@
+"""The emulated network: topology specs, pure shaping plans, and the netns applier.
+
+`spec` and `plan` are pure (no pyroute2, no I/O); `netns`, `counters` and `state` do the I/O.
+Import the applier from `netem.netns` so that pure users never load pyroute2.
+"""

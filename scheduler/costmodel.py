@@ -28,21 +28,23 @@ class CostModel:
 
     def attention_s(self, cached_tokens: int, new_tokens: int) -> float:
         """Attention time of `new_tokens` queries over `cached_tokens + new_tokens` keys."""
+        if cached_tokens < 0 or new_tokens < 0:
+            raise ValueError("token counts must be >= 0")
         p = self.params
         pairs = new_tokens * (cached_tokens + new_tokens / 2.0)
         return pairs * p.attention_ns_per_token_pair * 1e-9
 
     def prefill_s(self, cached_tokens: int, new_tokens: int) -> float:
         """Real seconds to prefill `new_tokens` on top of `cached_tokens` already in KV."""
-        if cached_tokens < 0 or new_tokens < 0:
-            raise ValueError("token counts must be >= 0")
         p = self.params
         linear = new_tokens * p.prefill_us_per_token * 1e-6
         return p.prefill_base_ms * 1e-3 + linear + self.attention_s(cached_tokens, new_tokens)
 
     def decode_step_s(self, num_seqs: int, context_tokens: int) -> float:
         """Real seconds for one decode step of `num_seqs` sequences holding `context_tokens`."""
-        if num_seqs <= 0:
+        if num_seqs < 0 or context_tokens < 0:
+            raise ValueError("num_seqs and context_tokens must be >= 0")
+        if num_seqs == 0:
             return 0.0
         p = self.params
         return (

@@ -101,6 +101,10 @@ class SchedulerState:
         self.turns: dict[str, TurnState] = {}
         self.reports: dict[str, NodeReport] = {}
         self.outbox: dict[str, list[str]] = {n.node_id: [] for n in spec.nodes}
+        # Turns assigned to a node that its reports do not cover yet: not delivered, or
+        # delivered in the reply to its last fetch (that fetch's report predates them).
+        self.uncovered: dict[str, set[str]] = {n.node_id: set() for n in spec.nodes}
+        self.delivered_last: dict[str, list[str]] = {n.node_id: [] for n in spec.nodes}
         self._next_id = 0
         self.num_done = 0
         self.num_failed = 0
@@ -147,6 +151,8 @@ class SchedulerState:
             q.put_nowait(ev)
         if kind in TERMINAL_EVENTS:
             state.finished = True
+            for uncovered in self.uncovered.values():
+                uncovered.discard(turn_id)
             if kind == "done":
                 self.num_done += 1
             else:
@@ -165,10 +171,12 @@ class SchedulerState:
             counters=dict(req.get("counters", {})),
             at=now,
         )
+        self.uncovered[node_id].difference_update(self.delivered_last[node_id])
         if req["role"] == Role.PREFILL.value:
             self._schedule(now)
         ids = self.outbox[node_id]
         self.outbox[node_id] = []
+        self.delivered_last[node_id] = ids
         bt = self.spec.profile.block_tokens
         return [self.turns[t].wire(bt) for t in ids if not self.turns[t].finished]
 
@@ -182,10 +190,11 @@ class SchedulerState:
             seq = {e[0]: e[1] for e in rep.engines}
             free = {e[0]: e[3] for e in rep.engines}
             read_q = rep.read_q_tokens
-            # Turns assigned to this node that its last report does not include yet.
-            for turn in self.turns.values():
+            # Turns assigned to this node that its last report does not cover yet.
+            for turn_id in self.uncovered[node.node_id]:
+                turn = self.turns[turn_id]
                 a = turn.assignment
-                if a is None or turn.finished or turn.pending.turn_id in rep.turns:
+                if a is None or turn.finished or turn_id in rep.turns:
                     continue
                 p = turn.pending
                 if a.prefill_node == node.node_id:
@@ -218,8 +227,9 @@ class SchedulerState:
         for a in plan.assignments:
             state = self.turns[a.turn_id]
             state.assignment = a
-            self.outbox[a.prefill_node].append(a.turn_id)
-            self.outbox[a.decode_node].append(a.turn_id)
+            for node_id in (a.prefill_node, a.decode_node):
+                self.outbox[node_id].append(a.turn_id)
+                self.uncovered[node_id].add(a.turn_id)
             self.event(
                 a.turn_id,
                 "assigned",

@@ -24,7 +24,6 @@ from services.codec import (
 )
 
 STREAM_LIMIT = 4 << 20
-SOCK_BUF_BYTES = 4 << 20
 
 
 class Dscp(IntEnum):
@@ -62,13 +61,9 @@ def set_dscp(sock: socket.socket | None, dscp: Dscp) -> None:
 def _tune(sock: socket.socket | None) -> None:
     if sock is None:
         return
-    for level, opt, value in (
-        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-        (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF_BYTES),
-        (socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF_BYTES),
-    ):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, opt, value)
+    # Only NODELAY: fixed SO_SNDBUF/SO_RCVBUF would switch off the kernel's autotuning.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class FrameConnection:
@@ -103,7 +98,9 @@ class FrameConnection:
                 payload = await self.reader.readexactly(plen) if plen else b""
         except asyncio.IncompleteReadError as exc:
             raise ConnectionClosed(f"peer {self.peer} closed mid-frame") from exc
-        except ConnectionError as exc:
+        except TimeoutError:
+            raise
+        except OSError as exc:  # ConnectionError, ETIMEDOUT, EHOSTUNREACH, ...
             raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
         return Frame(kind, head, payload)
 
@@ -120,7 +117,9 @@ class FrameConnection:
             try:
                 async with asyncio.timeout(self.io_timeout_s):
                     await self.writer.drain()
-            except ConnectionError as exc:
+            except TimeoutError:
+                raise
+            except OSError as exc:
                 raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
 
     async def close(self, *, timeout_s: float = 2.0) -> None:
@@ -248,8 +247,10 @@ async def serve(
                     with contextlib.suppress(Exception):
                         await conn.send(err)
         except asyncio.CancelledError:
+            # The server is closing. Returning (not re-raising) keeps 3.11's stream
+            # callback from logging a traceback per connection.
             conn.abort()
-            raise
+            return
         finally:
             await conn.close()
 

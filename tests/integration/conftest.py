@@ -44,7 +44,7 @@ def local_spec(
 ) -> ClusterSpec:
     """A `local`-backend ClusterSpec whose endpoints are all on free ports."""
     cfg = parse_config(config or SMALL_CONFIG)
-    probe = build_cluster_spec(cfg, lab_id="it", backend="local", data_dir=data_dir, base_port=0)
+    probe = build_cluster_spec(cfg, lab_id="it", backend="local", data_dir=data_dir, base_port=1024)
     ports = [ep.port for n in probe.nodes for ep in (n.mgmt, n.cnic, n.storage) if ep is not None]
     ports += [probe.grpc.port, probe.http.port]
     base = free_port_base(max(ports) + 1)

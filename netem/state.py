@@ -1,0 +1,156 @@
+"""Ownership records of netns labs: one JSON file per lab under the state directory.
+
+A namespace is recorded *before* it is created, so a crash leaves a record that `down` can
+act on; `down` removes only names recorded there, and only names under the lab's own prefix
+(`dp-<lab_id>-`), so a damaged file can never point it at someone else's namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from errno import EEXIST
+from pathlib import Path
+from typing import Any
+
+from netem.errors import NetemError
+from netem.plan import NAMESPACE_PREFIX
+
+STATE_VERSION = 1
+SUFFIX = ".json"
+_RECORD_NAME = re.compile(r"[a-z0-9]{1,8}\.json")
+
+
+def state_path(state_dir: Path, lab_id: str) -> Path:
+    return state_dir / f"{lab_id}{SUFFIX}"
+
+
+def lab_prefix(lab_id: str) -> str:
+    return f"{NAMESPACE_PREFIX}{lab_id}-"
+
+
+@dataclass
+class LabRecord:
+    """What one lab created. `token` ties the file to the NetnsLab object that wrote it."""
+
+    lab_id: str
+    token: str
+    pid: int
+    created_at: float
+    namespaces: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "lab_id": self.lab_id,
+            "token": self.token,
+            "pid": self.pid,
+            "created_at": self.created_at,
+            "namespaces": list(self.namespaces),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str) -> LabRecord:
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise NetemError(f"{where}: not a version-{STATE_VERSION} lab record")
+        lab_id = data.get("lab_id")
+        names = data.get("namespaces")
+        if not isinstance(lab_id, str) or not isinstance(names, list):
+            raise NetemError(f"{where}: lab record without lab_id/namespaces")
+        prefix = lab_prefix(lab_id)
+        bad = [n for n in names if not isinstance(n, str) or not n.startswith(prefix) or "/" in n]
+        if bad:
+            raise NetemError(f"{where}: refusing namespaces outside {prefix}*: {bad}")
+        return cls(
+            lab_id=lab_id,
+            token=str(data.get("token", "")),
+            pid=int(data.get("pid", 0)),
+            created_at=float(data.get("created_at", 0.0)),
+            namespaces=[str(n) for n in names],
+        )
+
+
+class LabState:
+    """The record file of one lab, rewritten atomically (write + rename) on every change."""
+
+    def __init__(self, path: Path, record: LabRecord) -> None:
+        self.path = path
+        self.record = record
+
+    @classmethod
+    def create(cls, state_dir: Path, lab_id: str) -> LabState:
+        """Claim `lab_id`: fails closed (NetemError) if a record for it already exists."""
+        path = state_path(state_dir, lab_id)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise NetemError(
+                f"lab {lab_id!r} is already recorded in {path}: run `dualpath down` "
+                "(or down_from_state) first, or pick another lab_id",
+                operation=f"create {path}",
+                errno=EEXIST,
+            ) from None
+        except OSError as exc:
+            raise NetemError(
+                f"cannot write lab record {path}", operation=f"create {path}", errno=exc.errno
+            ) from exc
+        os.close(fd)
+        state = cls(path, LabRecord(lab_id, secrets.token_hex(8), os.getpid(), time.time()))
+        state.save()
+        return state
+
+    @classmethod
+    def load(cls, path: Path) -> LabState:
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise NetemError(
+                f"cannot read lab record {path}", operation=f"read {path}", errno=exc.errno
+            ) from exc
+        except json.JSONDecodeError as exc:
+            raise NetemError(f"{path}: not JSON ({exc})", operation=f"read {path}") from exc
+        return cls(path, LabRecord.from_json(data, where=str(path)))
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.record.to_json(), indent=2) + "\n")
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise NetemError(
+                f"cannot write lab record {self.path}",
+                operation=f"write {self.path}",
+                errno=exc.errno,
+            ) from exc
+
+    def add_namespace(self, name: str) -> None:
+        if not name.startswith(lab_prefix(self.record.lab_id)):
+            raise NetemError(f"namespace {name!r} is outside lab {self.record.lab_id!r}")
+        if name not in self.record.namespaces:
+            self.record.namespaces.append(name)
+            self.save()
+
+    def discard_namespace(self, name: str) -> None:
+        if name in self.record.namespaces:
+            self.record.namespaces.remove(name)
+            self.save()
+
+    def delete(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def recorded_paths(state_dir: Path) -> list[Path]:
+    """Lab records in `state_dir`: `<lab_id>.json` only, so other files that share the
+    directory (e.g. the runner's `<lab_id>.run.json`) are never mistaken for one."""
+    if not state_dir.is_dir():
+        return []
+    return sorted(p for p in state_dir.iterdir() if _RECORD_NAME.fullmatch(p.name) and p.is_file())

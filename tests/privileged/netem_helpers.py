@@ -1,0 +1,266 @@
+"""Helpers of the privileged netem tests: topologies, host snapshots, iperf3 and marked flows.
+
+Everything runs inside namespaces the tests' labs created (`ip netns exec`); the host is only
+read, never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netem.netns import NetnsLab, down_from_state
+from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec
+
+ROOT_REASON = (
+    "needs root (CAP_NET_ADMIN + CAP_SYS_ADMIN) to create network namespaces; "
+    "run `sudo make privileged`"
+)
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON)
+requires_iperf3 = pytest.mark.skipif(
+    shutil.which("iperf3") is None, reason="iperf3 is not installed (apt-get install iperf3)"
+)
+
+# Wire accounting of one full-size TCP segment, as HTB charges it (see netem/counters.py).
+MTU = 1500
+ETH_HEADER = 14
+IPV4_HEADER = 20
+TCP_HEADER = 20
+TCP_TIMESTAMP_OPTION = 12  # 10 bytes + 2 NOP padding, on every segment when timestamps are on
+
+
+def run(argv: list[str], *, timeout: float = 30.0) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"{argv} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def netns_names() -> set[str]:
+    return {line.split()[0] for line in run(["ip", "netns", "list"]).splitlines() if line}
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """What the host namespace looks like: the tests assert a lab leaves it as it was."""
+
+    namespaces: frozenset[str]
+    links: tuple[str, ...]
+    qdiscs: tuple[str, ...]
+    bridge_nf: str
+
+
+def host_snapshot() -> HostSnapshot:
+    links = tuple(
+        sorted(
+            f"{link['ifindex']}:{link['ifname']}:{link.get('master', '')}"
+            for link in json.loads(run(["ip", "-j", "link", "show"]))
+        )
+    )
+    qdiscs = tuple(sorted(run(["tc", "qdisc", "show"]).splitlines()))
+    nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    return HostSnapshot(
+        frozenset(netns_names()), links, qdiscs, nf.read_text().strip() if nf.exists() else "-"
+    )
+
+
+def tc_show(namespace: str, what: str, dev: str) -> str:
+    """`tc class/qdisc show` without statistics, for before/after comparisons."""
+    return run(["tc", "-n", namespace, what, "show", "dev", dev])
+
+
+def ns_sysctl(lab: NetnsLab, node_id: str | None, key: str) -> str:
+    ns = lab.switch_namespace if node_id is None else lab.namespace(node_id)
+    return run(["ip", "netns", "exec", ns, "sysctl", "-n", key]).strip()
+
+
+@contextlib.contextmanager
+def lab_up(spec: TopologySpec, state_dir: Path) -> Iterator[NetnsLab]:
+    """A lab that is always taken down, plus whatever its record still lists."""
+    lab = NetnsLab(spec, state_dir=state_dir)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+        down_from_state(spec.lab_id, state_dir=state_dir)
+
+
+def engine_host(
+    node_id: str, index: int, *, cnic_mbit: float | None, snic_mbit: float | None
+) -> HostSpec:
+    """An engine node: cnic (with priority classes), snic and mgmt on 198.18.{0,1,2}.0/24."""
+    return HostSpec(
+        node_id,
+        (
+            NicSpec(
+                "cnic",
+                "compute",
+                f"198.18.0.{10 + index}/24",
+                LinkShape(cnic_mbit, priority_classes=True) if cnic_mbit else None,
+            ),
+            NicSpec(
+                "snic",
+                "storage",
+                f"198.18.1.{10 + index}/24",
+                LinkShape(snic_mbit) if snic_mbit else None,
+            ),
+            NicSpec("mgmt", "mgmt", f"198.18.2.{10 + index}/24"),
+        ),
+    )
+
+
+def storage_host(node_id: str, index: int) -> HostSpec:
+    """A storage server: unshaped snic and mgmt (engine snics are the bottleneck)."""
+    return HostSpec(
+        node_id,
+        (
+            NicSpec("snic", "storage", f"198.18.1.{200 + index}/24"),
+            NicSpec("mgmt", "mgmt", f"198.18.2.{200 + index}/24"),
+        ),
+    )
+
+
+def address(lab: NetnsLab, node_id: str, nic: str) -> str:
+    return str(lab.spec.host(node_id).nic(nic).interface.ip)
+
+
+def wait_listening(lab: NetnsLab, node_id: str, addr: str, port: int) -> None:
+    argv = lab.exec_argv(node_id, ["ss", "-Hltn", f"src {addr}:{port}"])
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        if run(argv).strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {addr}:{port} in {lab.namespace(node_id)}")
+
+
+@dataclass(frozen=True)
+class Iperf:
+    goodput_bit: float
+    """Receiver-side goodput (iperf3's sum_received, omitted warm-up excluded)."""
+    mss: int
+    retransmits: int
+
+
+def iperf3(
+    lab: NetnsLab,
+    *,
+    sender: str,
+    receiver: str,
+    nic: str,
+    seconds: float,
+    omit_s: int = 1,
+    port: int = 5201,
+) -> Iperf:
+    dst = address(lab, receiver, nic)
+    server = subprocess.Popen(
+        lab.exec_argv(receiver, ["iperf3", "-s", "-1", "-B", dst, "-p", str(port)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(lab, receiver, dst, port)
+        argv = ["iperf3", "-c", dst, "-p", str(port), "-B", address(lab, sender, nic)]
+        argv += ["-t", str(seconds), "-O", str(omit_s), "-J"]
+        out = json.loads(run(lab.exec_argv(sender, argv), timeout=seconds + omit_s + 30))
+    finally:
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    if "error" in out:
+        raise AssertionError(f"iperf3: {out['error']}")
+    end = out["end"]
+    return Iperf(
+        goodput_bit=float(end["sum_received"]["bits_per_second"]),
+        mss=int(out["start"]["tcp_mss_default"]),
+        retransmits=int(end["sum_sent"].get("retransmits", 0)),
+    )
+
+
+def payload_per_frame(lab: NetnsLab, node_id: str) -> tuple[int, int]:
+    """(TCP payload, bytes HTB charges) of one full-size segment sent from `node_id`."""
+    timestamps = ns_sysctl(lab, node_id, "net.ipv4.tcp_timestamps") != "0"
+    payload = MTU - IPV4_HEADER - TCP_HEADER - (TCP_TIMESTAMP_OPTION if timestamps else 0)
+    return payload, MTU + ETH_HEADER
+
+
+_SENDER = """
+import socket, sys
+host, port, tos, nbytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+s.connect((host, port))
+chunk = bytes(65536)
+left = nbytes
+while left:
+    left -= s.send(chunk[: min(left, len(chunk))])
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+s.close()
+"""
+
+_RECEIVER = """
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(1)
+print("ready", flush=True)
+conn, _ = srv.accept()
+total = 0
+while True:
+    data = conn.recv(1 << 20)
+    if not data:
+        break
+    total += len(data)
+conn.close()
+print(total, flush=True)
+"""
+
+
+def send_marked(
+    lab: NetnsLab, *, sender: str, receiver: str, nic: str, dscp: int, nbytes: int, port: int
+) -> int:
+    """Send `nbytes` over TCP with IP_TOS = dscp << 2; return the bytes the receiver read.
+
+    When this returns, every data byte has been through the sender's egress tree and the
+    receiver's ingress tree."""
+    dst = address(lab, receiver, nic)
+    rx = subprocess.Popen(
+        lab.exec_argv(receiver, [sys.executable, "-c", _RECEIVER, dst, str(port)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert rx.stdout is not None
+        assert rx.stdout.readline().strip() == "ready"
+        run(
+            lab.exec_argv(
+                sender, [sys.executable, "-c", _SENDER, dst, str(port), str(dscp << 2), str(nbytes)]
+            )
+        )
+        received = int(rx.stdout.readline())
+        rx.wait(timeout=10)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    return received
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,77 @@
+"""Lab ownership records: claimed exclusively, names confined to the lab's prefix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from netem.errors import NetemError
+from netem.netns import down_from_state, recorded_labs
+from netem.state import LabState, state_path
+
+
+def test_create_claims_the_lab_id_exclusively(tmp_path: Path) -> None:
+    state = LabState.create(tmp_path / "run", "ab1")
+    assert state.path == state_path(tmp_path / "run", "ab1")
+    with pytest.raises(NetemError, match="lab 'ab1' is already recorded") as info:
+        LabState.create(tmp_path / "run", "ab1")
+    assert info.value.errno == 17
+    assert "operation: create" in str(info.value)
+
+
+def test_namespaces_are_recorded_in_order_and_survive_a_reload(tmp_path: Path) -> None:
+    state = LabState.create(tmp_path, "ab1")
+    state.add_namespace("dp-ab1-sw")
+    state.add_namespace("dp-ab1-prefill-0")
+    state.add_namespace("dp-ab1-sw")
+    loaded = LabState.load(state.path)
+    assert loaded.record.namespaces == ["dp-ab1-sw", "dp-ab1-prefill-0"]
+    assert loaded.record.token == state.record.token
+    state.discard_namespace("dp-ab1-sw")
+    assert LabState.load(state.path).record.namespaces == ["dp-ab1-prefill-0"]
+    (tmp_path / "ab1.run.json").write_text("{}")  # the runner's own file, not a lab record
+    (tmp_path / ".ab1.json.tmp").write_text("{}")
+    assert recorded_labs(tmp_path) == ["ab1"]
+    state.delete()
+    state.delete()
+    assert recorded_labs(tmp_path) == []
+
+
+def test_names_outside_the_lab_prefix_are_refused(tmp_path: Path) -> None:
+    state = LabState.create(tmp_path, "ab1")
+    with pytest.raises(NetemError, match="outside lab 'ab1'"):
+        state.add_namespace("dp-ab2-sw")
+    data = json.loads(state.path.read_text())
+    data["namespaces"] = ["dp-ab1-sw", "docker-ns", "dp-ab1-x/../../etc"]
+    state.path.write_text(json.dumps(data))
+    with pytest.raises(NetemError, match=r"refusing namespaces outside dp-ab1-\*"):
+        LabState.load(state.path)
+    with pytest.raises(NetemError, match="refusing namespaces"):
+        down_from_state("ab1", state_dir=tmp_path)
+    assert state.path.exists(), "a refused record is kept for a human to look at"
+
+
+def test_garbage_records_are_typed_errors(tmp_path: Path) -> None:
+    (tmp_path / "zz.json").write_text("{not json")
+    with pytest.raises(NetemError, match="not JSON"):
+        LabState.load(tmp_path / "zz.json")
+    (tmp_path / "zz.json").write_text('{"version": 99}')
+    with pytest.raises(NetemError, match="not a version-1 lab record"):
+        LabState.load(tmp_path / "zz.json")
+
+
+def test_down_from_state_without_records_is_a_no_op(tmp_path: Path) -> None:
+    assert down_from_state(state_dir=tmp_path / "missing") == []
+    assert down_from_state("nope", state_dir=tmp_path) == []
+
+
+def test_down_from_state_drops_records_of_namespaces_that_never_came_to_be(
+    tmp_path: Path,
+) -> None:
+    # A crash between recording a name and creating it leaves a name that does not exist.
+    state = LabState.create(tmp_path, "ab1")
+    state.add_namespace("dp-ab1-never-created")
+    assert down_from_state(state_dir=tmp_path) == []
+    assert recorded_labs(tmp_path) == []
