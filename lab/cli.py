@@ -7,6 +7,7 @@ Only parses arguments, loads the config, calls the runner/backends and prints. E
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import secrets
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # `kill -USR1 <pid>` prints every thread's stack: a cheap way to see where a run waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         result: int = args.func(args)
         return result

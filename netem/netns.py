@@ -7,10 +7,11 @@ strings; its only subprocesses are `ip netns exec <lab namespace> sysctl`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from errno import EEXIST, ENOENT
 from functools import partial
@@ -122,6 +123,57 @@ def _wrap(operation: str, fn: Callable[[], T]) -> T:
         raise NetemError(
             f"{operation} failed: {exc.strerror or exc}", operation=operation, errno=exc.errno
         ) from exc
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _thread_setns(fd: int) -> None:
+    """Move only the calling thread into the namespace `fd` refers to (setns(2) is per task)."""
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def _thread_in_netns(name: str) -> Iterator[None]:
+    """Run a block with this thread inside netns `name`, then come back.
+
+    pyroute2's `netns=` handles and `netns.create()` fork a helper process per call; forking a
+    process that has other threads can deadlock the child on a lock some thread held at fork
+    time (seen here as a hung `up()`). Sockets keep the namespace they were created in, so
+    entering the namespace on this one thread, opening the socket and leaving needs no fork.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(NETNS_RUN_DIR / name, os.O_RDONLY)
+        try:
+            _thread_setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _thread_setns(home)
+    finally:
+        os.close(home)
+
+
+def _create_netns(name: str) -> None:
+    """Create and bind-mount a named namespace without forking (see `_thread_in_netns`)."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _libc.unshare(_CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        try:
+            # /proc/thread-self, not /proc/self: only this thread is in the new namespace.
+            pr_netns.attach(name, "thread-self")
+        finally:
+            _thread_setns(home)
+    finally:
+        os.close(home)
 
 
 class _NetlinkThread:
@@ -446,10 +498,15 @@ class NetnsLab:
             # flags=0: never create a namespace as a side effect of opening a handle.
             handle = _wrap(
                 f"open netlink socket in netns {namespace}",
-                lambda: IPRoute(netns=namespace, flags=0),
+                lambda: self._open_ipr(namespace),
             )
             self._handles[namespace] = handle
         return handle
+
+    @staticmethod
+    def _open_ipr(namespace: str) -> Any:
+        with _thread_in_netns(namespace):
+            return IPRoute()
 
     def _index(self, namespace: str, ifname: str) -> int:
         return _link_index(self._ipr(namespace), f"netns {namespace}", ifname)
@@ -457,7 +514,7 @@ class NetnsLab:
     def _create_namespace(self, state: LabState, name: str) -> None:
         state.add_namespace(name)  # recorded before it exists: a crash leaves a record
         try:
-            pr_netns.create(name)
+            _create_netns(name)
         except FileExistsError:
             state.discard_namespace(name)
             raise NetemError(
