@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.backends import Backend, BackendError, LocalBackend, NetnsBackend, RunState, free_port_base
+from lab.backends import (
+    Backend,
+    BackendError,
+    LocalBackend,
+    NetnsBackend,
+    RunState,
+    free_port_base,
+    stop_pids,
+)
 from lab.config import LabConfig, build_cluster_spec
 from lab.metrics import Sample, summarize, throughput_series
 from lab.report import write_plot
@@ -158,6 +166,7 @@ def run_once(
         f"[{cfg.policy.value}] lab {lab_id} on {backend}: {len(agents)} agents, "
         f"{sum(len(a['turns']) for a in agents)} turns"
     )
+    proc: subprocess.Popen[str] | None = None
     try:
         be.up()
         argv = be.driver_argv(
@@ -214,6 +223,8 @@ def run_once(
             why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
             raise RunError(f"{why} (logs in {out_dir / 'logs'})")
     finally:
+        if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
+            stop_pids({"driver": proc.pid}, str(spec_path))
         removed = be.down()
         shutil.rmtree(data_dir, ignore_errors=True)
         say(f"[{cfg.policy.value}] lab {lab_id} down: removed {len(removed)} objects")

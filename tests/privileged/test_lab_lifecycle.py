@@ -1,0 +1,242 @@
+"""The `dualpath` CLI on the netns backend: whole runs, Ctrl-C, SIGTERM, crashes, up/down.
+
+Each test drives the real CLI in a subprocess with a private state directory and checks that
+afterwards no namespace, process or data directory of the lab is left, and that nothing it did
+not create was touched. Nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from netem_helpers import ROOT_REASON
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),
+]
+
+TINY = {
+    "name": "lifecycle",
+    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 1, "gpus_per_node": 2},
+    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
+    "workload": {
+        "num_agents": 4,
+        "max_len": 32768,
+        "seed": 5,
+        "start_turn_fraction": 0.5,
+        "max_turns_per_agent": 2,
+        "gen_token_scale": 0.05,
+    },
+}
+LONG = {**TINY, "workload": {**TINY["workload"], "num_agents": 16, "max_turns_per_agent": 20}}
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def _links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
+    return {line.split(":")[1].strip() for line in out.stdout.splitlines()}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    e = {
+        **os.environ,
+        "DUALPATH_STATE_DIR": str(tmp_path / "state"),
+        "DUALPATH_DATA_DIR": str(tmp_path),
+    }
+    before_ns, before_links = _netns(), _links()
+    yield e
+    # whatever a test did, take down what it recorded, then check nothing else changed
+    subprocess.run([sys.executable, "-m", "lab.cli", "down"], env=e, capture_output=True)
+    assert _netns() == before_ns
+    assert _links() == before_links
+
+
+def _config(tmp_path: Path, data: dict[str, object]) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lab.cli", *args]
+
+
+_preexisting = _netns() if os.geteuid() == 0 else set()
+
+
+def _assert_nothing_left(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert not (state.exists() and list(state.glob("*.json")))
+    assert not [p for p in tmp_path.glob("dualpath-*") if p.is_dir()]
+    assert not [ns for ns in _netns() - _preexisting if ns.startswith("dp-")]
+
+
+def _wait_for_driver(proc: subprocess.Popen[str], out: Path, timeout_s: float = 60) -> None:
+    """Until the run's driver has started replaying (its log exists and the lab is up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early with {proc.returncode}")
+        if (out / "logs" / "driver.log").exists():
+            time.sleep(1.0)
+            return
+        time.sleep(0.1)
+    raise AssertionError("the driver never started")
+
+
+def test_run_writes_summary_and_leaves_nothing(tmp_path: Path, env: dict[str, str]) -> None:
+    cfg = _config(tmp_path, TINY)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        _cli("run", "-c", str(cfg), "--out", str(out), "-q"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "netns"
+    assert summary["turns_done"] == 8 and summary["errors"] == []
+    assert summary["bytes_accounted"]
+    # utilisation comes from the kernel's counters of the shaped NICs
+    assert summary["nics"]["prefill-0"]["snic"]["rate_mbit"] == pytest.approx(100.0)
+    assert summary["nics"]["prefill-0"]["snic"]["ingress_bytes"] > 0
+    _assert_nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_run_takes_the_lab_down(
+    sig: signal.Signals, tmp_path: Path, env: dict[str, str]
+) -> None:
+    cfg = _config(tmp_path, LONG)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _cli("run", "-c", str(cfg), "--out", str(out), "-q"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_driver(proc, out)
+    pids = json.loads(next((tmp_path / "state").glob("*.run.json")).read_text())["pids"]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    for pid in pids.values():
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    _assert_nothing_left(tmp_path)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_crashed_runner_is_cleaned_by_down(tmp_path: Path, env: dict[str, str]) -> None:
+    cfg = _config(tmp_path, LONG)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _cli("run", "-c", str(cfg), "--out", str(out), "-q"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for_driver(proc, out)
+    proc.kill()  # no cleanup at all: the state files are all that is left
+    proc.wait()
+    state = tmp_path / "state"
+    assert list(state.glob("*.run.json")) and list(state.glob("*.json"))
+    assert any(ns.startswith("dp-") for ns in _netns() - _preexisting)
+    down = subprocess.run(_cli("down"), env=env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert "removed" in down.stdout
+    _assert_nothing_left(tmp_path)
+    assert not any(ns.startswith("dp-") for ns in _netns() - _preexisting)
+
+
+def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
+    cfg = _config(tmp_path, TINY)
+    up = subprocess.run(
+        _cli("up", "-c", str(cfg), "--out", str(tmp_path / "up")),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert up.returncode == 0, up.stderr
+    status = subprocess.run(_cli("status"), env=env, capture_output=True, text=True)
+    assert "prefill-0" in status.stdout and "running" in status.stdout
+    ex = subprocess.run(
+        _cli("exec", "prefill-0", "--", "ip", "-br", "addr"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ex.returncode == 0, ex.stderr
+    assert "cnic" in ex.stdout and "snic" in ex.stdout and "198.18.0." in ex.stdout
+    down = subprocess.run(_cli("down"), env=env, capture_output=True, text=True)
+    assert down.returncode == 0
+    _assert_nothing_left(tmp_path)
+
+
+def test_netns_backend_without_cap_net_admin_says_so(tmp_path: Path) -> None:
+    # pytest's tmp_path is private to root; the unprivileged user needs a readable config
+    shared = Path(tempfile.mkdtemp(prefix="dualpath-noroot-"))
+    shared.chmod(0o777)
+    cfg = _config(shared, TINY)
+    cfg.chmod(0o644)
+    try:
+        _run_unprivileged(cfg, shared)
+    finally:
+        shutil.rmtree(shared)
+
+
+def _run_unprivileged(cfg: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            sys.executable,
+            "-m",
+            "lab.cli",
+            "run",
+            "-c",
+            str(cfg),
+            "--out",
+            str(tmp_path / "noroot"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "DUALPATH_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "CAP_NET_ADMIN" in proc.stderr and "--backend local" in proc.stderr
