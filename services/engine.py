@@ -165,6 +165,7 @@ class EngineNode:
         self.storage: StorageClient | None = None
         self.scheduler: SchedulerClient | None = None
         self._server: FrameServer | None = None
+        self._mgmt_server: FrameServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -177,6 +178,14 @@ class EngineNode:
             self._on_frame,
             dscp=Dscp.KV,
             max_payload_bytes=self.spec.max_frame_bytes,
+            on_error=self._record_error,
+        )
+        self._mgmt_server = await serve(
+            self.me.mgmt.host,
+            self.me.mgmt.port,
+            self._on_mgmt,
+            dscp=Dscp.CONTROL,
+            max_payload_bytes=1 << 20,
             on_error=self._record_error,
         )
         self._spawn(self._pull_loop())
@@ -195,6 +204,7 @@ class EngineNode:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._server.close()
+            await self._mgmt_server.close()
             for conn in self._peers.values():
                 await conn.close()
             await self.storage.close()
@@ -407,6 +417,12 @@ class EngineNode:
         self.counters["collective_latency_max_s"] = max(
             float(self.counters["collective_latency_max_s"]), took
         )
+
+    async def _on_mgmt(self, conn: FrameConnection, frame: Frame) -> None:
+        """Management port: `stats` answers with this node's report (loads and counters)."""
+        if frame.kind != "stats":
+            raise ValueError(f"unexpected frame type {frame.kind!r} on the management port")
+        await conn.send(Frame("stats", self._report()))
 
     # -- inbound frames ------------------------------------------------------------------------
     async def _on_frame(self, conn: FrameConnection, frame: Frame) -> None:

@@ -127,7 +127,7 @@ def _garbage_gets_error_frame(host: str, port: int) -> None:
 def test_malformed_frames_are_refused_and_nodes_keep_serving(local_lab: ClusterSpec) -> None:
     spec = local_lab
     for node in spec.nodes:
-        for ep in (node.cnic, node.storage):
+        for ep in (node.cnic, node.storage, node.mgmt if node.role != "scheduler" else None):
             if ep is not None:
                 _garbage_gets_error_frame(ep.host, ep.port)
                 _garbage_gets_error_frame(ep.host, ep.port)  # still serving

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from netem_helpers import ROOT_REASON
 
 pytestmark = [

@@ -1,0 +1,87 @@
+"""summary.json arithmetic: percentiles, utilisation from counters, byte accounting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lab.metrics import nic_utilisation, percentiles, summarize, throughput_series
+
+
+def sample(t: float, snic_in: int, rate: float = 100.0) -> dict[str, Any]:
+    nic = {"ingress_bytes": snic_in, "egress_bytes": 0, "rate_mbit": rate}
+    return {"t": t, "nodes": {"prefill-0": {"snic": nic}}}
+
+
+def test_percentiles() -> None:
+    p = percentiles([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert p["p50"] == 3.0 and p["max"] == 5.0 and p["mean"] == 3.0
+    assert percentiles([])["p50"] is None
+
+
+def test_utilisation_uses_counter_deltas_over_the_window() -> None:
+    # 12.5 MB/s = 100 Mbit/s between t=1 and t=3; the samples outside the window are ignored
+    samples = [sample(0.0, 0), sample(1.0, 1_000_000), sample(3.0, 26_000_000), sample(9.0, 0)]
+    u = nic_utilisation(samples[:3], 1.0, 3.0)["prefill-0"]["snic"]
+    assert u["ingress_util"] == pytest.approx(1.0)
+    assert u["ingress_bytes"] == 25_000_000
+    rows = throughput_series(samples[:3], 0.0)
+    assert rows[-1]["prefill-0/snic/ingress_mbit"] == pytest.approx(100.0)
+
+
+def _turn(**kw: Any) -> dict[str, Any]:
+    base = {
+        "traj_id": 0,
+        "turn_index": 0,
+        "prompt_tokens": 100,
+        "gen_tokens": 12,
+        "submitted_at": 0.0,
+        "first_token_at": 1.0,
+        "second_token_at": 1.5,
+        "done_at": 2.5,
+        "read_side": "decode",
+        "error": None,
+    }
+    return {**base, **kw}
+
+
+def test_summary_accounts_bytes_and_reports_failures() -> None:
+    driver = {
+        "started_at": 0.0,
+        "finished_at": 10.0,
+        "jct_s": 10.0,
+        "turns": [_turn(), _turn(traj_id=1, error="decode-0: corrupt KV", done_at=None)],
+        "cluster": {
+            "prefill-0": {"counters": {"bytes_verified": 700, "bytes_pd_sent": 300}},
+            "decode-0": {"counters": {"bytes_verified": 600, "bytes_relay_sent": 200}},
+        },
+        "storage_before": {"storage-0": {"bytes_read": 0}},
+        "storage_after": {"storage-0": {"bytes_read": 800}},
+    }
+    s = summarize(
+        policy="dualpath",
+        backend="local",
+        config_name="x",
+        time_dilation=10.0,
+        driver=driver,
+        samples=[],
+        num_agents=2,
+    )
+    assert s["bytes_accounted"] and s["bytes_verified"] == 1300
+    assert s["turns_done"] == 1 and s["turns_failed"] == 1
+    assert s["errors"] == ["traj 1 turn 0: decode-0: corrupt KV"]
+    assert s["real_jct_s"] == pytest.approx(1.0)
+    assert s["ttft_s"]["p50"] == 1.0 and s["ttst_s"]["p50"] == 0.5
+    assert s["tpot_ms"]["p50"] == pytest.approx(100.0)  # 1 s over 10 tokens
+    driver["storage_after"] = {"storage-0": {"bytes_read": 900}}
+    s2 = summarize(
+        policy="dualpath",
+        backend="local",
+        config_name="x",
+        time_dilation=10.0,
+        driver=driver,
+        samples=[],
+        num_agents=2,
+    )
+    assert not s2["bytes_accounted"]

@@ -1,0 +1,91 @@
+"""The scheduler service's state machine, without sockets: submit, fetch, deliver, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.config import build_cluster_spec, parse_config
+from scheduler.policies import make_policy
+from services.scheduler_service import SchedulerState, TurnInputError
+
+
+def make_state(policy: str = "dualpath") -> SchedulerState:
+    cfg = parse_config(
+        {"policy": policy, "cluster": {"gpus_per_node": 1, "cnic_gbit_per_gpu": 1600}}
+    )
+    spec = build_cluster_spec(cfg, lab_id="u", backend="netns", data_dir=Path("/nonexistent"))
+    return SchedulerState(spec, make_policy(policy, beta_tokens=10**9))
+
+
+def body(traj: int, context: int = 6400) -> dict[str, Any]:
+    return {
+        "traj_id": traj,
+        "turn_index": 1,
+        "context_tokens": context,
+        "append_tokens": 100,
+        "gen_tokens": 5,
+    }
+
+
+def fetch(
+    state: SchedulerState, node: str, *, read_q: int = 0, turns: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    role = node.split("-")[0]
+    req = {
+        "node_id": node,
+        "role": role,
+        "read_q_tokens": read_q,
+        "engines": [[0, len(turns), 0, 10**9]],
+        "turns": list(turns),
+    }
+    return state.fetch(req, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("context_tokens", -1), ("gen_tokens", 0), ("traj_id", "x")]
+)
+def test_bad_turns_are_refused_naming_the_field(field: str, value: Any) -> None:
+    with pytest.raises(TurnInputError, match=field):
+        make_state().submit({**body(1), field: value}, 0.0)
+
+
+def test_nothing_is_assigned_until_every_engine_node_reported() -> None:
+    state = make_state()
+    state.submit(body(1), 0.0)
+    assert fetch(state, "prefill-0") == []
+    fetch(state, "decode-0")
+    got = fetch(state, "prefill-0")
+    assert [w["traj_id"] for w in got] == [1]
+    assert got[0]["hit_blocks"] == 100 and got[0]["prompt_blocks"] == 102
+    # the decode node gets the same turn on its next fetch, once
+    assert [w["turn_id"] for w in fetch(state, "decode-0")] == [got[0]["turn_id"]]
+    assert fetch(state, "decode-0") == []
+
+
+def test_finished_prefill_work_is_not_counted_again() -> None:
+    """A turn the prefill node has finished (but the decode node still decodes) must not be
+    added back to the prefill node's read queue: that pushed every read to the decode side."""
+    state = make_state()
+    fetch(state, "decode-0")
+    state.submit(body(1), 0.0)
+    first = fetch(state, "prefill-0")  # PE-side read (queues equal, ties go to prefill)
+    assert first[0]["read_side"] == "prefill"
+    fetch(state, "decode-0", turns=(first[0]["turn_id"],))
+    # the prefill node reported the turn, read it and finished its prefill: it is gone there
+    fetch(state, "prefill-0", turns=(first[0]["turn_id"],))
+    fetch(state, "prefill-0", turns=())
+    state.submit(body(2), 0.0)
+    second = fetch(state, "prefill-0")
+    assert second[0]["read_side"] == "prefill"  # both queues are empty again
+
+
+def test_events_finish_a_turn_once() -> None:
+    state = make_state()
+    turn = state.submit(body(1), 0.0)
+    tid = turn.pending.turn_id
+    state.report({"events": [[tid, "done", 1.0, {}], [tid, "failed", 2.0, {"reason": "x"}]]})
+    assert [e["event"] for e in turn.events] == ["queued", "done"]
+    assert state.num_done == 1 and state.num_failed == 0
