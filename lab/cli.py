@@ -82,6 +82,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.backend == "netns":
+        from netem.netns import require_net_admin
+
+        require_net_admin()  # before anything is written
     lab_id = secrets.token_hex(3)
     out = Path(args.out) if args.out else Path("results") / f"{cfg.name}-up-{lab_id}"
     out.mkdir(parents=True, exist_ok=True)

@@ -145,6 +145,10 @@ def run_once(
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if backend not in BACKENDS:
         raise RunError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "netns":
+        from netem.netns import require_net_admin
+
+        require_net_admin()  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     lab_id = secrets.token_hex(3)
     data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"

@@ -61,7 +61,7 @@ CAP_SYS_ADMIN = 21
 
 PERMISSION_MESSAGE = (
     "the netns backend needs root or CAP_NET_ADMIN: run with sudo, "
-    "or use --backend local (or compose)"
+    "or use --backend local (unshaped, on loopback)"
 )
 
 SWITCH_SYSCTLS = (

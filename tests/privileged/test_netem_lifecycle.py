@@ -228,6 +228,6 @@ def test_non_root_gets_a_clear_permission_error(tmp_path: Path) -> None:
         pytest.skip(f"user nobody cannot run {sys.executable}: {done.stderr.strip()[-200:]}")
     assert done.stdout.strip() == (
         "the netns backend needs root or CAP_NET_ADMIN: run with sudo, "
-        "or use --backend local (or compose)"
+        "or use --backend local (unshaped, on loopback)"
     )
     assert issubclass(NetemPermissionError, NetemError)
