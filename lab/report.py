@@ -144,7 +144,10 @@ def write_plot(series: Sequence[dict[str, Any]], path: Path, *, title: str) -> N
     for i, k in enumerate(keys):
         color = PALETTE[i % len(PALETTE)]
         pts = " ".join(f"{x(float(r['t'])):.1f},{y(float(r.get(k, 0.0))):.1f}" for r in series)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/>')
+        width = 2.5 if "/snic/ingress" in k else 1.0  # the storage reads are the story
+        parts.append(
+            f'<polyline fill="none" stroke="{color}" stroke-width="{width}" points="{pts}"/>'
+        )
         ly = mt + 14 * i + 10
         parts.append(
             f'<line x1="{w - mr + 10}" y1="{ly}" x2="{w - mr + 30}" y2="{ly}" '

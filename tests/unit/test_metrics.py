@@ -46,6 +46,18 @@ def _turn(**kw: Any) -> dict[str, Any]:
     return {**base, **kw}
 
 
+def _summary(driver: dict[str, Any]) -> dict[str, Any]:
+    return summarize(
+        policy="dualpath",
+        backend="local",
+        config_name="x",
+        time_dilation=10.0,
+        driver=driver,
+        samples=[],
+        num_agents=2,
+    )
+
+
 def test_summary_accounts_bytes_and_reports_failures() -> None:
     driver = {
         "started_at": 0.0,
@@ -59,15 +71,7 @@ def test_summary_accounts_bytes_and_reports_failures() -> None:
         "storage_before": {"storage-0": {"bytes_read": 0}},
         "storage_after": {"storage-0": {"bytes_read": 800}},
     }
-    s = summarize(
-        policy="dualpath",
-        backend="local",
-        config_name="x",
-        time_dilation=10.0,
-        driver=driver,
-        samples=[],
-        num_agents=2,
-    )
+    s = _summary(driver)
     assert s["bytes_accounted"] and s["bytes_verified"] == 1300
     assert s["turns_done"] == 1 and s["turns_failed"] == 1
     assert s["errors"] == ["traj 1 turn 0: decode-0: corrupt KV"]
@@ -75,13 +79,5 @@ def test_summary_accounts_bytes_and_reports_failures() -> None:
     assert s["ttft_s"]["p50"] == 1.0 and s["ttst_s"]["p50"] == 0.5
     assert s["tpot_ms"]["p50"] == pytest.approx(100.0)  # 1 s over 10 tokens
     driver["storage_after"] = {"storage-0": {"bytes_read": 900}}
-    s2 = summarize(
-        policy="dualpath",
-        backend="local",
-        config_name="x",
-        time_dilation=10.0,
-        driver=driver,
-        samples=[],
-        num_agents=2,
-    )
+    s2 = _summary(driver)
     assert not s2["bytes_accounted"]
