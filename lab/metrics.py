@@ -73,6 +73,43 @@ def nic_utilisation(
     return out
 
 
+def snic_balance(samples: Sequence[Sample], start: float, end: float) -> dict[str, Any]:
+    """Storage-NIC read traffic max/avg across engine nodes (DualPath §8: 1.53 round robin,
+    1.18 with its scheduler): over the whole window and averaged over sample intervals."""
+    inside = [s for s in samples if start <= s["t"] <= end]
+    out: dict[str, Any] = {"whole_run": None, "mean_interval": None, "num_nodes": 0}
+    if len(inside) < 2:
+        return out
+
+    def reads(s: Sample) -> dict[str, int]:
+        return {
+            node: int(nics["snic"]["ingress_bytes"])
+            for node, nics in s["nodes"].items()
+            if node.startswith(("prefill", "decode")) and "snic" in nics
+        }
+
+    def ratio(values: Sequence[int]) -> float | None:
+        avg = sum(values) / len(values) if values else 0.0
+        return max(values) / avg if avg > 0 else None
+
+    first, last = reads(inside[0]), reads(inside[-1])
+    nodes = sorted(set(first) & set(last))
+    out["num_nodes"] = len(nodes)
+    if not nodes:
+        return out
+    whole = ratio([last[n] - first[n] for n in nodes])
+    per_interval = []
+    for a, b in itertools.pairwise(inside):
+        ra, rb = reads(a), reads(b)
+        r = ratio([rb[n] - ra[n] for n in nodes if n in ra and n in rb])
+        if r is not None:
+            per_interval.append(r)
+    out["whole_run"] = None if whole is None else round(whole, 4)
+    if per_interval:
+        out["mean_interval"] = round(sum(per_interval) / len(per_interval), 4)
+    return out
+
+
 def throughput_series(samples: Sequence[Sample], start: float) -> list[dict[str, Any]]:
     """Per-NIC Mbit/s between consecutive samples, for time-series files and plots."""
     rows: list[dict[str, Any]] = []
@@ -159,6 +196,7 @@ def summarize(
         "ttst_s": percentiles(ttst),
         "tpot_ms": percentiles(tpot),
         "nics": util,
+        "snic_balance": snic_balance(samples, driver["started_at"], driver["finished_at"]),
         "bytes_storage_read": storage_read,
         "bytes_relayed": relayed,
         "bytes_verified": bytes_verified,

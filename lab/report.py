@@ -40,6 +40,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"relayed; {s['bytes_verified']:,} verified "
         f"({'all accounted' if s['bytes_accounted'] else 'MISMATCH'})",
     ]
+    bal = s.get("snic_balance", {})
+    if bal.get("whole_run") is not None:
+        lines.append(
+            f"  snic read balance (max/avg over {bal['num_nodes']} engine nodes): "
+            f"{bal['whole_run']:.2f} over the run, {_fmt(bal['mean_interval'])} per interval"
+        )
     for node in engine_nodes(s):
         nics = s["nics"][node]
         parts = []

@@ -81,3 +81,19 @@ def test_summary_accounts_bytes_and_reports_failures() -> None:
     driver["storage_after"] = {"storage-0": {"bytes_read": 900}}
     s2 = _summary(driver)
     assert not s2["bytes_accounted"]
+
+
+def test_snic_balance_is_max_over_avg_of_read_bytes() -> None:
+    from lab.metrics import snic_balance
+
+    def two(t: float, a: int, b: int) -> dict[str, Any]:
+        nic = lambda v: {"snic": {"ingress_bytes": v, "egress_bytes": 0, "rate_mbit": 100.0}}  # noqa: E731
+        return {"t": t, "nodes": {"prefill-0": nic(a), "decode-0": nic(b), "storage-0": nic(0)}}
+
+    samples = [two(0.0, 0, 0), two(1.0, 300, 100), two(2.0, 400, 400)]
+    bal = snic_balance(samples, 0.0, 2.0)
+    assert bal["num_nodes"] == 2
+    assert bal["whole_run"] == pytest.approx(1.0)  # 400 vs 400 over the run
+    # interval 1: 300/200 = 1.5; interval 2: 300/200 = 1.5
+    assert bal["mean_interval"] == pytest.approx(1.5)
+    assert snic_balance(samples[:1], 0.0, 2.0)["whole_run"] is None
