@@ -116,6 +116,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """DualPath §4.2: is the config's P/D inside the bottleneck-free range, and if not, what
+    saturates first."""
+    from scheduler.analysis import analyze, format_analysis
+
+    cfg = _load(args)
+    c = cfg.cluster
+    result = analyze(
+        c.prefill_nodes,
+        c.decode_nodes,
+        c.gpus_per_node,
+        c.cnic_gbit_per_gpu,
+        c.snic_gbit,
+        c.dram_gbyte_per_s,
+    )
+    print(f"{cfg.name}: {format_analysis(result)}")
+    return EXIT_OK
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     removed = down_recorded(args.lab)
     if not removed:
@@ -199,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="bring a lab up and leave it running")
     common(up)
     up.set_defaults(func=cmd_up)
+    an = sub.add_parser("analyze", help="the bottleneck-free P/D range (DualPath §4.2)")
+    an.add_argument("-c", "--config", required=True, help="lab config (YAML)")
+    an.set_defaults(func=cmd_analyze)
     down = sub.add_parser("down", help="stop every recorded lab and remove what it created")
     down.add_argument("--lab", help="only this lab id")
     down.set_defaults(func=cmd_down)
