@@ -168,6 +168,11 @@ class Scheduling(_Model):
     collective_kbytes_per_step: float = Field(
         64, ge=0, description="emulated all-to-all bytes per prefill step to each group peer"
     )
+    selector: Literal["dualpath", "round_robin", "least_tokens"] = Field(
+        "dualpath",
+        description="engine selection under policy dualpath: the paper's (Algorithm 1 + two-level"
+        " DE selection), round_robin or least_tokens",
+    )
 
 
 class LabConfig(_Model):
@@ -350,6 +355,7 @@ def build_cluster_spec(
         alpha_tokens=cfg.derived_alpha_tokens(),
         beta_tokens=cfg.derived_beta_tokens(),
         collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),
+        selector=cfg.scheduling.selector,
         data_dir=str(data_dir),
         subnets={}
         if local

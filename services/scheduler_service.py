@@ -22,9 +22,10 @@ import msgpack
 from aiohttp import web
 from grpc import aio
 
+from scheduler.dualpath_policy import DualPathPolicy, LeastTokensBaseline, RoundRobinPolicy
 from scheduler.policies import SchedulingPolicy, make_policy
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
-from services.spec import ClusterSpec, Role
+from services.spec import ClusterSpec, Policy, Role
 
 SERVICE = "dualpath.Scheduler"
 TERMINAL_EVENTS = frozenset({"done", "failed"})
@@ -401,13 +402,37 @@ def _http_app(state: SchedulerState, clock: Callable[[], float]) -> web.Applicat
     return app
 
 
+def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
+    """The scheduling policy a cluster runs.
+
+    `basic` is the paper's Basic: prefill-side reads and no DualPath scheduler (least tokens).
+    `oracle` skips all reads (least tokens). `dualpath` reads on the shorter-queue side and
+    selects engines with `spec.selector`: the paper's Algorithm 1 + two-level DE selection, or
+    the round-robin / least-tokens baselines.
+    """
+    if spec.policy is not Policy.DUALPATH:
+        return make_policy(spec.policy.value, beta_tokens=spec.beta_tokens)
+    if spec.selector == "dualpath":
+        return DualPathPolicy(
+            alpha_tokens=spec.alpha_tokens,
+            beta_tokens=spec.beta_tokens,
+            block_tokens=spec.profile.block_tokens,
+        )
+    if spec.selector == "round_robin":
+        return RoundRobinPolicy(beta_tokens=spec.beta_tokens, read_rule="shorter_queue")
+    if spec.selector == "least_tokens":
+        return LeastTokensBaseline(beta_tokens=spec.beta_tokens, read_rule="shorter_queue")
+    raise ValueError(
+        f"unknown selector {spec.selector!r}; valid: dualpath, round_robin, least_tokens"
+    )
+
+
 async def serve_scheduler(
     spec: ClusterSpec, node_id: str, stop: asyncio.Event, *, clock: Callable[[], float] = time.time
 ) -> None:
     """Run the scheduler's gRPC and HTTP servers until `stop` is set."""
     del node_id
-    policy = make_policy(spec.policy.value, beta_tokens=spec.beta_tokens)
-    state = SchedulerState(spec, policy)
+    state = SchedulerState(spec, policy_for(spec))
     server = aio.server()
     server.add_generic_rpc_handlers((_grpc_handler(state, clock),))
     server.add_insecure_port(f"{spec.grpc.host}:{spec.grpc.port}")

@@ -98,6 +98,8 @@ class ClusterSpec(_Frozen):
     alpha_tokens: int
     beta_tokens: int
     collective_bytes_per_step: int
+    selector: str = "dualpath"
+    """Engine selection under policy dualpath (see scheduler.dualpath_policy)."""
     data_dir: str
     subnets: dict[str, str] = {}
     """Network name (compute, storage, mgmt) -> CIDR; empty on the local backend."""

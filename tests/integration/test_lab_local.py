@@ -181,3 +181,10 @@ def test_cli_invalid_config_exits_2_naming_the_field(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "cluster.gpus_per_node" in proc.stderr
+
+
+@pytest.mark.parametrize("selector", ["round_robin", "least_tokens"])
+def test_baseline_selectors_complete(selector: str, tmp_path: Path) -> None:
+    cfg = parse_config({**TINY, "policy": "dualpath", "scheduling": {"selector": selector}})
+    s = run_once(cfg, backend="local", out_dir=tmp_path / selector, progress=False).summary
+    assert s["errors"] == [] and s["turns_done"] == 6 and s["bytes_accounted"]

@@ -289,3 +289,8 @@ def test_local_is_loopback_with_distinct_ports() -> None:
     assert all(20_000 <= p < 20_000 + len(ports) for p in ports)
     # sizes are still emulated, so local runs move the same bytes
     assert spec.profile.kv_bytes_per_token == pytest.approx(40960 / 4000 * 20)
+
+
+def test_unknown_selector_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"scheduling\.selector"):
+        parse_config({"scheduling": {"selector": "fastest"}})

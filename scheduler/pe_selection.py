@@ -1,0 +1,165 @@
+"""Prefill-engine selection, exactly Algorithm 1: FIFO head to the least-loaded eligible PE.
+
+# DualPath §6, Algorithm 1 (inter-engine PE scheduling). Pure: frozen views in, a frozen
+selection out; never mutates its inputs, keeps no state between calls, does no I/O.
+
+Where the paper is silent, this module decides:
+
+- **read_q is not updated within one fetch.** Algorithm 1 updates only `tok_e`, and the node
+  that will read a turn's KV is unknown until its DE and read side are fixed (about half the
+  reads go to the DE's node), so charging the PE's node here would be wrong as often as right.
+  The composed policy charges the chosen read side after DE selection, and the scheduler
+  service adds assigned-but-unreported reads to the next fetch's view.
+- **Ties** are broken by (tok_e, node_id, engine): deterministic and independent of the order
+  in which the views are listed.
+- **Scope:** `groups=None` selects over every prefill engine (what the emulation's scheduler
+  does on each fetch); `groups={node_id, ...}` restricts selection to the fetching group(s)
+  (the paper's pull model, where a group's leader fetches work for its own engines).
+- **Stop:** the fetch ends at the first turn with no engine at tok_e <= beta; later turns are
+  not looked at (FIFO: nothing overtakes the head).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from scheduler.views import NodeView, PendingTurn
+
+ALPHA_WINDOW_S = 3.0
+"""DualPath §6: alpha = tokens a node's storage NIC reads in 3 s."""
+BETA_WINDOW_S = 5.0
+"""DualPath §6: beta = tokens one GPU processes in 5 s."""
+
+
+class UnknownGroupError(ValueError):
+    """`groups` named a node that is not among the prefill views."""
+
+    def __init__(self, missing: Iterable[str], known: Iterable[str]) -> None:
+        self.missing = tuple(sorted(missing))
+        super().__init__(
+            f"unknown prefill group(s) {', '.join(self.missing)}; "
+            f"prefill groups: {', '.join(sorted(known))}"
+        )
+
+
+class PeTier(StrEnum):
+    """Which candidate set of Algorithm 1 a choice came from."""
+
+    SHORT_READ_QUEUE = "C2"
+    """tok_e <= beta and read_q(node) <= alpha: preferred."""
+    LONG_READ_QUEUE = "C3"
+    """tok_e <= beta and read_q(node) > alpha: used only when C2 is empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeChoice:
+    turn_id: str
+    node_id: str
+    engine: int
+    tier: PeTier
+    tok_before: int
+    """The engine's tok_e (working copy) when it was chosen; always <= beta."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeSelection:
+    choices: tuple[PeChoice, ...]
+    """One per placed turn, a FIFO prefix of the queue, in queue order."""
+    stopped: bool
+    """True if a turn was left unplaced because every engine had tok_e > beta."""
+
+
+def alpha_tokens_for(snic_tokens_per_s: float, *, window_s: float = ALPHA_WINDOW_S) -> int:
+    """alpha from a profiled storage-NIC read rate (tokens of KV per second)."""
+    if snic_tokens_per_s <= 0 or window_s <= 0:
+        raise ValueError("snic_tokens_per_s and window_s must be > 0")
+    return max(1, int(snic_tokens_per_s * window_s))
+
+
+def beta_tokens_for(gpu_tokens_per_s: float, *, window_s: float = BETA_WINDOW_S) -> int:
+    """beta from a profiled per-GPU prefill rate (prompt tokens per second)."""
+    if gpu_tokens_per_s <= 0 or window_s <= 0:
+        raise ValueError("gpu_tokens_per_s and window_s must be > 0")
+    return max(1, int(gpu_tokens_per_s * window_s))
+
+
+def scoped_prefill(
+    prefill: Sequence[NodeView], groups: frozenset[str] | None
+) -> tuple[NodeView, ...]:
+    """The prefill nodes selection runs over; raises UnknownGroupError for strangers."""
+    if groups is None:
+        return tuple(prefill)
+    known = {n.node_id for n in prefill}
+    missing = groups - known
+    if missing:
+        raise UnknownGroupError(missing, known)
+    return tuple(n for n in prefill if n.node_id in groups)
+
+
+class _Candidates:
+    """Working copy of tok_e for one fetch: a min-heap per candidate set.
+
+    Heap entries are (tok_e, node_id, engine); an engine leaves its heap for good once its
+    tok_e exceeds beta (tok_e only grows within a fetch), and since read_q is fixed within a
+    fetch no engine ever moves between C2 and C3. Each pick is O(log E).
+    """
+
+    __slots__ = ("beta", "c2", "c3")
+
+    def __init__(self, nodes: Iterable[NodeView], *, alpha_tokens: int, beta_tokens: int) -> None:
+        self.beta = beta_tokens
+        self.c2: list[tuple[int, str, int]] = []
+        self.c3: list[tuple[int, str, int]] = []
+        for n in nodes:
+            dest = self.c2 if n.read_q_tokens <= alpha_tokens else self.c3
+            dest.extend((e.tok, n.node_id, e.engine) for e in n.engines if e.tok <= beta_tokens)
+        heapq.heapify(self.c2)
+        heapq.heapify(self.c3)
+
+    def assign(self, tokens: int) -> tuple[int, str, int, PeTier] | None:
+        """Pick argmin tok_e in C2, else in C3, charge `tokens`; None if both are empty."""
+        if self.c2:
+            heap, tier = self.c2, PeTier.SHORT_READ_QUEUE
+        elif self.c3:
+            heap, tier = self.c3, PeTier.LONG_READ_QUEUE
+        else:
+            return None
+        tok, node_id, engine = heap[0]
+        after = tok + tokens
+        if after <= self.beta:
+            heapq.heapreplace(heap, (after, node_id, engine))
+        else:
+            heapq.heappop(heap)
+        return tok, node_id, engine, tier
+
+
+def select_prefill(
+    queue: Iterable[PendingTurn],
+    prefill: Sequence[NodeView],
+    *,
+    alpha_tokens: int,
+    beta_tokens: int,
+    groups: frozenset[str] | None = None,
+) -> PeSelection:
+    """Run Algorithm 1 over the FIFO `queue`; return the PE of each placed turn.
+
+    # DualPath §6, Algorithm 1: C2 = {tok_e <= beta, read_q <= alpha},
+    # C3 = {tok_e <= beta, read_q > alpha}; argmin tok_e in C2, else C3, else stop;
+    # tok_e += len(r) (the turn's prompt tokens).
+    """
+    if alpha_tokens < 0 or beta_tokens < 0:
+        raise ValueError("alpha_tokens and beta_tokens must be >= 0")
+    cands = _Candidates(
+        scoped_prefill(prefill, groups), alpha_tokens=alpha_tokens, beta_tokens=beta_tokens
+    )
+    choices: list[PeChoice] = []
+    for turn in queue:
+        picked = cands.assign(turn.prompt_tokens)
+        if picked is None:
+            return PeSelection(tuple(choices), stopped=True)
+        tok, node_id, engine, tier = picked
+        choices.append(PeChoice(turn.turn_id, node_id, engine, tier, tok))
+    return PeSelection(tuple(choices), stopped=False)
