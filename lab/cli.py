@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the lab was taken down", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `dualpath analyze -c X | head`
+        sys.stderr.close()
+        return EXIT_OK
     except Exception as exc:
         from netem.netns import NetemError, NetemPermissionError
 
