@@ -37,7 +37,7 @@ from scheduler.policies import SchedulingPolicy, UnknownPolicyError
 from scheduler.read_side import BlockRange, choose_read_side, split_read
 from scheduler.views import Assignment, NodeView, PendingTurn, ReadSide, SchedulePlan
 
-ReadRule = Literal["prefill", "shorter_queue"]
+ReadRule = Literal["prefill", "shorter_queue", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +192,8 @@ def _engine_order(nodes: Iterable[NodeView]) -> list[tuple[str, int, int]]:
 def _baseline_side(
     rule: ReadRule, turn: PendingTurn, pe: str, de: str, q: dict[str, int]
 ) -> ReadSide:
+    if rule == "none":  # Oracle: nothing is read
+        return ReadSide.NONE
     if rule == "prefill":
         return ReadSide.PREFILL
     side = choose_read_side(
@@ -205,8 +207,8 @@ def _baseline_side(
 
 
 def _check_rule(rule: str) -> None:
-    if rule not in ("prefill", "shorter_queue"):
-        raise ValueError(f"read_rule must be 'prefill' or 'shorter_queue', got {rule!r}")
+    if rule not in ("prefill", "shorter_queue", "none"):
+        raise ValueError(f"read_rule must be 'prefill', 'shorter_queue' or 'none', got {rule!r}")
 
 
 @dataclass(frozen=True, slots=True)
