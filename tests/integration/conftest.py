@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import random
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lab.backends import free_port_base
 from lab.config import build_cluster_spec, parse_config
 from services.spec import ClusterSpec
 
@@ -23,22 +21,6 @@ SMALL_CONFIG: dict[str, Any] = {
 }
 
 
-def free_port_base(count: int, *, rng: random.Random | None = None) -> int:
-    """A base port such that [base, base + count) can all be bound on 127.0.0.1 right now."""
-    rng = rng or random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 60_000 - count)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
-
-
 def local_spec(
     data_dir: Path, config: dict[str, Any] | None = None, **overrides: Any
 ) -> ClusterSpec:
@@ -47,7 +29,7 @@ def local_spec(
     probe = build_cluster_spec(cfg, lab_id="it", backend="local", data_dir=data_dir, base_port=1024)
     ports = [ep.port for n in probe.nodes for ep in (n.mgmt, n.cnic, n.storage) if ep is not None]
     ports += [probe.grpc.port, probe.http.port]
-    base = free_port_base(max(ports) + 1)
+    base = free_port_base(max(ports) - 1024 + 1)  # the probe started at 1024
     spec = build_cluster_spec(cfg, lab_id="it", backend="local", data_dir=data_dir, base_port=base)
     return spec.model_copy(update=overrides) if overrides else spec
 
