@@ -173,6 +173,27 @@ class Scheduling(_Model):
         description="engine selection under policy dualpath: the paper's (Algorithm 1 + two-level"
         " DE selection), round_robin or least_tokens",
     )
+    split_reads: bool = Field(
+        False,
+        description="dualpath selector: split each turn's hit-KV read across the prefill and"
+        " decode nodes so both sides finish together (the paper's future work, §6)",
+    )
+    compute_quota_ms: float | None = Field(
+        300,
+        gt=0,
+        le=100000,
+        description="prefill step quota on predicted attention time, real ms (DualPath §6);"
+        " null runs each GPU's head request whole in every step",
+    )
+
+    @model_validator(mode="after")
+    def _split_needs_paper_selector(self) -> Scheduling:
+        if self.split_reads and self.selector != "dualpath":
+            raise ValueError(
+                f"split_reads needs selector 'dualpath' (the split is part of its read-side"
+                f" rule), got selector {self.selector!r}"
+            )
+        return self
 
 
 class LabConfig(_Model):
@@ -356,6 +377,10 @@ def build_cluster_spec(
         beta_tokens=cfg.derived_beta_tokens(),
         collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),
         selector=cfg.scheduling.selector,
+        split_reads=cfg.scheduling.split_reads,
+        compute_quota_s=None
+        if cfg.scheduling.compute_quota_ms is None
+        else cfg.scheduling.compute_quota_ms / 1000.0,
         data_dir=str(data_dir),
         subnets={}
         if local

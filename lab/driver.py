@@ -103,6 +103,9 @@ async def _run_turn(
                     kind = ev.get("event")
                     if kind == "assigned":
                         res.read_side = ev.get("read_side")
+                        ranges = (ev.get("reads") or {}).values()
+                        if len(ranges) == 2 and all(end > first for first, end in ranges):
+                            res.read_side = "split"
                         res.prefill = ev.get("prefill")
                         res.decode = ev.get("decode")
                     elif kind == "first_token":

@@ -48,6 +48,10 @@ class Turn:
     decode_engine: int
     read_side: str
     context_tokens: int
+    prefill_read: tuple[int, int]
+    """Hit blocks [first, end) the prefill node reads from storage (empty: first == end)."""
+    decode_read: tuple[int, int]
+    """Hit blocks [first, end) the decode node reads and relays to the prefill node."""
     # Prefill side: hit KV held in DRAM, keyed by (block, group).
     slices: dict[tuple[int, int], bytes] = field(default_factory=dict)
     groups_ready: list[asyncio.Event] = field(default_factory=list)
@@ -55,6 +59,9 @@ class Turn:
     present: set[tuple[int, int]] = field(default_factory=set)
     pe_finished: asyncio.Event = field(default_factory=asyncio.Event)
     kv_complete: asyncio.Event = field(default_factory=asyncio.Event)
+    # Prefill side: own read finished; layer groups whose relayed KV has all arrived.
+    own_read_done: bool = False
+    relayed: set[int] = field(default_factory=set)
     dram_bytes: int = 0
     failed: str | None = None
 
@@ -74,6 +81,8 @@ class Turn:
             decode_engine=int(w["decode_engine"]),
             read_side=str(w["read_side"]),
             context_tokens=int(w["context_tokens"]),
+            prefill_read=_block_range(w["reads"]["prefill"], int(w["hit_blocks"])),
+            decode_read=_block_range(w["reads"]["decode"], int(w["hit_blocks"])),
         )
         t.groups_ready = [asyncio.Event() for _ in range(layer_groups)]
         return t
@@ -81,6 +90,18 @@ class Turn:
     @property
     def kv_tokens(self) -> int:
         return self.prompt_tokens + self.gen_tokens
+
+    def read_blocks(self, role: Role) -> range:
+        """The hit blocks the node of `role` reads from storage for this turn."""
+        first, end = self.prefill_read if role is Role.PREFILL else self.decode_read
+        return range(first, end)
+
+
+def _block_range(value: Any, hit_blocks: int) -> tuple[int, int]:
+    first, end = int(value[0]), int(value[1])
+    if not 0 <= first <= end <= hit_blocks:
+        raise ValueError(f"read range [{first}, {end}) outside the {hit_blocks} hit blocks")
+    return first, end
 
 
 @dataclass
@@ -295,14 +316,16 @@ class EngineNode:
             if self.oracle or turn.hit_blocks == 0:
                 for ev in turn.groups_ready:
                     ev.set()
-            elif turn.read_side == "prefill":
-                self._enqueue_read(turn)
+            else:
+                if turn.read_blocks(Role.PREFILL):
+                    self._enqueue_read(turn)
+                self._update_ready(turn)
         else:
             eng = self.engines[turn.decode_engine]
             eng.seq += 1
             eng.tok += turn.kv_tokens
             eng.kv_tokens += turn.kv_tokens
-            if turn.read_side == "decode" and turn.hit_blocks > 0 and not self.oracle:
+            if turn.read_blocks(Role.DECODE) and not self.oracle:
                 self._enqueue_read(turn)
             self._spawn(self._decode_turn(turn))
         self.changed.set()
@@ -311,8 +334,23 @@ class EngineNode:
     def _hit_tokens(self, turn: Turn) -> int:
         return turn.hit_blocks * self.profile.block_tokens
 
+    def _read_tokens(self, turn: Turn) -> int:
+        """Tokens of hit KV this node reads for `turn`: its share of the read queue."""
+        return len(turn.read_blocks(self.role)) * self.profile.block_tokens
+
+    def _update_ready(self, turn: Turn) -> None:
+        """Prefill side: layer group g is ready once this node's own read (if any) is done
+        and the decode node's relay of group g (if it reads any blocks) has arrived."""
+        if turn.read_blocks(Role.PREFILL) and not turn.own_read_done:
+            return
+        relays = bool(turn.read_blocks(Role.DECODE))
+        for g, ev in enumerate(turn.groups_ready):
+            if not relays or g in turn.relayed:
+                ev.set()
+        self.changed.set()
+
     def _enqueue_read(self, turn: Turn) -> None:
-        self.read_q_tokens += self._hit_tokens(turn)
+        self.read_q_tokens += self._read_tokens(turn)
         self.read_jobs.put_nowait(turn)
 
     async def _read_worker(self) -> None:
@@ -327,11 +365,12 @@ class EngineNode:
             except Exception as exc:
                 self._fail(turn, f"storage read on {self.me.node_id} failed: {exc}")
             finally:
-                self.read_q_tokens -= self._hit_tokens(turn)
+                self.read_q_tokens -= self._read_tokens(turn)
 
     async def _read_turn(self, turn: Turn) -> None:
         assert self.storage is not None
-        nbytes = turn.hit_blocks * self.profile.block_bytes
+        blocks = turn.read_blocks(self.role)
+        nbytes = len(blocks) * self.profile.block_bytes
         turn.dram_bytes = await self.dram.acquire(nbytes)
         keep = self.role is Role.PREFILL or self.layerwise
         gb = self.profile.layer_group_bytes(0)
@@ -343,13 +382,12 @@ class EngineNode:
                     turn.slices[(int(block), int(group))] = bytes(view[i * gb : (i + 1) * gb])
                 turn.present.add((int(block), int(group)))
 
-        got = await self.storage.read(turn.traj_id, range(turn.hit_blocks), on_chunk)
+        got = await self.storage.read(turn.traj_id, blocks, on_chunk)
         self.counters["bytes_storage_read"] += got
         self.counters["bytes_verified"] += got
         if self.role is Role.PREFILL:
-            for ev in turn.groups_ready:
-                ev.set()
-            self.changed.set()
+            turn.own_read_done = True
+            self._update_ready(turn)
         else:
             self._spawn(self._relay(turn))
 
@@ -456,8 +494,11 @@ class EngineNode:
             return
         if frame.kind == "relay_group_done":
             turn = turn or await self._await_turn(turn_id)
-            turn.groups_ready[int(frame.header["group"])].set()
-            self.changed.set()
+            group = int(frame.header["group"])
+            if not 0 <= group < self.groups:
+                raise ValueError(f"relay_group_done for layer group {group} of {self.groups}")
+            turn.relayed.add(group)
+            self._update_ready(turn)
             return
         if frame.kind == "kv_done":
             turn = turn or await self._await_turn(turn_id)
@@ -565,14 +606,13 @@ class EngineNode:
         self.counters["turns_prefilled"] += 1
 
     async def _send_group(self, turn: Turn, group: int) -> int:
-        """Layer group `group` of this turn's KV to its decode node: hit KV only when the
-        prefill side read it (DualPath §4: the DE-read path returns only the new tokens)."""
+        """Layer group `group` of this turn's KV to its decode node: the hit KV this node read
+        and the new tokens' KV (DualPath §4: the DE-read path returns only the new tokens)."""
         if self.oracle:
             return 0
         slices: list[tuple[int, int, bytes]] = []
-        if turn.read_side == "prefill":
-            for b in range(turn.hit_blocks):
-                slices.append((b, group, turn.slices[(b, group)]))
+        for b in turn.read_blocks(Role.PREFILL):
+            slices.append((b, group, turn.slices[(b, group)]))
         for b in range(turn.hit_blocks, turn.prompt_blocks):
             slices.append((b, group, self.kv.slice(turn.traj_id, b, group)))
         return await self._send_slices(turn.decode_node, "kv", turn, slices)
@@ -583,7 +623,7 @@ class EngineNode:
         try:
             sent = 0
             for g in range(self.groups):
-                part = [(b, g, turn.slices.pop((b, g))) for b in range(turn.hit_blocks)]
+                part = [(b, g, turn.slices.pop((b, g))) for b in turn.read_blocks(Role.DECODE)]
                 sent += await self._send_slices(turn.prefill_node, "relay", turn, part)
                 await self._send(
                     turn.prefill_node,
@@ -640,7 +680,7 @@ class EngineNode:
         except Exception as exc:
             self._fail(turn, f"decode on {self.me.node_id} failed: {exc!r}")
         finally:
-            if turn.failed is not None and turn.read_side == "decode":
+            if turn.failed is not None and turn.read_blocks(Role.DECODE):
                 await self._tell_peer(turn.prefill_node, turn)
             eng.seq -= 1
             eng.tok -= turn.kv_tokens

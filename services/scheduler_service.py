@@ -22,7 +22,12 @@ import msgpack
 from aiohttp import web
 from grpc import aio
 
-from scheduler.dualpath_policy import DualPathPolicy, LeastTokensBaseline, RoundRobinPolicy
+from scheduler.dualpath_policy import (
+    DualPathPolicy,
+    LeastTokensBaseline,
+    RoundRobinPolicy,
+    SplitAssignment,
+)
 from scheduler.policies import SchedulingPolicy, make_policy
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
 from services.spec import ClusterSpec, Policy, Role
@@ -78,7 +83,20 @@ class TurnState:
             "decode_node": a.decode_node,
             "decode_engine": a.decode_engine,
             "read_side": a.read_side.value,
+            "reads": read_ranges(a, self.context_tokens // block_tokens),
         }
+
+
+def read_ranges(a: Assignment, hit_blocks: int) -> dict[str, list[int]]:
+    """Hit blocks [first, end) each side reads: a split's two ranges, else all on read_side."""
+    if isinstance(a, SplitAssignment):
+        p, d = a.prefill_blocks, a.decode_blocks
+        return {"prefill": [p.first_block, p.end_block], "decode": [d.first_block, d.end_block]}
+    whole, empty = [0, hit_blocks], [0, 0]
+    return {
+        "prefill": whole if a.read_side is ReadSide.PREFILL else empty,
+        "decode": whole if a.read_side is ReadSide.DECODE else empty,
+    }
 
 
 @dataclass
@@ -181,8 +199,10 @@ class SchedulerState:
         bt = self.spec.profile.block_tokens
         return [self.turns[t].wire(bt) for t in ids if not self.turns[t].finished]
 
-    def _view(self, role: Role) -> list[NodeView] | None:
+    def view(self, role: Role) -> list[NodeView] | None:
+        """The load view a policy sees: last reports plus assignments they do not cover yet."""
         views = []
+        bt = self.spec.profile.block_tokens
         for node in self.spec.by_role(role):
             rep = self.reports.get(node.node_id)
             if rep is None:
@@ -198,17 +218,16 @@ class SchedulerState:
                 if a is None or turn.finished or turn_id in rep.turns:
                     continue
                 p = turn.pending
+                reads = read_ranges(a, turn.context_tokens // bt)
                 if a.prefill_node == node.node_id:
                     tok[a.prefill_engine] = tok.get(a.prefill_engine, 0) + p.prompt_tokens
                     seq[a.prefill_engine] = seq.get(a.prefill_engine, 0) + 1
-                    if a.read_side is ReadSide.PREFILL:
-                        read_q += p.hit_tokens
+                    read_q += (reads["prefill"][1] - reads["prefill"][0]) * bt
                 if a.decode_node == node.node_id:
                     tok[a.decode_engine] = tok.get(a.decode_engine, 0) + p.kv_tokens
                     seq[a.decode_engine] = seq.get(a.decode_engine, 0) + 1
                     free[a.decode_engine] = free.get(a.decode_engine, 0) - p.kv_tokens
-                    if a.read_side is ReadSide.DECODE:
-                        read_q += p.hit_tokens
+                    read_q += (reads["decode"][1] - reads["decode"][0]) * bt
             engines = tuple(
                 EngineView(node.node_id, i, seq.get(i, 0), tok.get(i, 0), free.get(i, 0))
                 for i in sorted(tok)
@@ -219,8 +238,8 @@ class SchedulerState:
     def _schedule(self, now: float) -> None:
         if not self.queue:
             return
-        prefill = self._view(Role.PREFILL)
-        decode = self._view(Role.DECODE)
+        prefill = self.view(Role.PREFILL)
+        decode = self.view(Role.DECODE)
         if prefill is None or decode is None:
             return
         pending = [self.turns[t].pending for t in self.queue]
@@ -238,6 +257,7 @@ class SchedulerState:
                 prefill=f"{a.prefill_node}/{a.prefill_engine}",
                 decode=f"{a.decode_node}/{a.decode_engine}",
                 read_side=a.read_side.value,
+                reads=read_ranges(a, state.context_tokens // self.spec.profile.block_tokens),
             )
         done = plan.assigned_ids
         self.queue = deque(t for t in self.queue if t not in done)
@@ -417,6 +437,7 @@ def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
             alpha_tokens=spec.alpha_tokens,
             beta_tokens=spec.beta_tokens,
             block_tokens=spec.profile.block_tokens,
+            split_reads=spec.split_reads,  # every snic has the same rate: the default fits
         )
     if spec.selector == "round_robin":
         return RoundRobinPolicy(beta_tokens=spec.beta_tokens, read_rule="shorter_queue")

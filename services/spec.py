@@ -100,6 +100,10 @@ class ClusterSpec(_Frozen):
     collective_bytes_per_step: int
     selector: str = "dualpath"
     """Engine selection under policy dualpath (see scheduler.dualpath_policy)."""
+    split_reads: bool = False
+    """Under the dualpath selector: split each turn's hit-KV read across both sides."""
+    compute_quota_s: float | None = 0.3
+    """Prefill step quota on predicted attention time (real s); None: head request whole."""
     data_dir: str
     subnets: dict[str, str] = {}
     """Network name (compute, storage, mgmt) -> CIDR; empty on the local backend."""

@@ -188,3 +188,18 @@ def test_baseline_selectors_complete(selector: str, tmp_path: Path) -> None:
     cfg = parse_config({**TINY, "policy": "dualpath", "scheduling": {"selector": selector}})
     s = run_once(cfg, backend="local", out_dir=tmp_path / selector, progress=False).summary
     assert s["errors"] == [] and s["turns_done"] == 6 and s["bytes_accounted"]
+
+
+def test_split_reads_read_every_hit_block_once(tmp_path: Path) -> None:
+    """Split reads share one turn's hit blocks between both nodes: the same seeded workload
+    reads exactly the bytes whole-request reads do, and every turn still completes."""
+    runs = {}
+    for split in (False, True):
+        cfg = parse_config({**TINY, "policy": "dualpath", "scheduling": {"split_reads": split}})
+        out = tmp_path / f"split-{split}"
+        runs[split] = run_once(cfg, backend="local", out_dir=out, progress=False).summary
+    whole, split_ = runs[False], runs[True]
+    assert split_["errors"] == [] and split_["turns_done"] == 6 and split_["bytes_accounted"]
+    assert "split" in split_["read_sides"], split_["read_sides"]
+    assert "split" not in whole["read_sides"]
+    assert split_["bytes_storage_read"] == whole["bytes_storage_read"] > 0

@@ -76,6 +76,12 @@ def test_example_configs_load(path: Path) -> None:
         ({"workload": {"start_turn_fraction": 1.0}}, "workload.start_turn_fraction", "less"),
         ({"workload": {"gen_token_scale": 0}}, "workload.gen_token_scale", "greater than"),
         ({"scheduling": {"pull_interval_ms": 0}}, "scheduling.pull_interval_ms", "greater"),
+        (
+            {"scheduling": {"split_reads": True, "selector": "round_robin"}},
+            "scheduling",
+            "split_reads needs selector 'dualpath'",
+        ),
+        ({"scheduling": {"compute_quota_ms": 0}}, "scheduling.compute_quota_ms", "greater"),
         ({"name": "Not A Name"}, "name", "pattern"),
         ({"cluster": {"gpus": 8}}, "cluster.gpus", "Extra inputs are not permitted"),
         ({"polcy": "basic"}, "polcy", "Extra inputs are not permitted"),

@@ -9,7 +9,8 @@ import pytest
 
 from lab.config import build_cluster_spec, parse_config
 from scheduler.policies import make_policy
-from services.scheduler_service import SchedulerState, TurnInputError
+from services.scheduler_service import SchedulerState, TurnInputError, policy_for
+from services.spec import Role
 
 
 def make_state(policy: str = "dualpath") -> SchedulerState:
@@ -89,3 +90,27 @@ def test_events_finish_a_turn_once() -> None:
     state.report({"events": [[tid, "done", 1.0, {}], [tid, "failed", 2.0, {"reason": "x"}]]})
     assert [e["event"] for e in turn.events] == ["queued", "done"]
     assert state.num_done == 1 and state.num_failed == 0
+
+
+def test_split_reads_cover_the_hit_blocks_and_charge_both_queues() -> None:
+    cfg = parse_config(
+        {
+            "policy": "dualpath",
+            "cluster": {"gpus_per_node": 1, "cnic_gbit_per_gpu": 1600},
+            "scheduling": {"split_reads": True, "alpha_tokens": 10**9, "beta_tokens": 10**9},
+        }
+    )
+    spec = build_cluster_spec(cfg, lab_id="u", backend="netns", data_dir=Path("/nonexistent"))
+    state = SchedulerState(spec, policy_for(spec))
+    fetch(state, "decode-0")
+    fetch(state, "prefill-0")
+    state.submit(body(1), 0.0)
+    (first,) = fetch(state, "prefill-0", read_q=3200)  # 50 blocks queued on the prefill side
+    # both sides finish together: 50 + 25 blocks on the prefill side, 75 on the decode side
+    assert first["reads"] == {"prefill": [0, 25], "decode": [25, 100]}
+    assert first["hit_blocks"] == 100
+    # the next fetch sees the split charged to both nodes until their reports cover it
+    queues = {
+        n.node_id: n.read_q_tokens for r in (Role.PREFILL, Role.DECODE) for n in state.view(r) or ()
+    }
+    assert queues == {"prefill-0": 3200 + 25 * 64, "decode-0": 75 * 64}
