@@ -27,7 +27,7 @@ from lab.backends import (
     free_port_base,
     state_dir,
 )
-from lab.config import ConfigError, LabConfig, build_cluster_spec, load_config
+from lab.config import ConfigError, LabConfig, build_cluster_spec, load_config, parse_settings
 from lab.report import comparison_table, summary_lines
 from lab.runner import BACKENDS, RunError, compare, run_once
 from lab.workload import TrajectoryFileError
@@ -45,7 +45,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
 
 
 def _load(args: argparse.Namespace) -> LabConfig:
-    overrides: dict[str, Any] = {}
+    overrides = parse_settings(getattr(args, "set", None) or [])
     if getattr(args, "policy", None):
         overrides["policy"] = args.policy
     return load_config(Path(args.config), overrides)
@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-c", "--config", required=True, help="lab config (YAML)")
         if policy:
             sp.add_argument("--policy", choices=[x.value for x in Policy], help="override policy")
+        sp.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one config field, e.g. --set scheduling.compute_quota_ms=null",
+        )
         sp.add_argument("--backend", choices=BACKENDS, default="netns", help="default: netns")
         sp.add_argument("--out", help="output directory (default: results/<name>-...)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -220,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     an = sub.add_parser("analyze", help="the bottleneck-free P/D range (DualPath §4.2)")
     an.add_argument("-c", "--config", required=True, help="lab config (YAML)")
+    an.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
     an.set_defaults(func=cmd_analyze)
     down = sub.add_parser("down", help="stop every recorded lab and remove what it created")
     down.add_argument("--lab", help="only this lab id")

@@ -255,6 +255,41 @@ def parse_config(data: Any, *, source: str = "config") -> LabConfig:
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
 
 
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """`section.field=value` strings (the CLI's --set) as a nested mapping; values are YAML
+    scalars (`300`, `null`, `true`, `round_robin`)."""
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.isidentifier() for p in parts):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: value is not a YAML scalar") from None
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"--set {item!r}: value must be a scalar")
+        node = out
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {p} was already set to a value")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfig:
     try:
         text = path.read_text()
@@ -267,7 +302,7 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfi
     if data is None:
         data = {}
     if overrides and isinstance(data, dict):
-        data = {**data, **overrides}
+        data = _merge(data, overrides)
     return parse_config(data, source=str(path))
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import aiohttp
 
-from services.spec import ClusterSpec
+from services.engine import engine_stats
+from services.spec import ClusterSpec, Role
 from services.storage_client import StorageClient
 
 READY_TIMEOUT_S = 60.0
@@ -195,6 +196,10 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
         async with session.get(f"{base}/v1/cluster") as resp:
             cluster = await resp.json()
         storage_after = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
+        prefill_steps = {
+            n.node_id: (await engine_stats(spec, n.node_id)).get("prefill_steps", [])
+            for n in spec.by_role(Role.PREFILL)
+        }
     await storage.close()
     return {
         "started_at": started,
@@ -205,6 +210,7 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
         "cluster": cluster,
         "storage_before": storage_before,
         "storage_after": storage_after,
+        "prefill_steps": prefill_steps,
     }
 
 

@@ -110,6 +110,50 @@ def snic_balance(samples: Sequence[Sample], start: float, end: float) -> dict[st
     return out
 
 
+EARLY_FRACTION = 0.25
+"""'Early in the run' for the attention balance: the first quarter of the measured window."""
+
+
+def attention_balance_summary(
+    steps_by_node: dict[str, Sequence[Sequence[float]]], start: float, end: float
+) -> dict[str, Any]:
+    """Attention time max/avg across the GPUs of each prefill group, per step (DualPath §6,
+    §8: about 1.06 early in a run with the 300 ms compute quota).
+
+    A step row is [at, max/avg, GPUs with work, GPUs]; idle GPUs count as zero attention (they
+    wait at the all-to-all too). "Early" is the first quarter of [start, end], when every
+    agent's first turns are queued. `*_all_busy_mean` keeps only the steps in which every GPU
+    of the group had work: a GPU with nothing ready (its KV still being read) is a scheduling
+    or I/O gap that no batching rule can fill, while the quota's job is to even out the GPUs
+    that do have work. Both figures are reported.
+    """
+
+    def mean(xs: Sequence[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    early_end = start + EARLY_FRACTION * (end - start)
+    keys = ("early_mean", "early_all_busy_mean", "mean", "all_busy_mean")
+    out: dict[str, Any] = {"early_window_s": round(early_end - start, 3), "nodes": {}}
+    pooled: dict[str, list[float]] = {k: [] for k in keys}
+    for node, rows in sorted(steps_by_node.items()):
+        inside = [r for r in rows if start <= r[0] <= end]
+        picked = {
+            "early_mean": [r for r in inside if r[0] <= early_end],
+            "early_all_busy_mean": [r for r in inside if r[0] <= early_end and r[2] == r[3]],
+            "mean": inside,
+            "all_busy_mean": [r for r in inside if r[2] == r[3]],
+        }
+        entry: dict[str, Any] = {"num_steps": len(inside)}
+        for key, sel in picked.items():
+            values = [float(r[1]) for r in sel]
+            pooled[key] += values
+            entry[key] = mean(values)
+        out["nodes"][node] = entry
+    for key in keys:
+        out[key] = mean(pooled[key])
+    return out
+
+
 def throughput_series(samples: Sequence[Sample], start: float) -> list[dict[str, Any]]:
     """Per-NIC Mbit/s between consecutive samples, for time-series files and plots."""
     rows: list[dict[str, Any]] = []
@@ -197,6 +241,9 @@ def summarize(
         "tpot_ms": percentiles(tpot),
         "nics": util,
         "snic_balance": snic_balance(samples, driver["started_at"], driver["finished_at"]),
+        "attention_balance": attention_balance_summary(
+            driver.get("prefill_steps", {}), driver["started_at"], driver["finished_at"]
+        ),
         "bytes_storage_read": storage_read,
         "bytes_relayed": relayed,
         "bytes_verified": bytes_verified,

@@ -70,6 +70,12 @@ class PrefillBatch:
         done = self.items if self.remainder is None else self.items[:-1]
         return tuple(i.turn_id for i in done)
 
+    def step_s(self, cost: CostModel) -> float:
+        """Predicted real seconds of this step on one GPU (0 for an empty batch)."""
+        if not self.items:
+            return 0.0
+        return cost.prefill_step_s(self.num_new_tokens, self.attention_s)
+
 
 def pack_prefill_batch(
     queue: Sequence[PrefillItem], cost: CostModel, *, quota_s: float = DEFAULT_COMPUTE_QUOTA_S
@@ -92,6 +98,16 @@ def pack_prefill_batch(
     _check_quota(quota_s)
     batch, _ = _pack(queue, 0, None, cost, quota_s)
     return batch
+
+
+def head_batch(queue: Sequence[PrefillItem], cost: CostModel) -> PrefillBatch:
+    """The step of a GPU without a compute quota: its head request, whole (empty queue: empty
+    batch). The baseline the quota is measured against: attention per step then varies with
+    each request's context, and the GPUs of a group wait for the slowest one."""
+    if not queue:
+        return PrefillBatch((), 0.0)
+    head = queue[0]
+    return PrefillBatch((head,), cost.attention_s(head.cached_tokens, head.new_tokens))
 
 
 def remaining_queue(queue: Sequence[PrefillItem], batch: PrefillBatch) -> tuple[PrefillItem, ...]:

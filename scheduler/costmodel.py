@@ -36,9 +36,15 @@ class CostModel:
 
     def prefill_s(self, cached_tokens: int, new_tokens: int) -> float:
         """Real seconds to prefill `new_tokens` on top of `cached_tokens` already in KV."""
+        return self.prefill_step_s(new_tokens, self.attention_s(cached_tokens, new_tokens))
+
+    def prefill_step_s(self, new_tokens: int, attention_s: float) -> float:
+        """Real seconds of one prefill step computing `new_tokens` (of one or more requests)
+        whose attention takes `attention_s`: one fixed step cost plus a cost per new token."""
+        if new_tokens < 0 or attention_s < 0:
+            raise ValueError("new_tokens and attention_s must be >= 0")
         p = self.params
-        linear = new_tokens * p.prefill_us_per_token * 1e-6
-        return p.prefill_base_ms * 1e-3 + linear + self.attention_s(cached_tokens, new_tokens)
+        return p.prefill_base_ms * 1e-3 + new_tokens * p.prefill_us_per_token * 1e-6 + attention_s
 
     def decode_step_s(self, num_seqs: int, context_tokens: int) -> float:
         """Real seconds for one decode step of `num_seqs` sequences holding `context_tokens`."""

@@ -16,6 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.batching import (
+    PrefillBatch,
+    PrefillItem,
+    attention_balance,
+    head_batch,
+    pack_prefill_batch,
+)
 from services.codec import Frame
 from services.kvblocks import KvCorruption, KvGenerator, crc
 from services.scheduler_service import SchedulerClient
@@ -25,6 +32,7 @@ from services.transport import Dscp, FrameConnection, FrameServer, connect, serv
 
 READ_CONCURRENCY = 2
 KV_FRAME_SLICES = 512
+MAX_STEP_RECORDS = 20_000
 
 
 class TurnFailed(Exception):
@@ -62,6 +70,9 @@ class Turn:
     # Prefill side: own read finished; layer groups whose relayed KV has all arrived.
     own_read_done: bool = False
     relayed: set[int] = field(default_factory=set)
+    # Prefill side: new tokens computed so far (chunked prefill runs over several steps).
+    computed_tokens: int = 0
+    sends: list[asyncio.Task[int]] = field(default_factory=list)
     dram_bytes: int = 0
     failed: str | None = None
 
@@ -183,6 +194,9 @@ class EngineNode:
         self._collective_locks: dict[str, asyncio.Lock] = {}
         self._decode_active: list[list[Turn]] = [[] for _ in range(self.me.num_gpus)]
         self._decode_wake = [asyncio.Event() for _ in range(self.me.num_gpus)]
+        self.quota_s = spec.compute_quota_s
+        # One row per prefill step of the group: [at, attention max/avg, GPUs with work, GPUs].
+        self.steps: list[tuple[float, float, int, int]] = []
         self.storage: StorageClient | None = None
         self.scheduler: SchedulerClient | None = None
         self._server: FrameServer | None = None
@@ -213,10 +227,10 @@ class EngineNode:
         self._spawn(self._event_flusher())
         for _ in range(READ_CONCURRENCY):
             self._spawn(self._read_worker())
-        for gpu in range(self.me.num_gpus):
-            if self.role is Role.PREFILL:
-                self._spawn(self._prefill_gpu(gpu))
-            else:
+        if self.role is Role.PREFILL:
+            self._spawn(self._prefill_steps())
+        else:
+            for gpu in range(self.me.num_gpus):
                 self._spawn(self._decode_gpu(gpu))
         try:
             await stop.wait()
@@ -244,7 +258,7 @@ class EngineNode:
         self.log(f"error: {msg}")
 
     # -- scheduler ---------------------------------------------------------------------------
-    def _report(self) -> dict[str, Any]:
+    def _report(self, *, steps: bool = False) -> dict[str, Any]:
         engines = []
         for i, e in enumerate(self.engines):
             free = self.me.gpu_kv_capacity_tokens - e.kv_tokens
@@ -261,6 +275,8 @@ class EngineNode:
                 "engine_busy_s": [round(e.busy_s, 4) for e in self.engines],
                 "last_errors": self.errors[-5:],
             },
+            # the step history is long: only the management port's `stats` carries it
+            **({"prefill_steps": [list(r) for r in self.steps]} if steps else {}),
         }
 
     async def _pull_loop(self) -> None:
@@ -460,7 +476,7 @@ class EngineNode:
         """Management port: `stats` answers with this node's report (loads and counters)."""
         if frame.kind != "stats":
             raise ValueError(f"unexpected frame type {frame.kind!r} on the management port")
-        await conn.send(Frame("stats", self._report()))
+        await conn.send(Frame("stats", self._report(steps=True)))
 
     # -- inbound frames ------------------------------------------------------------------------
     async def _on_frame(self, conn: FrameConnection, frame: Frame) -> None:
@@ -546,64 +562,120 @@ class EngineNode:
             return turn.groups_ready[0].is_set()
         return all(ev.is_set() for ev in turn.groups_ready)
 
-    async def _next_turn(self, gpu: int) -> Turn:
+    def _pack(self, gpu: int) -> tuple[PrefillBatch, list[Turn]]:
+        """The next step of one GPU from the ready turns of its FIFO queue (DualPath §6:
+        quota packing with a chunked cut, or the head request whole without a quota)."""
         eng = self.engines[gpu]
-        while True:
-            for turn_id in eng.queue:
-                turn = self.turns[turn_id]
-                if self._ready(turn):
-                    eng.queue.remove(turn_id)
-                    return turn
-            self.changed.clear()
-            await self.changed.wait()
-
-    async def _prefill_gpu(self, gpu: int) -> None:
-        eng = self.engines[gpu]
-        while True:
-            turn = await self._next_turn(gpu)
-            try:
-                if turn.failed is None:
-                    async with asyncio.timeout(self.spec.request_timeout_s):
-                        await self._prefill(turn, gpu)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._fail(turn, f"prefill on {self.me.node_id} failed: {exc!r}")
-            finally:
-                if turn.failed is not None:
-                    await self._tell_peer(turn.decode_node, turn)
-                eng.seq -= 1
-                eng.tok -= turn.prompt_tokens
-                await self.dram.release(turn.dram_bytes)
-                turn.slices.clear()
-                self.turns.pop(turn.turn_id, None)
-                self.changed.set()
-
-    async def _prefill(self, turn: Turn, gpu: int) -> None:
-        eng = self.engines[gpu]
-        hit_tokens = self._hit_tokens(turn)
-        new_tokens = turn.prompt_tokens - hit_tokens
-        total_s = self.cost.prefill_s(hit_tokens, new_tokens) * self.tau
-        self.emit(turn.turn_id, "prefill_started", node=self.me.node_id, gpu=gpu)
-        sends: list[asyncio.Task[int]] = []
-        per_group = total_s / self.groups
-        for g in range(self.groups):
-            await turn.groups_ready[g].wait()
+        ready: list[Turn] = []
+        for turn_id in list(eng.queue):
+            turn = self.turns[turn_id]
             if turn.failed is not None:
-                return
-            t0 = time.perf_counter()
-            await asyncio.sleep(per_group if self.layerwise else total_s if g == 0 else 0.0)
+                eng.queue.remove(turn_id)
+                self._spawn(self._finish_prefill(turn, gpu))
+            elif self._ready(turn):
+                ready.append(turn)
+        hit = self._hit_tokens
+        items = [
+            PrefillItem(
+                t.turn_id,
+                hit(t) + t.computed_tokens,
+                t.prompt_tokens - hit(t) - t.computed_tokens,
+            )
+            for t in ready
+        ]
+        if self.quota_s is None:
+            batch = head_batch(items, self.cost)
+        else:
+            batch = pack_prefill_batch(items, self.cost, quota_s=self.quota_s)
+        return batch, ready[: len(batch.items)]
+
+    async def _prefill_steps(self) -> None:
+        """All GPUs of the node step together: with DP attention and EP MoE they meet at every
+        layer's all-to-all, so a step lasts as long as its slowest GPU (DualPath §6)."""
+        while True:
+            packed = [self._pack(gpu) for gpu in range(self.me.num_gpus)]
+            if not any(batch.items for batch, _ in packed):
+                self.changed.clear()
+                await self.changed.wait()
+                continue
+            await self._prefill_step(packed)
+
+    async def _prefill_step(self, packed: list[tuple[PrefillBatch, list[Turn]]]) -> None:
+        step_s = max(batch.step_s(self.cost) for batch, _ in packed) * self.tau
+        busy = [gpu for gpu, (batch, _) in enumerate(packed) if batch.items]
+        self.steps.append(
+            (
+                round(time.time(), 3),
+                round(attention_balance([b.attention_s for b, _ in packed]), 4),
+                len(busy),
+                len(packed),
+            )
+        )
+        del self.steps[:-MAX_STEP_RECORDS]
+        turns = [t for _, ts in packed for t in ts]
+        done = {tid for batch, _ in packed for tid in batch.completed_turn_ids}
+        for gpu, (_, ts) in enumerate(packed):
+            for t in ts:
+                if t.computed_tokens == 0:
+                    self.emit(t.turn_id, "prefill_started", node=self.me.node_id, gpu=gpu)
+        t0 = time.perf_counter()
+        for g in range(self.groups):
+            for t in turns:
+                if not t.groups_ready[g].is_set():
+                    try:
+                        async with asyncio.timeout(self.spec.request_timeout_s):
+                            await t.groups_ready[g].wait()
+                    except TimeoutError:
+                        self._fail(t, f"layer group {g} of {t.turn_id} never arrived")
+            await asyncio.sleep(step_s / self.groups if self.layerwise else step_s * (g == 0))
             await self._collective()
-            eng.busy_s += time.perf_counter() - t0
-            if self.layerwise:
-                sends.append(asyncio.create_task(self._send_group(turn, g)))
-        if not self.layerwise:
-            sends = [asyncio.create_task(self._send_group(turn, g)) for g in range(self.groups)]
-        self.emit(turn.turn_id, "first_token", node=self.me.node_id)
-        sent = sum(await asyncio.gather(*sends))
-        self.counters["bytes_pd_sent"] += sent
-        await self._send(turn.decode_node, Frame("kv_done", {"turn": turn.turn_id}))
-        self.counters["turns_prefilled"] += 1
+            if self.layerwise:  # layer group g of finished turns leaves while g+1 computes
+                for t in turns:
+                    if t.turn_id in done and t.failed is None:
+                        t.sends.append(asyncio.create_task(self._send_group(t, g)))
+        took = time.perf_counter() - t0
+        for gpu in busy:
+            self.engines[gpu].busy_s += took
+        for gpu, (batch, ts) in enumerate(packed):
+            for item, t in zip(batch.items, ts, strict=True):
+                t.computed_tokens += item.new_tokens
+                if t.turn_id in done:
+                    self.engines[gpu].queue.remove(t.turn_id)
+                    if t.failed is None:
+                        self.emit(t.turn_id, "first_token", node=self.me.node_id)
+                        if not self.layerwise:
+                            t.sends = [
+                                asyncio.create_task(self._send_group(t, g))
+                                for g in range(self.groups)
+                            ]
+                    self._spawn(self._finish_prefill(t, gpu))
+
+    async def _finish_prefill(self, turn: Turn, gpu: int) -> None:
+        """After the last chunk: wait for the KV sends, tell the decode node, free the turn."""
+        eng = self.engines[gpu]
+        try:
+            if turn.failed is None:
+                async with asyncio.timeout(self.spec.request_timeout_s):
+                    sent = sum(await asyncio.gather(*turn.sends))
+                    self.counters["bytes_pd_sent"] += sent
+                    await self._send(turn.decode_node, Frame("kv_done", {"turn": turn.turn_id}))
+                self.counters["turns_prefilled"] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(turn, f"prefill on {self.me.node_id} failed: {exc!r}")
+        finally:
+            for task in turn.sends:
+                task.cancel()
+            if turn.failed is not None:
+                await self._tell_peer(turn.decode_node, turn)
+            eng.seq -= 1
+            eng.tok -= turn.prompt_tokens
+            await self.dram.release(turn.dram_bytes)
+            turn.dram_bytes = 0
+            turn.slices.clear()
+            self.turns.pop(turn.turn_id, None)
+            self.changed.set()
 
     async def _send_group(self, turn: Turn, group: int) -> int:
         """Layer group `group` of this turn's KV to its decode node: the hit KV this node read
@@ -715,6 +787,20 @@ class EngineNode:
                     active.remove(t)
                     emitted.pop(t.turn_id, None)
                     t.kv_complete.set()
+
+
+async def engine_stats(spec: ClusterSpec, node_id: str) -> dict[str, Any]:
+    """An engine node's full report from its management port, prefill step history included."""
+    ep = spec.node(node_id).mgmt
+    conn = await connect(ep.host, ep.port, dscp=Dscp.CONTROL, io_timeout_s=spec.request_timeout_s)
+    try:
+        await conn.send(Frame("stats", {}))
+        reply = await conn.recv_reply()
+    finally:
+        await conn.close()
+    if reply.kind != "stats":
+        raise ValueError(f"{node_id} answered stats with {reply.kind!r}")
+    return dict(reply.header)
 
 
 async def serve_engine(spec: ClusterSpec, node_id: str, stop: asyncio.Event) -> None:

@@ -17,6 +17,7 @@ from scheduler.batching import (
     PrefillItem,
     attention_balance,
     decode_batch,
+    head_batch,
     pack_prefill_batch,
     plan_batches,
     remaining_queue,
@@ -336,3 +337,22 @@ def test_attention_balance_rejects_bad_input(times: list[float]) -> None:
 def test_attention_balance_bounds(times: list[float]) -> None:
     b = attention_balance(times)
     assert 1.0 - 1e-12 <= b <= len(times) + 1e-9  # max/mean is between 1 and the GPU count
+
+
+def test_step_time_is_one_fixed_cost_plus_tokens_plus_attention() -> None:
+    batch = pack_prefill_batch([PrefillItem("a", 1000, 100), PrefillItem("b", 2000, 50)], COST)
+    expected = 5e-3 + 150 * 10e-6 + att(1000, 100) + att(2000, 50)
+    assert math.isclose(batch.step_s(COST), expected)
+    # one request alone costs what the cost model's prefill_s says
+    alone = pack_prefill_batch([PrefillItem("a", 1000, 100)], COST)
+    assert math.isclose(alone.step_s(COST), COST.prefill_s(1000, 100))
+    assert PrefillBatch((), 0.0).step_s(COST) == 0.0
+
+
+def test_without_a_quota_the_head_runs_whole() -> None:
+    queue = [PrefillItem("a", 60_000, 12_000), PrefillItem("b", 10, 10)]
+    batch = head_batch(queue, COST)
+    assert batch.items == (queue[0],) and batch.remainder is None
+    assert batch.attention_s == att(60_000, 12_000) > DEFAULT_COMPUTE_QUOTA_S
+    assert batch.completed_turn_ids == ("a",)
+    assert head_batch([], COST) == PrefillBatch((), 0.0)

@@ -15,6 +15,7 @@ from lab.config import (
     build_cluster_spec,
     load_config,
     parse_config,
+    parse_settings,
 )
 from services.spec import ClusterSpec, Policy, Role
 
@@ -300,3 +301,35 @@ def test_local_is_loopback_with_distinct_ports() -> None:
 def test_unknown_selector_is_named() -> None:
     with pytest.raises(ConfigError, match=r"scheduling\.selector"):
         parse_config({"scheduling": {"selector": "fastest"}})
+
+
+def test_settings_override_nested_fields_and_keep_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "lab.yaml"
+    path.write_text("scheduling:\n  pull_interval_ms: 20\n  selector: round_robin\n")
+    overrides = parse_settings(["scheduling.compute_quota_ms=null", "workload.num_agents=7"])
+    cfg = load_config(path, overrides)
+    assert cfg.scheduling.compute_quota_ms is None
+    assert cfg.scheduling.pull_interval_ms == 20 and cfg.scheduling.selector == "round_robin"
+    assert cfg.workload.num_agents == 7
+
+
+@pytest.mark.parametrize(
+    ("item", "fragment"),
+    [
+        ("scheduling", "expected KEY=VALUE"),
+        ("a..b=1", "expected KEY=VALUE"),
+        ("a=[1, 2]", "must be a scalar"),
+        ("a=[1", "not a YAML scalar"),
+    ],
+)
+def test_bad_settings_are_rejected_naming_them(item: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as info:
+        parse_settings([item])
+    assert repr(item) in str(info.value)
+
+
+def test_a_set_field_is_validated_like_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "lab.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(ConfigError, match=r"scheduling\.compute_quota_ms"):
+        load_config(path, parse_settings(["scheduling.compute_quota_ms=-1"]))

@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from lab.metrics import nic_utilisation, percentiles, summarize, throughput_series
+from lab.metrics import (
+    attention_balance_summary,
+    nic_utilisation,
+    percentiles,
+    summarize,
+    throughput_series,
+)
 
 
 def sample(t: float, snic_in: int, rate: float = 100.0) -> dict[str, Any]:
@@ -97,3 +103,26 @@ def test_snic_balance_is_max_over_avg_of_read_bytes() -> None:
     # interval 1: 300/200 = 1.5; interval 2: 300/200 = 1.5
     assert bal["mean_interval"] == pytest.approx(1.5)
     assert snic_balance(samples[:1], 0.0, 2.0)["whole_run"] is None
+
+
+def test_attention_balance_summary_splits_early_steps_and_all_busy_steps() -> None:
+    rows = [
+        [100.0, 1.02, 4, 4],  # early, every GPU busy
+        [101.0, 1.10, 4, 4],  # early
+        [102.0, 4.00, 1, 4],  # early, three GPUs idle
+        [105.0, 2.00, 2, 4],  # later, half the GPUs idle
+        [109.0, 4.00, 1, 4],
+        [200.0, 9.00, 1, 4],  # after the window: ignored
+    ]
+    out = attention_balance_summary({"prefill-0": rows}, 100.0, 110.0)
+    assert out["early_window_s"] == 2.5
+    assert out["early_mean"] == 2.04
+    assert out["all_busy_mean"] == 1.06
+    assert out["early_all_busy_mean"] == 1.06
+    assert out["mean"] == round((1.02 + 1.10 + 4.0 + 2.0 + 4.0) / 5, 4)
+    assert out["nodes"]["prefill-0"]["num_steps"] == 5
+
+
+def test_attention_balance_summary_without_steps() -> None:
+    out = attention_balance_summary({}, 0.0, 10.0)
+    assert out["early_mean"] is None and out["mean"] is None and out["nodes"] == {}
