@@ -119,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """DualPath §4.2: is the config's P/D inside the bottleneck-free range, and if not, what
     saturates first."""
-    from scheduler.analysis import analyze, format_analysis
+    from scheduler.analysis import analyze, analyze_lab, format_analysis, format_lab_analysis
 
     cfg = _load(args)
     c = cfg.cluster
@@ -131,7 +131,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         c.snic_gbit,
         c.dram_gbyte_per_s,
     )
+    lab = analyze_lab(
+        c.prefill_nodes, c.decode_nodes, c.gpus_per_node, c.cnic_gbit_per_gpu, c.snic_gbit
+    )
     print(f"{cfg.name}: {format_analysis(result)}")
+    print(format_lab_analysis(lab))
     return EXIT_OK
 
 

@@ -73,40 +73,150 @@ def nic_utilisation(
     return out
 
 
-def snic_balance(samples: Sequence[Sample], start: float, end: float) -> dict[str, Any]:
+SNIC_BALANCE_WINDOW_S = 5.0
+"""Default window of `snic_balance`, lab seconds: at the lab's snic rates a node reads dozens
+of turns' KV in it, so a window's shares reflect placement rather than single reads."""
+SNIC_BALANCE_BUSY_FRACTION = 0.9
+"""Default share of the run's snic read bytes that bounds the busy part of `snic_balance`."""
+
+
+def _engine_reads(s: Sample) -> dict[str, int]:
+    """Cumulative snic ingress (storage read) bytes of each engine node in one sample."""
+    return {
+        node: int(nics["snic"]["ingress_bytes"])
+        for node, nics in s["nodes"].items()
+        if node.startswith(("prefill", "decode")) and "snic" in nics
+    }
+
+
+def _max_over_avg(values: Sequence[float]) -> float | None:
+    avg = sum(values) / len(values) if values else 0.0
+    return max(values) / avg if avg > 0 else None
+
+
+def _read_curve(samples: Sequence[Sample], nodes: Sequence[str]) -> list[tuple[float, list[int]]]:
+    """(t, cumulative reads per node in `nodes` order) for the samples that have every node."""
+    curve = []
+    for s in sorted(samples, key=lambda s: float(s["t"])):
+        r = _engine_reads(s)
+        if all(n in r for n in nodes):
+            curve.append((float(s["t"]), [r[n] for n in nodes]))
+    return curve
+
+
+def _interp(curve: Sequence[tuple[float, list[int]]], t: float) -> list[float]:
+    """Cumulative reads at time t, linear between samples (counters only grow), clamped."""
+    if t <= curve[0][0]:
+        return [float(v) for v in curve[0][1]]
+    for (t0, v0), (t1, v1) in itertools.pairwise(curve):
+        if t <= t1:
+            f = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return [a + (b - a) * f for a, b in zip(v0, v1, strict=True)]
+    return [float(v) for v in curve[-1][1]]
+
+
+def _busy_end(curve: Sequence[tuple[float, list[int]]], fraction: float) -> float:
+    """The first time the engine nodes together have read `fraction` of the curve's bytes."""
+    base = sum(curve[0][1])
+    goal = fraction * (sum(curve[-1][1]) - base)
+    for (t0, v0), (t1, v1) in itertools.pairwise(curve):
+        a, b = sum(v0) - base, sum(v1) - base
+        if b >= goal and b > a:
+            return t0 + (t1 - t0) * max(0.0, goal - a) / (b - a)
+    return curve[-1][0]
+
+
+def snic_balance(
+    samples: Sequence[Sample],
+    start: float,
+    end: float,
+    *,
+    window_s: float = SNIC_BALANCE_WINDOW_S,
+    busy_fraction: float = SNIC_BALANCE_BUSY_FRACTION,
+) -> dict[str, Any]:
     """Storage-NIC read traffic max/avg across engine nodes (DualPath §8: 1.53 round robin,
-    1.18 with its scheduler): over the whole window and averaged over sample intervals."""
+    1.18 with its scheduler), from the snic ingress byte counters of the prefill and decode
+    nodes.
+
+    - `whole_run`: max/avg of each node's bytes read over [start, end]. Over a whole run
+      placement errors average out, so this is close to 1 for any sensible scheduler.
+    - `mean_interval`: mean of max/avg over consecutive samples (0.5 s apart in the lab).
+      A node reads only a few turns' KV in one sample, so this mostly measures which node
+      happened to be mid-read: burst noise, similar for every scheduler.
+    - `mean_window` (the figure to compare with the paper): the busy part of the run is cut
+      into consecutive windows of `window_s` seconds (long enough for each node to read many
+      turns' KV); max/avg of the bytes each node read in a window, averaged over the windows.
+      `max_window` is the worst window, `busy` the max/avg over the busy part as one span.
+
+    The busy part is [start, busy_end], where busy_end is when the engine nodes together have
+    read `busy_fraction` of the bytes they read in [start, end]. After that the run drains:
+    agents finish, the last few turns' reads land wherever their turns went, and a node can
+    idle because no work is left rather than because the scheduler misplaced any, which is
+    noise a scheduler cannot remove. Cutting at a share of the bytes read, not at a time,
+    compares every scheduler at the same point of the same workload (same seed, same reads).
+    Windows are aligned at `start`; a last window shorter than half of `window_s` is dropped
+    (one shorter but at least half as long is kept). Counters are interpolated linearly
+    between samples at window edges. Fewer than two usable samples, or no reads, give None.
+    """
+    if window_s <= 0:
+        raise ValueError(f"window_s must be > 0, got {window_s}")
+    if not 0 < busy_fraction <= 1:
+        raise ValueError(f"busy_fraction must be in (0, 1], got {busy_fraction}")
     inside = [s for s in samples if start <= s["t"] <= end]
-    out: dict[str, Any] = {"whole_run": None, "mean_interval": None, "num_nodes": 0}
+    out: dict[str, Any] = {
+        "whole_run": None,
+        "mean_interval": None,
+        "mean_window": None,
+        "max_window": None,
+        "busy": None,
+        "num_windows": 0,
+        "window_s": window_s,
+        "busy_fraction": busy_fraction,
+        "busy_s": None,
+        "num_nodes": 0,
+    }
     if len(inside) < 2:
         return out
-
-    def reads(s: Sample) -> dict[str, int]:
-        return {
-            node: int(nics["snic"]["ingress_bytes"])
-            for node, nics in s["nodes"].items()
-            if node.startswith(("prefill", "decode")) and "snic" in nics
-        }
-
-    def ratio(values: Sequence[int]) -> float | None:
-        avg = sum(values) / len(values) if values else 0.0
-        return max(values) / avg if avg > 0 else None
-
-    first, last = reads(inside[0]), reads(inside[-1])
+    first, last = _engine_reads(inside[0]), _engine_reads(inside[-1])
     nodes = sorted(set(first) & set(last))
     out["num_nodes"] = len(nodes)
     if not nodes:
         return out
-    whole = ratio([last[n] - first[n] for n in nodes])
+    whole = _max_over_avg([last[n] - first[n] for n in nodes])
+    out["whole_run"] = None if whole is None else round(whole, 4)
     per_interval = []
     for a, b in itertools.pairwise(inside):
-        ra, rb = reads(a), reads(b)
-        r = ratio([rb[n] - ra[n] for n in nodes if n in ra and n in rb])
+        ra, rb = _engine_reads(a), _engine_reads(b)
+        r = _max_over_avg([rb[n] - ra[n] for n in nodes if n in ra and n in rb])
         if r is not None:
             per_interval.append(r)
-    out["whole_run"] = None if whole is None else round(whole, 4)
     if per_interval:
         out["mean_interval"] = round(sum(per_interval) / len(per_interval), 4)
+    curve = _read_curve(inside, nodes)
+    if len(curve) < 2 or whole is None:
+        return out
+    t0 = curve[0][0]
+    t_end = _busy_end(curve, busy_fraction)
+    out["busy_s"] = round(t_end - t0, 3)
+    busy = _max_over_avg(
+        [b - a for a, b in zip(_interp(curve, t0), _interp(curve, t_end), strict=True)]
+    )
+    out["busy"] = None if busy is None else round(busy, 4)
+    edges = [t0]
+    while edges[-1] + window_s <= t_end + 1e-9:
+        edges.append(edges[-1] + window_s)
+    if t_end - edges[-1] >= window_s / 2:
+        edges.append(t_end)
+    ratios = []
+    for lo, hi in itertools.pairwise(edges):
+        va, vb = _interp(curve, lo), _interp(curve, hi)
+        r = _max_over_avg([y - x for x, y in zip(va, vb, strict=True)])
+        if r is not None:
+            ratios.append(r)
+    out["num_windows"] = len(ratios)
+    if ratios:
+        out["mean_window"] = round(sum(ratios) / len(ratios), 4)
+        out["max_window"] = round(max(ratios), 4)
     return out
 
 

@@ -46,6 +46,21 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
             f"  snic read balance (max/avg over {bal['num_nodes']} engine nodes): "
             f"{bal['whole_run']:.2f} over the run, {_fmt(bal['mean_interval'])} per interval"
         )
+        if bal.get("mean_window") is not None:
+            lines.append(
+                f"    busy part ({_fmt(bal['busy_s'], '.1f')} s to "
+                f"{100 * bal['busy_fraction']:.0f}% of the reads): "
+                f"{_fmt(bal['mean_window'])} mean over {bal['num_windows']} windows of "
+                f"{bal['window_s']:g} s (worst {_fmt(bal['max_window'])}), "
+                f"{_fmt(bal['busy'])} over the busy part"
+            )
+    att = s.get("attention_balance", {})
+    if att.get("mean") is not None:
+        lines.append(
+            f"  prefill attention max/avg across GPUs per step: early "
+            f"{_fmt(att['early_all_busy_mean'])} (all GPUs busy) / {_fmt(att['early_mean'])} "
+            f"(all steps), whole run {_fmt(att['all_busy_mean'])} / {_fmt(att['mean'])}"
+        )
     for node in engine_nodes(s):
         nics = s["nics"][node]
         parts = []

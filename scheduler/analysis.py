@@ -277,6 +277,94 @@ def format_analysis(a: Analysis) -> str:
     return "\n".join(lines)
 
 
+# -- the lab's own network ---------------------------------------------------------------------
+# The lab moves between nodes only what crosses the network in the paper too: storage reads on
+# the snics, the DE -> PE relay and the PE -> DE KV on the cnics. A node's DRAM buffer -> GPU
+# copies stay inside the node process (they load no emulated NIC and DRAM bandwidth is not
+# emulated), so the lab's CNIC loads with every SNIC at full rate s*B are, per node:
+#   prefill CNIC in : relay in from the decode nodes' reads = s*D/P     <= g  ->  P/D >= s/g
+#   prefill CNIC out: KV of its own reads to the decode nodes = s       <= g  (g/s >= 2 here)
+#   decode CNIC out : relay of its reads to the prefill nodes = s       <= g
+#   decode CNIC in  : KV from the prefill nodes' reads = s*P/D          <= g  ->  P/D <= g/s
+# `analyze_lab` checks a config against these, so a lab run can be compared with it: the
+# first resource it saturates is what the lab's kernel counters show at ~100 %.
+
+_LAB_LABELS = {
+    Resource.PREFILL_CNIC_IN: "prefill-node CNIC in (relay in from decode nodes)",
+    Resource.PREFILL_CNIC_OUT: "prefill-node CNIC out (KV out to decode nodes)",
+    Resource.DECODE_CNIC_OUT: "decode-node CNIC out (relay out)",
+    Resource.DECODE_CNIC_IN: "decode-node CNIC in (KV in from prefill nodes)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LabAnalysis:
+    """The lab's CNIC loads with every SNIC at full rate; `lower <= P/D <= upper` keeps them
+    below saturation. Loads are highest utilisation first, like `Analysis.loads`."""
+
+    prefill_nodes: int
+    decode_nodes: int
+    cnic_over_snic: float
+    lower: float
+    upper: float
+    loads: tuple[ResourceLoad, ...]
+
+    @property
+    def pd_ratio(self) -> float:
+        return self.prefill_nodes / self.decode_nodes
+
+    @property
+    def inside(self) -> bool:
+        return not any(x.saturated for x in self.loads)
+
+    @property
+    def first_saturated(self) -> ResourceLoad | None:
+        return self.loads[0] if self.loads[0].saturated else None
+
+
+def analyze_lab(
+    prefill_nodes: int,
+    decode_nodes: int,
+    gpus_per_node: int,
+    cnic_gbit_per_gpu: float,
+    snic_gbit: float,
+) -> LabAnalysis:
+    """The P/D range of what the lab's network carries (see the comment above)."""
+    _check_int("prefill_nodes", prefill_nodes)
+    _check_int("decode_nodes", decode_nodes)
+    _check_int("gpus_per_node", gpus_per_node)
+    _check_positive("cnic_gbit_per_gpu", cnic_gbit_per_gpu)
+    _check_positive("snic_gbit", snic_gbit)
+    cnic = gpus_per_node * cnic_gbit_per_gpu
+    sb = snic_gbit
+    r = prefill_nodes / decode_nodes
+    raw = (
+        ResourceLoad(Resource.PREFILL_CNIC_IN, sb / r, cnic),
+        ResourceLoad(Resource.PREFILL_CNIC_OUT, sb, cnic),
+        ResourceLoad(Resource.DECODE_CNIC_OUT, sb, cnic),
+        ResourceLoad(Resource.DECODE_CNIC_IN, sb * r, cnic),
+    )
+    loads = tuple(sorted(raw, key=lambda x: -x.utilisation))
+    return LabAnalysis(prefill_nodes, decode_nodes, cnic / sb, sb / cnic, cnic / sb, loads)
+
+
+def format_lab_analysis(a: LabAnalysis) -> str:
+    """Lines for `dualpath analyze`: the same question for the lab's emulated network."""
+    ratio = f"P/D = {a.prefill_nodes}/{a.decode_nodes} = {_num(a.pd_ratio)}"
+    top = a.loads[0]
+    where = f"{_LAB_LABELS[top.resource]} at {_load(top)}"
+    lines = [
+        "In this lab (KV between nodes only; buffer->GPU copies stay in the node process):",
+        f"  range: {_num(a.lower)} <= P/D <= {_num(a.upper)} "
+        f"(node CNIC:SNIC = {_num(a.cnic_over_snic)})",
+    ]
+    if a.inside:
+        lines.append(f"  {ratio}: inside; tightest: {where}")
+    else:
+        lines.append(f"  {ratio}: OUTSIDE; saturates first: {where}")
+    return "\n".join(lines)
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lab.config import LabConfig, load_config
-from scheduler.analysis import Analysis, Resource, analyze, format_analysis, pd_range
+from scheduler.analysis import (
+    Analysis,
+    Resource,
+    analyze,
+    analyze_lab,
+    format_analysis,
+    format_lab_analysis,
+    pd_range,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -194,7 +202,8 @@ def test_format_analysis() -> None:
 
 
 def test_config_default_and_examples_are_inside() -> None:
-    configs = [LabConfig(), *(load_config(p) for p in sorted(EXAMPLES.glob("*.yaml")))]
+    paths = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "outside-range.yaml")
+    configs = [LabConfig(), *(load_config(p) for p in paths)]
     for cfg in configs:
         c = cfg.cluster
         a = analyze(
@@ -243,3 +252,36 @@ def test_analyze_rejects_nonsense(
 ) -> None:
     with pytest.raises(ValueError, match=rf"^{name} must be"):
         analyze(*args)
+
+
+def test_outside_range_example_is_outside_in_both_models() -> None:
+    c = load_config(EXAMPLES / "outside-range.yaml").cluster
+    args = (c.prefill_nodes, c.decode_nodes, c.gpus_per_node, c.cnic_gbit_per_gpu, c.snic_gbit)
+    paper = analyze(*args, c.dram_gbyte_per_s)
+    lab = analyze_lab(*args)
+    assert not paper.inside and not lab.inside
+    assert paper.tightest.resource is Resource.PREFILL_CNIC_IN
+    first = lab.first_saturated
+    assert first is not None and first.resource is Resource.PREFILL_CNIC_IN
+    assert first.utilisation == pytest.approx(1.5)
+    assert "OUTSIDE; saturates first: prefill-node CNIC in (relay in" in format_lab_analysis(lab)
+
+
+@pytest.mark.parametrize(
+    ("p", "d", "inside", "first"),
+    [
+        (1, 1, True, None),
+        (1, 4, True, None),  # relay in = 4 snics = the node's cnic exactly
+        (1, 5, False, Resource.PREFILL_CNIC_IN),
+        (5, 1, False, Resource.DECODE_CNIC_IN),
+    ],
+)
+def test_lab_range_is_snic_over_cnic_to_cnic_over_snic(
+    p: int, d: int, inside: bool, first: Resource | None
+) -> None:
+    a = analyze_lab(p, d, 4, 400, 400)  # node CNIC:SNIC = 4
+    assert (a.lower, a.upper) == (0.25, 4.0)
+    assert a.inside is inside
+    got = a.first_saturated
+    assert (got.resource if got else None) is first
+    assert a.inside == (a.lower <= a.pd_ratio <= a.upper)

@@ -10,6 +10,7 @@ from lab.metrics import (
     attention_balance_summary,
     nic_utilisation,
     percentiles,
+    snic_balance,
     summarize,
     throughput_series,
 )
@@ -90,7 +91,6 @@ def test_summary_accounts_bytes_and_reports_failures() -> None:
 
 
 def test_snic_balance_is_max_over_avg_of_read_bytes() -> None:
-    from lab.metrics import snic_balance
 
     def two(t: float, a: int, b: int) -> dict[str, Any]:
         nic = lambda v: {"snic": {"ingress_bytes": v, "egress_bytes": 0, "rate_mbit": 100.0}}  # noqa: E731
@@ -126,3 +126,90 @@ def test_attention_balance_summary_splits_early_steps_and_all_busy_steps() -> No
 def test_attention_balance_summary_without_steps() -> None:
     out = attention_balance_summary({}, 0.0, 10.0)
     assert out["early_mean"] is None and out["mean"] is None and out["nodes"] == {}
+
+
+def _reads(t: float, **cum: float) -> dict[str, Any]:
+    """A sample with cumulative snic read bytes per engine node (plus a storage node)."""
+
+    def nic(v: float) -> dict[str, Any]:
+        return {"snic": {"ingress_bytes": int(v), "egress_bytes": 0, "rate_mbit": 100.0}}
+
+    nodes = {node.replace("_", "-"): nic(v) for node, v in cum.items()}
+    nodes["storage-0"] = nic(10**9 * t)  # never counted: not an engine node
+    return {"t": t, "nodes": nodes}
+
+
+def test_snic_balance_windows_remove_burst_noise() -> None:
+
+    # the two nodes take turns: each 0.5 s interval only one of them reads, yet over any
+    # 5 s window both read exactly as much
+    samples, p, d = [], 0, 0
+    for k in range(21):
+        samples.append(_reads(0.5 * k, prefill_0=p, decode_0=d))
+        if k % 2 == 0:
+            p += 100
+        else:
+            d += 100
+    bal = snic_balance(samples, 0.0, 10.0, window_s=5.0, busy_fraction=1.0)
+    assert bal["mean_interval"] == pytest.approx(2.0)
+    assert bal["num_windows"] == 2
+    assert bal["mean_window"] == pytest.approx(1.0)
+    assert bal["max_window"] == pytest.approx(1.0)
+    assert bal["busy_s"] == pytest.approx(10.0)
+
+
+def test_snic_balance_busy_part_excludes_the_drain_tail() -> None:
+
+    # both nodes read 100 B/s for 8 s, then only prefill-0 reads 50 B/s for 2 s
+    samples = [
+        _reads(
+            float(t), prefill_0=100 * t if t <= 8 else 800 + 50 * (t - 8), decode_0=100 * min(t, 8)
+        )
+        for t in range(11)
+    ]
+    bal = snic_balance(samples, 0.0, 10.0, window_s=2.0, busy_fraction=0.9)
+    assert bal["whole_run"] == pytest.approx(900 / 850, abs=1e-4)
+    # 90 % of 1,700 B = 1,530 B, read at 7 + 130/200 s
+    assert bal["busy_s"] == pytest.approx(7.65)
+    assert bal["busy"] == pytest.approx(1.0)
+    # windows [0,2] [2,4] [4,6] and the last 1.65 s (>= half a window: kept)
+    assert bal["num_windows"] == 4
+    assert bal["mean_window"] == pytest.approx(1.0)
+    # a last piece shorter than half a window is dropped: [0,2.5] [2.5,5] [5,7.5]
+    assert snic_balance(samples, 0.0, 10.0, window_s=2.5)["num_windows"] == 3
+    # the whole run, tail included: the last window [8,10] is 100 B vs 0 B
+    full = snic_balance(samples, 0.0, 10.0, window_s=2.0, busy_fraction=1.0)
+    assert full["busy_s"] == pytest.approx(10.0)
+    assert full["num_windows"] == 5
+    assert full["max_window"] == pytest.approx(2.0)
+    assert full["mean_window"] == pytest.approx(1.2)
+
+
+def test_snic_balance_interpolates_counters_at_window_edges() -> None:
+
+    # prefill-0 reads 100 B/s; decode-0 reads 0, then 100, then 200 B/s in 2 s steps
+    samples = [
+        _reads(0.0, prefill_0=0, decode_0=0),
+        _reads(2.0, prefill_0=200, decode_0=0),
+        _reads(4.0, prefill_0=400, decode_0=200),
+        _reads(6.0, prefill_0=600, decode_0=600),
+    ]
+    bal = snic_balance(samples, 0.0, 6.0, window_s=3.0, busy_fraction=1.0)
+    # [0,3]: 300 vs 100 -> 1.5; [3,6]: 300 vs 500 -> 1.25
+    assert bal["num_windows"] == 2
+    assert bal["mean_window"] == pytest.approx(1.375)
+    assert bal["max_window"] == pytest.approx(1.5)
+    assert bal["busy"] == pytest.approx(1.0)
+    assert bal["whole_run"] == pytest.approx(1.0)
+
+
+def test_snic_balance_without_reads_or_with_bad_arguments() -> None:
+
+    idle = [_reads(float(t), prefill_0=0, decode_0=0) for t in range(5)]
+    bal = snic_balance(idle, 0.0, 4.0)
+    assert bal["num_nodes"] == 2
+    assert bal["whole_run"] is None and bal["mean_window"] is None and bal["num_windows"] == 0
+    with pytest.raises(ValueError, match="window_s"):
+        snic_balance(idle, 0.0, 4.0, window_s=0.0)
+    with pytest.raises(ValueError, match="busy_fraction"):
+        snic_balance(idle, 0.0, 4.0, busy_fraction=1.5)
