@@ -47,6 +47,7 @@ def row(name: str, s: dict[str, Any], ref_jct: float) -> dict[str, Any]:
         "read_sides": s["read_sides"],
         "snic_balance": snic,
         "attention_early_all_busy": att.get("early_all_busy_mean"),
+        "attention_early_all_busy_p50": att.get("early_all_busy_p50"),
         "attention_early": att.get("early_mean"),
         "attention_all_busy": att.get("all_busy_mean"),
         "turns_done": s["turns_done"],

@@ -235,7 +235,9 @@ def attention_balance_summary(
     agent's first turns are queued. `*_all_busy_mean` keeps only the steps in which every GPU
     of the group had work: a GPU with nothing ready (its KV still being read) is a scheduling
     or I/O gap that no batching rule can fill, while the quota's job is to even out the GPUs
-    that do have work. Both figures are reported.
+    that do have work. Both figures are reported, and the median of the early all-busy steps
+    (`early_all_busy_p50`), which the one or two steps of the ramp-up, while the first reads
+    land and queues are still short, cannot move.
     """
 
     def mean(xs: Sequence[float]) -> float | None:
@@ -261,6 +263,10 @@ def attention_balance_summary(
         out["nodes"][node] = entry
     for key in keys:
         out[key] = mean(pooled[key])
+    early_busy = sorted(pooled["early_all_busy_mean"])
+    out["early_all_busy_p50"] = (
+        round(percentiles(early_busy)["p50"] or 0.0, 4) if early_busy else None
+    )
     return out
 
 

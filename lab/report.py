@@ -58,7 +58,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     if att.get("mean") is not None:
         lines.append(
             f"  prefill attention max/avg across GPUs per step: early "
-            f"{_fmt(att['early_all_busy_mean'])} (all GPUs busy) / {_fmt(att['early_mean'])} "
+            f"{_fmt(att['early_all_busy_mean'])} (all GPUs busy; median "
+            f"{_fmt(att.get('early_all_busy_p50'))}) / {_fmt(att['early_mean'])} "
             f"(all steps), whole run {_fmt(att['all_busy_mean'])} / {_fmt(att['mean'])}"
         )
     for node in engine_nodes(s):

@@ -119,6 +119,7 @@ def test_attention_balance_summary_splits_early_steps_and_all_busy_steps() -> No
     assert out["early_mean"] == 2.04
     assert out["all_busy_mean"] == 1.06
     assert out["early_all_busy_mean"] == 1.06
+    assert out["early_all_busy_p50"] == 1.06
     assert out["mean"] == round((1.02 + 1.10 + 4.0 + 2.0 + 4.0) / 5, 4)
     assert out["nodes"]["prefill-0"]["num_steps"] == 5
 
@@ -126,6 +127,7 @@ def test_attention_balance_summary_splits_early_steps_and_all_busy_steps() -> No
 def test_attention_balance_summary_without_steps() -> None:
     out = attention_balance_summary({}, 0.0, 10.0)
     assert out["early_mean"] is None and out["mean"] is None and out["nodes"] == {}
+    assert out["early_all_busy_p50"] is None
 
 
 def _reads(t: float, **cum: float) -> dict[str, Any]:
