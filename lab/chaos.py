@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from lab.config import LabConfig
+from lab.config import LabConfig, read_yaml
 
 NodeAction = Literal["stop", "cont", "kill", "restart"]
 NODE_ACTIONS: tuple[NodeAction, ...] = ("stop", "cont", "kill", "restart")
@@ -296,15 +294,7 @@ def compile_scenario(data: Any, links: ClusterLinks, *, source: str = "scenario"
 
 
 def load_scenario(path: Path, links: ClusterLinks) -> Scenario:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
-    return compile_scenario(data, links, source=str(path))
+    return compile_scenario(read_yaml(path, "scenario", ScenarioError), links, source=str(path))
 
 
 def cluster_links(cfg: LabConfig) -> ClusterLinks:

@@ -290,15 +290,20 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfig:
+def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
+    """A YAML file's document; `error` names the file when it is unreadable or not YAML."""
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfig:
+    data = read_yaml(path, "config", ConfigError)
     if data is None:
         data = {}
     if overrides and isinstance(data, dict):
