@@ -50,6 +50,10 @@ class Backend(Protocol):
 
     def counters(self) -> dict[str, dict[str, dict[str, Any]]] | None: ...
 
+    def node_action(self, node_id: str, action: str) -> str: ...
+
+    def set_link(self, node_id: str, nic: str, changes: dict[str, Any]) -> str: ...
+
     def down(self) -> list[str]: ...
 
 
@@ -142,7 +146,7 @@ class _ProcessHost:
 
     def _start(self, node: NodeSpec) -> None:
         argv = [_python(), "-m", "services", "--spec", str(self.spec_path), "--node", node.node_id]
-        log = (self.log_dir / f"{node.node_id}.log").open("wb")
+        log = (self.log_dir / f"{node.node_id}.log").open("ab")
         self._logs.append(log)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
@@ -156,7 +160,34 @@ class _ProcessHost:
         self.procs[node.node_id] = proc
         self.state.add_pid(node.node_id, proc.pid)
 
+    def node_action(self, node_id: str, action: str) -> str:
+        """stop (SIGSTOP), cont (SIGCONT), kill (SIGKILL) or restart one node's process; returns
+        what was done. Only the process this lab started (and recorded) is ever signalled."""
+        proc = self.procs.get(node_id)
+        if proc is None:
+            raise BackendError(f"no node {node_id!r} in this lab")
+        running = proc.poll() is None
+        if action == "restart":
+            if running:
+                proc.kill()
+                proc.wait()
+            self._start(self.spec.node(node_id))
+            return f"{node_id} restarted (pid {self.procs[node_id].pid})"
+        sig = {"stop": signal.SIGSTOP, "cont": signal.SIGCONT, "kill": signal.SIGKILL}.get(action)
+        if sig is None:
+            raise BackendError(f"unknown node action {action!r} (stop, cont, kill or restart)")
+        if not running:
+            return f"{node_id} is not running (exit status {proc.returncode}): {action} skipped"
+        proc.send_signal(sig)
+        if sig is signal.SIGKILL:
+            proc.wait()
+        return f"{node_id} {action} (pid {proc.pid})"
+
     def stop_nodes(self) -> list[str]:
+        for proc in self.procs.values():  # a stopped process cannot handle SIGTERM
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
         removed = stop_pids({n: p.pid for n, p in self.procs.items()}, str(self.spec_path))
         for proc in self.procs.values():
             with contextlib.suppress(Exception):
@@ -183,6 +214,9 @@ class LocalBackend(_ProcessHost):
 
     def counters(self) -> dict[str, dict[str, dict[str, Any]]] | None:
         return None
+
+    def set_link(self, node_id: str, nic: str, changes: dict[str, Any]) -> str:
+        raise BackendError("the local backend has no shaped links: use --backend netns")
 
     def down(self) -> list[str]:
         removed = self.stop_nodes()
@@ -256,6 +290,14 @@ class NetnsBackend(_ProcessHost):
 
         raw = self.lab.counters()
         return {node: {nic: asdict(c) for nic, c in nics.items()} for node, nics in raw.items()}
+
+    def set_link(self, node_id: str, nic: str, changes: dict[str, Any]) -> str:
+        """Change one NIC in place (netem.netns.NetnsLab.set_link); returns what changed."""
+        set_link = getattr(self.lab, "set_link", None)
+        if set_link is None:
+            raise BackendError("this netem build cannot change links at runtime")
+        made = set_link(node_id, nic, **changes)
+        return f"{node_id}/{nic}: " + "; ".join(str(c) for c in made)
 
     def down(self) -> list[str]:
         removed = self.stop_nodes()

@@ -27,6 +27,7 @@ from lab.backends import (
     free_port_base,
     state_dir,
 )
+from lab.chaos import ScenarioError
 from lab.config import ConfigError, LabConfig, build_cluster_spec, load_config, parse_settings
 from lab.report import comparison_table, summary_lines
 from lab.runner import BACKENDS, RunError, compare, run_once
@@ -60,6 +61,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     out = Path(args.out) if args.out else _default_out(cfg, cfg.policy.value)
     res = run_once(cfg, backend=args.backend, out_dir=out, progress=not args.quiet)
+    print("\n".join(summary_lines(res.summary)))
+    print(f"summary: {out / 'summary.json'}")
+    return EXIT_OK if not res.summary["errors"] else EXIT_FAILED
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """Run the workload once with a chaos scenario playing against the lab."""
+    from lab.chaos import cluster_links, load_scenario
+
+    cfg = _load(args)
+    scenario = load_scenario(Path(args.scenario), cluster_links(cfg))  # before anything runs
+    out = Path(args.out) if args.out else _default_out(cfg, f"chaos-{scenario.name}")
+    res = run_once(
+        cfg, backend=args.backend, out_dir=out, progress=not args.quiet, scenario=scenario
+    )
     print("\n".join(summary_lines(res.summary)))
     print(f"summary: {out / 'summary.json'}")
     return EXIT_OK if not res.summary["errors"] else EXIT_FAILED
@@ -225,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="basic vs dualpath vs oracle on the same workload")
     common(cmp, policy=False)
     cmp.set_defaults(func=cmd_compare)
+    ch = sub.add_parser("chaos", help="run the workload with a chaos scenario (YAML timeline)")
+    common(ch)
+    ch.add_argument("--scenario", required=True, help="scenario file, e.g. examples/chaos/*.yaml")
+    ch.set_defaults(func=cmd_chaos)
     up = sub.add_parser("up", help="bring a lab up and leave it running")
     common(up)
     up.set_defaults(func=cmd_up)
@@ -253,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except (ConfigError, TrajectoryFileError) as exc:
+    except (ConfigError, TrajectoryFileError, ScenarioError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BackendError as exc:

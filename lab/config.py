@@ -115,6 +115,14 @@ class Workload(_Model):
     max_turns_per_agent: int | None = Field(
         None, ge=1, description="replay at most this many turns per agent"
     )
+    turn_retries: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="resubmissions of a turn that failed retryably (lost node or link,"
+        " timeout), with exponential backoff from retry_backoff_s",
+    )
+    retry_backoff_s: float = Field(1.0, gt=0, le=600, description="first backoff, emulated s")
     gen_token_scale: float = Field(
         1.0, gt=0, le=1, description="scale generated tokens per turn (decode-light demos)"
     )
@@ -172,6 +180,13 @@ class Scheduling(_Model):
         "dualpath",
         description="engine selection under policy dualpath: the paper's (Algorithm 1 + two-level"
         " DE selection), round_robin or least_tokens",
+    )
+    node_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="an engine node that has not pulled work for this long (emulated s) is lost:"
+        " its unfinished turns fail as retryable and it gets no new work until it pulls again",
     )
     split_reads: bool = Field(
         False,
@@ -418,6 +433,9 @@ def build_cluster_spec(
         collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),
         selector=cfg.scheduling.selector,
         split_reads=cfg.scheduling.split_reads,
+        node_timeout_s=cfg.scheduling.node_timeout_s,
+        turn_retries=cfg.workload.turn_retries,
+        retry_backoff_s=cfg.workload.retry_backoff_s,
         compute_quota_s=None
         if cfg.scheduling.compute_quota_ms is None
         else cfg.scheduling.compute_quota_ms / 1000.0,

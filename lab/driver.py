@@ -41,6 +41,8 @@ class TurnResult:
     prefill: str | None = None
     decode: str | None = None
     error: str | None = None
+    retryable: bool = False
+    attempts: int = 1
 
     @property
     def ttft_s(self) -> float | None:
@@ -118,10 +120,12 @@ async def _run_turn(
                         return res
                     elif kind == "failed":
                         res.error = f"{ev.get('node')}: {ev.get('reason')}"
+                        res.retryable = bool(ev.get("retryable"))
                         return res
                 res.error = "event stream ended before the turn finished"
     except TimeoutError:
         res.error = f"turn did not finish within {timeout_s:.0f} s"
+        res.retryable = True
     except aiohttp.ClientError as exc:
         res.error = f"HTTP error: {exc}"
     return res
@@ -133,9 +137,21 @@ async def _agent(
     agent: dict[str, Any],
     progress: DriverProgress,
     timeout_s: float,
+    *,
+    retries: int,
+    backoff_s: float,
 ) -> None:
     for turn in agent["turns"]:
-        res = await _run_turn(session, base, int(agent["traj_id"]), turn, timeout_s)
+        attempt = 0
+        while True:
+            res = await _run_turn(session, base, int(agent["traj_id"]), turn, timeout_s)
+            res.attempts = attempt + 1
+            if res.error is None or not res.retryable or attempt >= retries:
+                break
+            # a lost node or link: back off, then submit the same turn again (its KV is
+            # deterministic, so a late first attempt writing the same blocks is harmless)
+            await asyncio.sleep(backoff_s * 2**attempt)
+            attempt += 1
         progress.results.append(res)
         if res.error is not None:
             progress.turns_failed += 1
@@ -186,7 +202,18 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
         stop = asyncio.Event()
         printer = asyncio.create_task(_progress_printer(progress, started, stop))
         await asyncio.gather(
-            *(_agent(session, base, a, progress, spec.request_timeout_s * 4) for a in agents)
+            *(
+                _agent(
+                    session,
+                    base,
+                    a,
+                    progress,
+                    spec.request_timeout_s * 4,
+                    retries=spec.turn_retries,
+                    backoff_s=spec.retry_backoff_s,
+                )
+                for a in agents
+            )
         )
         finished = time.time()
         stop.set()

@@ -29,6 +29,7 @@ from lab.backends import (
     free_port_base,
     stop_pids,
 )
+from lab.chaos import LinkStep, Scenario
 from lab.config import LabConfig, build_cluster_spec
 from lab.metrics import Sample, summarize, throughput_series
 from lab.report import write_plot
@@ -133,6 +134,51 @@ class _Progress:
         print(line, file=sys.stderr, flush=True)
 
 
+class _ChaosPlayer:
+    """Plays a scenario's steps against the backend while the driver runs, from the driver's
+    start; every step's outcome (or error) is recorded with its planned and actual time."""
+
+    def __init__(self, scenario: Scenario, be: Backend, say: Callable[[str], None]) -> None:
+        self.scenario = scenario
+        self.be = be
+        self.say = say
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.started_at = 0.0
+        self.log: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self._run, name="chaos", daemon=True)
+
+    def start_clock(self, started_at: float) -> None:
+        self.started_at = started_at
+        self.started.set()
+
+    def _run(self) -> None:
+        while not self.started.wait(0.1):
+            if self.stop.is_set():
+                return
+        for step in self.scenario.steps:
+            delay = self.started_at + step.at_s - time.time()
+            if delay > 0 and self.stop.wait(delay):
+                return
+            entry: dict[str, Any] = {
+                "at_s": step.at_s,
+                "t": round(time.time() - self.started_at, 3),
+                "node": step.node,
+                "source": step.source,
+            }
+            try:
+                if isinstance(step, LinkStep):
+                    entry |= {"nic": step.nic, "changes": dict(step.changes)}
+                    entry["result"] = self.be.set_link(step.node, step.nic, dict(step.changes))
+                else:
+                    entry["action"] = step.action
+                    entry["result"] = self.be.node_action(step.node, step.action)
+            except Exception as exc:  # recorded and reported; the run goes on
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            self.log.append(entry)
+            self.say(f"[chaos] t={entry['t']:.1f}s {entry.get('result') or entry.get('error')}")
+
+
 def run_once(
     cfg: LabConfig,
     *,
@@ -140,8 +186,10 @@ def run_once(
     out_dir: Path,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    scenario: Scenario | None = None,
 ) -> RunResult:
-    """Run the config's workload once under cfg.policy on `backend`; write summary.json."""
+    """Run the config's workload once under cfg.policy on `backend`; write summary.json.
+    With a chaos `scenario`, its steps run against the lab from the driver's start."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if backend not in BACKENDS:
         raise RunError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
@@ -171,6 +219,7 @@ def run_once(
         f"{sum(len(a['turns']) for a in agents)} turns"
     )
     proc: subprocess.Popen[str] | None = None
+    chaos: _ChaosPlayer | None = None
     try:
         be.up()
         argv = be.driver_argv(
@@ -197,6 +246,9 @@ def run_once(
         )
         state.add_pid("driver", proc.pid)
         fatal: list[str] = []
+        chaos = _ChaosPlayer(scenario, be, say) if scenario is not None else None
+        if chaos is not None:
+            chaos.thread.start()
 
         def read_driver() -> None:
             assert proc.stdout is not None
@@ -205,6 +257,8 @@ def run_once(
                     msg = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if "started_at" in msg and chaos is not None:
+                    chaos.start_clock(float(msg["started_at"]))
                 if "progress" in msg:
                     show.progress = msg["progress"]
                 if "fatal" in msg:
@@ -222,11 +276,16 @@ def run_once(
         if counters is not None:
             samples.append({"t": time.time(), "nodes": counters})
         reader.join(timeout=5)
+        if chaos is not None:
+            chaos.stop.set()
+            chaos.thread.join(timeout=30)
         driver_log.close()
         if proc.returncode != 0 or not driver_out.exists():
             why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
             raise RunError(f"{why} (logs in {out_dir / 'logs'})")
     finally:
+        if chaos is not None:
+            chaos.stop.set()
         if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
             stop_pids({"driver": proc.pid}, str(spec_path))
         removed = be.down()
@@ -242,6 +301,13 @@ def run_once(
         samples=samples,
         num_agents=len(agents),
     )
+    if chaos is not None:
+        summary["chaos"] = {
+            "scenario": chaos.scenario.name,
+            "description": chaos.scenario.description,
+            "steps_planned": len(chaos.scenario.steps),
+            "events": chaos.log,
+        }
     series = throughput_series(samples, driver["started_at"])
     (out_dir / "timeseries.json").write_text(json.dumps(series))
     (out_dir / "counters.json").write_text(json.dumps(samples))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,11 +29,24 @@ from services.kvblocks import KvCorruption, KvGenerator, crc
 from services.scheduler_service import SchedulerClient
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.storage_client import StorageClient
-from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
+from services.transport import (
+    ConnectionClosed,
+    Dscp,
+    FrameConnection,
+    FrameServer,
+    connect,
+    serve,
+)
 
 READ_CONCURRENCY = 2
 KV_FRAME_SLICES = 512
 MAX_STEP_RECORDS = 20_000
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure a retry can get past: a lost connection or peer, a timeout. Corrupt or missing
+    KV is not (it would fail again, and must be reported)."""
+    return isinstance(exc, OSError | TimeoutError | asyncio.IncompleteReadError | ConnectionClosed)
 
 
 class TurnFailed(Exception):
@@ -195,6 +209,7 @@ class EngineNode:
         self._decode_active: list[list[Turn]] = [[] for _ in range(self.me.num_gpus)]
         self._decode_wake = [asyncio.Event() for _ in range(self.me.num_gpus)]
         self.quota_s = spec.compute_quota_s
+        self.boot = secrets.token_hex(8)
         # One row per prefill step of the group: [at, attention max/avg, GPUs with work, GPUs].
         self.steps: list[tuple[float, float, int, int]] = []
         self.storage: StorageClient | None = None
@@ -265,6 +280,7 @@ class EngineNode:
             engines.append([i, e.seq, e.tok, free])
         return {
             "node_id": self.me.node_id,
+            "boot": self.boot,
             "role": self.role.value,
             "read_q_tokens": self.read_q_tokens,
             "engines": engines,
@@ -379,7 +395,11 @@ class EngineNode:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._fail(turn, f"storage read on {self.me.node_id} failed: {exc}")
+                self._fail(
+                    turn,
+                    f"storage read on {self.me.node_id} failed: {exc}",
+                    retryable=_transient(exc),
+                )
             finally:
                 self.read_q_tokens -= self._read_tokens(turn)
 
@@ -535,13 +555,17 @@ class EngineNode:
         return self.turns[turn_id]
 
     # -- failures ------------------------------------------------------------------------------
-    def _fail(self, turn: Turn, reason: str, *, report: bool = True) -> None:
+    def _fail(
+        self, turn: Turn, reason: str, *, report: bool = True, retryable: bool = False
+    ) -> None:
         if turn.failed is not None:
             return
         turn.failed = reason
         if report:
             self._record_error(reason)
-            self.emit(turn.turn_id, "failed", node=self.me.node_id, reason=reason)
+            self.emit(
+                turn.turn_id, "failed", node=self.me.node_id, reason=reason, retryable=retryable
+            )
         for ev in turn.groups_ready:
             ev.set()
         turn.pe_finished.set()
@@ -626,7 +650,9 @@ class EngineNode:
                         async with asyncio.timeout(self.spec.request_timeout_s):
                             await t.groups_ready[g].wait()
                     except TimeoutError:
-                        self._fail(t, f"layer group {g} of {t.turn_id} never arrived")
+                        self._fail(
+                            t, f"layer group {g} of {t.turn_id} never arrived", retryable=True
+                        )
             await asyncio.sleep(step_s / self.groups if self.layerwise else step_s * (g == 0))
             await self._collective()
             if self.layerwise:  # layer group g of finished turns leaves while g+1 computes
@@ -663,7 +689,9 @@ class EngineNode:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fail(turn, f"prefill on {self.me.node_id} failed: {exc!r}")
+            self._fail(
+                turn, f"prefill on {self.me.node_id} failed: {exc!r}", retryable=_transient(exc)
+            )
         finally:
             for task in turn.sends:
                 task.cancel()
@@ -705,7 +733,9 @@ class EngineNode:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fail(turn, f"relay from {self.me.node_id} failed: {exc!r}")
+            self._fail(
+                turn, f"relay from {self.me.node_id} failed: {exc!r}", retryable=_transient(exc)
+            )
             await self._tell_peer(turn.prefill_node, turn)
         finally:
             await self.dram.release(turn.dram_bytes)
@@ -750,7 +780,9 @@ class EngineNode:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fail(turn, f"decode on {self.me.node_id} failed: {exc!r}")
+            self._fail(
+                turn, f"decode on {self.me.node_id} failed: {exc!r}", retryable=_transient(exc)
+            )
         finally:
             if turn.failed is not None and turn.read_blocks(Role.DECODE):
                 await self._tell_peer(turn.prefill_node, turn)

@@ -108,6 +108,8 @@ class NodeReport:
     turns: set[str]
     counters: dict[str, Any]
     at: float
+    boot: str = ""
+    """Identifies one run of the node's process; a new value means it restarted."""
 
 
 class SchedulerState:
@@ -127,6 +129,10 @@ class SchedulerState:
         self._next_id = 0
         self.num_done = 0
         self.num_failed = 0
+        self.retired: list[NodeReport] = []
+        """Last reports of node processes that were replaced by a restart."""
+        self.lost: set[str] = set()
+        """Engine nodes that stopped fetching for node_timeout_s; back once they fetch again."""
 
     # -- clients --------------------------------------------------------------------------
     def submit(self, body: dict[str, Any], now: float) -> TurnState:
@@ -181,6 +187,12 @@ class SchedulerState:
     def fetch(self, req: dict[str, Any], now: float) -> list[dict[str, Any]]:
         node_id = str(req["node_id"])
         self.spec.node(node_id)  # raises KeyError for strangers
+        boot = str(req.get("boot", ""))
+        prev = self.reports.get(node_id)
+        if prev is not None and prev.boot != boot:
+            # a restarted node has lost everything it held: its turns cannot finish
+            self._fail_assigned(node_id, f"node {node_id} restarted", now)
+            self.retired.append(prev)  # the old process's last counters still count
         self.reports[node_id] = NodeReport(
             node_id=node_id,
             role=str(req["role"]),
@@ -189,8 +201,10 @@ class SchedulerState:
             turns=set(req.get("turns", ())),
             counters=dict(req.get("counters", {})),
             at=now,
+            boot=boot,
         )
         self.uncovered[node_id].difference_update(self.delivered_last[node_id])
+        self.lost.discard(node_id)
         if req["role"] == Role.PREFILL.value:
             self._schedule(now)
         ids = self.outbox[node_id]
@@ -204,6 +218,8 @@ class SchedulerState:
         views = []
         bt = self.spec.profile.block_tokens
         for node in self.spec.by_role(role):
+            if node.node_id in self.lost:
+                continue  # a lost node takes no new work until it fetches again
             rep = self.reports.get(node.node_id)
             if rep is None:
                 return None  # wait until every node of the role has reported once
@@ -240,7 +256,7 @@ class SchedulerState:
             return
         prefill = self.view(Role.PREFILL)
         decode = self.view(Role.DECODE)
-        if prefill is None or decode is None:
+        if not prefill or not decode:
             return
         pending = [self.turns[t].pending for t in self.queue]
         plan = self.policy.schedule(pending, prefill, decode, now=now)
@@ -261,6 +277,27 @@ class SchedulerState:
             )
         done = plan.assigned_ids
         self.queue = deque(t for t in self.queue if t not in done)
+
+    def reap(self, now: float) -> list[str]:
+        """Mark engine nodes that have not fetched for node_timeout_s as lost and fail, as
+        retryable, every unfinished turn assigned to them; returns the newly lost nodes."""
+        newly = []
+        for node_id, rep in self.reports.items():
+            if node_id in self.lost or now - rep.at <= self.spec.node_timeout_s:
+                continue
+            self.lost.add(node_id)
+            newly.append(node_id)
+            self._fail_assigned(
+                node_id, f"node {node_id} lost: no fetch for {now - rep.at:.1f} s", now
+            )
+        return newly
+
+    def _fail_assigned(self, node_id: str, reason: str, now: float) -> None:
+        for turn_id, turn in list(self.turns.items()):
+            a = turn.assignment
+            if turn.finished or a is None or node_id not in (a.prefill_node, a.decode_node):
+                continue
+            self.event(turn_id, "failed", now, node="scheduler", reason=reason, retryable=True)
 
     def report(self, req: dict[str, Any]) -> None:
         for ev in req.get("events", ()):
@@ -292,7 +329,15 @@ class SchedulerState:
         }
 
     def cluster(self) -> dict[str, Any]:
-        return {r.node_id: {"role": r.role, "counters": r.counters} for r in self.reports.values()}
+        """Each node's last counters; a node restarted by chaos also appears as
+        `<node>@<old boot>` with the old process's last report (what it did after that
+        report died with it, so byte accounting across a kill is approximate)."""
+        out: dict[str, dict[str, Any]] = {
+            r.node_id: {"role": r.role, "counters": r.counters} for r in self.reports.values()
+        }
+        for r in self.retired:
+            out[f"{r.node_id}@{r.boot}"] = {"role": r.role, "counters": r.counters, "retired": True}
+        return out
 
     def prometheus(self, now: float) -> str:
         lines = [
@@ -458,6 +503,14 @@ async def serve_scheduler(
     server.add_generic_rpc_handlers((_grpc_handler(state, clock),))
     server.add_insecure_port(f"{spec.grpc.host}:{spec.grpc.port}")
     await server.start()
+
+    async def reaper() -> None:
+        while True:
+            await asyncio.sleep(min(1.0, spec.node_timeout_s / 4))
+            for lost in state.reap(clock()):
+                print(f"[scheduler] {lost} lost: its unfinished turns failed", flush=True)
+
+    reaping = asyncio.create_task(reaper())
     runner = web.AppRunner(_http_app(state, clock), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, spec.http.host, spec.http.port, reuse_address=True)
@@ -465,6 +518,7 @@ async def serve_scheduler(
     try:
         await stop.wait()
     finally:
+        reaping.cancel()
         with contextlib.suppress(Exception):
             await runner.cleanup()
         await server.stop(grace=0.5)

@@ -108,6 +108,12 @@ class ClusterSpec(_Frozen):
     subnets: dict[str, str] = {}
     """Network name (compute, storage, mgmt) -> CIDR; empty on the local backend."""
     request_timeout_s: float = 120.0
+    turn_retries: int = 3
+    """Times the driver resubmits a turn that failed retryably (lost node, link or timeout)."""
+    retry_backoff_s: float = 1.0
+    """First backoff before a resubmission; it doubles with every attempt."""
+    node_timeout_s: float = 5.0
+    """An engine node that has not fetched for this long is lost: its turns fail (retryable)."""
     max_frame_bytes: int = 64 * 1024 * 1024
 
     def node(self, node_id: str) -> NodeSpec:

@@ -32,11 +32,17 @@ def body(traj: int, context: int = 6400) -> dict[str, Any]:
 
 
 def fetch(
-    state: SchedulerState, node: str, *, read_q: int = 0, turns: tuple[str, ...] = ()
+    state: SchedulerState,
+    node: str,
+    *,
+    read_q: int = 0,
+    turns: tuple[str, ...] = (),
+    boot: str = "b1",
 ) -> list[dict[str, Any]]:
     role = node.split("-")[0]
     req = {
         "node_id": node,
+        "boot": boot,
         "role": role,
         "read_q_tokens": read_q,
         "engines": [[0, len(turns), 0, 10**9]],
@@ -114,3 +120,40 @@ def test_split_reads_cover_the_hit_blocks_and_charge_both_queues() -> None:
         n.node_id: n.read_q_tokens for r in (Role.PREFILL, Role.DECODE) for n in state.view(r) or ()
     }
     assert queues == {"prefill-0": 3200 + 25 * 64, "decode-0": 75 * 64}
+
+
+def test_a_node_that_stops_fetching_is_lost_and_its_turns_fail_retryably() -> None:
+    state = make_state()
+    timeout = state.spec.node_timeout_s
+    fetch(state, "decode-0")
+    fetch(state, "prefill-0")
+    turn = state.submit(body(1), 0.0)
+    (wire,) = fetch(state, "prefill-0")
+    assert state.reap(timeout / 2) == []  # both reported at 0.0: not lost yet
+    assert sorted(state.reap(timeout + 1.0)) == ["decode-0", "prefill-0"]
+    assert state.reap(timeout + 2.0) == []  # lost once, not again
+    assert state.lost == {"prefill-0", "decode-0"}
+    last = turn.events[-1]
+    assert last["event"] == "failed" and last["retryable"] is True
+    assert "lost" in last["reason"] and turn.finished
+    # no view of a lost node, so nothing is assigned; a node that fetches again is back
+    state.submit(body(2), 0.0)
+    assert state.view(Role.PREFILL) == [] and state.view(Role.DECODE) == []
+    fetch(state, "decode-0")
+    assert state.lost == {"prefill-0"}
+    got = fetch(state, "prefill-0")
+    assert state.lost == set() and [w["traj_id"] for w in got] == [2]
+    assert wire["turn_id"] != got[0]["turn_id"]
+
+
+def test_a_restarted_node_fails_the_turns_it_held() -> None:
+    state = make_state()
+    fetch(state, "decode-0")
+    fetch(state, "prefill-0")
+    turn = state.submit(body(1), 0.0)
+    fetch(state, "prefill-0")
+    fetch(state, "decode-0")  # same process: nothing happens
+    assert not turn.finished
+    fetch(state, "decode-0", boot="b2")  # a new process: what the old one held is gone
+    assert turn.finished and turn.events[-1]["reason"] == "node decode-0 restarted"
+    assert turn.events[-1]["retryable"] is True
