@@ -90,7 +90,12 @@ class DoctorReport:
         if self.can_shape:
             out.append(FeatureSupport("rate/ceil/burst", "HTB egress, HTB on an IFB for ingress"))
             out.append(FeatureSupport("priority classes", "HTB classes, u32 DSCP filters"))
-            out.append(FeatureSupport("queue limit", "netem limit, else a pfifo leaf"))
+            out.append(
+                FeatureSupport(
+                    "queue limit",
+                    "netem limit under each HTB leaf" if self.netem == "yes" else "pfifo leaf",
+                )
+            )
         else:
             missing = [
                 name
