@@ -6,11 +6,15 @@ strings; its only subprocesses are `ip netns exec <lab namespace> sysctl`.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import json
 import os
+import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +56,7 @@ from netem.plan import (
     expected_qdiscs,
     format_handle,
     ifb_name,
+    impaired_networks,
     nft_batch,
     nft_rule,
     nft_setup,
@@ -186,6 +191,26 @@ def _thread_in_netns(name: str) -> Iterator[None]:
             _thread_setns(home)
     finally:
         os.close(home)
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_STSO = 0x1F
+ETHTOOL_SGSO = 0x24
+"""Legacy ethtool set-TSO / set-GSO commands (struct ethtool_value): every kernel has them."""
+
+
+def _offloads_off(namespace: str, ifname: str) -> None:
+    """`ethtool -K <ifname> tso off gso off` inside `namespace`, by ioctl (no ethtool binary,
+    no fork): a socket opened in the namespace addresses that namespace's devices."""
+    with _thread_in_netns(namespace):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for cmd in (ETHTOOL_STSO, ETHTOOL_SGSO):
+            value = array.array("I", [cmd, 0])
+            ifreq = struct.pack("16sP", ifname.encode(), value.buffer_info()[0])
+            fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+    finally:
+        sock.close()
 
 
 def _create_netns(name: str) -> None:
@@ -700,6 +725,8 @@ class NetnsLab:
         self._thread: _NetlinkThread | None = None
         self._handles: dict[str, Any] = {}
         self._sources = {h.node_id: _nic_sources(h) for h in self.plan.hosts}
+        self._offloaded: set[tuple[str, str]] = set()
+        """(namespace, NIC) with TSO/GSO turned off by this lab."""
         self._lock = threading.Lock()
 
     # --- names ---------------------------------------------------------------------------
@@ -920,6 +947,7 @@ class NetnsLab:
             self._check_rules(old.loss_rules)
         done: list[TcChange | LinkStateOp] = []
         try:
+            self._offloads_for(node_id, new_nic)
             for change in changes:
                 if isinstance(change, TcChange | LinkStateOp):
                     _apply_tc_change(ipr, where, change)
@@ -937,6 +965,29 @@ class NetnsLab:
             raise
         self._commit_nic(node_id, new_nic)
         return tuple(changes)
+
+    def _offloads_for(self, node_id: str, new_nic: NicSpec) -> None:
+        """A network that gets its first per-packet impairment: TSO/GSO off on every NIC of
+        it (new connections then send one frame per skb; established ones are segmented by
+        the veth). They stay off until `down`: turning them on again gains nothing here."""
+        hosts = tuple(
+            dataclasses.replace(
+                h, nics=tuple(new_nic if n.name == new_nic.name else n for n in h.nics)
+            )
+            if h.node_id == node_id
+            else h
+            for h in self.spec.hosts
+        )
+        impaired = impaired_networks(dataclasses.replace(self.spec, hosts=hosts))
+        for host in self.plan.hosts:
+            for nic_plan in host.nics:
+                key = (host.namespace, nic_plan.nic.name)
+                if nic_plan.nic.network in impaired and key not in self._offloaded:
+                    _wrap(
+                        f"ethtool -K {key[1]} tso off gso off (netns {key[0]})",
+                        partial(_offloads_off, *key),
+                    )
+                    self._offloaded.add(key)
 
     def _check_rules(self, rules: Sequence[LossRuleOp]) -> None:
         """The lab's nft chain holds exactly the lab's rules (by comment)."""
@@ -1086,7 +1137,12 @@ class NetnsLab:
         state.set_objects(sw_ns, self._switch_objects())
 
     def _objects(self, host: HostPlan) -> list[str]:
-        return [_describe(op) for n in host.nics for op in n.shaping]
+        items = [
+            f"ethtool -K {n.nic.name} tso off gso off"
+            for n in host.nics
+            if (host.namespace, n.nic.name) in self._offloaded
+        ]
+        return items + [_describe(op) for n in host.nics for op in n.shaping]
 
     def _switch_objects(self) -> list[str]:
         plan = self.plan
@@ -1132,6 +1188,12 @@ class NetnsLab:
                 ),
             )
             self._set_up(ns, nic.name)
+            if nic_plan.offloads_off:
+                _wrap(
+                    f"ethtool -K {nic.name} tso off gso off (netns {ns})",
+                    partial(_offloads_off, ns, nic.name),
+                )
+                self._offloaded.add((ns, nic.name))
             _check_pristine(ipr, f"netns {ns}", nic_plan.shaping)
             for op in nic_plan.shaping:
                 self._apply(ns, op)

@@ -642,6 +642,9 @@ class NicPlan:
     shaping: tuple[Op, ...]
     loss_rules: tuple[LossRuleOp, ...] = ()
     unemulated: tuple[Unemulated, ...] = ()
+    offloads_off: bool = False
+    """TSO and GSO off on this NIC: its network has per-packet impairments (see
+    `PER_PACKET_IMPAIRMENTS`), so every skb the NIC sends must be one wire frame."""
 
     @property
     def shaped(self) -> NicShaping:
@@ -684,10 +687,31 @@ class TopologyPlan:
         raise KeyError(f"no host {node_id!r} in lab {self.lab_id}")
 
 
+PER_PACKET_IMPAIRMENTS = ("loss", "duplicate", "corrupt", "reorder")
+"""netem and the nftables rules act per skb; with TSO/GSO one TCP skb can be a 64 KB burst of
+~44 frames, lost or duplicated as a whole (measured: 2 drops of 34-60 KB instead of ~1 % of
+1,400 frames). On a network with any of these, senders emit one frame per skb."""
+
+
+def impaired_networks(spec: TopologySpec) -> frozenset[str]:
+    """Networks where some NIC direction has a per-packet impairment."""
+    out: set[str] = set()
+    for host in spec.hosts:
+        for nic in host.nics:
+            if nic.shape is None:
+                continue
+            for direction in DIRECTIONS:
+                used = nic.shape.direction(direction).impairments()
+                if any(f in PER_PACKET_IMPAIRMENTS for f in used):
+                    out.add(nic.network)
+    return frozenset(out)
+
+
 def plan_topology(spec: TopologySpec, caps: KernelCaps | None = None) -> TopologyPlan:
     """Names of every namespace, bridge and veth end, and each NIC's shaping on a kernel with
     `caps` (default: one with netem)."""
     caps = caps or KernelCaps.with_netem()
+    impaired = impaired_networks(spec)
     bridges = tuple((bridge_name(net), net) for net in spec.networks)
     hosts: list[HostPlan] = []
     for h, host in enumerate(spec.hosts):
@@ -705,6 +729,7 @@ def plan_topology(spec: TopologySpec, caps: KernelCaps | None = None) -> Topolog
                     shaped.ops,
                     shaped.loss_rules,
                     shaped.unemulated,
+                    offloads_off=nic.network in impaired,
                 )
             )
         hosts.append(HostPlan(host.node_id, namespace_name(spec.lab_id, host.node_id), tuple(nics)))

@@ -326,6 +326,7 @@ def test_cleanup_leaves_the_host_as_it_was(make: MakeLab, lab_id: str, state_dir
     assert set(nft_counters(lab)) == {"prefill-0/snic/egress", "storage-0/snic/ingress"}
     record = (state_dir / f"{lab_id}.json").read_text()
     assert "storage-0/snic/ingress" in record and "tc class add dev ifb-snic" in record
+    assert "ethtool -K snic tso off gso off" in record
     for snap in (during,):
         assert snap.links == before.links
         assert snap.qdiscs == before.qdiscs

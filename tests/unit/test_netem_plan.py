@@ -32,6 +32,7 @@ from netem.plan import (
     expected_classes,
     expected_qdiscs,
     format_handle,
+    impaired_networks,
     loss_threshold,
     nft_rule,
     nft_setup,
@@ -560,3 +561,35 @@ def test_direction_validation_names_the_field_and_range(build: object, message: 
     assert callable(build)
     with pytest.raises(SpecError, match=message):
         build()
+
+
+def test_networks_with_per_packet_impairments_send_one_frame_per_skb() -> None:
+    lossy = HostSpec(
+        "decode-0",
+        (
+            NicSpec(
+                "snic",
+                "storage",
+                "198.18.1.2/24",
+                LinkShape(50, ingress=DirectionSpec(50, loss_pct=0.1)),
+            ),
+            NicSpec(
+                "cnic",
+                "compute",
+                "198.18.0.2/24",
+                LinkShape(50, egress=DirectionSpec(50, delay_ms=1)),
+            ),
+        ),
+    )
+    spec = TopologySpec("t1", (*_spec().hosts, lossy))
+    assert impaired_networks(spec) == {"storage"}  # delay alone keeps offloads on
+    plan = plan_topology(spec, NETEM)
+    offloads = {(h.node_id, n.nic.name): n.offloads_off for h in plan.hosts for n in h.nics}
+    assert offloads == {
+        ("prefill-0", "cnic"): False,
+        ("prefill-0", "snic"): True,
+        ("prefill-0", "mgmt"): False,
+        ("storage-0", "snic"): True,
+        ("decode-0", "snic"): True,
+        ("decode-0", "cnic"): False,
+    }
