@@ -21,7 +21,7 @@ class KernelCaps:
     """sch_netem: delay, jitter, loss, duplicate, corrupt, reorder under the HTB leaves."""
     nft_numgen: bool
     """nftables with the bridge family and `numgen random`: loss on the lab switch's ports
-    when there is no netem."""
+    (preferred over netem loss, see plan.loss_mechanism)."""
 
     @classmethod
     def with_netem(cls) -> KernelCaps:
@@ -119,14 +119,15 @@ class DoctorReport:
                 out.append(FeatureSupport(feature, "netem under each HTB leaf"))
             else:
                 out.append(FeatureSupport(feature, None, netem_why))
-        if self.netem == "yes":
-            out.append(FeatureSupport("loss", "netem under each HTB leaf"))
-        elif self.nft_numgen == "yes":
-            out.append(
-                FeatureSupport(
-                    "loss", "nftables numgen on the lab switch's bridge ports", netem_why
-                )
+        if self.nft_numgen == "yes":
+            caveat = "apply_shaping, without a lab switch: " + (
+                "netem" if self.netem == "yes" else f"unavailable, {netem_why}"
             )
+            out.append(
+                FeatureSupport("loss", "nftables numgen on the lab switch's bridge ports", caveat)
+            )
+        elif self.netem == "yes":
+            out.append(FeatureSupport("loss", "netem under each HTB leaf", "no nftables numgen"))
         else:
             nft_why = "no nftables numgen" if self.nft_numgen == "no" else "nft not probed"
             out.append(FeatureSupport("loss", None, f"{netem_why}, {nft_why}"))

@@ -337,19 +337,26 @@ def _tc_qdisc(
     elif op.kind == "pfifo":
         args["limit"] = op.limit_packets
     elif op.kind == "netem":
-        n = op.netem or NetemParams()
-        args.update(
-            limit=op.limit_packets,
-            delay=n.delay_us,
-            jitter=n.jitter_us,
-            loss=n.loss_pct,
-            duplicate=n.duplicate_pct,
-        )
-        if n.corrupt_pct:
-            args["prob_corrupt"] = n.corrupt_pct
-        if n.reorder_pct:
-            args["prob_reorder"] = n.reorder_pct
+        args.update(netem_arguments(op))
     _wrap(what, partial(ipr.tc, verb, op.kind, **args))
+
+
+def netem_arguments(op: QdiscOp) -> dict[str, Any]:
+    """pyroute2's netem options for `op` (its units: microseconds and percent). A change
+    sends all of them, so a field set back to 0 is switched off, not left as it was."""
+    n = op.netem or NetemParams()
+    args: dict[str, Any] = {
+        "limit": op.limit_packets,
+        "delay": n.delay_us,
+        "jitter": n.jitter_us,
+        "loss": n.loss_pct,
+        "duplicate": n.duplicate_pct,
+    }
+    if n.corrupt_pct:
+        args["prob_corrupt"] = n.corrupt_pct
+    if n.reorder_pct:
+        args["prob_reorder"] = n.reorder_pct
+    return args
 
 
 def _tc_class(

@@ -280,11 +280,32 @@ def loss_threshold(loss_pct: float) -> int:
     return min(NUMGEN_MOD, round(loss_pct * NUMGEN_MOD / 100))
 
 
-def _netem_params(d: DirectionSpec) -> NetemParams:
+LossMechanism = Literal["nftables", "netem"]
+
+
+def loss_mechanism(caps: KernelCaps, switch_port: str | None) -> LossMechanism | None:
+    """Where random loss is emulated. The lab switch's nftables rule whenever there is one:
+    the lost frame has used the sender's link (it is lost on the wire, after the shaper, as on
+    a real link), every drop is counted per NIC and direction (`nft list`), and labs behave
+    the same on kernels with and without netem. netem (which drops before the shaper) only
+    where there is no lab switch or no nftables."""
+    if caps.nft_numgen and switch_port is not None:
+        return "nftables"
+    if caps.netem:
+        return "netem"
+    return None
+
+
+def _netem_features(d: DirectionSpec, loss: LossMechanism | None) -> tuple[str, ...]:
+    """The direction's impairments that netem has to emulate."""
+    return tuple(f for f in d.impairments() if f != "loss" or loss == "netem")
+
+
+def _netem_params(d: DirectionSpec, loss: LossMechanism | None) -> NetemParams:
     return NetemParams(
         delay_us=round(d.delay_ms * 1000),
         jitter_us=round(d.jitter_ms * 1000),
-        loss_pct=d.loss_pct,
+        loss_pct=d.loss_pct if loss == "netem" else 0.0,
         duplicate_pct=d.duplicate_pct,
         corrupt_pct=d.corrupt_pct,
         reorder_pct=d.reorder_pct,
@@ -300,10 +321,12 @@ def netem_limit(d: DirectionSpec) -> int:
     return DEFAULT_QUEUE_LIMIT_PACKETS + math.ceil(d.rate_bit / 8 * in_flight_s / ETH_FRAME_MAX)
 
 
-def _leaf_qdiscs(dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps) -> list[Op]:
+def _leaf_qdiscs(
+    dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps, loss: LossMechanism | None
+) -> list[Op]:
     """netem under every leaf where the kernel has it and the direction needs it; else a pfifo
     when only a queue limit is asked for; else nothing (the kernel's default pfifo)."""
-    if caps.netem and (d.impairments() or d.queue_limit_packets is not None):
+    if caps.netem and (_netem_features(d, loss) or d.queue_limit_packets is not None):
         return [
             QdiscOp(
                 dev,
@@ -311,7 +334,7 @@ def _leaf_qdiscs(dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps)
                 classid,
                 leaf_qdisc_handle(classid),
                 limit_packets=netem_limit(d),
-                netem=_netem_params(d),
+                netem=_netem_params(d, loss),
             )
             for classid in leaf_class_ids(shape)
         ]
@@ -329,7 +352,9 @@ def _leaf_qdiscs(dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps)
     return []
 
 
-def _htb_tree(dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps) -> list[Op]:
+def _htb_tree(
+    dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps, loss: LossMechanism | None
+) -> list[Op]:
     rate, ceil = d.rate_bit, d.ceil_bit
     link_burst = d.burst_bytes if d.burst_bytes is not None else burst_bytes(rate)
     default = CLASS_IDS[DEFAULT_CLASS_NAME] if shape.priority_classes else LINK_CLASS
@@ -349,7 +374,7 @@ def _htb_tree(dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps) ->
         ),
     ]
     if not shape.priority_classes:
-        return ops + _leaf_qdiscs(dev, shape, d, caps)
+        return ops + _leaf_qdiscs(dev, shape, d, caps, loss)
     kv_rate = max(8, round(rate * shape.kv_min_fraction))
     control_rate = max(8, round(rate * CONTROL_FRACTION))
     guaranteed = {
@@ -372,7 +397,7 @@ def _htb_tree(dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps) ->
                 quantum_bytes=QUANTUM_BYTES,
             )
         )
-    ops += _leaf_qdiscs(dev, shape, d, caps)
+    ops += _leaf_qdiscs(dev, shape, d, caps, loss)
     for name, classid in CLASS_IDS.items():
         ops.append(
             FilterOp(
@@ -398,14 +423,14 @@ def _unemulated_and_loss(
 ) -> tuple[list[LossRuleOp], list[Unemulated]]:
     shape = nic.shape
     assert shape is not None
+    loss = loss_mechanism(caps, switch_port)
     rules: list[LossRuleOp] = []
     missing: list[Unemulated] = []
-    if caps.netem:
-        return rules, missing
     for direction in DIRECTIONS:
         d = shape.direction(direction)
         for feature in d.impairments():
-            if feature == "loss" and caps.nft_numgen and switch_port is not None:
+            if feature == "loss" and loss == "nftables":
+                assert switch_port is not None
                 rules.append(
                     LossRuleOp(
                         port=switch_port,
@@ -414,12 +439,11 @@ def _unemulated_and_loss(
                         comment=f"{node_id}/{nic.name}/{direction}",
                     )
                 )
-                continue
-            if feature == "loss":
+            elif feature == "loss" and loss is None:
                 reason = NO_SWITCH_REASON if switch_port is None else "no sch_netem, no nft numgen"
-            else:
-                reason = "no sch_netem"
-            missing.append(Unemulated(node_id, nic.name, direction, feature, reason))
+                missing.append(Unemulated(node_id, nic.name, direction, feature, reason))
+            elif feature != "loss" and not caps.netem:
+                missing.append(Unemulated(node_id, nic.name, direction, feature, "no sch_netem"))
     return rules, missing
 
 
@@ -435,9 +459,10 @@ def shape_nic(
     Egress: HTB root on the NIC. Ingress: an IFB `ifb-<nic>` with the direction's HTB tree on
     its egress, fed by an ingress qdisc whose match-all u32 filter redirects every packet to it.
     The redirect is installed last, so no packet reaches the IFB before its tree exists.
-    Impairments go into netem under each HTB leaf (so they act on the shaped stream); without
-    netem, loss becomes a LossRuleOp on `switch_port` (the NIC's veth peer on the lab switch)
-    and everything else is reported in `unemulated`.
+    Delay, jitter, duplicate, corrupt and reorder go into netem under each HTB leaf; loss
+    becomes a LossRuleOp on `switch_port` (the NIC's veth peer on the lab switch) wherever
+    nftables is there (see `loss_mechanism`), else netem loss. What the kernel cannot do is
+    reported in `unemulated`, never silently left out.
     """
     shape = nic.shape
     if shape is None:
@@ -445,9 +470,10 @@ def shape_nic(
     ifb = ifb_name(nic.name)
     if len(ifb) > IFNAMSIZ:
         raise SpecError(f"name: {nic.name!r} is too long for its IFB {ifb!r}")
+    loss = loss_mechanism(caps, switch_port)
     ops: list[Op] = [LinkOp(ifb, "ifb", IFB_TXQUEUELEN)]
-    ops += _htb_tree(nic.name, shape, shape.direction("egress"), caps)
-    ops += _htb_tree(ifb, shape, shape.direction("ingress"), caps)
+    ops += _htb_tree(nic.name, shape, shape.direction("egress"), caps, loss)
+    ops += _htb_tree(ifb, shape, shape.direction("ingress"), caps, loss)
     ops.append(QdiscOp(nic.name, "ingress", TC_H_INGRESS, INGRESS_QDISC))
     ops.append(
         FilterOp(
@@ -507,6 +533,16 @@ def _key(op: Op) -> tuple[object, ...]:
     return ("filter", op.dev, op.parent, op.prio)
 
 
+def _switches_off_sticky(before: QdiscOp, after: QdiscOp) -> bool:
+    """netem options a `change` cannot reset to 0 (their attributes are only sent when set)."""
+    if before.netem is None or after.netem is None:
+        return False
+    old, new = before.netem, after.netem
+    return (old.corrupt_pct > 0 and new.corrupt_pct == 0) or (
+        old.reorder_pct > 0 and new.reorder_pct == 0
+    )
+
+
 def plan_change(old: NicShaping, new: NicShaping) -> tuple[Change, ...]:
     """The in-place changes that turn a NIC shaped by `old` into one shaped by `new`.
 
@@ -524,6 +560,10 @@ def plan_change(old: NicShaping, new: NicShaping) -> tuple[Change, ...]:
         elif isinstance(op, QdiscOp) and op.is_leaf:
             if before is None:
                 changes.append(TcChange("replace", op))
+            elif isinstance(before, QdiscOp) and _switches_off_sticky(before, op):
+                # The kernel keeps an omitted corrupt/reorder on `change` (tc behaves the
+                # same), so turning one off swaps the leaf qdisc; the HTB class stays.
+                changes += [TcChange("delete", before), TcChange("replace", op)]
             elif isinstance(before, QdiscOp) and before.kind == op.kind:
                 changes.append(TcChange("change", op))
             else:

@@ -302,38 +302,51 @@ def test_simple_form_fills_both_directions() -> None:
     assert mixed.direction("ingress").impairments() == ("loss",)
 
 
-def test_impaired_nic_with_netem_golden() -> None:
-    """netem sits under the HTB leaf, so it acts on the shaped stream; its limit covers the
-    queue plus the frames in the delay line (100 Mbit/s x 12 ms / 1514 B = 100)."""
+def _netem_tree(e_loss: float, i_loss: float) -> tuple[object, ...]:
     e_rate, i_rate = 100_000_000, 50_000_000
-    shaped = shape_nic(_impaired_snic(), NETEM, node_id="prefill-0", switch_port="h0n1")
-    assert shaped.ops == (
+    return (
         LinkOp("ifb-snic", "ifb", 1000),
         QdiscOp("snic", "htb", TC_H_ROOT, ROOT_QDISC, default_class=0x1),
         htb_class("snic", "link", ROOT_QDISC, LINK_CLASS, e_rate, e_rate, 62_500, 62_500, 0),
         QdiscOp(
-            "snic",
-            "netem",
-            LINK_CLASS,
-            tc_handle(0x101, 0),
-            limit_packets=1000 + 100,
-            netem=NetemParams(10_000, 2_000, 5, 1, 0.5, 25),
+            "snic", "netem", LINK_CLASS, tc_handle(0x101, 0), limit_packets=1000 + 100,
+            netem=NetemParams(10_000, 2_000, e_loss, 1, 0.5, 25),
         ),
         QdiscOp("ifb-snic", "htb", TC_H_ROOT, ROOT_QDISC, default_class=0x1),
         htb_class("ifb-snic", "link", ROOT_QDISC, LINK_CLASS, i_rate, i_rate, 31_250, 31_250, 0),
         QdiscOp(
-            "ifb-snic",
-            "netem",
-            LINK_CLASS,
-            tc_handle(0x101, 0),
-            limit_packets=200,
-            netem=NetemParams(loss_pct=1.5),
+            "ifb-snic", "netem", LINK_CLASS, tc_handle(0x101, 0), limit_packets=200,
+            netem=NetemParams(loss_pct=i_loss),
         ),
         QdiscOp("snic", "ingress", TC_H_INGRESS, INGRESS_QDISC),
         FilterOp("snic", INGRESS_QDISC, 1, ETH_P_ALL, (MATCH_ALL,), 0, MirredRedirect("ifb-snic")),
-    )
-    assert shaped.loss_rules == ()
+    )  # fmt: skip
+
+
+LOSS_RULES = (
+    LossRuleOp("h0n1", "iifname", 50_000, "prefill-0/snic/egress"),
+    LossRuleOp("h0n1", "oifname", 15_000, "prefill-0/snic/ingress"),
+)
+
+
+def test_impaired_nic_with_netem_golden() -> None:
+    """netem sits under the HTB leaf, so it acts on the shaped stream; its limit covers the
+    queue plus the frames in the delay line (100 Mbit/s x 12 ms / 1514 B = 100). Loss is the
+    lab switch's nftables rule (lost on the wire, after the shaper), the same as without
+    netem; the ingress netem only holds the queue limit."""
+    shaped = shape_nic(_impaired_snic(), NETEM, node_id="prefill-0", switch_port="h0n1")
+    assert shaped.ops == _netem_tree(0, 0)
+    assert shaped.loss_rules == LOSS_RULES
     assert shaped.unemulated == ()
+
+
+def test_loss_goes_to_netem_without_nftables_or_a_lab_switch() -> None:
+    netem_only = KernelCaps(netem=True, nft_numgen=False)
+    shaped = shape_nic(_impaired_snic(), netem_only, node_id="prefill-0", switch_port="h0n1")
+    assert shaped.ops == _netem_tree(5, 1.5)
+    assert shaped.loss_rules == shaped.unemulated == ()
+    # apply_shaping on an existing interface has no lab switch to drop on.
+    assert plan_nic(_impaired_snic(), NETEM) == _netem_tree(5, 1.5)
 
 
 def test_impaired_nic_without_netem_golden() -> None:
@@ -351,10 +364,7 @@ def test_impaired_nic_without_netem_golden() -> None:
         QdiscOp("snic", "ingress", TC_H_INGRESS, INGRESS_QDISC),
         FilterOp("snic", INGRESS_QDISC, 1, ETH_P_ALL, (MATCH_ALL,), 0, MirredRedirect("ifb-snic")),
     )
-    assert shaped.loss_rules == (
-        LossRuleOp("h0n1", "iifname", 50_000, "prefill-0/snic/egress"),
-        LossRuleOp("h0n1", "oifname", 15_000, "prefill-0/snic/ingress"),
-    )
+    assert shaped.loss_rules == LOSS_RULES
     assert [str(u) for u in shaped.unemulated] == [
         "prefill-0.snic egress delay: no sch_netem",
         "prefill-0.snic egress jitter: no sch_netem",
@@ -593,3 +603,21 @@ def test_networks_with_per_packet_impairments_send_one_frame_per_skb() -> None:
         ("decode-0", "snic"): True,
         ("decode-0", "cnic"): False,
     }
+
+
+def test_switching_corrupt_off_swaps_only_the_leaf_qdisc() -> None:
+    def nic(corrupt: float) -> NicSpec:
+        egress = DirectionSpec(10, delay_ms=5, corrupt_pct=corrupt)
+        return NicSpec("snic", "storage", "198.18.1.10/24", LinkShape(10, egress=egress))
+
+    on, off = shape_nic(nic(1), NETEM), shape_nic(nic(0), NETEM)
+    changes = plan_change(on, off)
+    assert [
+        (c.verb, c.op.kind)
+        for c in changes
+        if isinstance(c, TcChange) and isinstance(c.op, QdiscOp)
+    ] == [
+        ("delete", "netem"),
+        ("replace", "netem"),
+    ]
+    assert [c.verb for c in plan_change(off, on) if isinstance(c, TcChange)] == ["change"]
