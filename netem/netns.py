@@ -733,6 +733,8 @@ class NetnsLab:
         self._handles: dict[str, Any] = {}
         self._sources = {h.node_id: _nic_sources(h) for h in self.plan.hosts}
         self._offloaded: set[tuple[str, str]] = set()
+        self._nft_table = False
+        """Whether this lab made its nft table in the switch namespace (kept until down)."""
         """(namespace, NIC) with TSO/GSO turned off by this lab."""
         self._lock = threading.Lock()
 
@@ -1008,14 +1010,15 @@ class NetnsLab:
             )
 
     def _nft_handles(self) -> dict[str, int]:
-        if not self.plan.loss_rules:
+        if not self._nft_table:
             return {}
         return _nft_rule_handles(self.switch_namespace)
 
     def _ensure_nft_table(self) -> None:
         """Create the lab's nft table the first time a loss rule is needed."""
-        if not self.plan.loss_rules:
+        if not self._nft_table:
             _nft(self.switch_namespace, ["-f", "-"], nft_batch(nft_setup()))
+            self._nft_table = True
 
     def _commit_nic(self, node_id: str, new_nic: NicSpec) -> None:
         """The changed NIC becomes part of the spec, the plan, the counters and the record."""
@@ -1141,6 +1144,7 @@ class NetnsLab:
                 ["-f", "-"],
                 nft_batch(nft_setup() + [_add(nft_rule(r)) for r in plan.loss_rules]),
             )
+            self._nft_table = True
         state.set_objects(sw_ns, self._switch_objects())
 
     def _objects(self, host: HostPlan) -> list[str]:
@@ -1155,7 +1159,7 @@ class NetnsLab:
         plan = self.plan
         items = [f"bridge {bridge}" for bridge, _net in plan.bridges]
         items += [f"veth {n.switch_ifname}" for h in plan.hosts for n in h.nics]
-        if plan.loss_rules:
+        if self._nft_table:
             items.append(f"nft table {NFT_FAMILY} {NFT_TABLE}, chain {NFT_CHAIN}")
             items += [_describe_rule(r) for r in plan.loss_rules]
         return items

@@ -279,6 +279,9 @@ def test_set_link_validates_and_fails_closed_on_a_foreign_qdisc(make: MakeLab, l
     assert "state DOWN" in run(lab.exec_argv("prefill-0", ["ip", "link", "show", "snic"]))
     lab.set_link("prefill-0", "snic", up=True, loss_pct=0)
     assert nft_counters(lab) == {}
+    lab.set_link("prefill-0", "snic", direction="ingress", loss_pct=2)  # the table is reused
+    assert set(nft_counters(lab)) == {"prefill-0/snic/ingress"}
+    lab.set_link("prefill-0", "snic", direction="ingress", loss_pct=0)
     got = send_marked(
         lab, sender="prefill-0", receiver="storage-0", nic="snic", dscp=0, nbytes=50_000, port=7300
     )
