@@ -843,27 +843,18 @@ class NetnsLab:
         Values are those of DirectionSpec (None: leave as is) and apply to `direction`
         ('both' by default); `up` sets the NIC administratively up or down. Rates become
         `tc class change` on the HTB classes (queues and counters are kept), impairments
-        `netem change` (or a netem graft under a leaf that had none), loss without netem a
-        replaced nft rule. The HTB tree itself is never deleted and re-added.
+        `netem change` (or a netem graft under a leaf that had none), loss an added, replaced
+        or deleted nft rule on the lab switch (netem loss where there is no nftables). The HTB
+        root and classes are never deleted and re-added.
 
         Everything is validated first: an invalid value raises SpecError naming
         `<node>.<nic>.<direction>.<field>`, a feature this kernel cannot emulate raises
         NetemError (unless allow_unemulated), and a qdisc tree or nft chain that is not
         exactly the lab's raises NetemError: in each case nothing is changed."""
-        thread = self._thread
-        if thread is None:
-            raise NetemError(f"lab {self.lab_id} is not up", operation="set_link")
-        host = self.spec.host(node_id) if node_id in self._node_ids() else None
-        if host is None:
-            raise SpecError(f"node_id: {node_id!r} is not a node of lab {self.lab_id}")
-        try:
-            old_nic = host.nic(nic)
-        except KeyError:
-            raise SpecError(
-                f"nic: {nic!r} is not a NIC of {node_id} (have: {[n.name for n in host.nics]})"
-            ) from None
         if direction not in ("egress", "ingress", "both"):
             raise SpecError(f"direction: {direction!r} is invalid (egress, ingress or both)")
+        if up is not None and not isinstance(up, bool):
+            raise SpecError(f"up: {up!r} is invalid (True, False or None)")
         values = {
             "rate_mbit": rate_mbit,
             "ceil_mbit": ceil_mbit,
@@ -875,12 +866,22 @@ class NetnsLab:
             "reorder_pct": reorder_pct,
         }
         changes_wanted = {k: v for k, v in values.items() if v is not None}
-        new_nic = old_nic
-        if changes_wanted:
-            new_nic = self._changed_nic(node_id, old_nic, direction, changes_wanted)
-        with self._lock:
-            if self._thread is not thread:
+        with self._lock:  # one change at a time, each from the spec the last one left
+            thread = self._thread
+            if thread is None:
                 raise NetemError(f"lab {self.lab_id} is not up", operation="set_link")
+            host = self.spec.host(node_id) if node_id in self._node_ids() else None
+            if host is None:
+                raise SpecError(f"node_id: {node_id!r} is not a node of lab {self.lab_id}")
+            try:
+                old_nic = host.nic(nic)
+            except KeyError:
+                raise SpecError(
+                    f"nic: {nic!r} is not a NIC of {node_id} (have: {[n.name for n in host.nics]})"
+                ) from None
+            new_nic = old_nic
+            if changes_wanted:
+                new_nic = self._changed_nic(node_id, old_nic, direction, changes_wanted)
             return thread.call(partial(self._set_link, node_id, old_nic, new_nic, up))
 
     def _node_ids(self) -> set[str]:
