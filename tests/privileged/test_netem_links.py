@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -128,6 +129,30 @@ def test_random_loss_matches_the_spec(
         assert (nic.egress_drops if direction == "egress" else nic.ingress_drops) == lost
     assert counters["storage-0"]["snic"].egress_drops == 0
     assert counters["storage-0"]["snic"].ingress_drops == 0
+
+
+def test_tcp_loses_single_frames_not_tso_bursts(make: MakeLab, lab_id: str) -> None:
+    """A network with loss sends one frame per skb (TSO/GSO off), so each drop is one frame
+    and TCP sees ordinary losses it recovers from."""
+    if not host_caps().nft_numgen:
+        pytest.skip("nftables with bridge numgen is not available here")
+    lab = make(loss_spec(lab_id, "egress"), caps=KernelCaps.without_netem())
+    lab.up()
+    nbytes = 4_000_000
+    got = send_marked(
+        lab, sender="prefill-0", receiver="storage-0", nic="snic", dscp=0, nbytes=nbytes, port=7400
+    )
+    assert got == nbytes
+    out = run(
+        ["ip", "netns", "exec", lab.switch_namespace, "nft", "-j", "list", "table", "bridge",
+         "dualpath"]
+    )  # fmt: skip
+    rule = next(i["rule"] for i in json.loads(out)["nftables"] if "rule" in i)
+    counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
+    frames = nbytes / 1448
+    print(f"TCP: {counter['packets']} drops of {counter['bytes']} bytes, ~{frames:.0f} frames")
+    assert counter["packets"] > 0.02 * frames, "about 5 % of the data frames are lost"
+    assert counter["bytes"] <= counter["packets"] * 1500, "every drop is a single frame"
 
 
 _TIMED_SENDER = """
