@@ -1,7 +1,9 @@
-"""The netns applier: builds a TopologyPlan as namespaces, veths, bridges, IFBs and HTB trees
-with pyroute2, recording each namespace before creating it, and removes exactly those. It never
-touches the host's namespace (the bridges live in `dp-<lab>-sw`) and never builds tc command
-strings; its only subprocesses are `ip netns exec <lab namespace> sysctl`.
+"""The netns applier: builds a TopologyPlan as namespaces, veths, bridges, IFBs, HTB trees and
+netem leaves with pyroute2, recording each namespace before creating it, and removes exactly
+those; changes a running lab's links in place (`NetnsLab.set_link`) after checking they are
+still the lab's. It never touches the host's namespace (the bridges live in `dp-<lab>-sw`) and
+never builds tc command strings; its only subprocesses are argv lists run with `ip netns exec
+<lab namespace>`: `sysctl`, and `nft -j` fed JSON documents the planner built.
 """
 
 from __future__ import annotations
