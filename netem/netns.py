@@ -516,7 +516,7 @@ def _check_ours(ipr: Any, where: str, ops: Sequence[Op]) -> None:
             )
 
 
-# --- nftables (loss without netem) ----------------------------------------------------------
+# --- nftables (random loss on the lab switch) -------------------------------------------------
 def _nft(namespace: str, args: Sequence[str], document: dict[str, object] | None = None) -> str:
     """Run `nft -j ARGS` inside `namespace` (an argv, never a shell); JSON in on stdin."""
     argv = ["ip", "netns", "exec", namespace, "nft", "-j", *args]
