@@ -74,7 +74,7 @@ LEAF_QDISC_MAJOR_BASE = 0x100
 NFT_FAMILY = "bridge"
 NFT_TABLE = "dualpath"
 NFT_CHAIN = "forward"
-"""The lab's nftables table in its switch namespace (only when loss falls back to nftables)."""
+"""The lab's nftables table in its switch namespace, made when some NIC has random loss."""
 
 NUMGEN_MOD = 1_000_000
 """Loss rules draw `numgen random mod 1000000`: loss is resolved to 1 ppm (0.0001 %)."""
