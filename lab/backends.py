@@ -262,14 +262,21 @@ class NetnsBackend(_ProcessHost):
         state: RunState,
         *,
         kv_min_fraction: float,
+        allow_unemulated: bool = False,
     ) -> None:
+        """`allow_unemulated`: bring the lab up even when a link feature (e.g. delay on a
+        kernel without sch_netem) cannot be emulated; otherwise `up` fails naming it."""
         super().__init__(spec, spec_path, log_dir, state)
         from netem.netns import NetnsLab, require_net_admin
 
         require_net_admin()
         if shutil.which("ip") is None:
             raise BackendError("the netns backend needs iproute2 ('ip'): apt-get install iproute2")
-        self.lab = NetnsLab(topology_for(spec, kv_min_fraction), state_dir=state_dir())
+        self.lab = NetnsLab(
+            topology_for(spec, kv_min_fraction),
+            state_dir=state_dir(),
+            allow_unemulated=allow_unemulated,
+        )
 
     def wrap(self, node_id: str, argv: list[str]) -> list[str]:
         return self.lab.exec_argv(node_id, argv)
@@ -293,10 +300,7 @@ class NetnsBackend(_ProcessHost):
 
     def set_link(self, node_id: str, nic: str, changes: dict[str, Any]) -> str:
         """Change one NIC in place (netem.netns.NetnsLab.set_link); returns what changed."""
-        set_link = getattr(self.lab, "set_link", None)
-        if set_link is None:
-            raise BackendError("this netem build cannot change links at runtime")
-        made = set_link(node_id, nic, **changes)
+        made = self.lab.set_link(node_id, nic, **changes)
         return f"{node_id}/{nic}: " + "; ".join(str(c) for c in made)
 
     def down(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""The `dualpath` command line: run, compare, up, down, status, exec.
+"""The `dualpath` command line: run, compare, up, down, status, exec, analyze, doctor.
 
 Only parses arguments, loads the config, calls the runner/backends and prints. Exit status:
 0 ok, 1 the run failed, 2 bad input (config, arguments, missing privileges), 130 interrupted.
@@ -115,7 +115,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     state = RunState(lab_id, args.backend, spec_path, data_dir)
     if args.backend == "netns":
         be: LocalBackend | NetnsBackend = NetnsBackend(
-            spec, spec_path, out / "logs", state, kv_min_fraction=cfg.network.kv_min_fraction
+            spec,
+            spec_path,
+            out / "logs",
+            state,
+            kv_min_fraction=cfg.network.kv_min_fraction,
+            allow_unemulated=args.allow_unemulated,
         )
     else:
         be = LocalBackend(spec, spec_path, out / "logs", state)
@@ -152,6 +157,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     )
     print(f"{cfg.name}: {format_analysis(result)}")
     print(format_lab_analysis(lab))
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What this kernel/host can emulate, per link feature. Probes in a namespace of its own."""
+    from netem.doctor import probe
+
+    report = probe()
+    if args.json:
+        from dataclasses import asdict
+
+        data = asdict(report)
+        data["features"] = [asdict(f) for f in report.features()]
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(report.lines()))
     return EXIT_OK
 
 
@@ -247,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=cmd_chaos)
     up = sub.add_parser("up", help="bring a lab up and leave it running")
     common(up)
+    up.add_argument(
+        "--allow-unemulated",
+        action="store_true",
+        help="come up even if a link feature cannot be emulated here (see `dualpath doctor`)",
+    )
     up.set_defaults(func=cmd_up)
     an = sub.add_parser("analyze", help="the bottleneck-free P/D range (DualPath §4.2)")
     an.add_argument("-c", "--config", required=True, help="lab config (YAML)")
@@ -255,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop every recorded lab and remove what it created")
     down.add_argument("--lab", help="only this lab id")
     down.set_defaults(func=cmd_down)
+    doc = sub.add_parser("doctor", help="what this kernel/host can emulate, per link feature")
+    doc.add_argument("--json", action="store_true", help="the report as JSON")
+    doc.set_defaults(func=cmd_doctor)
     st = sub.add_parser("status", help="labs that are up and their processes")
     st.set_defaults(func=cmd_status)
     ex = sub.add_parser("exec", help="run a command inside a node: dualpath exec NODE -- CMD")

@@ -68,7 +68,8 @@ def nic_utilisation(
                 mbit = (v1 - v0) * 8 / span / 1e6
                 entry[f"{direction}_bytes"] = v1 - v0
                 entry[f"{direction}_mbit"] = round(mbit, 3)
-                entry[f"{direction}_util"] = round(mbit / rate, 4) if rate else None
+                d_rate = c.get(f"{direction}_rate_mbit") or rate
+                entry[f"{direction}_util"] = round(mbit / d_rate, 4) if d_rate else None
             out.setdefault(node, {})[nic] = entry
     return out
 

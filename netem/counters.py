@@ -38,10 +38,20 @@ class NicCounters:
     egress_backlog_bytes: int
     ingress_backlog_bytes: int
     rate_mbit: float | None
-    """The configured rate of both directions; None when unshaped."""
+    """The configured egress rate (both directions' in the simple LinkShape form); None when
+    unshaped. Per direction: `egress_rate_mbit`, `ingress_rate_mbit`."""
     egress_classes: dict[str, ClassCounters] = field(default_factory=dict)
     ingress_classes: dict[str, ClassCounters] = field(default_factory=dict)
     """'collective', 'control', 'kv' when the NIC has priority classes, else empty."""
+    ingress_rate_mbit: float | None = None
+    """The configured ingress rate when it differs from `rate_mbit` (per-direction specs or
+    set_link), else None; use `direction_rate_mbit`."""
+
+    def direction_rate_mbit(self, direction: str) -> float | None:
+        """The configured rate of 'egress' or 'ingress' when the snapshot was taken."""
+        if direction == "ingress" and self.ingress_rate_mbit is not None:
+            return self.ingress_rate_mbit
+        return self.rate_mbit
 
 
 @dataclass(frozen=True)
@@ -52,8 +62,11 @@ class NicSource:
     ifb: str | None
     """The IFB carrying the NIC's shaped ingress; None when unshaped."""
     rate_mbit: float | None
+    """Egress rate."""
     classes: tuple[tuple[str, int], ...] = ()
     """(class name, classid) of the leaf classes, both trees."""
+    ingress_rate_mbit: float | None = None
+    """None: the same as `rate_mbit`."""
 
 
 @dataclass(frozen=True)
@@ -154,5 +167,6 @@ def read_nics(ipr: Any, namespace: str, sources: Sequence[NicSource]) -> dict[st
             rate_mbit=src.rate_mbit,
             egress_classes=_classes(ipr, index, src.classes),
             ingress_classes=_classes(ipr, ifb_index, src.classes),
+            ingress_rate_mbit=src.ingress_rate_mbit,
         )
     return out

@@ -9,11 +9,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from netem.capabilities import KernelCaps
 from netem.spec import (
     BRIDGE_PREFIX,
+    DIRECTIONS,
     IFB_PREFIX,
     IFNAMSIZ,
     SWITCH_NODE_ID,
+    DirectionSpec,
     LinkShape,
     NicSpec,
     SpecError,
@@ -64,6 +67,18 @@ CLASS_DSCP: dict[str, int] = {"collective": 46, "control": 24, "kv": 8}
 CLASS_PRIO: dict[str, int] = {"collective": 0, "control": 1, "kv": 2}
 """HTB prio (0 = served first, also when borrowing spare link rate)."""
 
+LEAF_QDISC_MAJOR_BASE = 0x100
+"""Leaf qdiscs (netem, or pfifo for a queue limit without netem) have handle
+`<0x100 + leaf minor>:` — 101: under 1:1, 110:/120:/130: under 1:10/1:20/1:30."""
+
+NFT_FAMILY = "bridge"
+NFT_TABLE = "dualpath"
+NFT_CHAIN = "forward"
+"""The lab's nftables table in its switch namespace, made when some NIC has random loss."""
+
+NUMGEN_MOD = 1_000_000
+"""Loss rules draw `numgen random mod 1000000`: loss is resolved to 1 ppm (0.0001 %)."""
+
 DEFAULT_CLASS_NAME = "kv"
 """Unmarked traffic (DSCP 0, ARP, ...) falls into kv."""
 
@@ -96,6 +111,9 @@ IFB_TXQUEUELEN = 1000
 """IFB devices default to 32 packets (the leaf pfifo inherits it); 1000 matches the veth, so
 both directions queue alike."""
 
+DEFAULT_QUEUE_LIMIT_PACKETS = 1000
+"""A leaf's queue when the spec gives none: the veth/IFB txqueuelen, as without a leaf qdisc."""
+
 
 def burst_bytes(rate_bit: int) -> int:
     """Bucket size for `rate_bit`: BURST_TIME_S worth of bytes, at least MIN_BURST_BYTES."""
@@ -120,13 +138,33 @@ class LinkOp:
 
 
 @dataclass(frozen=True)
+class NetemParams:
+    """sch_netem's options for one leaf: times in microseconds, probabilities in percent."""
+
+    delay_us: int = 0
+    jitter_us: int = 0
+    loss_pct: float = 0.0
+    duplicate_pct: float = 0.0
+    corrupt_pct: float = 0.0
+    reorder_pct: float = 0.0
+
+
+@dataclass(frozen=True)
 class QdiscOp:
     dev: str
-    kind: Literal["htb", "ingress"]
+    kind: Literal["htb", "ingress", "netem", "pfifo"]
     parent: int
     handle: int
     default_class: int = 0
     """htb only: minor of the class that takes unclassified packets."""
+    limit_packets: int = 0
+    """netem/pfifo leaves only: queue limit in packets."""
+    netem: NetemParams | None = None
+    """netem leaves only."""
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.kind in ("netem", "pfifo")
 
 
 @dataclass(frozen=True)
@@ -180,13 +218,145 @@ class FilterOp:
 Op = LinkOp | QdiscOp | ClassOp | FilterOp
 
 
+@dataclass(frozen=True)
+class LossRuleOp:
+    """Drop a random share of the frames one lab NIC sends or receives, on the lab switch.
+
+    In the switch namespace's bridge (`bridge dualpath forward`): frames entering the bridge
+    from `port` (the NIC's veth peer) are the NIC's egress, frames leaving through it its
+    ingress. Dropping there, beyond the node, is loss on the wire: the sender's stack has
+    accepted the packet, as with netem. (A netfilter DROP inside the node's own namespace
+    would fail the sender's send() with EPERM and make TCP resend instead of losing.)"""
+
+    port: str
+    match: Literal["iifname", "oifname"]
+    threshold: int
+    """Drop when `numgen random mod NUMGEN_MOD` < threshold (loss in ppm)."""
+    comment: str
+    """`<node_id>/<nic>/<direction>`: names the rule, so set_link can find and replace it."""
+
+
+@dataclass(frozen=True)
+class Unemulated:
+    """A feature of a NIC direction this kernel cannot emulate; the caller decides whether
+    that is an error (`NetnsLab(..., allow_unemulated=True)` accepts it)."""
+
+    node_id: str
+    nic: str
+    direction: str
+    feature: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.node_id}.{self.nic}" if self.node_id else self.nic
+        return f"{where} {self.direction} {self.feature}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class NicShaping:
+    """Everything that shapes one NIC: tc operations in its namespace (in order), loss rules
+    for the lab switch, and what could not be emulated."""
+
+    ops: tuple[Op, ...] = ()
+    loss_rules: tuple[LossRuleOp, ...] = ()
+    unemulated: tuple[Unemulated, ...] = ()
+
+
 def ifb_name(nic_name: str) -> str:
     return f"{IFB_PREFIX}{nic_name}"
 
 
-def _htb_tree(dev: str, shape: LinkShape) -> list[Op]:
-    rate = shape.rate_bit
-    link_burst = burst_bytes(rate)
+def leaf_qdisc_handle(classid: int) -> int:
+    """Handle of the qdisc under leaf class `classid`: 1:1 -> 101:, 1:30 -> 130:."""
+    return tc_handle(LEAF_QDISC_MAJOR_BASE + (classid & 0xFFFF), 0)
+
+
+def leaf_class_ids(shape: LinkShape) -> tuple[int, ...]:
+    """The HTB classes that hold packets (leaves) of one tree."""
+    return tuple(CLASS_IDS.values()) if shape.priority_classes else (LINK_CLASS,)
+
+
+def loss_threshold(loss_pct: float) -> int:
+    return min(NUMGEN_MOD, round(loss_pct * NUMGEN_MOD / 100))
+
+
+LossMechanism = Literal["nftables", "netem"]
+
+
+def loss_mechanism(caps: KernelCaps, switch_port: str | None) -> LossMechanism | None:
+    """Where random loss is emulated. The lab switch's nftables rule whenever there is one:
+    the lost frame has used the sender's link (it is lost on the wire, after the shaper, as on
+    a real link), every drop is counted per NIC and direction (`nft list`), and labs behave
+    the same on kernels with and without netem. netem (which drops before the shaper) only
+    where there is no lab switch or no nftables."""
+    if caps.nft_numgen and switch_port is not None:
+        return "nftables"
+    if caps.netem:
+        return "netem"
+    return None
+
+
+def _netem_features(d: DirectionSpec, loss: LossMechanism | None) -> tuple[str, ...]:
+    """The direction's impairments that netem has to emulate."""
+    return tuple(f for f in d.impairments() if f != "loss" or loss == "netem")
+
+
+def _netem_params(d: DirectionSpec, loss: LossMechanism | None) -> NetemParams:
+    return NetemParams(
+        delay_us=round(d.delay_ms * 1000),
+        jitter_us=round(d.jitter_ms * 1000),
+        loss_pct=d.loss_pct if loss == "netem" else 0.0,
+        duplicate_pct=d.duplicate_pct,
+        corrupt_pct=d.corrupt_pct,
+        reorder_pct=d.reorder_pct,
+    )
+
+
+def netem_limit(d: DirectionSpec) -> int:
+    """netem's queue holds the delay line as well as the queue: the spec's limit, else the
+    default queue plus the full frames the rate puts on the wire during delay + jitter."""
+    if d.queue_limit_packets is not None:
+        return d.queue_limit_packets
+    in_flight_s = (d.delay_ms + d.jitter_ms) / 1000
+    return DEFAULT_QUEUE_LIMIT_PACKETS + math.ceil(d.rate_bit / 8 * in_flight_s / ETH_FRAME_MAX)
+
+
+def _leaf_qdiscs(
+    dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps, loss: LossMechanism | None
+) -> list[Op]:
+    """netem under every leaf where the kernel has it and the direction needs it; else a pfifo
+    when only a queue limit is asked for; else nothing (the kernel's default pfifo)."""
+    if caps.netem and (_netem_features(d, loss) or d.queue_limit_packets is not None):
+        return [
+            QdiscOp(
+                dev,
+                "netem",
+                classid,
+                leaf_qdisc_handle(classid),
+                limit_packets=netem_limit(d),
+                netem=_netem_params(d, loss),
+            )
+            for classid in leaf_class_ids(shape)
+        ]
+    if d.queue_limit_packets is not None:
+        return [
+            QdiscOp(
+                dev,
+                "pfifo",
+                classid,
+                leaf_qdisc_handle(classid),
+                limit_packets=d.queue_limit_packets,
+            )
+            for classid in leaf_class_ids(shape)
+        ]
+    return []
+
+
+def _htb_tree(
+    dev: str, shape: LinkShape, d: DirectionSpec, caps: KernelCaps, loss: LossMechanism | None
+) -> list[Op]:
+    rate, ceil = d.rate_bit, d.ceil_bit
+    link_burst = d.burst_bytes if d.burst_bytes is not None else burst_bytes(rate)
     default = CLASS_IDS[DEFAULT_CLASS_NAME] if shape.priority_classes else LINK_CLASS
     ops: list[Op] = [
         QdiscOp(dev, "htb", TC_H_ROOT, ROOT_QDISC, default_class=default & 0xFFFF),
@@ -204,7 +374,7 @@ def _htb_tree(dev: str, shape: LinkShape) -> list[Op]:
         ),
     ]
     if not shape.priority_classes:
-        return ops
+        return ops + _leaf_qdiscs(dev, shape, d, caps, loss)
     kv_rate = max(8, round(rate * shape.kv_min_fraction))
     control_rate = max(8, round(rate * CONTROL_FRACTION))
     guaranteed = {
@@ -219,14 +389,15 @@ def _htb_tree(dev: str, shape: LinkShape) -> list[Op]:
                 name=name,
                 parent=LINK_CLASS,
                 classid=classid,
-                rate_bit=guaranteed[name],
-                ceil_bit=rate,
+                rate_bit=min(guaranteed[name], ceil),
+                ceil_bit=ceil,
                 burst_bytes=burst_bytes(guaranteed[name]),
                 cburst_bytes=link_burst,
                 prio=CLASS_PRIO[name],
                 quantum_bytes=QUANTUM_BYTES,
             )
         )
+    ops += _leaf_qdiscs(dev, shape, d, caps, loss)
     for name, classid in CLASS_IDS.items():
         ops.append(
             FilterOp(
@@ -241,22 +412,68 @@ def _htb_tree(dev: str, shape: LinkShape) -> list[Op]:
     return ops
 
 
-def plan_nic(nic: NicSpec) -> tuple[Op, ...]:
-    """Operations (inside the node namespace, in order) that shape `nic`; () when unshaped.
+NO_SWITCH_REASON = (
+    "no sch_netem, and no lab switch to drop on (a netfilter DROP in the NIC's own namespace "
+    "fails the sender's send() instead of losing the packet)"
+)
 
-    Egress: HTB root on the NIC. Ingress: an IFB `ifb-<nic>` with the same HTB tree on its
-    egress, fed by an ingress qdisc whose match-all u32 filter redirects every packet to it.
+
+def _unemulated_and_loss(
+    nic: NicSpec, caps: KernelCaps, node_id: str, switch_port: str | None
+) -> tuple[list[LossRuleOp], list[Unemulated]]:
+    shape = nic.shape
+    assert shape is not None
+    loss = loss_mechanism(caps, switch_port)
+    rules: list[LossRuleOp] = []
+    missing: list[Unemulated] = []
+    for direction in DIRECTIONS:
+        d = shape.direction(direction)
+        for feature in d.impairments():
+            if feature == "loss" and loss == "nftables":
+                assert switch_port is not None
+                rules.append(
+                    LossRuleOp(
+                        port=switch_port,
+                        match="iifname" if direction == "egress" else "oifname",
+                        threshold=loss_threshold(d.loss_pct),
+                        comment=f"{node_id}/{nic.name}/{direction}",
+                    )
+                )
+            elif feature == "loss" and loss is None:
+                reason = NO_SWITCH_REASON if switch_port is None else "no sch_netem, no nft numgen"
+                missing.append(Unemulated(node_id, nic.name, direction, feature, reason))
+            elif feature != "loss" and not caps.netem:
+                missing.append(Unemulated(node_id, nic.name, direction, feature, "no sch_netem"))
+    return rules, missing
+
+
+def shape_nic(
+    nic: NicSpec,
+    caps: KernelCaps,
+    *,
+    node_id: str = "",
+    switch_port: str | None = None,
+) -> NicShaping:
+    """Everything that shapes `nic` on a kernel with `caps`.
+
+    Egress: HTB root on the NIC. Ingress: an IFB `ifb-<nic>` with the direction's HTB tree on
+    its egress, fed by an ingress qdisc whose match-all u32 filter redirects every packet to it.
     The redirect is installed last, so no packet reaches the IFB before its tree exists.
+    Delay, jitter, duplicate, corrupt and reorder go into netem under each HTB leaf; loss
+    becomes a LossRuleOp on `switch_port` (the NIC's veth peer on the lab switch) wherever
+    nftables is there (see `loss_mechanism`), else netem loss. What the kernel cannot do is
+    reported in `unemulated`, never silently left out.
     """
     shape = nic.shape
     if shape is None:
-        return ()
+        return NicShaping()
     ifb = ifb_name(nic.name)
     if len(ifb) > IFNAMSIZ:
         raise SpecError(f"name: {nic.name!r} is too long for its IFB {ifb!r}")
+    loss = loss_mechanism(caps, switch_port)
     ops: list[Op] = [LinkOp(ifb, "ifb", IFB_TXQUEUELEN)]
-    ops += _htb_tree(nic.name, shape)
-    ops += _htb_tree(ifb, shape)
+    ops += _htb_tree(nic.name, shape, shape.direction("egress"), caps, loss)
+    ops += _htb_tree(ifb, shape, shape.direction("ingress"), caps, loss)
     ops.append(QdiscOp(nic.name, "ingress", TC_H_INGRESS, INGRESS_QDISC))
     ops.append(
         FilterOp(
@@ -268,7 +485,179 @@ def plan_nic(nic: NicSpec) -> tuple[Op, ...]:
             action=MirredRedirect(ifb),
         )
     )
-    return tuple(ops)
+    rules, missing = _unemulated_and_loss(nic, caps, node_id, switch_port)
+    return NicShaping(tuple(ops), tuple(rules), tuple(missing))
+
+
+def plan_nic(nic: NicSpec, caps: KernelCaps | None = None) -> tuple[Op, ...]:
+    """The tc operations (inside the node namespace, in order) that shape `nic`; () when
+    unshaped. `caps` defaults to a kernel with netem; see `shape_nic` for what is left out."""
+    return shape_nic(nic, caps or KernelCaps.with_netem()).ops
+
+
+# --- in-place changes ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TcChange:
+    """Change a class or leaf qdisc in place: `change` (same object, new parameters),
+    `replace` (graft a leaf qdisc under an existing class) or `delete` (a leaf qdisc; the
+    class gets the kernel's default pfifo back). The HTB root and classes are never deleted."""
+
+    verb: Literal["change", "replace", "delete"]
+    op: ClassOp | QdiscOp
+
+
+@dataclass(frozen=True)
+class RuleChange:
+    verb: Literal["add", "replace", "delete"]
+    rule: LossRuleOp
+
+
+@dataclass(frozen=True)
+class LinkStateOp:
+    """Set a NIC administratively up or down (its veth peer loses carrier)."""
+
+    dev: str
+    up: bool
+
+
+Change = TcChange | RuleChange | LinkStateOp
+
+
+def _key(op: Op) -> tuple[object, ...]:
+    if isinstance(op, LinkOp):
+        return ("link", op.ifname)
+    if isinstance(op, ClassOp):
+        return ("class", op.dev, op.classid)
+    if isinstance(op, QdiscOp):
+        return ("qdisc", op.dev, op.parent) if op.is_leaf else ("qdisc", op.dev, op.handle)
+    return ("filter", op.dev, op.parent, op.prio)
+
+
+def _switches_off_sticky(before: QdiscOp, after: QdiscOp) -> bool:
+    """netem options a `change` cannot reset to 0 (their attributes are only sent when set)."""
+    if before.netem is None or after.netem is None:
+        return False
+    old, new = before.netem, after.netem
+    return (old.corrupt_pct > 0 and new.corrupt_pct == 0) or (
+        old.reorder_pct > 0 and new.reorder_pct == 0
+    )
+
+
+def plan_change(old: NicShaping, new: NicShaping) -> tuple[Change, ...]:
+    """The in-place changes that turn a NIC shaped by `old` into one shaped by `new`.
+
+    Only class parameters, leaf qdiscs and loss rules may differ; anything else (another
+    tree, other classes or filters) raises ValueError: that is a rebuild, not a change."""
+    old_ops = {_key(op): op for op in old.ops}
+    new_ops = {_key(op): op for op in new.ops}
+    changes: list[Change] = []
+    for key, op in new_ops.items():
+        before = old_ops.get(key)
+        if before == op:
+            continue
+        if isinstance(op, ClassOp) and isinstance(before, ClassOp):
+            changes.append(TcChange("change", op))
+        elif isinstance(op, QdiscOp) and op.is_leaf:
+            if before is None:
+                changes.append(TcChange("replace", op))
+            elif isinstance(before, QdiscOp) and _switches_off_sticky(before, op):
+                # The kernel keeps an omitted corrupt/reorder on `change` (tc behaves the
+                # same), so turning one off swaps the leaf qdisc; the HTB class stays.
+                changes += [TcChange("delete", before), TcChange("replace", op)]
+            elif isinstance(before, QdiscOp) and before.kind == op.kind:
+                changes.append(TcChange("change", op))
+            else:
+                raise ValueError(f"cannot change {before} into {op} in place")
+        else:
+            raise ValueError(f"cannot change {before} into {op} in place")
+    for key, op in old_ops.items():
+        if key in new_ops:
+            continue
+        if isinstance(op, QdiscOp) and op.is_leaf:
+            changes.append(TcChange("delete", op))
+        else:
+            raise ValueError(f"cannot remove {op} in place")
+    old_rules = {r.comment: r for r in old.loss_rules}
+    new_rules = {r.comment: r for r in new.loss_rules}
+    for comment, rule in new_rules.items():
+        if comment not in old_rules:
+            changes.append(RuleChange("add", rule))
+        elif old_rules[comment] != rule:
+            changes.append(RuleChange("replace", rule))
+    changes += [RuleChange("delete", r) for c, r in old_rules.items() if c not in new_rules]
+    return tuple(changes)
+
+
+def expected_qdiscs(ops: tuple[Op, ...]) -> dict[str, set[tuple[str, int, int]]]:
+    """dev -> {(kind, parent, handle)} of every qdisc the plan creates: exactly what a
+    qdisc dump of a lab NIC and its IFB must show (the kernel's default leaf pfifos are
+    hidden from dumps), so anything else there is foreign."""
+    out: dict[str, set[tuple[str, int, int]]] = {}
+    for op in ops:
+        if isinstance(op, LinkOp):
+            out.setdefault(op.ifname, set())
+        elif isinstance(op, QdiscOp):
+            out.setdefault(op.dev, set()).add((op.kind, op.parent, op.handle))
+    return out
+
+
+def expected_classes(ops: tuple[Op, ...]) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for op in ops:
+        if isinstance(op, ClassOp):
+            out.setdefault(op.dev, set()).add(op.classid)
+    return out
+
+
+# --- nftables documents (`nft -j -f -` input; data, never a command string) -----------------
+def nft_setup() -> list[dict[str, object]]:
+    """Create the lab's table and chain. `create` fails if the table exists, so a table the
+    lab did not make is never adopted."""
+    return [
+        {"create": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}},
+        {
+            "create": {
+                "chain": {
+                    "family": NFT_FAMILY,
+                    "table": NFT_TABLE,
+                    "name": NFT_CHAIN,
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
+    ]
+
+
+def nft_rule(rule: LossRuleOp, *, handle: int | None = None) -> dict[str, object]:
+    """The rule object: `<match> "<port>" numgen random mod 1000000 < threshold counter drop`."""
+    body: dict[str, object] = {
+        "family": NFT_FAMILY,
+        "table": NFT_TABLE,
+        "chain": NFT_CHAIN,
+        "comment": rule.comment,
+        "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": rule.match}}, "right": rule.port}},
+            {
+                "match": {
+                    "op": "<",
+                    "left": {"numgen": {"mode": "random", "mod": NUMGEN_MOD, "offset": 0}},
+                    "right": rule.threshold,
+                }
+            },
+            {"counter": None},
+            {"drop": None},
+        ],
+    }
+    if handle is not None:
+        body["handle"] = handle
+    return {"rule": body}
+
+
+def nft_batch(commands: list[dict[str, object]]) -> dict[str, object]:
+    return {"nftables": commands}
 
 
 # --- topology ------------------------------------------------------------------------------
@@ -291,6 +680,15 @@ class NicPlan:
     """The veth's other end, in the switch namespace, enslaved to `bridge`."""
     bridge: str
     shaping: tuple[Op, ...]
+    loss_rules: tuple[LossRuleOp, ...] = ()
+    unemulated: tuple[Unemulated, ...] = ()
+    offloads_off: bool = False
+    """TSO and GSO off on this NIC: its network has per-packet impairments (see
+    `PER_PACKET_IMPAIRMENTS`), so every skb the NIC sends must be one wire frame."""
+
+    @property
+    def shaped(self) -> NicShaping:
+        return NicShaping(self.shaping, self.loss_rules, self.unemulated)
 
 
 @dataclass(frozen=True)
@@ -309,6 +707,15 @@ class TopologyPlan:
     hosts: tuple[HostPlan, ...]
 
     @property
+    def loss_rules(self) -> tuple[LossRuleOp, ...]:
+        """Every loss rule of the lab switch (empty unless loss falls back to nftables)."""
+        return tuple(r for h in self.hosts for n in h.nics for r in n.loss_rules)
+
+    @property
+    def unemulated(self) -> tuple[Unemulated, ...]:
+        return tuple(u for h in self.hosts for n in h.nics for u in n.unemulated)
+
+    @property
     def namespaces(self) -> tuple[str, ...]:
         """Every namespace of the lab, in creation order (switch first)."""
         return (self.switch_namespace, *(h.namespace for h in self.hosts))
@@ -320,8 +727,31 @@ class TopologyPlan:
         raise KeyError(f"no host {node_id!r} in lab {self.lab_id}")
 
 
-def plan_topology(spec: TopologySpec) -> TopologyPlan:
-    """Names of every namespace, bridge and veth end, and each NIC's shaping operations."""
+PER_PACKET_IMPAIRMENTS = ("loss", "duplicate", "corrupt", "reorder")
+"""netem and the nftables rules act per skb; with TSO/GSO one TCP skb can be a 64 KB burst of
+~44 frames, lost or duplicated as a whole (measured: 2 drops of 34-60 KB instead of ~1 % of
+1,400 frames). On a network with any of these, senders emit one frame per skb."""
+
+
+def impaired_networks(spec: TopologySpec) -> frozenset[str]:
+    """Networks where some NIC direction has a per-packet impairment."""
+    out: set[str] = set()
+    for host in spec.hosts:
+        for nic in host.nics:
+            if nic.shape is None:
+                continue
+            for direction in DIRECTIONS:
+                used = nic.shape.direction(direction).impairments()
+                if any(f in PER_PACKET_IMPAIRMENTS for f in used):
+                    out.add(nic.network)
+    return frozenset(out)
+
+
+def plan_topology(spec: TopologySpec, caps: KernelCaps | None = None) -> TopologyPlan:
+    """Names of every namespace, bridge and veth end, and each NIC's shaping on a kernel with
+    `caps` (default: one with netem)."""
+    caps = caps or KernelCaps.with_netem()
+    impaired = impaired_networks(spec)
     bridges = tuple((bridge_name(net), net) for net in spec.networks)
     hosts: list[HostPlan] = []
     for h, host in enumerate(spec.hosts):
@@ -330,7 +760,18 @@ def plan_topology(spec: TopologySpec) -> TopologyPlan:
             switch_ifname = f"h{h}n{n}"
             if len(switch_ifname) > IFNAMSIZ:  # pragma: no cover - needs > 10**11 hosts
                 raise SpecError(f"hosts: too many hosts for veth name {switch_ifname!r}")
-            nics.append(NicPlan(nic, switch_ifname, bridge_name(nic.network), plan_nic(nic)))
+            shaped = shape_nic(nic, caps, node_id=host.node_id, switch_port=switch_ifname)
+            nics.append(
+                NicPlan(
+                    nic,
+                    switch_ifname,
+                    bridge_name(nic.network),
+                    shaped.ops,
+                    shaped.loss_rules,
+                    shaped.unemulated,
+                    offloads_off=nic.network in impaired,
+                )
+            )
         hosts.append(HostPlan(host.node_id, namespace_name(spec.lab_id, host.node_id), tuple(nics)))
     return TopologyPlan(
         lab_id=spec.lab_id,

@@ -44,32 +44,175 @@ def _fail(field: str, value: object, allowed: str) -> SpecError:
     return SpecError(f"{field}: {value!r} is invalid ({allowed})")
 
 
+MAX_DELAY_MS = 60_000.0
+"""netem keeps delays in 64-bit ns, but a minute of one-way delay is no network to emulate."""
+
+MAX_QUEUE_LIMIT_PACKETS = 1_000_000
+MIN_BURST_BYTES = 2 * 1514
+"""Two full frames (MTU 1500 + Ethernet header): an HTB class must always be able to send."""
+MAX_BURST_BYTES = 1 << 30
+
+DIRECTIONS = ("egress", "ingress")
+IMPAIRMENTS = ("delay", "jitter", "loss", "duplicate", "corrupt", "reorder")
+"""Link features beyond rate/ceil/burst/queue limit: emulated by sch_netem where the kernel
+has it (loss also by the lab switch's nftables `numgen` rule where it has not)."""
+
+
+def _number(
+    field: str, value: object, low: float, high: float, unit: str, *, low_open: bool
+) -> None:
+    """Raise SpecError unless `value` is a finite number in the range (low, high] or [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(field, value, f"a number of {unit}")
+    op = ">" if low_open else ">="
+    if not math.isfinite(value) or not (value > low if low_open else value >= low) or value > high:
+        raise _fail(field, value, f"must be {op} {low:g} and <= {high:g} {unit}")
+
+
+def _integer(field: str, value: object, low: int, high: int, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(field, value, f"an integer number of {unit}")
+    if not low <= value <= high:
+        raise _fail(field, value, f"must be >= {low} and <= {high} {unit}")
+
+
 @dataclass(frozen=True)
-class LinkShape:
-    """How one NIC is shaped, the same rate in both directions."""
+class DirectionSpec:
+    """How one direction (egress or ingress) of one NIC behaves: its rate and impairments.
+
+    Percentages are of packets (tc's convention, `loss 5%`); 0 means off. Impairments other
+    than loss need sch_netem; the planner reports what the kernel cannot emulate."""
 
     rate_mbit: float
+    ceil_mbit: float | None = None
+    """Most any leaf class may use when borrowing; None: the rate. With priority classes it
+    may be lower than the rate (the classes then never fill the link); without classes the
+    link class is the leaf, and the ceil must equal the rate."""
+    burst_bytes: int | None = None
+    """Token bucket of the link class (and each leaf's cburst); None: 5 ms of the rate."""
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    """Uniform +-jitter around delay_ms (needs delay_ms > 0). netem reorders jittered packets."""
+    loss_pct: float = 0.0
+    duplicate_pct: float = 0.0
+    corrupt_pct: float = 0.0
+    """A random bit flipped in the packet (the receiver's checksum then drops it)."""
+    reorder_pct: float = 0.0
+    """Packets sent at once, ahead of the delayed others (needs delay_ms > 0)."""
+    queue_limit_packets: int | None = None
+    """Leaf queue limit in packets; None: 1000 (plus the delay line's packets under netem)."""
+
+    def __post_init__(self) -> None:
+        _number("rate_mbit", self.rate_mbit, 0, MAX_RATE_MBIT, "Mbit/s", low_open=True)
+        if self.ceil_mbit is not None:
+            _number("ceil_mbit", self.ceil_mbit, 0, MAX_RATE_MBIT, "Mbit/s", low_open=True)
+            if self.ceil_mbit > self.rate_mbit:
+                raise _fail(
+                    "ceil_mbit",
+                    self.ceil_mbit,
+                    f"must be <= rate_mbit ({self.rate_mbit:g}): the link class has no parent "
+                    "to borrow from",
+                )
+        if self.burst_bytes is not None:
+            _integer("burst_bytes", self.burst_bytes, MIN_BURST_BYTES, MAX_BURST_BYTES, "bytes")
+        _number("delay_ms", self.delay_ms, 0, MAX_DELAY_MS, "ms", low_open=False)
+        _number("jitter_ms", self.jitter_ms, 0, MAX_DELAY_MS, "ms", low_open=False)
+        for name in ("loss_pct", "duplicate_pct", "corrupt_pct", "reorder_pct"):
+            _number(name, getattr(self, name), 0, 100, "%", low_open=False)
+        if self.jitter_ms > 0 and self.delay_ms <= 0:
+            raise _fail("jitter_ms", self.jitter_ms, "needs delay_ms > 0 (jitter is around it)")
+        if self.reorder_pct > 0 and self.delay_ms <= 0:
+            raise _fail(
+                "reorder_pct", self.reorder_pct, "needs delay_ms > 0 (reordered packets skip it)"
+            )
+        if self.queue_limit_packets is not None:
+            _integer(
+                "queue_limit_packets",
+                self.queue_limit_packets,
+                1,
+                MAX_QUEUE_LIMIT_PACKETS,
+                "packets",
+            )
+
+    @property
+    def rate_bit(self) -> int:
+        """The rate in bit/s, as the kernel is given it."""
+        return max(8, round(self.rate_mbit * 1_000_000))
+
+    @property
+    def ceil_bit(self) -> int:
+        return self.rate_bit if self.ceil_mbit is None else max(8, round(self.ceil_mbit * 1e6))
+
+    def impairments(self) -> tuple[str, ...]:
+        """The IMPAIRMENTS this direction uses (non-zero), in IMPAIRMENTS order."""
+        values = {
+            "delay": self.delay_ms,
+            "jitter": self.jitter_ms,
+            "loss": self.loss_pct,
+            "duplicate": self.duplicate_pct,
+            "corrupt": self.corrupt_pct,
+            "reorder": self.reorder_pct,
+        }
+        return tuple(name for name in IMPAIRMENTS if values[name] > 0)
+
+
+@dataclass(frozen=True)
+class LinkShape:
+    """How one NIC is shaped: per direction (`egress`, `ingress`), or the simple form
+    `LinkShape(rate_mbit)` with the same plain rate both ways.
+
+    A direction given explicitly wins; `rate_mbit` fills in a direction that is not given.
+    After construction `egress` and `ingress` are always set."""
+
+    rate_mbit: float | None = None
     priority_classes: bool = False
     """cnic: HTB classes collective/control/kv chosen by DSCP."""
     kv_min_fraction: float = 0.05
     """Guaranteed share of the kv class; it may borrow the whole link."""
+    egress: DirectionSpec | None = None
+    ingress: DirectionSpec | None = None
 
     def __post_init__(self) -> None:
         rate = self.rate_mbit
-        if isinstance(rate, bool) or not isinstance(rate, int | float):
-            raise _fail("rate_mbit", rate, "a number of Mbit/s")
-        if not math.isfinite(rate) or rate <= 0 or rate > MAX_RATE_MBIT:
-            raise _fail("rate_mbit", rate, f"must be > 0 and <= {MAX_RATE_MBIT:g} Mbit/s")
+        if rate is not None:
+            _number("rate_mbit", rate, 0, MAX_RATE_MBIT, "Mbit/s", low_open=True)
         frac = self.kv_min_fraction
         if isinstance(frac, bool) or not isinstance(frac, int | float):
             raise _fail("kv_min_fraction", frac, "a fraction of the link rate")
         if not math.isfinite(frac) or frac <= 0 or frac > 0.5:
             raise _fail("kv_min_fraction", frac, "must be > 0 and <= 0.5")
+        for name in DIRECTIONS:
+            given = getattr(self, name)
+            if given is None:
+                if rate is None:
+                    raise _fail(name, None, "a DirectionSpec, or rate_mbit for both directions")
+                object.__setattr__(self, name, DirectionSpec(rate))
+            elif not isinstance(given, DirectionSpec):
+                raise _fail(name, given, "a DirectionSpec or None")
+            spec = self.direction(name)
+            if (
+                not self.priority_classes
+                and spec.ceil_mbit is not None
+                and spec.ceil_bit != spec.rate_bit
+            ):
+                raise _fail(
+                    f"{name}.ceil_mbit",
+                    spec.ceil_mbit,
+                    "must equal rate_mbit without priority_classes (the link class is the leaf)",
+                )
+
+    def direction(self, name: str) -> DirectionSpec:
+        """The resolved DirectionSpec of 'egress' or 'ingress'."""
+        if name not in DIRECTIONS:
+            raise _fail("direction", name, f"one of {DIRECTIONS}")
+        spec = self.egress if name == "egress" else self.ingress
+        assert spec is not None  # filled in by __post_init__
+        return spec
 
     @property
     def rate_bit(self) -> int:
-        """The link rate in bit/s, as the kernel is given it."""
-        return max(8, round(self.rate_mbit * 1_000_000))
+        """The egress rate in bit/s (both directions' in the simple form)."""
+        return self.direction("egress").rate_bit
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ class LabRecord:
     pid: int
     created_at: float
     namespaces: list[str] = field(default_factory=list)
+    objects: dict[str, list[str]] = field(default_factory=dict)
+    """namespace -> the kernel objects the lab made inside it (qdiscs, classes, filters, IFBs,
+    nft table and rules), in tc/nft words. For inspection: they all go with their namespace,
+    which `down` removes, so nothing else needs deleting one by one."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +56,7 @@ class LabRecord:
             "pid": self.pid,
             "created_at": self.created_at,
             "namespaces": list(self.namespaces),
+            "objects": {ns: list(items) for ns, items in self.objects.items()},
         }
 
     @classmethod
@@ -66,12 +71,16 @@ class LabRecord:
         bad = [n for n in names if not isinstance(n, str) or not n.startswith(prefix) or "/" in n]
         if bad:
             raise NetemError(f"{where}: refusing namespaces outside {prefix}*: {bad}")
+        objects = data.get("objects", {})
+        if not isinstance(objects, dict):
+            raise NetemError(f"{where}: 'objects' is not a mapping")
         return cls(
             lab_id=lab_id,
             token=str(data.get("token", "")),
             pid=int(data.get("pid", 0)),
             created_at=float(data.get("created_at", 0.0)),
             namespaces=[str(n) for n in names],
+            objects={str(ns): [str(i) for i in items] for ns, items in objects.items()},
         )
 
 
@@ -141,7 +150,15 @@ class LabState:
     def discard_namespace(self, name: str) -> None:
         if name in self.record.namespaces:
             self.record.namespaces.remove(name)
+            self.record.objects.pop(name, None)
             self.save()
+
+    def set_objects(self, namespace: str, items: list[str]) -> None:
+        """Record what the lab made inside one of its namespaces (replacing the old list)."""
+        if namespace not in self.record.namespaces:
+            raise NetemError(f"namespace {namespace!r} is not recorded for this lab")
+        self.record.objects[namespace] = list(items)
+        self.save()
 
     def delete(self) -> None:
         with contextlib.suppress(FileNotFoundError):

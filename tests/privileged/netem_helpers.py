@@ -59,6 +59,9 @@ class HostSnapshot:
     links: tuple[str, ...]
     qdiscs: tuple[str, ...]
     bridge_nf: str
+    iptables: tuple[str, ...] = ()
+    """`iptables-save` without its timestamped comment lines."""
+    nftables: str = ""
 
 
 def host_snapshot() -> HostSnapshot:
@@ -70,8 +73,18 @@ def host_snapshot() -> HostSnapshot:
     )
     qdiscs = tuple(sorted(run(["tc", "qdisc", "show"]).splitlines()))
     nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    iptables: tuple[str, ...] = ()
+    if shutil.which("iptables-save"):
+        saved = run(["iptables-save"]).splitlines()
+        iptables = tuple(line for line in saved if not line.startswith("#"))
+    nftables = run(["nft", "list", "ruleset"]) if shutil.which("nft") else ""
     return HostSnapshot(
-        frozenset(netns_names()), links, qdiscs, nf.read_text().strip() if nf.exists() else "-"
+        frozenset(netns_names()),
+        links,
+        qdiscs,
+        nf.read_text().strip() if nf.exists() else "-",
+        iptables,
+        nftables,
     )
 
 
@@ -264,3 +277,101 @@ def send_marked(
 
 def as_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+_UDP_RECEIVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE (root): no receiver drops
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+s.settimeout(30.0)
+seen = set()
+while True:
+    try:
+        data = s.recv(4096)
+    except socket.timeout:
+        break
+    seen.add(int.from_bytes(data[:4], "big"))
+    s.settimeout(float(sys.argv[3]))
+print(len(seen), flush=True)
+"""
+
+_UDP_SENDER = """
+import socket, sys
+host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+pad = bytes(size - 4)
+for i in range(count):
+    s.sendto(i.to_bytes(4, "big") + pad, (host, port))  # blocks on a full socket buffer
+print(count, flush=True)
+"""
+
+
+def udp_flood(
+    lab: NetnsLab,
+    *,
+    sender: str,
+    receiver: str,
+    nic: str,
+    count: int,
+    size: int = 200,
+    port: int = 7100,
+    idle_s: float = 1.0,
+) -> int:
+    """Send `count` numbered datagrams; return how many distinct ones arrived. The sender
+    blocks on its socket buffer, so a shaped egress paces it without local drops (a send
+    error would fail the sender, not pass as loss)."""
+    dst = address(lab, receiver, nic)
+    rx = subprocess.Popen(
+        lab.exec_argv(receiver, [sys.executable, "-c", _UDP_RECEIVER, dst, str(port), str(idle_s)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert rx.stdout is not None
+        assert rx.stdout.readline().strip() == "ready"
+        sent = run(
+            lab.exec_argv(
+                sender, [sys.executable, "-c", _UDP_SENDER, dst, str(port), str(count), str(size)]
+            ),
+            timeout=120,
+        )
+        assert int(sent) == count
+        received = int(rx.stdout.readline())
+        rx.wait(timeout=10)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    return received
+
+
+def udp_receive_errors(lab: NetnsLab, node_id: str) -> int:
+    """RcvbufErrors of the node's UDP stack (/proc/net/snmp is per namespace)."""
+    lines = [
+        line.split()
+        for line in run(lab.exec_argv(node_id, ["cat", "/proc/net/snmp"])).splitlines()
+        if line.startswith("Udp:")
+    ]
+    header, values = lines[0], lines[1]
+    return int(values[header.index("RcvbufErrors")])
+
+
+def nft_counters(lab: NetnsLab) -> dict[str, int]:
+    """comment -> packets dropped, of the lab switch's loss rules ({} when there are none)."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", lab.switch_namespace, "nft", "-j", "list", "table", "bridge",
+         "dualpath"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        return {}
+    out: dict[str, int] = {}
+    for item in json.loads(done.stdout)["nftables"]:
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        packets = next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+        out[rule["comment"]] = int(packets)
+    return out

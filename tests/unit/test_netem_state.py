@@ -75,3 +75,25 @@ def test_down_from_state_drops_records_of_namespaces_that_never_came_to_be(
     state.add_namespace("dp-ab1-never-created")
     assert down_from_state(state_dir=tmp_path) == []
     assert recorded_labs(tmp_path) == []
+
+
+def test_objects_made_inside_a_namespace_are_recorded_with_it(tmp_path: Path) -> None:
+    state = LabState.create(tmp_path, "ab1")
+    state.add_namespace("dp-ab1-sw")
+    with pytest.raises(NetemError, match="not recorded"):
+        state.set_objects("dp-ab1-prefill-0", ["tc qdisc add dev snic root handle 1:0 htb"])
+    state.add_namespace("dp-ab1-prefill-0")
+    state.set_objects("dp-ab1-prefill-0", ["tc qdisc add dev snic root handle 1:0 htb"])
+    state.set_objects("dp-ab1-sw", ["nft table bridge dualpath, chain forward"])
+    loaded = LabState.load(state.path)
+    assert loaded.record.objects == {
+        "dp-ab1-prefill-0": ["tc qdisc add dev snic root handle 1:0 htb"],
+        "dp-ab1-sw": ["nft table bridge dualpath, chain forward"],
+    }
+    state.discard_namespace("dp-ab1-sw")  # its objects went with it
+    assert set(LabState.load(state.path).record.objects) == {"dp-ab1-prefill-0"}
+    # Records written before objects were recorded still load.
+    data = json.loads(state.path.read_text())
+    del data["objects"]
+    state.path.write_text(json.dumps(data))
+    assert LabState.load(state.path).record.objects == {}
