@@ -301,7 +301,10 @@ class NetnsBackend(_ProcessHost):
     def set_link(self, node_id: str, nic: str, changes: dict[str, Any]) -> str:
         """Change one NIC in place (netem.netns.NetnsLab.set_link); returns what changed."""
         made = self.lab.set_link(node_id, nic, **changes)
-        return f"{node_id}/{nic}: " + "; ".join(str(c) for c in made)
+        what = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changes.items()
+        )
+        return f"{node_id}/{nic}: {what} ({len(made)} kernel changes)"
 
     def down(self) -> list[str]:
         removed = self.stop_nodes()

@@ -300,8 +300,12 @@ class EngineNode:
         failures = 0
         while True:
             try:
-                for wire in await self.scheduler.fetch(self._report()):
+                assignments, cancel = await self.scheduler.fetch(self._report())
+                for wire in assignments:
                     self._accept(wire)
+                for turn_id, reason in cancel:
+                    if (turn := self.turns.get(turn_id)) is not None:
+                        self._fail(turn, f"cancelled by the scheduler: {reason}", report=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the scheduler may not be up yet; keep pulling
@@ -647,11 +651,16 @@ class EngineNode:
             for t in turns:
                 if not t.groups_ready[g].is_set():
                     try:
-                        async with asyncio.timeout(self.spec.request_timeout_s):
+                        # the whole group waits at this layer: a relay that stalls must not
+                        # hold every GPU for a request timeout
+                        async with asyncio.timeout(self.spec.layer_timeout_s):
                             await t.groups_ready[g].wait()
                     except TimeoutError:
                         self._fail(
-                            t, f"layer group {g} of {t.turn_id} never arrived", retryable=True
+                            t,
+                            f"layer group {g} of {t.turn_id} did not arrive within "
+                            f"{self.spec.layer_timeout_s:g} s",
+                            retryable=True,
                         )
             await asyncio.sleep(step_s / self.groups if self.layerwise else step_s * (g == 0))
             await self._collective()

@@ -278,6 +278,18 @@ class SchedulerState:
         done = plan.assigned_ids
         self.queue = deque(t for t in self.queue if t not in done)
 
+    def cancelled(self, node_id: str) -> list[list[str]]:
+        """[turn_id, reason] of the turns a node reported holding that have already failed
+        (a lost or restarted peer, a failure on the other node): the node drops them instead
+        of waiting for KV that will never come."""
+        rep = self.reports.get(node_id)
+        out = []
+        for turn_id in sorted(rep.turns if rep is not None else ()):
+            turn = self.turns.get(turn_id)
+            if turn is not None and turn.finished and turn.events[-1]["event"] == "failed":
+                out.append([turn_id, str(turn.events[-1].get("reason", "failed elsewhere"))])
+        return out
+
     def reap(self, now: float) -> list[str]:
         """Mark engine nodes that have not fetched for node_timeout_s as lost and fail, as
         retryable, every unfinished turn assigned to them; returns the newly lost nodes."""
@@ -366,7 +378,8 @@ class SchedulerState:
 def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.GenericRpcHandler:
     async def fetch(req: dict[str, Any], ctx: aio.ServicerContext) -> dict[str, Any]:
         try:
-            return {"assignments": state.fetch(req, clock())}
+            assignments = state.fetch(req, clock())
+            return {"assignments": assignments, "cancel": state.cancelled(str(req["node_id"]))}
         except (KeyError, ValueError, TypeError) as exc:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad fetch: {exc}")
             raise  # unreachable: abort raises
@@ -402,9 +415,11 @@ class SchedulerClient:
         )
         self._timeout = spec.request_timeout_s
 
-    async def fetch(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+    async def fetch(self, req: dict[str, Any]) -> tuple[list[dict[str, Any]], list[list[str]]]:
+        """New assignments for the node, and [turn_id, reason] of turns it holds that have
+        failed elsewhere (it should drop them)."""
         reply = await self._fetch(req, timeout=self._timeout)
-        return list(reply["assignments"])
+        return list(reply["assignments"]), [list(c) for c in reply.get("cancel", [])]
 
     async def report(self, events: list[tuple[str, str, float, dict[str, Any]]]) -> None:
         await self._report({"events": [list(e) for e in events]}, timeout=self._timeout)

@@ -112,6 +112,9 @@ class ClusterSpec(_Frozen):
     """Times the driver resubmits a turn that failed retryably (lost node, link or timeout)."""
     retry_backoff_s: float = 1.0
     """First backoff before a resubmission; it doubles with every attempt."""
+    layer_timeout_s: float = 10.0
+    """A prefill step waits at most this long for a turn's layer group; then the turn fails
+    (retryable) and the group steps on without it."""
     node_timeout_s: float = 5.0
     """An engine node that has not fetched for this long is lost: its turns fail (retryable)."""
     max_frame_bytes: int = 64 * 1024 * 1024

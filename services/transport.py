@@ -113,13 +113,15 @@ class FrameConnection:
 
     async def send(self, frame: Frame) -> None:
         async with self._send_lock:
+            if self.writer.is_closing():  # writing to a closed transport raises RuntimeError
+                raise ConnectionClosed(f"peer {self.peer}: connection already closed")
             self.writer.writelines(encode(frame))
             try:
                 async with asyncio.timeout(self.io_timeout_s):
                     await self.writer.drain()
             except TimeoutError:
                 raise
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # RuntimeError: closed while draining
                 raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
 
     async def close(self, *, timeout_s: float = 2.0) -> None:

@@ -157,3 +157,20 @@ def test_a_restarted_node_fails_the_turns_it_held() -> None:
     fetch(state, "decode-0", boot="b2")  # a new process: what the old one held is gone
     assert turn.finished and turn.events[-1]["reason"] == "node decode-0 restarted"
     assert turn.events[-1]["retryable"] is True
+
+
+def test_a_node_is_told_to_drop_turns_that_failed_elsewhere() -> None:
+    state = make_state()
+    fetch(state, "decode-0")
+    fetch(state, "prefill-0")
+    turn = state.submit(body(1), 0.0)
+    (wire,) = fetch(state, "prefill-0")
+    held = (wire["turn_id"],)
+    fetch(state, "prefill-0", turns=held)
+    assert state.cancelled("prefill-0") == []
+    fetch(state, "decode-0", boot="b2")  # the decode node restarted: the turn fails
+    assert turn.finished
+    fetch(state, "prefill-0", turns=held)
+    assert state.cancelled("prefill-0") == [[wire["turn_id"], "node decode-0 restarted"]]
+    fetch(state, "prefill-0")  # once the node dropped it, nothing is left to cancel
+    assert state.cancelled("prefill-0") == []
