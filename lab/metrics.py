@@ -48,6 +48,34 @@ def _at(samples: Sequence[Sample], t: float, node: str, nic: str, key: str) -> t
     return best
 
 
+def _rate(c: dict[str, Any], direction: str) -> float | None:
+    rate = c.get(f"{direction}_rate_mbit") or c.get("rate_mbit")
+    return float(rate) if rate else None
+
+
+def _mean_rate(
+    samples: Sequence[Sample], t0: float, t1: float, node: str, nic: str, direction: str
+) -> float | None:
+    """The configured rate averaged over [t0, t1]: a rate a chaos step changed counts for the
+    time it was in effect (each sample's rate holds until the next sample)."""
+    inside = [
+        (float(s["t"]), s["nodes"][node][nic])
+        for s in samples
+        if t0 <= s["t"] <= t1 and nic in s["nodes"].get(node, {})
+    ]
+    area = 0.0
+    span = 0.0
+    for (ta, ca), (tb, _) in itertools.pairwise(inside):
+        rate = _rate(ca, direction)
+        if rate is None:
+            return None
+        area += rate * (tb - ta)
+        span += tb - ta
+    if span <= 0:
+        return _rate(inside[-1][1], direction) if inside else None
+    return area / span
+
+
 def nic_utilisation(
     samples: Sequence[Sample], start: float, end: float
 ) -> dict[str, dict[str, Any]]:
@@ -68,7 +96,9 @@ def nic_utilisation(
                 mbit = (v1 - v0) * 8 / span / 1e6
                 entry[f"{direction}_bytes"] = v1 - v0
                 entry[f"{direction}_mbit"] = round(mbit, 3)
-                d_rate = c.get(f"{direction}_rate_mbit") or rate
+                d_rate = _mean_rate(samples, t0, t1, node, nic, direction)
+                if d_rate is not None and d_rate != rate:
+                    entry[f"{direction}_mean_rate_mbit"] = round(d_rate, 3)
                 entry[f"{direction}_util"] = round(mbit / d_rate, 4) if d_rate else None
             out.setdefault(node, {})[nic] = entry
     return out

@@ -215,3 +215,16 @@ def test_snic_balance_without_reads_or_with_bad_arguments() -> None:
         snic_balance(idle, 0.0, 4.0, window_s=0.0)
     with pytest.raises(ValueError, match="busy_fraction"):
         snic_balance(idle, 0.0, 4.0, busy_fraction=1.5)
+
+
+def test_utilisation_uses_the_rate_in_effect_over_time() -> None:
+    """A link cut from 100 to 50 Mbit/s half-way and run full all along is 100 % busy."""
+    samples = []
+    for t in range(11):
+        rate = 100.0 if t < 5 else 50.0
+        sent = 100e6 / 8 * min(t, 5) + 50e6 / 8 * max(t - 5, 0)
+        nic = {"ingress_bytes": int(sent), "egress_bytes": 0, "rate_mbit": rate}
+        samples.append({"t": float(t), "nodes": {"prefill-0": {"snic": nic}}})
+    u = nic_utilisation(samples, 0.0, 10.0)["prefill-0"]["snic"]
+    assert u["ingress_util"] == 1.0
+    assert u["ingress_mean_rate_mbit"] == 75.0 and u["rate_mbit"] == 50.0
