@@ -235,7 +235,9 @@ def topology_for(spec: ClusterSpec, kv_min_fraction: float) -> Any:
         if node.cnic is not None:
             shape = (
                 LinkShape(
-                    node.cnic_rate_mbit, priority_classes=True, kv_min_fraction=kv_min_fraction
+                    node.cnic_rate_mbit,
+                    priority_classes=spec.isolation,
+                    kv_min_fraction=kv_min_fraction,
                 )
                 if node.cnic_rate_mbit
                 else None

@@ -135,6 +135,11 @@ class Network(_Model):
     compute_subnet: str = Field("198.18.0.0/24", description="compute network (cnic)")
     storage_subnet: str = Field("198.18.1.0/24", description="storage network (snic)")
     mgmt_subnet: str = Field("198.18.2.0/24", description="unshaped management network")
+    isolation: bool = Field(
+        True,
+        description="traffic isolation on the cnic (DualPath §5): collective, control and kv"
+        " HTB classes by DSCP; false = one FIFO class for everything",
+    )
     kv_min_fraction: float = Field(
         0.05, gt=0, lt=1, description="guaranteed share of the cnic for the kv class"
     )
@@ -434,6 +439,7 @@ def build_cluster_spec(
         selector=cfg.scheduling.selector,
         split_reads=cfg.scheduling.split_reads,
         node_timeout_s=cfg.scheduling.node_timeout_s,
+        isolation=cfg.network.isolation,
         turn_retries=cfg.workload.turn_retries,
         retry_backoff_s=cfg.workload.retry_backoff_s,
         compute_quota_s=None

@@ -223,10 +223,12 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
         async with session.get(f"{base}/v1/cluster") as resp:
             cluster = await resp.json()
         storage_after = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
+        engines = [*spec.by_role(Role.PREFILL), *spec.by_role(Role.DECODE)]
+        stats = {n.node_id: await engine_stats(spec, n.node_id) for n in engines}
         prefill_steps = {
-            n.node_id: (await engine_stats(spec, n.node_id)).get("prefill_steps", [])
-            for n in spec.by_role(Role.PREFILL)
+            n.node_id: stats[n.node_id].get("prefill_steps", []) for n in spec.by_role(Role.PREFILL)
         }
+        collective_ms = {node: st.get("collective_ms", []) for node, st in stats.items()}
     await storage.close()
     return {
         "started_at": started,
@@ -238,6 +240,7 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
         "storage_before": storage_before,
         "storage_after": storage_after,
         "prefill_steps": prefill_steps,
+        "collective_ms": collective_ms,
     }
 
 

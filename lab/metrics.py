@@ -390,6 +390,9 @@ def summarize(
         "tpot_ms": percentiles(tpot),
         "nics": util,
         "snic_balance": snic_balance(samples, driver["started_at"], driver["finished_at"]),
+        "collective_latency_ms": {
+            node: percentiles(ms) for node, ms in driver.get("collective_ms", {}).items() if ms
+        },
         "attention_balance": attention_balance_summary(
             driver.get("prefill_steps", {}), driver["started_at"], driver["finished_at"]
         ),

@@ -212,6 +212,8 @@ class EngineNode:
         self.boot = secrets.token_hex(8)
         # One row per prefill step of the group: [at, attention max/avg, GPUs with work, GPUs].
         self.steps: list[tuple[float, float, int, int]] = []
+        self.collective_ms: list[float] = []
+        """Latency of each collective burst (all peers answered), ms; mgmt `stats` only."""
         self.storage: StorageClient | None = None
         self.scheduler: SchedulerClient | None = None
         self._server: FrameServer | None = None
@@ -292,7 +294,14 @@ class EngineNode:
                 "last_errors": self.errors[-5:],
             },
             # the step history is long: only the management port's `stats` carries it
-            **({"prefill_steps": [list(r) for r in self.steps]} if steps else {}),
+            **(
+                {
+                    "prefill_steps": [list(r) for r in self.steps],
+                    "collective_ms": list(self.collective_ms),
+                }
+                if steps
+                else {}
+            ),
         }
 
     async def _pull_loop(self) -> None:
@@ -492,6 +501,8 @@ class EngineNode:
         took = time.perf_counter() - start
         self.counters["collective_count"] += 1
         self.counters["collective_latency_sum_s"] += took
+        self.collective_ms.append(round(took * 1000, 3))
+        del self.collective_ms[:-MAX_STEP_RECORDS]
         self.counters["collective_latency_max_s"] = max(
             float(self.counters["collective_latency_max_s"]), took
         )

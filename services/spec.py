@@ -112,6 +112,8 @@ class ClusterSpec(_Frozen):
     """Times the driver resubmits a turn that failed retryably (lost node, link or timeout)."""
     retry_backoff_s: float = 1.0
     """First backoff before a resubmission; it doubles with every attempt."""
+    isolation: bool = True
+    """cnic traffic isolation: DSCP priority classes (True) or one FIFO class (False)."""
     layer_timeout_s: float = 10.0
     """A prefill step waits at most this long for a turn's layer group; then the turn fails
     (retryable) and the group steps on without it."""

@@ -333,3 +333,17 @@ def test_a_set_field_is_validated_like_the_file(tmp_path: Path) -> None:
     path.write_text("name: x\n")
     with pytest.raises(ConfigError, match=r"scheduling\.compute_quota_ms"):
         load_config(path, parse_settings(["scheduling.compute_quota_ms=-1"]))
+
+
+@pytest.mark.parametrize("isolation", [True, False])
+def test_isolation_switches_the_cnic_priority_classes(isolation: bool) -> None:
+    from lab.backends import topology_for
+
+    cfg = parse_config({"network": {"isolation": isolation}})
+    spec = build_cluster_spec(cfg, lab_id="u", backend="netns", data_dir=Path("/nonexistent"))
+    topo = topology_for(spec, cfg.network.kv_min_fraction)
+    for node_id in ("prefill-0", "decode-0"):
+        host = topo.host(node_id)
+        cnic, snic = host.nic("cnic"), host.nic("snic")
+        assert cnic.shape.priority_classes is isolation
+        assert snic.shape.priority_classes is False  # the snic carries storage traffic only
