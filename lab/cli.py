@@ -197,6 +197,62 @@ def _recorded() -> list[dict[str, Any]]:
     return out
 
 
+def _control_url(lab_id: str | None) -> str:
+    labs = [lab for lab in _recorded() if lab.get("control_url")]
+    if lab_id is not None:
+        labs = [lab for lab in labs if lab["lab_id"] == lab_id]
+    if len(labs) != 1:
+        which = ", ".join(lab["lab_id"] for lab in labs) or "none"
+        raise ConfigError(
+            f"need exactly one running lab with a control endpoint (found: {which}); "
+            "start one with dualpath run/chaos, or pick one with --lab"
+        )
+    return str(labs[0]["control_url"])
+
+
+def _send_control(url: str, body: dict[str, Any]) -> int:
+    """POST to a lab's control endpoint; 400 (bad value) exits 2, a refused change exits 1."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            print(json.loads(resp.read())["result"])
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        msg = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE if exc.code == 400 else EXIT_FAILED
+    except urllib.error.URLError as exc:
+        print(f"error: control endpoint unreachable: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:  # e.g. the run ended while the request was in flight
+        print(f"error: control endpoint went away: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def cmd_link_set(args: argparse.Namespace) -> int:
+    """Change a NIC of a running lab in place: dualpath link set NODE NIC rate=50% loss=1%."""
+    body: dict[str, Any] = {}
+    for item in args.changes:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"{item!r}: expected KEY=VALUE (rate, loss, delay, jitter, up)")
+        body[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return _send_control(f"{_control_url(args.lab)}/v1/links/{args.node}/{args.nic}", body)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """stop, cont, kill or restart a node of a running lab."""
+    return _send_control(f"{_control_url(args.lab)}/v1/nodes/{args.node}/{args.action}", {})
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     labs = _recorded()
     if not labs:
@@ -284,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="what this kernel/host can emulate, per link feature")
     doc.add_argument("--json", action="store_true", help="the report as JSON")
     doc.set_defaults(func=cmd_doctor)
+    link = sub.add_parser("link", help="change a link of a running lab (run/chaos)")
+    link_sub = link.add_subparsers(dest="link_command", required=True)
+    ls = link_sub.add_parser("set", help="dualpath link set NODE NIC rate=50%% loss=1%% up=false")
+    ls.add_argument("node", help="e.g. prefill-0")
+    ls.add_argument("nic", choices=["cnic", "snic"])
+    ls.add_argument("changes", nargs="+", metavar="KEY=VALUE", help="rate, loss, delay, jitter, up")
+    ls.add_argument("--lab", help="lab id, when several are running")
+    ls.set_defaults(func=cmd_link_set)
+    nd = sub.add_parser("node", help="stop, cont, kill or restart a node of a running lab")
+    nd.add_argument("node", help="e.g. decode-0")
+    nd.add_argument("action", choices=["stop", "cont", "kill", "restart"])
+    nd.add_argument("--lab", help="lab id, when several are running")
+    nd.set_defaults(func=cmd_node)
     st = sub.add_parser("status", help="labs that are up and their processes")
     st.set_defaults(func=cmd_status)
     ex = sub.add_parser("exec", help="run a command inside a node: dualpath exec NODE -- CMD")

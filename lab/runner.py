@@ -29,8 +29,9 @@ from lab.backends import (
     free_port_base,
     stop_pids,
 )
-from lab.chaos import LinkStep, Scenario
+from lab.chaos import LinkStep, Scenario, cluster_links
 from lab.config import LabConfig, build_cluster_spec
+from lab.control import ControlServer
 from lab.metrics import Sample, summarize, throughput_series
 from lab.report import write_plot
 from lab.workload import generate, load_jsonl, plan_agents
@@ -220,8 +221,13 @@ def run_once(
     )
     proc: subprocess.Popen[str] | None = None
     chaos: _ChaosPlayer | None = None
+    control: ControlServer | None = None
     try:
         be.up()
+        control = ControlServer(be, cluster_links(cfg))
+        state.data["control_url"] = control.url
+        state.save()
+        say(f"[{cfg.policy.value}] control: {control.url} (dualpath link set NODE NIC key=value)")
         argv = be.driver_argv(
             [
                 sys.executable,
@@ -286,6 +292,8 @@ def run_once(
     finally:
         if chaos is not None:
             chaos.stop.set()
+        if control is not None:
+            control.close()
         if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
             stop_pids({"driver": proc.pid}, str(spec_path))
         removed = be.down()
