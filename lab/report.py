@@ -124,8 +124,15 @@ def comparison_table(cmp: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_plot(series: Sequence[dict[str, Any]], path: Path, *, title: str) -> None:
-    """Per-NIC throughput (Mbit/s) of the engine nodes over time, as an SVG line chart."""
+def write_plot(
+    series: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    title: str,
+    events: Sequence[dict[str, Any]] = (),
+) -> None:
+    """Per-NIC throughput (Mbit/s) of the engine nodes over time, as an SVG line chart, with
+    chaos `events` (summary.json `chaos.events`) as labelled vertical lines on the same axis."""
     keys = sorted(
         {
             k
@@ -178,5 +185,16 @@ def write_plot(series: Sequence[dict[str, Any]], path: Path, *, title: str) -> N
         parts.append(
             f'<text x="{w - mr + 35}" y="{ly + 4}">{escape(k.replace("_mbit", ""))}</text>'
         )
+    for n, ev in enumerate(events):
+        ex = x(float(ev.get("t", ev.get("at_s", 0.0))))
+        what = ev.get("action") or ", ".join(f"{k}={v}" for k, v in ev.get("changes", {}).items())
+        label = f"{ev.get('node')}{'/' + ev['nic'] if ev.get('nic') else ''} {what}"
+        color = "#c00" if "error" in ev else "#555"
+        parts.append(
+            f'<line x1="{ex:.1f}" y1="{mt}" x2="{ex:.1f}" y2="{h - mb}" stroke="{color}" '
+            'stroke-dasharray="4,3"/>'
+        )
+        ty = mt + 12 + 12 * (n % 6)  # staggered so close events stay readable
+        parts.append(f'<text x="{ex + 3:.1f}" y="{ty}" fill="{color}">{escape(label)}</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts))

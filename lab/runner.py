@@ -320,7 +320,12 @@ def run_once(
     (out_dir / "timeseries.json").write_text(json.dumps(series))
     (out_dir / "counters.json").write_text(json.dumps(samples))
     if series:
-        write_plot(series, out_dir / "throughput.svg", title=f"{cfg.name} / {cfg.policy.value}")
+        write_plot(
+            series,
+            out_dir / "throughput.svg",
+            title=f"{cfg.name} / {cfg.policy.value}",
+            events=summary.get("chaos", {}).get("events", ()),
+        )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(summary, out_dir)
 
