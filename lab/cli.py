@@ -140,21 +140,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """DualPath §4.2: is the config's P/D inside the bottleneck-free range, and if not, what
     saturates first."""
-    from scheduler.analysis import analyze, analyze_lab, format_analysis, format_lab_analysis
+    from scheduler.analysis import format_analysis, format_lab_analysis
 
     cfg = _load(args)
-    c = cfg.cluster
-    result = analyze(
-        c.prefill_nodes,
-        c.decode_nodes,
-        c.gpus_per_node,
-        c.cnic_gbit_per_gpu,
-        c.snic_gbit,
-        c.dram_gbyte_per_s,
-    )
-    lab = analyze_lab(
-        c.prefill_nodes, c.decode_nodes, c.gpus_per_node, c.cnic_gbit_per_gpu, c.snic_gbit
-    )
+    result, lab = cfg.cluster.analysis(), cfg.cluster.lab_analysis()
     print(f"{cfg.name}: {format_analysis(result)}")
     print(format_lab_analysis(lab))
     return EXIT_OK

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from scheduler.analysis import Analysis, LabAnalysis, analyze, analyze_lab
 from scheduler.costmodel import CostModel, CostModelParams
 from services.spec import ClusterSpec, Endpoint, NodeSpec, Policy, ProfileSpec, Role
 
@@ -86,6 +87,27 @@ class ClusterShape(_Model):
                 "keep >= 4) or the relay itself becomes the bottleneck (DualPath §4.2)"
             )
         return self
+
+    def analysis(self) -> Analysis:
+        """DualPath §4.2 for this cluster's real hardware figures."""
+        return analyze(
+            self.prefill_nodes,
+            self.decode_nodes,
+            self.gpus_per_node,
+            self.cnic_gbit_per_gpu,
+            self.snic_gbit,
+            self.dram_gbyte_per_s,
+        )
+
+    def lab_analysis(self) -> LabAnalysis:
+        """The same question for what the lab's emulated network carries."""
+        return analyze_lab(
+            self.prefill_nodes,
+            self.decode_nodes,
+            self.gpus_per_node,
+            self.cnic_gbit_per_gpu,
+            self.snic_gbit,
+        )
 
 
 class Scaling(_Model):

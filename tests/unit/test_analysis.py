@@ -205,15 +205,7 @@ def test_config_default_and_examples_are_inside() -> None:
     paths = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "outside-range.yaml")
     configs = [LabConfig(), *(load_config(p) for p in paths)]
     for cfg in configs:
-        c = cfg.cluster
-        a = analyze(
-            c.prefill_nodes,
-            c.decode_nodes,
-            c.gpus_per_node,
-            c.cnic_gbit_per_gpu,
-            c.snic_gbit,
-            c.dram_gbyte_per_s,
-        )
+        a = cfg.cluster.analysis()
         assert a.inside, format_analysis(a)
 
 
@@ -256,9 +248,7 @@ def test_analyze_rejects_nonsense(
 
 def test_outside_range_example_is_outside_in_both_models() -> None:
     c = load_config(EXAMPLES / "outside-range.yaml").cluster
-    args = (c.prefill_nodes, c.decode_nodes, c.gpus_per_node, c.cnic_gbit_per_gpu, c.snic_gbit)
-    paper = analyze(*args, c.dram_gbyte_per_s)
-    lab = analyze_lab(*args)
+    paper, lab = c.analysis(), c.lab_analysis()
     assert not paper.inside and not lab.inside
     assert paper.tightest.resource is Resource.PREFILL_CNIC_IN
     first = lab.first_saturated
