@@ -64,10 +64,6 @@ class Scenario:
     description: str
     steps: tuple[Step, ...]
 
-    @property
-    def duration_s(self) -> float:
-        return max((s.at_s for s in self.steps), default=0.0)
-
 
 @dataclass(frozen=True, slots=True)
 class ClusterLinks:
