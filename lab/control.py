@@ -25,6 +25,13 @@ from lab.chaos import ClusterLinks, LinkStep, NodeStep, ScenarioError, compile_s
 MAX_BODY_BYTES = 64 * 1024
 
 
+def apply_step(be: Backend, step: LinkStep | NodeStep) -> str:
+    """Carry out one scenario or control step on the backend; returns what was done."""
+    if isinstance(step, LinkStep):
+        return be.set_link(step.node, step.nic, dict(step.changes))
+    return be.node_action(step.node, step.action)
+
+
 class ControlServer:
     """Serves the control endpoint from a daemon thread until `close()`."""
 
@@ -63,11 +70,7 @@ class ControlServer:
             return HTTPStatus.BAD_REQUEST, {"error": msg}
         try:
             with self.lock:
-                if isinstance(step, LinkStep):
-                    result = self.be.set_link(step.node, step.nic, dict(step.changes))
-                else:
-                    assert isinstance(step, NodeStep)
-                    result = self.be.node_action(step.node, step.action)
+                result = apply_step(self.be, step)
         except Exception as exc:  # the backend or kernel refused: nothing was changed
             return HTTPStatus.CONFLICT, {"error": f"{type(exc).__name__}: {exc}"}
         return HTTPStatus.OK, {"result": result}

@@ -31,7 +31,7 @@ from lab.backends import (
 )
 from lab.chaos import LinkStep, Scenario, cluster_links
 from lab.config import LabConfig, build_cluster_spec
-from lab.control import ControlServer
+from lab.control import ControlServer, apply_step
 from lab.metrics import Sample, summarize, throughput_series
 from lab.report import write_plot
 from lab.workload import generate, load_jsonl, plan_agents
@@ -170,10 +170,9 @@ class _ChaosPlayer:
             try:
                 if isinstance(step, LinkStep):
                     entry |= {"nic": step.nic, "changes": dict(step.changes)}
-                    entry["result"] = self.be.set_link(step.node, step.nic, dict(step.changes))
                 else:
                     entry["action"] = step.action
-                    entry["result"] = self.be.node_action(step.node, step.action)
+                entry["result"] = apply_step(self.be, step)
             except Exception as exc:  # recorded and reported; the run goes on
                 entry["error"] = f"{type(exc).__name__}: {exc}"
             self.log.append(entry)
