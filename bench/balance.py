@@ -1,13 +1,19 @@
-"""Bench: storage-NIC read balance across engine nodes, round-robin vs DualPath engine selection.
+"""Bench: storage-NIC read balance across engine nodes, round-robin vs DualPath scheduling.
 
 DualPath §8 reports snic traffic max/avg 1.53 with a round-robin scheduler and 1.18 with its
-own. `run` replays one config under policy dualpath with `scheduling.selector` set to
-round_robin and to dualpath, alternately, `--repeats` times each (same seed, so the same
-turns and the same reads; only engine selection differs). `table` recomputes the balance of
-finished runs from their counters.json and driver.json, with any window and busy fraction,
-and prints one row per run. Needs root for `run`.
+own. `run` replays one config under policy dualpath once per scheduler variant, in turn,
+`--repeats` times (same seed, so the same turns and the same reads):
 
-    .venv/bin/python bench/balance.py run -c examples/balance-2p2d.yaml --out /tmp/bal
+- `round_robin`: engines in rotation, read side by the paper's shorter-queue rule;
+- `round_robin_alt`: engines in rotation and the read side alternating, so that no decision
+  sees load (`scheduling.baseline_read_side: alternate`);
+- `dualpath`: Algorithm 1, two-level DE selection, shorter-queue read side.
+
+`table` recomputes the balance of finished runs from their counters.json and driver.json,
+with any window and busy fraction, and prints one row per run. Needs root for `run`.
+
+    .venv/bin/python bench/balance.py run -c examples/balance-2p2d.yaml --out /tmp/bal \
+        [--variant dualpath --variant round_robin_alt] [--set workload.num_agents=128]
     .venv/bin/python bench/balance.py table /tmp/bal [--window 5] [--busy-fraction 0.9]
 """
 
@@ -23,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.config import load_config  # noqa: E402
+from lab.config import load_config, parse_settings  # noqa: E402
 from lab.metrics import (  # noqa: E402
     SNIC_BALANCE_BUSY_FRACTION,
     SNIC_BALANCE_WINDOW_S,
@@ -31,17 +37,21 @@ from lab.metrics import (  # noqa: E402
 )
 from lab.runner import run_once  # noqa: E402
 
-SELECTORS = ("round_robin", "dualpath")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "round_robin": {"selector": "round_robin", "baseline_read_side": "shorter_queue"},
+    "round_robin_alt": {"selector": "round_robin", "baseline_read_side": "alternate"},
+    "dualpath": {"selector": "dualpath", "baseline_read_side": "shorter_queue"},
+}
 
 
-def run(config: Path, out: Path, repeats: int) -> None:
-    base = load_config(config)
+def run(config: Path, out: Path, repeats: int, variants: list[str], settings: list[str]) -> None:
     for rep in range(repeats):
-        for selector in SELECTORS:
-            sched = base.scheduling.model_copy(update={"selector": selector})
-            cfg = base.model_copy(update={"scheduling": sched})
-            run_once(cfg, backend="netns", out_dir=out / f"{selector}-{rep}", progress=False)
-            print(f"{selector}-{rep} done", flush=True)
+        for name in variants:
+            cfg = load_config(config, parse_settings(settings))
+            sched = cfg.scheduling.model_copy(update=VARIANTS[name])
+            cfg = cfg.model_copy(update={"scheduling": sched})
+            run_once(cfg, backend="netns", out_dir=out / f"{name}-{rep}", progress=False)
+            print(f"{name}-{rep} done", flush=True)
 
 
 def row(run_dir: Path, window_s: float, busy_fraction: float) -> dict[str, Any]:
@@ -64,6 +74,7 @@ def row(run_dir: Path, window_s: float, busy_fraction: float) -> dict[str, Any]:
     return {
         "run": run_dir.name,
         "selector": spec.get("selector"),
+        "read_side": spec.get("baseline_read_side"),
         "jct_s": summary["jct_s"],
         "turns_done": summary["turns_done"],
         "turns_failed": summary["turns_failed"],
@@ -123,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("-c", "--config", type=Path, required=True)
     p_run.add_argument("--out", type=Path, required=True)
     p_run.add_argument("--repeats", type=int, default=2)
+    p_run.add_argument(
+        "--variant",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="scheduler variant to run (repeatable; default: all, in the order above)",
+    )
+    p_run.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override"
+    )
     p_tab = sub.add_parser("table", help="balance of finished runs")
     p_tab.add_argument("root", type=Path)
     p_tab.add_argument("--window", type=float, default=SNIC_BALANCE_WINDOW_S)
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p_tab.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.cmd == "run":
-        run(args.config, args.out, args.repeats)
+        run(args.config, args.out, args.repeats, args.variant or list(VARIANTS), args.set)
         return 0
     rows = table(args.root, args.window, args.busy_fraction)
     if args.json:

@@ -145,12 +145,31 @@ class Workload(_Model):
         " timeout), with exponential backoff from retry_backoff_s",
     )
     retry_backoff_s: float = Field(1.0, gt=0, le=600, description="first backoff, emulated s")
+    arrival: Literal["offline", "poisson"] = Field(
+        "offline",
+        description="offline: every agent starts at once (the paper's JCT runs); poisson: agents"
+        " arrive as a Poisson process at agents_per_s (the paper's online runs)",
+    )
+    agents_per_s: float | None = Field(
+        None,
+        gt=0,
+        le=100000,
+        description="arrival rate under arrival poisson, agents per real-equivalent second (APS)",
+    )
     gen_token_scale: float = Field(
         1.0, gt=0, le=1, description="scale generated tokens per turn (decode-light demos)"
     )
     max_gen_tokens_per_turn: int | None = Field(
         None, ge=1, description="cap generated tokens per turn, after scaling"
     )
+
+    @model_validator(mode="after")
+    def _arrival_rate(self) -> Workload:
+        if self.arrival == "poisson" and self.agents_per_s is None:
+            raise ValueError("arrival 'poisson' needs agents_per_s (agents per real second)")
+        if self.arrival == "offline" and self.agents_per_s is not None:
+            raise ValueError("agents_per_s applies only with arrival 'poisson'")
+        return self
 
 
 class Network(_Model):
@@ -228,12 +247,23 @@ class Scheduling(_Model):
         " null runs each GPU's head request whole in every step",
     )
 
+    baseline_read_side: Literal["shorter_queue", "alternate"] = Field(
+        "shorter_queue",
+        description="read side under the round_robin selector: the paper's shorter-queue rule,"
+        " or alternate (prefill, decode, ...) so that no decision of the baseline sees load",
+    )
+
     @model_validator(mode="after")
-    def _split_needs_paper_selector(self) -> Scheduling:
+    def _selector_options(self) -> Scheduling:
         if self.split_reads and self.selector != "dualpath":
             raise ValueError(
                 f"split_reads needs selector 'dualpath' (the split is part of its read-side"
                 f" rule), got selector {self.selector!r}"
+            )
+        if self.baseline_read_side == "alternate" and self.selector != "round_robin":
+            raise ValueError(
+                f"baseline_read_side 'alternate' needs selector 'round_robin' (it rotates with"
+                f" the engine cursor), got selector {self.selector!r}"
             )
         return self
 
@@ -460,6 +490,7 @@ def build_cluster_spec(
         collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),
         selector=cfg.scheduling.selector,
         split_reads=cfg.scheduling.split_reads,
+        baseline_read_side=cfg.scheduling.baseline_read_side,
         node_timeout_s=cfg.scheduling.node_timeout_s,
         isolation=cfg.network.isolation,
         turn_retries=cfg.workload.turn_retries,

@@ -1,8 +1,9 @@
 """The workload driver: replays agent turns against the scheduler's HTTP API.
 
 Runs as its own process on the management network (in the scheduler's namespace on the netns
-backend). Seeds warm-start KV, starts every agent at once (offline mode), measures TTFT, TTST,
-TPOT and JCT from the client side, prints progress as JSON lines and writes a results file.
+backend). Seeds warm-start KV, starts every agent at once (offline mode) or at its planned
+arrival offset (online mode, Poisson arrivals), measures TTFT, TTST, TPOT and JCT from the
+client side, prints progress as JSON lines and writes a results file.
 """
 
 from __future__ import annotations
@@ -140,7 +141,12 @@ async def _agent(
     *,
     retries: int,
     backoff_s: float,
+    started: float,
 ) -> None:
+    # online mode: the agent arrives start_after_s after the run starts (0 when offline)
+    delay = started + float(agent.get("start_after_s", 0.0)) - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
     for turn in agent["turns"]:
         attempt = 0
         while True:
@@ -211,6 +217,7 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
                     spec.request_timeout_s * 4,
                     retries=spec.turn_retries,
                     backoff_s=spec.retry_backoff_s,
+                    started=started,
                 )
                 for a in agents
             )

@@ -34,7 +34,7 @@ from lab.config import LabConfig, build_cluster_spec
 from lab.control import ControlServer, apply_step
 from lab.metrics import Sample, summarize, throughput_series
 from lab.report import write_plot
-from lab.workload import generate, load_jsonl, plan_agents
+from lab.workload import generate, load_jsonl, plan_agents, poisson_arrivals
 from services.spec import ClusterSpec, Policy
 
 SAMPLE_INTERVAL_S = 0.5
@@ -65,10 +65,17 @@ def _agents_plan(cfg: LabConfig, block_tokens: int) -> list[dict[str, Any]]:
         gen_token_scale=w.gen_token_scale,
         max_gen_tokens=w.max_gen_tokens_per_turn,
     )
+    starts = (
+        poisson_arrivals(len(agents), agents_per_s=w.agents_per_s, seed=w.seed)
+        if w.arrival == "poisson" and w.agents_per_s is not None
+        else [0.0] * len(agents)
+    )
     return [
         {
             "traj_id": a.traj_id,
             "seed_blocks": a.seed_blocks,
+            # emulated seconds after the driver's start: real arrival offsets x tau
+            "start_after_s": start * cfg.scaling.time_dilation,
             "turns": [
                 {
                     "turn_index": t.turn_index,
@@ -79,7 +86,7 @@ def _agents_plan(cfg: LabConfig, block_tokens: int) -> list[dict[str, Any]]:
                 for t in a.turns
             ],
         }
-        for a in agents
+        for a, start in zip(agents, starts, strict=True)
         if a.turns
     ]
 
@@ -308,6 +315,12 @@ def run_once(
         samples=samples,
         num_agents=len(agents),
     )
+    w = cfg.workload
+    summary["arrival"] = {
+        "mode": w.arrival,
+        "agents_per_s": w.agents_per_s,  # real-equivalent (APS)
+        "last_arrival_s": round(max((float(a["start_after_s"]) for a in agents), default=0.0), 3),
+    }
     if chaos is not None:
         summary["chaos"] = {
             "scenario": chaos.scenario.name,

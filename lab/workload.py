@@ -454,6 +454,27 @@ def plan_agents(
     return plans
 
 
+def poisson_arrivals(num_agents: int, *, agents_per_s: float, seed: int) -> list[float]:
+    """Arrival offsets (real seconds, ascending) of a Poisson process at `agents_per_s`.
+
+    Gaps are exponential with mean 1/agents_per_s; the clock starts at the first arrival (its
+    offset is 0) so a run never opens with idle time that no agent caused. The generator is
+    seeded apart from the trajectories', so the same seed gives the same agents either way.
+    """
+    if num_agents < 0:
+        raise ValueError(f"num_agents must be >= 0, got {num_agents}")
+    if not (agents_per_s > 0 and math.isfinite(agents_per_s)):
+        raise ValueError(f"agents_per_s must be a finite number > 0, got {agents_per_s}")
+    rng = random.Random(f"arrivals-{seed}")
+    out: list[float] = []
+    at = 0.0
+    for i in range(num_agents):
+        if i:
+            at += rng.expovariate(agents_per_s)
+        out.append(at)
+    return out
+
+
 # -- statistics ---------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from scheduler.policies import SchedulingPolicy, UnknownPolicyError
 from scheduler.read_side import BlockRange, choose_read_side, split_read
 from scheduler.views import Assignment, NodeView, PendingTurn, ReadSide, SchedulePlan
 
-ReadRule = Literal["prefill", "shorter_queue", "none"]
+ReadRule = Literal["prefill", "shorter_queue", "none", "alternate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,9 +206,10 @@ def _baseline_side(
     return side
 
 
-def _check_rule(rule: str) -> None:
-    if rule not in ("prefill", "shorter_queue", "none"):
-        raise ValueError(f"read_rule must be 'prefill', 'shorter_queue' or 'none', got {rule!r}")
+def _check_rule(rule: str, *, alternate: bool = False) -> None:
+    valid = ("prefill", "shorter_queue", "none", *(("alternate",) if alternate else ()))
+    if rule not in valid:
+        raise ValueError(f"read_rule must be one of {', '.join(valid)}; got {rule!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,8 @@ class RoundRobinCursor:
 
     prefill: int = 0
     decode: int = 0
+    side: int = 0
+    """Turns assigned so far under read_rule 'alternate' (even: prefill side, odd: decode)."""
 
 
 def round_robin_plan(
@@ -233,6 +236,8 @@ def round_robin_plan(
     The next engine in rotation takes the turn, skipping PEs with tok_e > beta and DEs
     without room for the turn's KV (so it never overloads or overcommits); the call stops at
     the first turn no PE or no DE can take. Returns the plan and the cursor to resume from.
+    read_rule 'alternate' rotates the read side too (prefill, decode, prefill, ...), so no
+    decision of the scheduler looks at load; the other rules are those of `_baseline_side`.
     """
     pes = _engine_order(prefill)
     des = _engine_order(decode)
@@ -243,6 +248,7 @@ def round_robin_plan(
     read_q = {n.node_id: n.read_q_tokens for n in (*prefill, *decode)}
     pc = cursor.prefill % len(pes) if pes else 0
     dc = cursor.decode % len(des) if des else 0
+    sides = cursor.side
     out: list[Assignment] = []
     for turn in queue:
         p = next(
@@ -263,10 +269,14 @@ def round_robin_plan(
         de_free[d] -= turn.kv_tokens
         pe_node, pe_engine, _ = pes[p]
         de_node, de_engine, _ = des[d]
-        side = _baseline_side(read_rule, turn, pe_node, de_node, read_q)
+        if read_rule == "alternate":
+            side = ReadSide.PREFILL if sides % 2 == 0 else ReadSide.DECODE
+            sides += 1
+        else:
+            side = _baseline_side(read_rule, turn, pe_node, de_node, read_q)
         out.append(Assignment(turn.turn_id, pe_node, pe_engine, de_node, de_engine, side))
         pc, dc = p + 1, d + 1
-    return SchedulePlan(tuple(out)), RoundRobinCursor(pc, dc)
+    return SchedulePlan(tuple(out)), RoundRobinCursor(pc, dc, sides)
 
 
 class RoundRobinPolicy:
@@ -279,7 +289,7 @@ class RoundRobinPolicy:
     def __init__(self, *, beta_tokens: int, read_rule: ReadRule = "prefill") -> None:
         if beta_tokens < 0:
             raise ValueError("beta_tokens must be >= 0")
-        _check_rule(read_rule)
+        _check_rule(read_rule, alternate=True)
         self.beta_tokens = beta_tokens
         self.read_rule: ReadRule = read_rule
         self._cursor = RoundRobinCursor()

@@ -10,8 +10,13 @@ Where the paper is silent, this module decides:
   reads go to the DE's node), so charging the PE's node here would be wrong as often as right.
   The composed policy charges the chosen read side after DE selection, and the scheduler
   service adds assigned-but-unreported reads to the next fetch's view.
-- **Ties** are broken by (tok_e, node_id, engine): deterministic and independent of the order
-  in which the views are listed.
+- **Ties** in tok_e go to the engine whose node has the shorter read queue (Algorithm 1's
+  own aim, within C2 or C3), then to the next engine of a rotation of the sorted
+  (node_id, engine) order that starts at an offset drawn from the fetch's head turn id
+  (crc32). A fixed order would send every tie to prefill-0's engines, and below saturation,
+  where idle engines tie at tok_e = 0 on every fetch, that alone loads one node's storage NIC
+  more than the others. The result stays deterministic and independent of the order in which
+  the views are listed.
 - **Scope:** `groups=None` selects over every prefill engine (what the emulation's scheduler
   does on each fetch); `groups={node_id, ...}` restricts selection to the fetching group(s)
   (the paper's pull model, where a group's leader fetches work for its own engines).
@@ -22,6 +27,8 @@ Where the paper is silent, this module decides:
 from __future__ import annotations
 
 import heapq
+import itertools
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -102,20 +109,29 @@ def scoped_prefill(
 class _Candidates:
     """Working copy of tok_e for one fetch: a min-heap per candidate set.
 
-    Heap entries are (tok_e, node_id, engine); an engine leaves its heap for good once its
-    tok_e exceeds beta (tok_e only grows within a fetch), and since read_q is fixed within a
-    fetch no engine ever moves between C2 and C3. Each pick is O(log E).
+    Heap entries are (tok_e, read_q, rank, node_id, engine), rank being the engine's place in
+    the fetch's tie rotation; an engine leaves its heap for good once its tok_e exceeds beta
+    (tok_e only grows within a fetch), and since read_q is fixed within a fetch no engine ever
+    moves between C2 and C3. Each pick is O(log E).
     """
 
     __slots__ = ("beta", "c2", "c3")
 
-    def __init__(self, nodes: Iterable[NodeView], *, alpha_tokens: int, beta_tokens: int) -> None:
+    def __init__(
+        self, nodes: Iterable[NodeView], *, alpha_tokens: int, beta_tokens: int, salt: str
+    ) -> None:
         self.beta = beta_tokens
-        self.c2: list[tuple[int, str, int]] = []
-        self.c3: list[tuple[int, str, int]] = []
-        for n in nodes:
-            dest = self.c2 if n.read_q_tokens <= alpha_tokens else self.c3
-            dest.extend((e.tok, n.node_id, e.engine) for e in n.engines if e.tok <= beta_tokens)
+        self.c2: list[tuple[int, int, int, str, int]] = []
+        self.c3: list[tuple[int, int, int, str, int]] = []
+        order = sorted(
+            (n.node_id, e.engine, e.tok, n.read_q_tokens) for n in nodes for e in n.engines
+        )
+        offset = tie_offset(salt, len(order))
+        for pos, (node_id, engine, tok, read_q) in enumerate(order):
+            if tok > beta_tokens:
+                continue
+            dest = self.c2 if read_q <= alpha_tokens else self.c3
+            dest.append((tok, read_q, (pos - offset) % len(order), node_id, engine))
         heapq.heapify(self.c2)
         heapq.heapify(self.c3)
 
@@ -127,13 +143,18 @@ class _Candidates:
             heap, tier = self.c3, PeTier.LONG_READ_QUEUE
         else:
             return None
-        tok, node_id, engine = heap[0]
+        tok, read_q, rank, node_id, engine = heap[0]
         after = tok + tokens
         if after <= self.beta:
-            heapq.heapreplace(heap, (after, node_id, engine))
+            heapq.heapreplace(heap, (after, read_q, rank, node_id, engine))
         else:
             heapq.heappop(heap)
         return tok, node_id, engine, tier
+
+
+def tie_offset(salt: str, num_engines: int) -> int:
+    """Where a fetch's tie rotation starts in the sorted (node_id, engine) order."""
+    return zlib.crc32(salt.encode()) % num_engines if num_engines else 0
 
 
 def select_prefill(
@@ -152,11 +173,19 @@ def select_prefill(
     """
     if alpha_tokens < 0 or beta_tokens < 0:
         raise ValueError("alpha_tokens and beta_tokens must be >= 0")
+    scope = scoped_prefill(prefill, groups)
+    turns = iter(queue)
+    head = next(turns, None)
+    if head is None:
+        return PeSelection((), stopped=False)
     cands = _Candidates(
-        scoped_prefill(prefill, groups), alpha_tokens=alpha_tokens, beta_tokens=beta_tokens
+        scope,
+        alpha_tokens=alpha_tokens,
+        beta_tokens=beta_tokens,
+        salt=head.turn_id,
     )
     choices: list[PeChoice] = []
-    for turn in queue:
+    for turn in itertools.chain((head,), turns):
         picked = cands.assign(turn.prompt_tokens)
         if picked is None:
             return PeSelection(tuple(choices), stopped=True)

@@ -25,6 +25,7 @@ from grpc import aio
 from scheduler.dualpath_policy import (
     DualPathPolicy,
     LeastTokensBaseline,
+    ReadRule,
     RoundRobinPolicy,
     SplitAssignment,
 )
@@ -500,7 +501,8 @@ def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
             split_reads=spec.split_reads,  # every snic has the same rate: the default fits
         )
     if spec.selector == "round_robin":
-        return RoundRobinPolicy(beta_tokens=spec.beta_tokens, read_rule="shorter_queue")
+        rule: ReadRule = "alternate" if spec.baseline_read_side == "alternate" else "shorter_queue"
+        return RoundRobinPolicy(beta_tokens=spec.beta_tokens, read_rule=rule)
     if spec.selector == "least_tokens":
         return LeastTokensBaseline(beta_tokens=spec.beta_tokens, read_rule="shorter_queue")
     raise ValueError(

@@ -102,6 +102,8 @@ class ClusterSpec(_Frozen):
     """Engine selection under policy dualpath (see scheduler.dualpath_policy)."""
     split_reads: bool = False
     """Under the dualpath selector: split each turn's hit-KV read across both sides."""
+    baseline_read_side: str = "shorter_queue"
+    """Under the round_robin selector: shorter_queue or alternate."""
     compute_quota_s: float | None = 0.3
     """Prefill step quota on predicted attention time (real s); None: head request whole."""
     data_dir: str

@@ -190,6 +190,26 @@ def test_baseline_selectors_complete(selector: str, tmp_path: Path) -> None:
     assert s["errors"] == [] and s["turns_done"] == 6 and s["bytes_accounted"]
 
 
+def test_round_robin_alternate_reads_on_both_sides_in_turn(tmp_path: Path) -> None:
+    sched = {"selector": "round_robin", "baseline_read_side": "alternate"}
+    cfg = parse_config({**TINY, "policy": "dualpath", "scheduling": sched})
+    s = run_once(cfg, backend="local", out_dir=tmp_path / "alt", progress=False).summary
+    assert s["errors"] == [] and s["turns_done"] == 6 and s["bytes_accounted"]
+    assert s["read_sides"] == {"prefill": 3, "decode": 3}
+
+
+def test_poisson_arrivals_spread_agents_over_the_run(tmp_path: Path) -> None:
+    """Online mode: agents arrive at seeded Poisson offsets; the run lasts past the last
+    arrival and every turn still completes with every byte accounted."""
+    workload = {**TINY["workload"], "arrival": "poisson", "agents_per_s": 1.0}
+    cfg = parse_config({**TINY, "policy": "dualpath", "workload": workload})
+    s = run_once(cfg, backend="local", out_dir=tmp_path / "online", progress=False).summary
+    assert s["errors"] == [] and s["turns_done"] == 6 and s["bytes_accounted"]
+    arrival = s["arrival"]
+    assert arrival["mode"] == "poisson" and arrival["agents_per_s"] == 1.0
+    assert 0 < arrival["last_arrival_s"] < s["jct_s"]
+
+
 def test_split_reads_read_every_hit_block_once(tmp_path: Path) -> None:
     """Split reads share one turn's hit blocks between both nodes: the same seeded workload
     reads exactly the bytes whole-request reads do, and every turn still completes."""

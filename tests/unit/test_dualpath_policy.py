@@ -188,6 +188,20 @@ def test_round_robin_rotates_across_calls_and_skips_the_overloaded() -> None:
     assert plan == second and cursor == policy.cursor
 
 
+def test_round_robin_alternate_rotates_the_read_side_across_calls() -> None:
+    # the decode node's read queue is far longer: a load-aware rule would always pick prefill
+    prefill = [node("prefill-0", 0, [0])]
+    decode = [node("decode-0", 10**6, [0])]
+    policy = RoundRobinPolicy(beta_tokens=BIG, read_rule="alternate")
+    first = policy.schedule([turn(0), turn(1), turn(2)], prefill, decode, now=0.0)
+    second = policy.schedule([turn(3)], prefill, decode, now=1.0)
+    sides = [a.read_side for a in (*first.assignments, *second.assignments)]
+    assert sides == [ReadSide.PREFILL, ReadSide.DECODE, ReadSide.PREFILL, ReadSide.DECODE]
+    assert policy.cursor.side == 4
+    with pytest.raises(ValueError, match="alternate"):
+        LeastTokensBaseline(beta_tokens=1, read_rule="alternate")
+
+
 def test_least_tokens_baseline_equals_the_basic_policy() -> None:
     queue = [turn(i, prompt=200 * (i + 1)) for i in range(8)]
     prefill = [node("prefill-0", 0, [300, 0, 200])]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import random
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 
 import pytest
@@ -57,7 +59,10 @@ def reference(
         pool = c2 or c3
         if not pool:
             break
-        k = min(pool, key=lambda k: (tok[k], k))
+        order = sorted(tok)
+        offset = zlib.crc32(queue[0].turn_id.encode()) % len(order) if order else 0
+        rank = {k: (i - offset) % len(order) for i, k in enumerate(order)}
+        k = min(pool, key=lambda k: (tok[k], read_q[k[0]], rank[k]))
         out.append((t.turn_id, k[0], k[1], "C2" if c2 else "C3", tok[k]))
         tok[k] += t.prompt_tokens
     return out
@@ -120,14 +125,28 @@ def test_tok_is_charged_with_prompt_tokens_between_turns() -> None:
     assert picks(sel.choices) == [("prefill-0", 0), ("prefill-0", 1), ("prefill-0", 1)]
 
 
-def test_ties_break_by_node_id_then_engine_whatever_the_view_order() -> None:
-    a = [node("prefill-1", 0, [0, 0]), node("prefill-0", 0, [5, 0])]
-    b = [node("prefill-0", 0, [5, 0]), node("prefill-1", 0, [0, 0])]
+def test_ties_go_to_the_shorter_read_queue_then_rotate_whatever_the_view_order() -> None:
+    a = [node("prefill-1", 0, [0, 0]), node("prefill-0", 10, [5, 0])]
+    b = [node("prefill-0", 10, [5, 0]), node("prefill-1", 0, [0, 0])]
     queue = [turn(i, prompt=1) for i in range(3)]
-    sa = select_prefill(queue, a, alpha_tokens=0, beta_tokens=100)
-    sb = select_prefill(queue, b, alpha_tokens=0, beta_tokens=100)
+    sa = select_prefill(queue, a, alpha_tokens=100, beta_tokens=100)
+    sb = select_prefill(queue, b, alpha_tokens=100, beta_tokens=100)
     assert sa == sb
-    assert picks(sa.choices) == [("prefill-0", 1), ("prefill-1", 0), ("prefill-1", 1)]
+    # three engines at tok 0: prefill-1's two first (shorter read queue), then prefill-0/1
+    assert set(picks(sa.choices)[:2]) == {("prefill-1", 0), ("prefill-1", 1)}
+    assert picks(sa.choices)[2] == ("prefill-0", 1)
+
+
+def test_ties_rotate_with_the_head_turn_so_no_engine_is_favoured() -> None:
+    """Idle engines tie at tok 0 on every fetch below saturation; over many fetches each
+    engine takes the first turn about equally often."""
+    prefill = [node(f"prefill-{i}", 0, [0, 0]) for i in range(2)]
+    firsts = Counter(
+        picks(select_prefill([turn(i)], prefill, alpha_tokens=1, beta_tokens=10).choices)[0]
+        for i in range(400)
+    )
+    assert set(firsts) == {("prefill-0", 0), ("prefill-0", 1), ("prefill-1", 0), ("prefill-1", 1)}
+    assert max(firsts.values()) < 2 * min(firsts.values())
 
 
 def test_read_q_is_not_updated_within_a_fetch() -> None:

@@ -25,6 +25,7 @@ from lab.workload import (
     generate,
     load_jsonl,
     plan_agents,
+    poisson_arrivals,
     workload_stats,
 )
 
@@ -378,3 +379,21 @@ def test_workload_stats_definitions() -> None:
     assert s.max_total == 180
     with pytest.raises(ValueError):
         workload_stats([])
+
+
+def test_poisson_arrivals_start_at_zero_ascend_and_have_the_asked_rate() -> None:
+    at = poisson_arrivals(4000, agents_per_s=2.5, seed=7)
+    assert at[0] == 0.0 and at == sorted(at) and len(at) == 4000
+    gaps = [b - a for a, b in itertools.pairwise(at)]
+    # 3,999 exponential gaps of mean 0.4 s: the sample mean is within 5 % (about 3 sigma)
+    assert statistics.fmean(gaps) == pytest.approx(0.4, rel=0.05)
+    # coefficient of variation of an exponential is 1
+    assert statistics.pstdev(gaps) / statistics.fmean(gaps) == pytest.approx(1.0, rel=0.1)
+    assert poisson_arrivals(4000, agents_per_s=2.5, seed=7) == at
+    assert poisson_arrivals(4000, agents_per_s=2.5, seed=8) != at
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("inf"), float("nan")])
+def test_poisson_arrivals_reject_a_bad_rate(rate: float) -> None:
+    with pytest.raises(ValueError, match="agents_per_s"):
+        poisson_arrivals(3, agents_per_s=rate, seed=1)
