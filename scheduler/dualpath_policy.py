@@ -34,7 +34,7 @@ from typing import Literal
 from scheduler.de_selection import Z_SLACK, select_decode
 from scheduler.pe_selection import select_prefill
 from scheduler.policies import SchedulingPolicy, UnknownPolicyError
-from scheduler.read_side import BlockRange, choose_read_side, split_read
+from scheduler.read_side import BlockRange, choose_read_side, split_read, tie_side
 from scheduler.views import Assignment, NodeView, PendingTurn, ReadSide, SchedulePlan
 
 ReadRule = Literal["prefill", "shorter_queue", "none", "alternate"]
@@ -150,7 +150,10 @@ class DualPathPolicy:
         qp, qd = read_q.get(pe_node, 0), read_q.get(de_node, 0)
         if not self.split_reads:
             side = choose_read_side(
-                hit_tokens=turn.hit_tokens, prefill_read_q_tokens=qp, decode_read_q_tokens=qd
+                hit_tokens=turn.hit_tokens,
+                prefill_read_q_tokens=qp,
+                decode_read_q_tokens=qd,
+                tie=tie_side(turn.turn_id),
             )
             read_q[pe_node if side is ReadSide.PREFILL else de_node] = (
                 qp if side is ReadSide.PREFILL else qd
@@ -200,6 +203,7 @@ def _baseline_side(
         hit_tokens=turn.hit_tokens,
         prefill_read_q_tokens=q.get(pe, 0),
         decode_read_q_tokens=q.get(de, 0),
+        tie=tie_side(turn.turn_id),
     )
     node = pe if side is ReadSide.PREFILL else de
     q[node] = q.get(node, 0) + turn.hit_tokens

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.read_side import BlockRange, ReadSplit, choose_read_side, split_read
+from scheduler.read_side import BlockRange, ReadSplit, choose_read_side, split_read, tie_side
 from scheduler.views import ReadSide
 
 
-def test_whole_read_goes_to_the_shorter_queue_ties_to_prefill() -> None:
+def test_whole_read_goes_to_the_shorter_queue_ties_to_the_tie_side() -> None:
     def side(hit: int, qp: int, qd: int) -> ReadSide:
         return choose_read_side(hit_tokens=hit, prefill_read_q_tokens=qp, decode_read_q_tokens=qd)
 
     assert side(640, 100, 99) is ReadSide.DECODE
     assert side(640, 99, 100) is ReadSide.PREFILL
-    assert side(640, 100, 100) is ReadSide.PREFILL
+    assert side(640, 100, 100) is ReadSide.PREFILL  # the default tie
     assert side(0, 100, 0) is ReadSide.PREFILL  # nothing to read
+    tied = choose_read_side(
+        hit_tokens=640, prefill_read_q_tokens=0, decode_read_q_tokens=0, tie=ReadSide.DECODE
+    )
+    assert tied is ReadSide.DECODE
+
+
+def test_ties_split_about_evenly_over_turns() -> None:
+    sides = Counter(tie_side(f"t{i}") for i in range(1000))
+    assert set(sides) == {ReadSide.PREFILL, ReadSide.DECODE}
+    assert abs(sides[ReadSide.PREFILL] - sides[ReadSide.DECODE]) < 100
+    assert tie_side("t7") is tie_side("t7")
 
 
 def split(n: int, qp: int, qd: int, rp: float = 1.0, rd: float = 1.0, bt: int = 64) -> ReadSplit:

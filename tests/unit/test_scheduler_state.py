@@ -9,6 +9,7 @@ import pytest
 
 from lab.config import build_cluster_spec, parse_config
 from scheduler.policies import make_policy
+from scheduler.read_side import tie_side
 from services.scheduler_service import SchedulerState, TurnInputError, policy_for
 from services.spec import Role
 
@@ -74,19 +75,22 @@ def test_nothing_is_assigned_until_every_engine_node_reported() -> None:
 
 def test_finished_prefill_work_is_not_counted_again() -> None:
     """A turn the prefill node has finished (but the decode node still decodes) must not be
-    added back to the prefill node's read queue: that pushed every read to the decode side."""
+    added back to a node's read queue: that pushed every later read to the other side.
+    With both queues empty each turn takes its tie side; among t1..t5 both sides occur."""
     state = make_state()
     fetch(state, "decode-0")
-    state.submit(body(1), 0.0)
-    first = fetch(state, "prefill-0")  # PE-side read (queues equal, ties go to prefill)
-    assert first[0]["read_side"] == "prefill"
-    fetch(state, "decode-0", turns=(first[0]["turn_id"],))
-    # the prefill node reported the turn, read it and finished its prefill: it is gone there
-    fetch(state, "prefill-0", turns=(first[0]["turn_id"],))
-    fetch(state, "prefill-0", turns=())
-    state.submit(body(2), 0.0)
-    second = fetch(state, "prefill-0")
-    assert second[0]["read_side"] == "prefill"  # both queues are empty again
+    sides = set()
+    for traj in range(1, 6):
+        state.submit(body(traj), 0.0)
+        got = fetch(state, "prefill-0")
+        assert got[0]["read_side"] == tie_side(got[0]["turn_id"]).value  # queues were equal
+        sides.add(got[0]["read_side"])
+        tid = got[0]["turn_id"]
+        fetch(state, "decode-0", turns=(tid,))  # the decode node holds it until it decodes
+        # the prefill node reported the turn, read it and finished its prefill: gone there
+        fetch(state, "prefill-0", turns=(tid,))
+        fetch(state, "prefill-0", turns=())
+    assert sides == {"prefill", "decode"}
 
 
 def test_events_finish_a_turn_once() -> None:
