@@ -9,6 +9,7 @@ the job after a crash.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -336,8 +337,43 @@ def free_port_base(count: int) -> int:
     raise BackendError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
+CONTROLLER_GRACE_S = 60.0
+"""How long `down` waits for a lab's controller to take the lab down itself."""
+
+
+def _is_controller(pid: int, lab_id: str) -> bool:
+    """The recorded pid still runs `dualpath up --lab-id <lab_id>` (pids get reused)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(a == b"--lab-id" and b == lab_id.encode() for a, b in itertools.pairwise(args))
+
+
+def stop_controller(pid: int, lab_id: str) -> bool:
+    """SIGTERM a lab's controller and wait until it has taken its lab down (True), or give
+    up after CONTROLLER_GRACE_S and SIGKILL it (False: the caller cleans up from the record)."""
+    if not _is_controller(pid, lab_id):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + CONTROLLER_GRACE_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _is_controller(pid, lab_id):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return False
+
+
 def down_recorded(lab_id: str | None = None) -> list[str]:
-    """Stop every recorded lab's processes and remove its network (used by `dualpath down`)."""
+    """Stop every recorded lab's processes and remove its network (used by `dualpath down`).
+
+    A lab brought up by `dualpath up` has a controller process that owns it: it is asked to
+    take its lab down first; whatever a crashed controller left is removed from the record."""
     removed: list[str] = []
     sdir = state_dir()
     if sdir.is_dir():
@@ -348,6 +384,15 @@ def down_recorded(lab_id: str | None = None) -> list[str]:
                 continue
             if lab_id is not None and data.get("lab_id") != lab_id:
                 continue
+            ctl = data.get("controller_pid")
+            if isinstance(ctl, int) and stop_controller(ctl, str(data.get("lab_id"))):
+                removed.append(
+                    f"lab {data.get('lab_id')} (taken down by its controller, pid {ctl})"
+                )
+                if not path.exists():
+                    continue
+                with contextlib.suppress(OSError, json.JSONDecodeError):
+                    data = json.loads(path.read_text())
             removed += stop_pids(dict(data.get("pids", {})), str(data.get("spec")))
             data_dir = Path(str(data.get("data_dir", "")))
             if data_dir.name.startswith("dualpath-") and data_dir.is_dir():

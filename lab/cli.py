@@ -27,8 +27,9 @@ from lab.backends import (
     free_port_base,
     state_dir,
 )
-from lab.chaos import ScenarioError
+from lab.chaos import ScenarioError, cluster_links
 from lab.config import ConfigError, LabConfig, build_cluster_spec, load_config, parse_settings
+from lab.control import ControlServer
 from lab.report import comparison_table, summary_lines
 from lab.runner import BACKENDS, RunError, compare, run_once
 from lab.workload import TrajectoryFileError
@@ -97,12 +98,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """Bring a lab up. By default a detached controller process owns it (it holds the network,
+    restarts nodes and serves the control endpoint for `link set` and `node`) and this command
+    returns once the lab is ready; `--foreground` runs the controller here until Ctrl-C."""
+    if not args.foreground:
+        return _up_detached(args)
     cfg = _load(args)
     if args.backend == "netns":
         from netem.netns import require_net_admin
 
         require_net_admin()  # before anything is written
-    lab_id = secrets.token_hex(3)
+    lab_id = args.lab_id or secrets.token_hex(3)
     out = Path(args.out) if args.out else Path("results") / f"{cfg.name}-up-{lab_id}"
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
@@ -124,17 +130,75 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     else:
         be = LocalBackend(spec, spec_path, out / "logs", state)
+    control: ControlServer | None = None
     try:
         be.up()
-    except BaseException:
+        control = ControlServer(be, cluster_links(cfg))
+        state.data["control_url"] = control.url
+        state.data["controller_pid"] = os.getpid()
+        state.save()
+        print(f"lab {lab_id} is up ({args.backend}): {', '.join(n.node_id for n in spec.nodes)}")
+        print(f"  scheduler HTTP API: http://{spec.http.host}:{spec.http.port}/v1/status")
+        print(f"  control endpoint:   {control.url} (pid {os.getpid()} owns the lab)")
+        print(f"  logs: {out / 'logs'}")
+        print("  run a command in a node:  dualpath exec prefill-0 -- ss -tin")
+        print("  change a link:            dualpath link set prefill-0 snic rate=50%")
+        print(
+            "  tear it down:             dualpath down" + ("" if args.detached else " (or Ctrl-C)")
+        )
+        if args.detached:
+            _detach_output(out / "logs" / "controller.log")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `dualpath down`
+        return EXIT_OK
+    finally:
+        if control is not None:
+            control.close()
         be.down()
-        raise
-    print(f"lab {lab_id} is up ({args.backend}): {', '.join(n.node_id for n in spec.nodes)}")
-    print(f"  scheduler HTTP API: http://{spec.http.host}:{spec.http.port}/v1/status")
-    print(f"  logs: {out / 'logs'}")
-    print("  run a command in a node:  dualpath exec prefill-0 -- ss -tin")
-    print("  tear it down:             dualpath down")
-    return EXIT_OK
+
+
+def _detach_output(log: Path) -> None:
+    """Point stdout/stderr at the controller's log: closing the pipe tells `up` it is ready."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _up_detached(args: argparse.Namespace) -> int:
+    """Start `up --foreground` in its own session, relay its output until it is ready."""
+    import subprocess
+
+    lab_id = secrets.token_hex(3)
+    cmd = [sys.executable, "-m", "lab.cli", "up", "-c", args.config, "--backend", args.backend]
+    cmd += ["--foreground", "--detached", "--lab-id", lab_id]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    if args.policy:
+        cmd += ["--policy", args.policy]
+    if args.out:
+        cmd += ["--out", args.out]
+    if args.allow_unemulated:
+        cmd.append("--allow-unemulated")
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # Ctrl-C in this terminal must not reach the lab's owner
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # EOF: the controller is ready (output moved to its log) or gone
+        print(line, end="", flush=True)
+    try:
+        return proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        return EXIT_OK
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -194,7 +258,7 @@ def _control_url(lab_id: str | None) -> str:
         which = ", ".join(lab["lab_id"] for lab in labs) or "none"
         raise ConfigError(
             f"need exactly one running lab with a control endpoint (found: {which}); "
-            "start one with dualpath run/chaos, or pick one with --lab"
+            "start one with dualpath up/run/chaos, or pick one with --lab"
         )
     return str(labs[0]["control_url"])
 
@@ -250,6 +314,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for lab in labs:
         alive = {n: p for n, p in lab["pids"].items() if Path(f"/proc/{p}").exists()}
         print(f"lab {lab['lab_id']} ({lab['backend']}), spec {lab['spec']}")
+        ctl = lab.get("controller_pid")
+        if ctl is not None:
+            state = "running" if Path(f"/proc/{ctl}").exists() else "exited"
+            print(f"  {'controller':12s} pid {ctl:<8d} {state}, control {lab.get('control_url')}")
         for node, pid in sorted(lab["pids"].items()):
             print(f"  {node:12s} pid {pid:<8d} {'running' if node in alive else 'exited'}")
     return EXIT_OK
@@ -318,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="come up even if a link feature cannot be emulated here (see `dualpath doctor`)",
     )
+    up.add_argument(
+        "--foreground",
+        action="store_true",
+        help="own the lab from this process until Ctrl-C (default: a detached controller)",
+    )
+    up.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
+    up.add_argument("--lab-id", help=argparse.SUPPRESS)
     up.set_defaults(func=cmd_up)
     an = sub.add_parser("analyze", help="the bottleneck-free P/D range (DualPath §4.2)")
     an.add_argument("-c", "--config", required=True, help="lab config (YAML)")
@@ -329,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="what this kernel/host can emulate, per link feature")
     doc.add_argument("--json", action="store_true", help="the report as JSON")
     doc.set_defaults(func=cmd_doctor)
-    link = sub.add_parser("link", help="change a link of a running lab (run/chaos)")
+    link = sub.add_parser("link", help="change a link of a running lab (up/run/chaos)")
     link_sub = link.add_subparsers(dest="link_command", required=True)
     ls = link_sub.add_parser("set", help="dualpath link set NODE NIC rate=50%% loss=1%% up=false")
     ls.add_argument("node", help="e.g. prefill-0")

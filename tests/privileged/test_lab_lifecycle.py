@@ -51,6 +51,15 @@ def _links() -> set[str]:
     return {line.split(":")[1].strip() for line in out.stdout.splitlines()}
 
 
+def _lab_ids(tmp_path: Path) -> set[str]:
+    """The labs a test brought up: every run/up writes its spec (with the lab id) under --out."""
+    return {json.loads(p.read_text())["lab_id"] for p in tmp_path.rglob("spec.json")}
+
+
+def _ours(names: set[str], lab_ids: set[str]) -> set[str]:
+    return {n for n in names for lab in lab_ids if lab in n}
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     e = {
@@ -60,10 +69,14 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     }
     before_ns, before_links = _netns(), _links()
     yield e
-    # whatever a test did, take down what it recorded, then check nothing else changed
+    # whatever a test did, take down what it recorded, then check that nothing of its labs is
+    # left and nothing else was touched. Other labs and a Docker engine may come and go on the
+    # same host meanwhile, so only what was there before and belongs to neither is compared.
     subprocess.run([sys.executable, "-m", "lab.cli", "down"], env=e, capture_output=True)
-    assert _netns() == before_ns
-    assert _links() == before_links
+    ids = _lab_ids(tmp_path)
+    assert not _ours(_netns() | _links(), ids)
+    assert {n for n in before_ns if not n.startswith("dp-")} <= _netns()
+    assert {n for n in before_links if not n.startswith(("veth", "br-", "docker"))} <= _links()
 
 
 def _config(tmp_path: Path, data: dict[str, object]) -> Path:
@@ -76,14 +89,11 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lab.cli", *args]
 
 
-_preexisting = _netns() if os.geteuid() == 0 else set()
-
-
 def _assert_nothing_left(tmp_path: Path) -> None:
     state = tmp_path / "state"
     assert not (state.exists() and list(state.glob("*.json")))
     assert not [p for p in tmp_path.glob("dualpath-*") if p.is_dir()]
-    assert not [ns for ns in _netns() - _preexisting if ns.startswith("dp-")]
+    assert not _ours(_netns(), _lab_ids(tmp_path))
 
 
 def _wait_for_driver(proc: subprocess.Popen[str], out: Path, timeout_s: float = 60) -> None:
@@ -165,12 +175,12 @@ def test_crashed_runner_is_cleaned_by_down(tmp_path: Path, env: dict[str, str]) 
     proc.wait()
     state = tmp_path / "state"
     assert list(state.glob("*.run.json")) and list(state.glob("*.json"))
-    assert any(ns.startswith("dp-") for ns in _netns() - _preexisting)
+    assert _ours(_netns(), _lab_ids(tmp_path))
     down = subprocess.run(_cli("down"), env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     assert "removed" in down.stdout
     _assert_nothing_left(tmp_path)
-    assert not any(ns.startswith("dp-") for ns in _netns() - _preexisting)
+    assert not _ours(_netns(), _lab_ids(tmp_path))
 
 
 def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
@@ -194,8 +204,29 @@ def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
     )
     assert ex.returncode == 0, ex.stderr
     assert "cnic" in ex.stdout and "snic" in ex.stdout and "198.18.0." in ex.stdout
+    # the lab's controller owns it: links change in place through its control endpoint
+    assert "controller" in status.stdout
+    ctl = int(status.stdout.split("controller")[1].split()[1])
+
+    def snic_classes() -> str:
+        tc = _cli("exec", "prefill-0", "--", "tc", "class", "show", "dev", "snic")
+        return subprocess.run(tc, env=env, capture_output=True, text=True, timeout=30).stdout
+
+    def link_set(value: str) -> subprocess.CompletedProcess[str]:
+        cmd = _cli("link", "set", "prefill-0", "snic", value)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+    assert "rate 100Mbit" in snic_classes()
+    ls = link_set("rate=50%")
+    assert ls.returncode == 0, ls.stderr
+    assert "rate 50Mbit" in snic_classes()
+    bad = link_set("rate=fast")
+    assert bad.returncode == 2 and "rate" in bad.stderr
+    assert "rate 50Mbit" in snic_classes()  # a refused change changes nothing
     down = subprocess.run(_cli("down"), env=env, capture_output=True, text=True)
     assert down.returncode == 0
+    assert "taken down by its controller" in down.stdout
+    assert not Path(f"/proc/{ctl}").exists() or _zombie(ctl)
     _assert_nothing_left(tmp_path)
 
 
@@ -224,4 +255,5 @@ def test_netns_backend_without_cap_net_admin_says_so(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert "CAP_NET_ADMIN" in proc.stderr and "--backend local" in proc.stderr
-    assert not [ns for ns in _netns() - _preexisting if ns.startswith("dp-")]
+    # refused before anything was written or created: no spec, so no lab
+    assert not list(tmp_path.rglob("spec.json"))
