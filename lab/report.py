@@ -27,6 +27,17 @@ def engine_nodes(summary: dict[str, Any]) -> list[str]:
     return sorted(n for n in summary.get("nics", {}) if n.startswith(("prefill", "decode")))
 
 
+def _online_lines(s: dict[str, Any]) -> list[str]:
+    arrival, slo = s.get("arrival", {}), s.get("slo", {})
+    if arrival.get("mode") != "poisson" or slo.get("attained") is None:
+        return []
+    return [
+        f"  online: {arrival['agents_per_s']:g} agents/s (real); "
+        f"{100 * slo['attained']:.1f}% of turns within the SLO "
+        f"(TTFT <= {slo['ttft_s']:g} s, TPOT <= {slo['tpot_ms']:g} ms, real-equivalent)"
+    ]
+
+
 def summary_lines(s: dict[str, Any]) -> list[str]:
     lines = [
         f"policy {s['policy']} on {s['backend']}: {s['turns_done']} turns done, "
@@ -36,6 +47,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"  TTFT p50 {_fmt(s['ttft_s']['p50'], '.3f')} s  p99 {_fmt(s['ttft_s']['p99'], '.3f')} s"
         f"   TTST p50 {_fmt(s['ttst_s']['p50'], '.3f')} s"
         f"   TPOT p50 {_fmt(s['tpot_ms']['p50'], '.1f')} ms",
+        *_online_lines(s),
         f"  KV bytes: {s['bytes_storage_read']:,} read from storage + {s['bytes_relayed']:,} "
         f"relayed; {s['bytes_verified']:,} verified "
         f"({'all accounted' if s['bytes_accounted'] else 'MISMATCH'})",

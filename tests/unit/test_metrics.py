@@ -90,6 +90,20 @@ def test_summary_accounts_bytes_and_reports_failures() -> None:
     assert not s2["bytes_accounted"]
 
 
+def test_slo_attainment_on_the_real_clock() -> None:
+    # tau = 10: TTFT 1 s emulated = 0.1 s real; TPOT 100 ms emulated = 10 ms real -> met
+    met = _turn()
+    slow_first = _turn(traj_id=1, first_token_at=41.0, second_token_at=41.5, done_at=42.5)
+    slow_decode = _turn(traj_id=2, done_at=1.5 + 10 * 0.6)  # TPOT 600 ms emulated = 60 ms real
+    one_token = _turn(traj_id=3, gen_tokens=1, second_token_at=None, done_at=1.0)
+    failed = _turn(traj_id=4, error="x", done_at=None)
+    turns = [met, slow_first, slow_decode, one_token, failed]
+    driver = {"started_at": 0.0, "finished_at": 50.0, "jct_s": 50.0, "turns": turns}
+    slo = _summary(driver)["slo"]
+    assert (slo["ttft_s"], slo["tpot_ms"]) == (4.0, 50.0)
+    assert slo["attained"] == pytest.approx(2 / 5)  # met and one_token
+
+
 def test_snic_balance_is_max_over_avg_of_read_bytes() -> None:
 
     def two(t: float, a: int, b: int) -> dict[str, Any]:
