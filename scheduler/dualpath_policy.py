@@ -124,8 +124,7 @@ class DualPathPolicy:
         de = select_decode(prefix, decode, z_slack=self.z_slack)
         if not de.choices:
             return SchedulePlan(())
-        read_q = {n.node_id: n.read_q_tokens for n in prefill}
-        read_q.update((n.node_id, n.read_q_tokens) for n in decode)
+        loads = ReadLoads.of(prefill, decode)
         out: list[Assignment] = []
         de_iter = iter(de.choices)
         dc = next(de_iter, None)
@@ -134,7 +133,7 @@ class DualPathPolicy:
                 break
             if dc.turn_id != turn.turn_id:
                 continue  # blocked in its DE group
-            out.append(self._read(turn, pc.node_id, pc.engine, dc.node_id, dc.engine, read_q))
+            out.append(self._read(turn, pc.node_id, pc.engine, dc.node_id, dc.engine, loads))
             dc = next(de_iter, None)
         return SchedulePlan(tuple(out))
 
@@ -145,20 +144,12 @@ class DualPathPolicy:
         pe_engine: int,
         de_node: str,
         de_engine: int,
-        read_q: dict[str, int],
+        loads: ReadLoads,
     ) -> Assignment:
-        qp, qd = read_q.get(pe_node, 0), read_q.get(de_node, 0)
         if not self.split_reads:
-            side = choose_read_side(
-                hit_tokens=turn.hit_tokens,
-                prefill_read_q_tokens=qp,
-                decode_read_q_tokens=qd,
-                tie=tie_side(turn.turn_id),
-            )
-            read_q[pe_node if side is ReadSide.PREFILL else de_node] = (
-                qp if side is ReadSide.PREFILL else qd
-            ) + turn.hit_tokens
+            side = loads.whole(turn, pe_node, de_node)
             return Assignment(turn.turn_id, pe_node, pe_engine, de_node, de_engine, side)
+        qp, qd = loads.queue.get(pe_node, 0), loads.queue.get(de_node, 0)
         bt = self.block_tokens
         split = split_read(
             max(0, turn.hit_tokens) // bt,
@@ -169,8 +160,8 @@ class DualPathPolicy:
             decode_tokens_per_s=self._rate(de_node),
         )
         num_p, num_d = split.prefill_blocks.num_blocks, split.decode_blocks.num_blocks
-        read_q[pe_node] = qp + num_p * bt
-        read_q[de_node] = qd + num_d * bt
+        loads.charge(pe_node, num_p * bt)
+        loads.charge(de_node, num_d * bt)
         if num_p == 0 or num_d == 0:
             side = ReadSide.DECODE if num_d > 0 else ReadSide.PREFILL
             return Assignment(turn.turn_id, pe_node, pe_engine, de_node, de_engine, side)
@@ -192,22 +183,48 @@ def _engine_order(nodes: Iterable[NodeView]) -> list[tuple[str, int, int]]:
     return sorted((n.node_id, e.engine, i) for n in nodes for i, e in enumerate(n.engines))
 
 
+@dataclass(frozen=True, slots=True)
+class ReadLoads:
+    """One fetch's working copy of each node's read queue and read total, charged as turns
+    are assigned (the views themselves are never changed)."""
+
+    queue: dict[str, int]
+    total: dict[str, int]
+
+    @classmethod
+    def of(cls, *views: Sequence[NodeView]) -> ReadLoads:
+        nodes = [n for v in views for n in v]
+        return cls(
+            {n.node_id: n.read_q_tokens for n in nodes},
+            {n.node_id: n.read_total_tokens for n in nodes},
+        )
+
+    def charge(self, node_id: str, tokens: int) -> None:
+        self.queue[node_id] = self.queue.get(node_id, 0) + tokens
+        self.total[node_id] = self.total.get(node_id, 0) + tokens
+
+    def whole(self, turn: PendingTurn, pe: str, de: str) -> ReadSide:
+        """The shorter-queue side of a whole-request read (read_side.py), charged."""
+        side = choose_read_side(
+            hit_tokens=turn.hit_tokens,
+            prefill_read_q_tokens=self.queue.get(pe, 0),
+            decode_read_q_tokens=self.queue.get(de, 0),
+            prefill_read_total_tokens=self.total.get(pe, 0),
+            decode_read_total_tokens=self.total.get(de, 0),
+            tie=tie_side(turn.turn_id),
+        )
+        self.charge(pe if side is ReadSide.PREFILL else de, max(0, turn.hit_tokens))
+        return side
+
+
 def _baseline_side(
-    rule: ReadRule, turn: PendingTurn, pe: str, de: str, q: dict[str, int]
+    rule: ReadRule, turn: PendingTurn, pe: str, de: str, loads: ReadLoads
 ) -> ReadSide:
     if rule == "none":  # Oracle: nothing is read
         return ReadSide.NONE
     if rule == "prefill":
         return ReadSide.PREFILL
-    side = choose_read_side(
-        hit_tokens=turn.hit_tokens,
-        prefill_read_q_tokens=q.get(pe, 0),
-        decode_read_q_tokens=q.get(de, 0),
-        tie=tie_side(turn.turn_id),
-    )
-    node = pe if side is ReadSide.PREFILL else de
-    q[node] = q.get(node, 0) + turn.hit_tokens
-    return side
+    return loads.whole(turn, pe, de)
 
 
 def _check_rule(rule: str, *, alternate: bool = False) -> None:
@@ -249,7 +266,7 @@ def round_robin_plan(
     de_nodes = {n.node_id: n for n in decode}
     pe_tok = [pe_nodes[nid].engines[i].tok for nid, _, i in pes]
     de_free = [de_nodes[nid].engines[i].free_kv_tokens for nid, _, i in des]
-    read_q = {n.node_id: n.read_q_tokens for n in (*prefill, *decode)}
+    loads = ReadLoads.of(prefill, decode)
     pc = cursor.prefill % len(pes) if pes else 0
     dc = cursor.decode % len(des) if des else 0
     sides = cursor.side
@@ -277,7 +294,7 @@ def round_robin_plan(
             side = ReadSide.PREFILL if sides % 2 == 0 else ReadSide.DECODE
             sides += 1
         else:
-            side = _baseline_side(read_rule, turn, pe_node, de_node, read_q)
+            side = _baseline_side(read_rule, turn, pe_node, de_node, loads)
         out.append(Assignment(turn.turn_id, pe_node, pe_engine, de_node, de_engine, side))
         pc, dc = p + 1, d + 1
     return SchedulePlan(tuple(out)), RoundRobinCursor(pc, dc, sides)
@@ -360,7 +377,7 @@ class LeastTokensBaseline:
         )
         heap = [(e.tok, n.node_id, e.engine, e.free_kv_tokens) for n in decode for e in n.engines]
         heapq.heapify(heap)
-        read_q = {n.node_id: n.read_q_tokens for n in (*prefill, *decode)}
+        loads = ReadLoads.of(prefill, decode)
         out: list[Assignment] = []
         for turn, pc in zip(queue, pe.choices, strict=False):
             need = turn.kv_tokens
@@ -378,7 +395,7 @@ class LeastTokensBaseline:
                 break
             tok, de_node, de_engine, free = found
             heapq.heappush(heap, (tok + need, de_node, de_engine, free - need))
-            side = _baseline_side(self.read_rule, turn, pc.node_id, de_node, read_q)
+            side = _baseline_side(self.read_rule, turn, pc.node_id, de_node, loads)
             out.append(Assignment(turn.turn_id, pc.node_id, pc.engine, de_node, de_engine, side))
         return SchedulePlan(tuple(out))
 

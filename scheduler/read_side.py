@@ -6,10 +6,14 @@ Pure arithmetic on read-queue snapshots: no I/O, no state, inputs never mutated.
 Decisions where the paper is silent:
 
 - **Whole reads** go to the side whose node has the strictly shorter read queue in tokens
-  (the paper's measure). Ties go to the side `tie_side` draws from the turn id (crc32 parity):
-  below saturation both queues are often empty, and sending every tie to the prefill side
-  (whose path needs no DE → PE relay) read ~20 % more on the prefill nodes' storage NICs than
-  on the decode nodes' in a 2P2D online run, the imbalance the scheduler exists to avoid.
+  (the paper's measure). Below saturation both queues are often empty when a turn is placed,
+  so ties are common and their rule shows in the balance: sending every tie to the prefill
+  side (whose path needs no DE → PE relay) read ~20 % more on the prefill nodes' storage NICs
+  than on the decode nodes' in a 2P2D online run, and a coin flip per turn balanced the sides
+  on average but left 5 s windows less even than blind rotation. So a tie goes to the node
+  that has been assigned fewer read tokens so far (`NodeView.read_total_tokens`, the
+  scheduler's own count: storage-NIC balance over time is what the rule is for), and only an
+  exact tie of those to the side `tie_side` draws from the turn id (crc32 parity).
   A turn without hit tokens reads nothing and is marked PREFILL.
 - **Split reads** choose k hit blocks for the prefill side and n - k for the decode side so
   that both sides finish as close to the same time as whole blocks allow: side finish time
@@ -76,14 +80,20 @@ def choose_read_side(
     hit_tokens: int,
     prefill_read_q_tokens: int,
     decode_read_q_tokens: int,
+    prefill_read_total_tokens: int = 0,
+    decode_read_total_tokens: int = 0,
     tie: ReadSide = ReadSide.PREFILL,
 ) -> ReadSide:
-    """# DualPath §6: the whole request reads on the side with the shorter disk-read queue."""
+    """# DualPath §6: the whole request reads on the side with the shorter disk-read queue.
+
+    Equal queues: the side whose node has read fewer tokens so far; equal again: `tie`."""
     if hit_tokens <= 0:
         return ReadSide.PREFILL
-    if decode_read_q_tokens == prefill_read_q_tokens:
+    p = (prefill_read_q_tokens, prefill_read_total_tokens)
+    d = (decode_read_q_tokens, decode_read_total_tokens)
+    if p == d:
         return tie
-    return ReadSide.DECODE if decode_read_q_tokens < prefill_read_q_tokens else ReadSide.PREFILL
+    return ReadSide.DECODE if d < p else ReadSide.PREFILL
 
 
 def split_read(

@@ -34,6 +34,9 @@ class NodeView:
     read_q_tokens: int
     """Tokens waiting in (or being read by) this node's storage-read queue (`read_q`)."""
     engines: tuple[EngineView, ...]
+    read_total_tokens: int = 0
+    """Hit tokens the scheduler has assigned to this node's storage reads so far; breaks
+    read-side ties between equal queues (the node that has read less takes the turn)."""
 
 
 @dataclass(frozen=True, slots=True)

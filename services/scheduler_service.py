@@ -126,6 +126,8 @@ class SchedulerState:
         # Turns assigned to a node that its reports do not cover yet: not delivered, or
         # delivered in the reply to its last fetch (that fetch's report predates them).
         self.uncovered: dict[str, set[str]] = {n.node_id: set() for n in spec.nodes}
+        self.read_total: dict[str, int] = {n.node_id: 0 for n in spec.nodes}
+        """Hit tokens assigned to each node's storage reads so far (read-side tie-break)."""
         self.delivered_last: dict[str, list[str]] = {n.node_id: [] for n in spec.nodes}
         self._next_id = 0
         self.num_done = 0
@@ -249,7 +251,7 @@ class SchedulerState:
                 EngineView(node.node_id, i, seq.get(i, 0), tok.get(i, 0), free.get(i, 0))
                 for i in sorted(tok)
             )
-            views.append(NodeView(node.node_id, read_q, engines))
+            views.append(NodeView(node.node_id, read_q, engines, self.read_total[node.node_id]))
         return views
 
     def _schedule(self, now: float) -> None:
@@ -261,12 +263,16 @@ class SchedulerState:
             return
         pending = [self.turns[t].pending for t in self.queue]
         plan = self.policy.schedule(pending, prefill, decode, now=now)
+        bt = self.spec.profile.block_tokens
         for a in plan.assignments:
             state = self.turns[a.turn_id]
             state.assignment = a
             for node_id in (a.prefill_node, a.decode_node):
                 self.outbox[node_id].append(a.turn_id)
                 self.uncovered[node_id].add(a.turn_id)
+            reads = read_ranges(a, state.context_tokens // bt)
+            self.read_total[a.prefill_node] += (reads["prefill"][1] - reads["prefill"][0]) * bt
+            self.read_total[a.decode_node] += (reads["decode"][1] - reads["decode"][0]) * bt
             self.event(
                 a.turn_id,
                 "assigned",
@@ -274,7 +280,7 @@ class SchedulerState:
                 prefill=f"{a.prefill_node}/{a.prefill_engine}",
                 decode=f"{a.decode_node}/{a.decode_engine}",
                 read_side=a.read_side.value,
-                reads=read_ranges(a, state.context_tokens // self.spec.profile.block_tokens),
+                reads=reads,
             )
         done = plan.assigned_ids
         self.queue = deque(t for t in self.queue if t not in done)

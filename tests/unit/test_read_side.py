@@ -26,6 +26,33 @@ def test_whole_read_goes_to_the_shorter_queue_ties_to_the_tie_side() -> None:
     assert tied is ReadSide.DECODE
 
 
+def test_equal_queues_go_to_the_node_that_has_read_less() -> None:
+    def side(total_p: int, total_d: int) -> ReadSide:
+        return choose_read_side(
+            hit_tokens=640,
+            prefill_read_q_tokens=50,
+            decode_read_q_tokens=50,
+            prefill_read_total_tokens=total_p,
+            decode_read_total_tokens=total_d,
+            tie=ReadSide.PREFILL,
+        )
+
+    assert side(1000, 999) is ReadSide.DECODE
+    assert side(999, 1000) is ReadSide.PREFILL
+    assert side(1000, 1000) is ReadSide.PREFILL  # the tie side
+    # the queue decides first, whatever the totals
+    assert (
+        choose_read_side(
+            hit_tokens=640,
+            prefill_read_q_tokens=51,
+            decode_read_q_tokens=50,
+            prefill_read_total_tokens=0,
+            decode_read_total_tokens=10**9,
+        )
+        is ReadSide.DECODE
+    )
+
+
 def test_ties_split_about_evenly_over_turns() -> None:
     sides = Counter(tie_side(f"t{i}") for i in range(1000))
     assert set(sides) == {ReadSide.PREFILL, ReadSide.DECODE}

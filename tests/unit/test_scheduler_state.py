@@ -76,21 +76,25 @@ def test_nothing_is_assigned_until_every_engine_node_reported() -> None:
 def test_finished_prefill_work_is_not_counted_again() -> None:
     """A turn the prefill node has finished (but the decode node still decodes) must not be
     added back to a node's read queue: that pushed every later read to the other side.
-    With both queues empty each turn takes its tie side; among t1..t5 both sides occur."""
+    Equal queues go to the node that has read less, so equal turns alternate sides."""
     state = make_state()
     fetch(state, "decode-0")
-    sides = set()
-    for traj in range(1, 6):
+    sides = []
+    for traj in range(1, 5):
         state.submit(body(traj), 0.0)
         got = fetch(state, "prefill-0")
-        assert got[0]["read_side"] == tie_side(got[0]["turn_id"]).value  # queues were equal
-        sides.add(got[0]["read_side"])
+        sides.append(got[0]["read_side"])
         tid = got[0]["turn_id"]
         fetch(state, "decode-0", turns=(tid,))  # the decode node holds it until it decodes
         # the prefill node reported the turn, read it and finished its prefill: gone there
         fetch(state, "prefill-0", turns=(tid,))
         fetch(state, "prefill-0", turns=())
-    assert sides == {"prefill", "decode"}
+        views = [*(state.view(Role.PREFILL) or []), *(state.view(Role.DECODE) or [])]
+        assert [v.read_q_tokens for v in views] == [0, 0]
+    assert sides[0] == tie_side("t1").value  # nothing read anywhere yet: the coin decides
+    assert sorted(sides[:2]) == sorted(sides[2:]) == ["decode", "prefill"]
+    totals = [v.read_total_tokens for v in state.view(Role.PREFILL) or []]
+    assert totals == [2 * 6400]  # two 6,400-token hits read on the prefill node
 
 
 def test_events_finish_a_turn_once() -> None:
