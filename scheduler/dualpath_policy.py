@@ -12,9 +12,10 @@ How the steps compose (decisions where the paper is silent):
   groups are still placed, so a plan need not be a prefix. The blocked turn's tokens stay on
   its PE's working load for the rest of the call (in the paper it would sit on that PE
   waiting for a DE); the next call starts from fresh views and places it again.
-- The read side uses a working copy of each node's read_q that this call charges with the
-  hit tokens it sends there, so one fetch does not herd every read onto one side. Algorithm 1
-  itself sees read_q as reported (see scheduler/pe_selection.py for why).
+- The read side uses a working copy of each node's read_q and read total (`ReadLoads`) that
+  this call charges with the hit tokens it sends there, so one fetch does not herd every read
+  onto one side; equal queues go to the node that has read less (scheduler/read_side.py).
+  Algorithm 1 itself sees read_q as reported (see scheduler/pe_selection.py for why).
 - Split reads come back as SplitAssignment (an Assignment subclass carrying block ranges);
   its `read_side` is the side reading more blocks. A turn whose best split gives every block
   to one side comes back as a plain Assignment.
