@@ -11,7 +11,10 @@ Where the paper is silent, this module decides:
   The composed policy charges the chosen read side after DE selection, and the scheduler
   service adds assigned-but-unreported reads to the next fetch's view.
 - **Ties** in tok_e go to the engine whose node has the shorter read queue (Algorithm 1's
-  own aim, within C2 or C3), then to the next engine of a rotation of the sorted
+  own aim, within C2 or C3), then whose node has been assigned fewer read tokens so far
+  (`read_total_tokens`: below saturation idle engines tie on every fetch, and a choice
+  among them that ignores past reads left 5 s windows of storage-NIC reads less even than
+  round robin), then to the next engine of a rotation of the sorted
   (node_id, engine) order that starts at an offset drawn from the fetch's head turn id
   (crc32). A fixed order would send every tie to prefill-0's engines, and below saturation,
   where idle engines tie at tok_e = 0 on every fetch, that alone loads one node's storage NIC
@@ -109,10 +112,10 @@ def scoped_prefill(
 class _Candidates:
     """Working copy of tok_e for one fetch: a min-heap per candidate set.
 
-    Heap entries are (tok_e, read_q, rank, node_id, engine), rank being the engine's place in
-    the fetch's tie rotation; an engine leaves its heap for good once its tok_e exceeds beta
-    (tok_e only grows within a fetch), and since read_q is fixed within a fetch no engine ever
-    moves between C2 and C3. Each pick is O(log E).
+    Heap entries are (tok_e, read_q, read_total, rank, node_id, engine), rank being the
+    engine's place in the fetch's tie rotation; an engine leaves its heap for good once its
+    tok_e exceeds beta (tok_e only grows within a fetch), and since read_q is fixed within a
+    fetch no engine ever moves between C2 and C3. Each pick is O(log E).
     """
 
     __slots__ = ("beta", "c2", "c3")
@@ -121,17 +124,19 @@ class _Candidates:
         self, nodes: Iterable[NodeView], *, alpha_tokens: int, beta_tokens: int, salt: str
     ) -> None:
         self.beta = beta_tokens
-        self.c2: list[tuple[int, int, int, str, int]] = []
-        self.c3: list[tuple[int, int, int, str, int]] = []
+        self.c2: list[tuple[int, int, int, int, str, int]] = []
+        self.c3: list[tuple[int, int, int, int, str, int]] = []
         order = sorted(
-            (n.node_id, e.engine, e.tok, n.read_q_tokens) for n in nodes for e in n.engines
+            (n.node_id, e.engine, e.tok, n.read_q_tokens, n.read_total_tokens)
+            for n in nodes
+            for e in n.engines
         )
         offset = tie_offset(salt, len(order))
-        for pos, (node_id, engine, tok, read_q) in enumerate(order):
+        for pos, (node_id, engine, tok, read_q, total) in enumerate(order):
             if tok > beta_tokens:
                 continue
             dest = self.c2 if read_q <= alpha_tokens else self.c3
-            dest.append((tok, read_q, (pos - offset) % len(order), node_id, engine))
+            dest.append((tok, read_q, total, (pos - offset) % len(order), node_id, engine))
         heapq.heapify(self.c2)
         heapq.heapify(self.c3)
 
@@ -143,10 +148,10 @@ class _Candidates:
             heap, tier = self.c3, PeTier.LONG_READ_QUEUE
         else:
             return None
-        tok, read_q, rank, node_id, engine = heap[0]
+        tok, read_q, total, rank, node_id, engine = heap[0]
         after = tok + tokens
         if after <= self.beta:
-            heapq.heapreplace(heap, (after, read_q, rank, node_id, engine))
+            heapq.heapreplace(heap, (after, read_q, total, rank, node_id, engine))
         else:
             heapq.heappop(heap)
         return tok, node_id, engine, tier

@@ -23,10 +23,9 @@ from scheduler.pe_selection import (
 from scheduler.views import EngineView, NodeView, PendingTurn
 
 
-def node(node_id: str, read_q: int, toks: list[int]) -> NodeView:
-    return NodeView(
-        node_id, read_q, tuple(EngineView(node_id, i, 0, t) for i, t in enumerate(toks))
-    )
+def node(node_id: str, read_q: int, toks: list[int], total: int = 0) -> NodeView:
+    engines = tuple(EngineView(node_id, i, 0, t) for i, t in enumerate(toks))
+    return NodeView(node_id, read_q, engines, total)
 
 
 def turn(i: int, prompt: int = 1000) -> PendingTurn:
@@ -52,6 +51,7 @@ def reference(
         for e in n.engines
     }
     read_q = {n.node_id: n.read_q_tokens for n in prefill}
+    total = {n.node_id: n.read_total_tokens for n in prefill}
     out = []
     for t in queue:
         c2 = [k for k in tok if tok[k] <= beta and read_q[k[0]] <= alpha]
@@ -62,7 +62,7 @@ def reference(
         order = sorted(tok)
         offset = zlib.crc32(queue[0].turn_id.encode()) % len(order) if order else 0
         rank = {k: (i - offset) % len(order) for i, k in enumerate(order)}
-        k = min(pool, key=lambda k: (tok[k], read_q[k[0]], rank[k]))
+        k = min(pool, key=lambda k: (tok[k], read_q[k[0]], total[k[0]], rank[k]))
         out.append((t.turn_id, k[0], k[1], "C2" if c2 else "C3", tok[k]))
         tok[k] += t.prompt_tokens
     return out
@@ -135,6 +135,13 @@ def test_ties_go_to_the_shorter_read_queue_then_rotate_whatever_the_view_order()
     # three engines at tok 0: prefill-1's two first (shorter read queue), then prefill-0/1
     assert set(picks(sa.choices)[:2]) == {("prefill-1", 0), ("prefill-1", 1)}
     assert picks(sa.choices)[2] == ("prefill-0", 1)
+
+
+def test_ties_go_to_the_node_that_has_read_less_before_the_rotation() -> None:
+    prefill = [node("prefill-0", 0, [0, 0], total=5000), node("prefill-1", 0, [0, 0], total=10)]
+    for i in range(20):  # whatever the rotation's offset
+        sel = select_prefill([turn(i, prompt=1)], prefill, alpha_tokens=1, beta_tokens=10)
+        assert picks(sel.choices)[0][0] == "prefill-1"
 
 
 def test_ties_rotate_with_the_head_turn_so_no_engine_is_favoured() -> None:
