@@ -15,7 +15,7 @@ from pathlib import Path
 
 import uvloop
 
-from services.prom import METRICS_PORT, KernelCounterReader, MetricsExporter, exported_nodes
+from services.prom import METRICS_PORT, MetricsExporter, exported_nodes
 from services.spec import ClusterSpec, Role
 
 
@@ -28,15 +28,13 @@ async def _run(spec: ClusterSpec, node_id: str) -> None:
     role = node.role
     exporter = None
     if exported_nodes(spec.backend):
-        reader = KernelCounterReader()
-        exporter = MetricsExporter(node_id, role.value, reader.read)
+        exporter = MetricsExporter.of_this_namespace(node_id, role.value)
         await exporter.start(node.mgmt.host, METRICS_PORT)
     try:
         await _serve_role(spec, node_id, role, stop)
     finally:
         if exporter is not None:
             await exporter.close()
-            reader.close()
 
 
 async def _serve_role(spec: ClusterSpec, node_id: str, role: Role, stop: asyncio.Event) -> None:

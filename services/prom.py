@@ -207,11 +207,25 @@ ReadCounters = Callable[[], Awaitable[Mapping[str, NicCounters]]]
 class MetricsExporter:
     """`GET /metrics` for one node; `read` returns (awaitably) NIC name -> NicCounters."""
 
-    def __init__(self, node_id: str, role: str, read: ReadCounters) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        role: str,
+        read: ReadCounters,
+        *,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
         self.node_id = node_id
         self.role = role
         self._read = read
+        self._on_close = on_close
         self._runner: web.AppRunner | None = None
+
+    @classmethod
+    def of_this_namespace(cls, node_id: str, role: str) -> MetricsExporter:
+        """Serving the kernel counters of the namespace this process runs in."""
+        reader = KernelCounterReader()
+        return cls(node_id, role, reader.read, on_close=reader.close)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         try:
@@ -232,6 +246,7 @@ class MetricsExporter:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._on_close()
 
 
 def metrics_url(host: str, port: int = METRICS_PORT) -> str:

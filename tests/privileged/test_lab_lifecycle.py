@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,8 +48,27 @@ def _netns() -> set[str]:
 
 
 def _links() -> set[str]:
+    """Host links named like a lab's (bridge, switch-side veth, NIC or IFB): one of these in
+    the host namespace would be a lab object leaking out of its namespaces. Other links come
+    and go with whatever else runs on the machine (Docker's veths, other labs' tests)."""
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
-    return {line.split(":")[1].strip() for line in out.stdout.splitlines()}
+    names = {line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()}
+    return {
+        n
+        for n in names
+        if re.fullmatch(r"br-(compute|storage|mgmt)|h\d+n\d+|ifb-\w+", n)
+        or n in ("cnic", "snic", "mgmt")
+    }
+
+
+def _our_labs(tmp_path: Path) -> set[str]:
+    """Ids of the labs this test made (each run/up writes its spec.json under tmp_path)."""
+    return {json.loads(p.read_text())["lab_id"] for p in tmp_path.rglob("spec.json")}
+
+
+def _namespaces_of(labs: set[str]) -> set[str]:
+    """Namespaces of these labs still present; other labs on the machine are not ours to judge."""
+    return {ns for ns in _netns() for lab in labs if ns.startswith(f"dp-{lab}-")}
 
 
 @pytest.fixture
@@ -62,7 +82,10 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield e
     # whatever a test did, take down what it recorded, then check nothing else changed
     subprocess.run([sys.executable, "-m", "lab.cli", "down"], env=e, capture_output=True)
-    assert _netns() == before_ns
+    assert not _namespaces_of(_our_labs(tmp_path))
+    assert before_ns - _netns() <= {ns for ns in before_ns if ns.startswith("dp-")}, (
+        "a namespace that is not a lab's disappeared"
+    )
     assert _links() == before_links
 
 
@@ -76,14 +99,13 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "lab.cli", *args]
 
 
-_preexisting = _netns() if os.geteuid() == 0 else set()
-
-
 def _assert_nothing_left(tmp_path: Path) -> None:
     state = tmp_path / "state"
     assert not (state.exists() and list(state.glob("*.json")))
     assert not [p for p in tmp_path.glob("dualpath-*") if p.is_dir()]
-    assert not [ns for ns in _netns() - _preexisting if ns.startswith("dp-")]
+    labs = _our_labs(tmp_path)
+    assert labs, "the test made no lab it could check"
+    assert not _namespaces_of(labs)
 
 
 def _wait_for_driver(proc: subprocess.Popen[str], out: Path, timeout_s: float = 60) -> None:
@@ -165,12 +187,11 @@ def test_crashed_runner_is_cleaned_by_down(tmp_path: Path, env: dict[str, str]) 
     proc.wait()
     state = tmp_path / "state"
     assert list(state.glob("*.run.json")) and list(state.glob("*.json"))
-    assert any(ns.startswith("dp-") for ns in _netns() - _preexisting)
+    assert _namespaces_of(_our_labs(tmp_path))
     down = subprocess.run(_cli("down"), env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr
     assert "removed" in down.stdout
     _assert_nothing_left(tmp_path)
-    assert not any(ns.startswith("dp-") for ns in _netns() - _preexisting)
 
 
 def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
@@ -224,4 +245,6 @@ def test_netns_backend_without_cap_net_admin_says_so(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert "CAP_NET_ADMIN" in proc.stderr and "--backend local" in proc.stderr
-    assert not [ns for ns in _netns() - _preexisting if ns.startswith("dp-")]
+    # refused before anything was written: no spec, so no lab id, no state
+    assert not (tmp_path / "nocaps").exists() or not _our_labs(tmp_path)
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").glob("*.json"))

@@ -32,11 +32,10 @@ NBYTES = 2_000_000
 
 _EXPORTER = """
 import asyncio, sys, uvloop
-from services.prom import KernelCounterReader, MetricsExporter
+from services.prom import MetricsExporter
 
 async def main():
-    reader = KernelCounterReader()
-    exporter = MetricsExporter(sys.argv[1], "prefill", reader.read)
+    exporter = MetricsExporter.of_this_namespace(sys.argv[1], "prefill")
     await exporter.start(sys.argv[2], int(sys.argv[3]))
     print("ready", flush=True)
     await asyncio.Event().wait()
