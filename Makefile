@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= examples/laptop.yaml
 OUT    ?= results/demo
 
-.PHONY: demo test system-deps venv lint typecheck unit integration privileged bench clean
+.PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation clean
 
 # Debian/Ubuntu packages the lab and its tests use; installed only when missing.
 SYSTEM_BINS := ip:iproute2 iptables:iptables iperf3:iperf3
@@ -50,6 +50,10 @@ test: system-deps venv lint typecheck
 
 bench: system-deps venv
 	$(BIN)/python bench/goodput.py
+
+# ~8 minutes: collective latency under a saturating KV relay, isolation on vs off.
+bench-isolation: venv
+	$(BIN)/python bench/isolation.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -32,6 +32,7 @@ from lab.config import ConfigError, LabConfig, build_cluster_spec, load_config, 
 from lab.control import ControlServer
 from lab.report import comparison_table, summary_lines
 from lab.runner import BACKENDS, RunError, compare, run_once
+from lab.selftest import SelftestOptions
 from lab.workload import TrajectoryFileError
 from services.spec import Policy
 
@@ -58,10 +59,26 @@ def _default_out(cfg: LabConfig, kind: str) -> Path:
     return Path("results") / f"{cfg.name}-{kind}-{stamp}"
 
 
+def _selftest_options(args: argparse.Namespace) -> SelftestOptions:
+    return SelftestOptions(
+        seconds=args.selftest_seconds,
+        tolerance=args.tolerance / 100,
+        max_concurrent_mbit=args.max_concurrent_mbit,
+        allow_out_of_tolerance=getattr(args, "allow_out_of_tolerance", False),
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.allow_out_of_tolerance and not args.selftest:
+        raise ConfigError("--allow-out-of-tolerance: only means something with --selftest")
+    if args.selftest and args.backend != "netns":
+        raise ConfigError(
+            f"--selftest: measures the shaped links of the netns backend, not {args.backend!r}"
+        )
     cfg = _load(args)
+    checks = _selftest_options(args) if args.selftest else None
     out = Path(args.out) if args.out else _default_out(cfg, cfg.policy.value)
-    res = run_once(cfg, backend=args.backend, out_dir=out, progress=not args.quiet)
+    res = run_once(cfg, backend=args.backend, out_dir=out, progress=not args.quiet, selftest=checks)
     print("\n".join(summary_lines(res.summary)))
     print(f"summary: {out / 'summary.json'}")
     return EXIT_OK if not res.summary["errors"] else EXIT_FAILED
@@ -213,6 +230,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Measure every shaped link of the config's network against its configured rate (and
+    delay); exit 1 when one is outside tolerance."""
+    from lab.selftest import run_selftest
+
+    cfg = _load(args)
+    options = _selftest_options(args)
+    quiet = args.json or args.quiet
+    report = run_selftest(
+        cfg, options, log=(lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
+    )
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """What this kernel/host can emulate, per link feature. Probes in a namespace of its own."""
     from netem.doctor import probe
@@ -320,6 +355,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {'controller':12s} pid {ctl:<8d} {state}, control {lab.get('control_url')}")
         for node, pid in sorted(lab["pids"].items()):
             print(f"  {node:12s} pid {pid:<8d} {'running' if node in alive else 'exited'}")
+        for node, url in sorted(lab.get("metrics_urls", {}).items()):
+            print(f"  metrics {node:12s} {url}")
     return EXIT_OK
 
 
@@ -369,9 +406,55 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="output directory (default: results/<name>-...)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
+    def measuring(sp: argparse.ArgumentParser, prefix: str = "") -> None:
+        sp.add_argument(
+            f"--{prefix}tolerance",
+            dest="tolerance",
+            type=float,
+            default=5.0,
+            metavar="PCT",
+            help="allowed deviation of goodput from rate x MSS/(MTU+14), %% (default 5)",
+        )
+        sp.add_argument(
+            "--selftest-seconds",
+            type=float,
+            default=2.0,
+            metavar="S",
+            help="measured seconds per link and direction (default 2)",
+        )
+        sp.add_argument(
+            "--max-concurrent-mbit",
+            type=float,
+            default=1000.0,
+            metavar="MBIT",
+            help="links measured at once add up to at most this rate (default 1000)",
+        )
+
     run = sub.add_parser("run", help="run the workload once and write summary.json")
     common(run)
+    run.add_argument(
+        "--selftest",
+        action="store_true",
+        help="measure every shaped link first (dualpath selftest); refuse to run when one is "
+        "outside tolerance",
+    )
+    run.add_argument(
+        "--allow-out-of-tolerance",
+        action="store_true",
+        help="with --selftest: run and report even when a link is outside tolerance (the "
+        "summary records it)",
+    )
+    measuring(run, prefix="selftest-")
     run.set_defaults(func=cmd_run)
+    sft = sub.add_parser(
+        "selftest", help="measure every shaped link of a config's network against its rate"
+    )
+    sft.add_argument("-c", "--config", required=True, help="lab config (YAML)")
+    sft.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
+    sft.add_argument("--json", action="store_true", help="the report as JSON")
+    sft.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    measuring(sft)
+    sft.set_defaults(func=cmd_selftest)
     cmp = sub.add_parser("compare", help="basic vs dualpath vs oracle on the same workload")
     common(cmp, policy=False)
     cmp.set_defaults(func=cmd_compare)

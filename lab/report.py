@@ -6,7 +6,7 @@ needs no plotting library.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -136,6 +136,155 @@ def comparison_table(cmp: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _engine_keys(
+    series: Sequence[dict[str, Any]], suffix: str, parts: int, *, floor: float = 0.5
+) -> list[str]:
+    """Columns of the engine nodes' cnic/snic ending in `suffix` with `parts` path segments
+    (`node/nic/direction_x`: 3, `node/nic/direction/class_x`: 4) that ever exceed `floor`."""
+    keys = sorted(
+        {
+            k
+            for row in series
+            for k in row
+            if k.endswith(suffix)
+            and k.count("/") == parts - 1
+            and k.startswith(("prefill", "decode"))
+            and "/mgmt/" not in k
+        }
+    )
+    return [k for k in keys if max(float(r.get(k, 0.0)) for r in series) > floor]
+
+
+# Plot geometry: width, left/right margins (the legend sits right), top margin, panel height.
+W, ML, MR, MT, PANEL_H, AXIS_H = 900, 60, 230, 30, 350, 40
+BACKLOG_H = 150
+
+
+def _panel(
+    series: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    *,
+    top: float,
+    height: float,
+    tmax: float,
+    scale: float,
+    unit: str,
+    label: Callable[[str], str],
+    bold: Callable[[str], bool] = lambda k: False,
+) -> list[str]:
+    """One line chart: axes, grid, a polyline per key (values divided by `scale`), legend."""
+    bottom = top + height
+    ymax = max((float(r.get(k, 0.0)) / scale for r in series for k in keys), default=1.0) or 1.0
+    ymax *= 1.1
+
+    def x(t: float) -> float:
+        return ML + (W - ML - MR) * max(t, 0.0) / tmax
+
+    def y(v: float) -> float:
+        return bottom - height * v / ymax
+
+    parts = [
+        f'<line x1="{ML}" y1="{bottom}" x2="{W - MR}" y2="{bottom}" stroke="black"/>',
+        f'<line x1="{ML}" y1="{top}" x2="{ML}" y2="{bottom}" stroke="black"/>',
+        f'<text x="{ML - 45}" y="{top - 6}">{escape(unit)}</text>',
+    ]
+    for i in range(6):
+        v = ymax * i / 5
+        parts.append(f'<text x="{ML - 5}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
+        parts.append(
+            f'<line x1="{ML}" y1="{y(v):.1f}" x2="{W - MR}" y2="{y(v):.1f}" stroke="#eee"/>'
+        )
+        t = tmax * i / 5
+        parts.append(f'<text x="{x(t):.1f}" y="{bottom + 15}" text-anchor="middle">{t:.0f}s</text>')
+    for i, k in enumerate(keys):
+        color = PALETTE[i % len(PALETTE)]
+        pts = " ".join(
+            f"{x(float(r['t'])):.1f},{y(float(r.get(k, 0.0)) / scale):.1f}" for r in series
+        )
+        width = 2.5 if bold(k) else 1.0
+        parts.append(
+            f'<polyline fill="none" stroke="{color}" stroke-width="{width}" points="{pts}"/>'
+        )
+        ly = top + 14 * i + 10
+        parts.append(
+            f'<line x1="{W - MR + 10}" y1="{ly}" x2="{W - MR + 30}" y2="{ly}" '
+            f'stroke="{color}" stroke-width="2"/>'
+        )
+        parts.append(f'<text x="{W - MR + 35}" y="{ly + 4}">{escape(label(k))}</text>')
+    return parts
+
+
+def _queues(series: Sequence[dict[str, Any]], parts: int) -> list[str] | None:
+    """The queue columns worth a line, [] when every queue stayed empty, None when the series
+    has no queue columns at all (the local backend samples no counters)."""
+    if not _engine_keys(series, "_backlog_bytes", parts, floor=-1.0):
+        return None
+    return _engine_keys(series, "_backlog_bytes", parts, floor=500.0)
+
+
+def _chart(
+    series: Sequence[dict[str, Any]],
+    *,
+    heading: str,
+    keys: Sequence[str],
+    backlog: Sequence[str] | None,
+    bold: Callable[[str], bool],
+    events: Sequence[dict[str, Any]] = (),
+) -> str:
+    """An SVG of Mbit/s columns over time and, unless `backlog` is None (no queue columns in
+    the series), the queues of the `backlog` columns (kB) in a panel below on the same time
+    axis; `events` as dashed lines through both."""
+    tmax = max((float(r["t"]) for r in series), default=1.0) or 1.0
+    h = MT + PANEL_H + AXIS_H + (BACKLOG_H + AXIS_H if backlog is not None else 0)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif"'
+        ' font-size="11">',
+        f'<rect width="{W}" height="{h}" fill="white"/>',
+        f'<text x="{ML}" y="18" font-size="13">{escape(heading)}</text>',
+    ]
+    parts += _panel(
+        series,
+        keys,
+        top=MT,
+        height=PANEL_H - MT,
+        tmax=tmax,
+        scale=1.0,
+        unit="Mbit/s",
+        label=lambda k: k.replace("_mbit", ""),
+        bold=bold,
+    )
+    if backlog is not None:
+        parts += _panel(
+            series,
+            backlog,
+            top=PANEL_H + AXIS_H,
+            height=BACKLOG_H,
+            tmax=tmax,
+            scale=1000.0,
+            unit="queue kB",
+            label=lambda k: k.replace("_backlog_bytes", " queue"),
+        )
+        if not backlog:
+            parts.append(
+                f'<text x="{ML + 10}" y="{PANEL_H + AXIS_H + BACKLOG_H / 2}">every shaped queue '
+                "stayed under 0.5 kB at the samples</text>"
+            )
+    bottom = PANEL_H + AXIS_H + BACKLOG_H if backlog is not None else PANEL_H
+    for n, ev in enumerate(events):
+        ex = ML + (W - ML - MR) * max(float(ev.get("t", ev.get("at_s", 0.0))), 0.0) / tmax
+        what = ev.get("action") or ", ".join(f"{k}={v}" for k, v in ev.get("changes", {}).items())
+        label = f"{ev.get('node')}{'/' + ev['nic'] if ev.get('nic') else ''} {what}"
+        color = "#c00" if "error" in ev else "#555"
+        parts.append(
+            f'<line x1="{ex:.1f}" y1="{MT}" x2="{ex:.1f}" y2="{bottom}" stroke="{color}" '
+            'stroke-dasharray="4,3"/>'
+        )
+        ty = MT + 12 + 12 * (n % 6)  # staggered so close events stay readable
+        parts.append(f'<text x="{ex + 3:.1f}" y="{ty}" fill="{color}">{escape(label)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def write_plot(
     series: Sequence[dict[str, Any]],
     path: Path,
@@ -144,69 +293,33 @@ def write_plot(
     events: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Per-NIC throughput (Mbit/s) of the engine nodes over time, as an SVG line chart, with
-    chaos `events` (summary.json `chaos.events`) as labelled vertical lines on the same axis."""
-    keys = sorted(
-        {
-            k
-            for row in series
-            for k in row
-            if k != "t" and k.startswith(("prefill", "decode")) and "/mgmt/" not in k
-        }
+    chaos `events` (summary.json `chaos.events`) as labelled vertical lines on the same axis;
+    below it, on the same time axis, the queue each shaped NIC direction holds (kB of HTB
+    backlog, sampled) when the series has backlog columns."""
+    svg = _chart(
+        series,
+        heading=f"{title}: NIC throughput from qdisc counters (Mbit/s)",
+        keys=_engine_keys(series, "_mbit", 3),
+        backlog=_queues(series, 3),
+        bold=lambda k: "/snic/ingress" in k,  # the storage reads are the story
+        events=events,
     )
-    keys = [k for k in keys if max(float(r.get(k, 0.0)) for r in series) > 0.5]
-    w, h, ml, mr, mt, mb = 900, 420, 60, 230, 30, 40
-    tmax = max((float(r["t"]) for r in series), default=1.0) or 1.0
-    ymax = max((float(r.get(k, 0.0)) for r in series for k in keys), default=1.0) or 1.0
-    ymax *= 1.1
+    path.write_text(svg)
 
-    def x(t: float) -> float:
-        return ml + (w - ml - mr) * max(t, 0.0) / tmax
 
-    def y(v: float) -> float:
-        return h - mb - (h - mt - mb) * v / ymax
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif"'
-        ' font-size="11">',
-        f'<rect width="{w}" height="{h}" fill="white"/>',
-        f'<text x="{ml}" y="18" font-size="13">{escape(title)}: NIC throughput from qdisc'
-        " counters (Mbit/s)</text>",
-        f'<line x1="{ml}" y1="{h - mb}" x2="{w - mr}" y2="{h - mb}" stroke="black"/>',
-        f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{h - mb}" stroke="black"/>',
-    ]
-    for i in range(6):
-        v = ymax * i / 5
-        parts.append(f'<text x="{ml - 5}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
-        parts.append(
-            f'<line x1="{ml}" y1="{y(v):.1f}" x2="{w - mr}" y2="{y(v):.1f}" stroke="#eee"/>'
-        )
-        t = tmax * i / 5
-        parts.append(f'<text x="{x(t):.1f}" y="{h - mb + 15}" text-anchor="middle">{t:.0f}s</text>')
-    for i, k in enumerate(keys):
-        color = PALETTE[i % len(PALETTE)]
-        pts = " ".join(f"{x(float(r['t'])):.1f},{y(float(r.get(k, 0.0))):.1f}" for r in series)
-        width = 2.5 if "/snic/ingress" in k else 1.0  # the storage reads are the story
-        parts.append(
-            f'<polyline fill="none" stroke="{color}" stroke-width="{width}" points="{pts}"/>'
-        )
-        ly = mt + 14 * i + 10
-        parts.append(
-            f'<line x1="{w - mr + 10}" y1="{ly}" x2="{w - mr + 30}" y2="{ly}" '
-            f'stroke="{color}" stroke-width="2"/>'
-        )
-        parts.append(
-            f'<text x="{w - mr + 35}" y="{ly + 4}">{escape(k.replace("_mbit", ""))}</text>'
-        )
-    for n, ev in enumerate(events):
-        ex = x(float(ev.get("t", ev.get("at_s", 0.0))))
-        what = ev.get("action") or ", ".join(f"{k}={v}" for k, v in ev.get("changes", {}).items())
-        label = f"{ev.get('node')}{'/' + ev['nic'] if ev.get('nic') else ''} {what}"
-        color = "#c00" if "error" in ev else "#555"
-        parts.append(
-            f'<line x1="{ex:.1f}" y1="{mt}" x2="{ex:.1f}" y2="{h - mb}" stroke="{color}" '
-            'stroke-dasharray="4,3"/>'
-        )
-        ty = mt + 12 + 12 * (n % 6)  # staggered so close events stay readable
-        parts.append(f'<text x="{ex + 3:.1f}" y="{ty}" fill="{color}">{escape(label)}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts))
+def write_class_plot(series: Sequence[dict[str, Any]], path: Path, *, title: str) -> bool:
+    """Throughput of each cnic priority class (collective, control, kv) per engine node and
+    direction, and each class's queue below it, on one time axis. False (nothing written)
+    when the series has no class columns (isolation off, or the local backend)."""
+    keys = _engine_keys(series, "_mbit", 4)
+    if not keys:
+        return False
+    svg = _chart(
+        series,
+        heading=f"{title}: cnic priority classes from HTB class counters (Mbit/s)",
+        keys=keys,
+        backlog=_queues(series, 4),
+        bold=lambda k: k.endswith("/collective_mbit"),
+    )
+    path.write_text(svg)
+    return True

@@ -32,9 +32,12 @@ from lab.backends import (
 from lab.chaos import LinkStep, Scenario, cluster_links
 from lab.config import LabConfig, build_cluster_spec
 from lab.control import ControlServer, apply_step
+from lab.kernel_series import counter_summary, merge_rows, queue_series
 from lab.metrics import Sample, summarize, throughput_series
-from lab.report import write_plot
+from lab.report import write_class_plot, write_plot
+from lab.selftest import SelftestOptions, run_selftest
 from lab.workload import generate, load_jsonl, plan_agents, poisson_arrivals
+from services.prom import exported_nodes, metrics_url
 from services.spec import ClusterSpec, Policy
 
 SAMPLE_INTERVAL_S = 0.5
@@ -194,9 +197,12 @@ def run_once(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     scenario: Scenario | None = None,
+    selftest: SelftestOptions | None = None,
 ) -> RunResult:
     """Run the config's workload once under cfg.policy on `backend`; write summary.json.
-    With a chaos `scenario`, its steps run against the lab from the driver's start."""
+    With a chaos `scenario`, its steps run against the lab from the driver's start. With
+    `selftest`, the lab's links are measured first (lab.selftest, in a lab of their own) and
+    the run refuses to go on when one is outside tolerance, unless the options allow it."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if backend not in BACKENDS:
         raise RunError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
@@ -205,6 +211,7 @@ def run_once(
 
         require_net_admin()  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
+    checked = _selftest(cfg, backend, out_dir, selftest, say) if selftest is not None else None
     lab_id = secrets.token_hex(3)
     data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
     base_port = free_port_base(64) if backend == "local" else 0
@@ -232,6 +239,8 @@ def run_once(
         be.up()
         control = ControlServer(be, cluster_links(cfg))
         state.data["control_url"] = control.url
+        if exported_nodes(backend):
+            state.data["metrics_urls"] = {n.node_id: metrics_url(n.mgmt.host) for n in spec.nodes}
         state.save()
         say(f"[{cfg.policy.value}] control: {control.url} (dualpath link set NODE NIC key=value)")
         argv = be.driver_argv(
@@ -328,7 +337,13 @@ def run_once(
             "steps_planned": len(chaos.scenario.steps),
             "events": chaos.log,
         }
+    summary["kernel_counters"] = counter_summary(
+        samples, driver["started_at"], driver["finished_at"]
+    )
+    if checked is not None:
+        summary["selftest"] = checked
     series = throughput_series(samples, driver["started_at"])
+    series = merge_rows(series, queue_series(samples, driver["started_at"]))
     (out_dir / "timeseries.json").write_text(json.dumps(series))
     (out_dir / "counters.json").write_text(json.dumps(samples))
     if series:
@@ -338,8 +353,36 @@ def run_once(
             title=f"{cfg.name} / {cfg.policy.value}",
             events=summary.get("chaos", {}).get("events", ()),
         )
+        write_class_plot(
+            series, out_dir / "cnic_classes.svg", title=f"{cfg.name} / {cfg.policy.value}"
+        )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(summary, out_dir)
+
+
+def _selftest(
+    cfg: LabConfig,
+    backend: str,
+    out_dir: Path,
+    options: SelftestOptions,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Measure the lab's links before the workload (`run --selftest`); selftest.json in the run
+    directory. Out of tolerance: RunError, unless `options.allow_out_of_tolerance`."""
+    if backend != "netns":
+        raise RunError("--selftest measures shaped links: it needs --backend netns")
+    report = run_selftest(cfg, options, log=say)
+    (out_dir / "selftest.json").write_text(json.dumps(report.as_json(), indent=2))
+    for line in report.lines():
+        say(f"[selftest] {line}")
+    if not report.passed and not options.allow_out_of_tolerance:
+        raise RunError(
+            f"selftest: {len(report.failures)} link(s) outside the "
+            f"{100 * options.tolerance:g} % tolerance ({', '.join(report.failures)}); no results "
+            "are reported from a lab that does not shape as configured "
+            "(--allow-out-of-tolerance runs anyway)"
+        )
+    return report.as_json()
 
 
 def compare(

@@ -1,6 +1,7 @@
-"""Kernel byte/packet/drop counters of the lab's NICs, read over an open netlink handle: the
-shaping qdiscs and classes for shaped directions, link statistics otherwise. Reads only;
-nothing here creates, changes or deletes a kernel object.
+"""Kernel byte/packet/drop/backlog counters of the lab's NICs, read over an open netlink handle:
+the shaping qdiscs and classes for shaped directions, link statistics otherwise. Reads only;
+nothing here creates, changes or deletes a kernel object. `discover_sources` finds a
+namespace's NICs and their shaping from the kernel alone, for a node exporting its own counters.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netem.errors import NetemError
-from netem.plan import ROOT_QDISC, TC_H_ROOT
+from netem.plan import CLASS_IDS, LINK_CLASS, ROOT_QDISC, TC_H_ROOT, ifb_name
+from netem.spec import IFB_PREFIX
 
 # Byte accounting: counts include the 14-byte Ethernet header of every frame and nothing below
 # it (no FCS, preamble or inter-frame gap), because that is what HTB charges against the rate:
@@ -22,9 +24,16 @@ from netem.plan import ROOT_QDISC, TC_H_ROOT
 
 @dataclass(frozen=True)
 class ClassCounters:
+    """One HTB leaf class: cumulative bytes/packets sent (frames, headers included), drops at
+    its leaf queue and overlimits (times it had to wait for tokens); backlog is what its leaf
+    queue holds at the moment of the snapshot."""
+
     bytes: int
     packets: int
     drops: int
+    backlog_bytes: int = 0
+    backlog_packets: int = 0
+    overlimits: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,13 @@ class NicCounters:
     ingress_rate_mbit: float | None = None
     """The configured ingress rate when it differs from `rate_mbit` (per-direction specs or
     set_link), else None; use `direction_rate_mbit`."""
+    egress_packets: int = 0
+    ingress_packets: int = 0
+    egress_backlog_packets: int = 0
+    ingress_backlog_packets: int = 0
+    egress_overlimits: int = 0
+    ingress_overlimits: int = 0
+    """Times the root HTB found no class allowed to send (shaped directions; 0 otherwise)."""
 
     def direction_rate_mbit(self, direction: str) -> float | None:
         """The configured rate of 'egress' or 'ingress' when the snapshot was taken."""
@@ -75,26 +91,31 @@ class _Stats:
     packets: int
     drops: int
     backlog: int
+    qlen: int = 0
+    overlimits: int = 0
+
+    def as_class(self) -> ClassCounters:
+        return ClassCounters(
+            self.bytes, self.packets, self.drops, self.backlog, self.qlen, self.overlimits
+        )
 
 
 def _stats_of(msg: Any) -> _Stats:
-    """Basic + queue stats of a qdisc or class message (TCA_STATS2, else legacy TCA_STATS)."""
+    """Basic + queue stats of a qdisc or class message (TCA_STATS2, else legacy TCA_STATS,
+    which carries both in one map)."""
     stats2 = msg.get_attr("TCA_STATS2")
     if stats2 is not None:
         basic = stats2.get_attr("TCA_STATS_BASIC") or {}
         queue = stats2.get_attr("TCA_STATS_QUEUE") or {}
-        return _Stats(
-            bytes=int(basic.get("bytes", 0)),
-            packets=int(basic.get("packets", 0)),
-            drops=int(queue.get("drops", 0)),
-            backlog=int(queue.get("backlog", 0)),
-        )
-    legacy = msg.get_attr("TCA_STATS") or {}
+    else:
+        basic = queue = msg.get_attr("TCA_STATS") or {}
     return _Stats(
-        bytes=int(legacy.get("bytes", 0)),
-        packets=int(legacy.get("packets", 0)),
-        drops=int(legacy.get("drops", 0)),
-        backlog=int(legacy.get("backlog", 0)),
+        bytes=int(basic.get("bytes", 0)),
+        packets=int(basic.get("packets", 0)),
+        drops=int(queue.get("drops", 0)),
+        backlog=int(queue.get("backlog", 0)),
+        qlen=int(queue.get("qlen", 0)),
+        overlimits=int(queue.get("overlimits", 0)),
     )
 
 
@@ -119,7 +140,7 @@ def _classes(ipr: Any, index: int, wanted: Sequence[tuple[str, int]]) -> dict[st
         st = by_id.get(classid)
         if st is None:
             raise NetemError(f"class {classid >> 16:x}:{classid & 0xFFFF:x} ({name}) is missing")
-        out[name] = ClassCounters(bytes=st.bytes, packets=st.packets, drops=st.drops)
+        out[name] = st.as_class()
     return out
 
 
@@ -145,6 +166,8 @@ def read_nics(ipr: Any, namespace: str, sources: Sequence[NicSource]) -> dict[st
                 egress_backlog_bytes=0,
                 ingress_backlog_bytes=0,
                 rate_mbit=None,
+                egress_packets=int(link.get("tx_packets", 0)),
+                ingress_packets=int(link.get("rx_packets", 0)),
             )
             continue
         if src.ifb not in links:
@@ -168,5 +191,66 @@ def read_nics(ipr: Any, namespace: str, sources: Sequence[NicSource]) -> dict[st
             egress_classes=_classes(ipr, index, src.classes),
             ingress_classes=_classes(ipr, ifb_index, src.classes),
             ingress_rate_mbit=src.ingress_rate_mbit,
+            egress_packets=egress.packets,
+            ingress_packets=ingress.packets,
+            egress_backlog_packets=egress.qlen,
+            ingress_backlog_packets=ingress.qlen,
+            egress_overlimits=egress.overlimits,
+            ingress_overlimits=ingress.overlimits,
         )
     return out
+
+
+def _link_class_rate_mbit(ipr: Any, index: int) -> float | None:
+    """The rate of class 1:1 (the link) as the kernel holds it, Mbit/s."""
+    for msg in ipr.get_classes(index=index):
+        if int(msg["handle"]) != LINK_CLASS:
+            continue
+        opts = msg.get_attr("TCA_OPTIONS")
+        if opts is None:
+            return None
+        rate64 = opts.get_attr("TCA_HTB_RATE64")
+        parms = opts.get_attr("TCA_HTB_PARMS") or {}
+        byte_rate = int(rate64) if rate64 else int(parms.get("rate", 0))
+        return byte_rate * 8 / 1e6 if byte_rate else None
+    return None
+
+
+def discover_sources(ipr: Any) -> list[NicSource]:
+    """Every NIC of the namespace `ipr` is bound to (not loopback, not an IFB), and how the lab
+    shaped it, read from the kernel alone: a NIC is shaped when it and its `ifb-<nic>` carry the
+    lab's HTB root; its classes are the lab's leaf classes present on it; its rates are those of
+    the link classes (so a rate set_link changed is the one reported). For a node process that
+    exports its own namespace's counters without knowing the lab's plan."""
+    names: dict[str, int] = {}
+    for msg in ipr.get_links():
+        names[str(msg.get_attr("IFLA_IFNAME"))] = int(msg["index"])
+    roots = {
+        int(msg["index"])
+        for msg in ipr.get_qdiscs()
+        if msg["parent"] == TC_H_ROOT
+        and msg["handle"] == ROOT_QDISC
+        and msg.get_attr("TCA_KIND") == "htb"
+    }
+    sources: list[NicSource] = []
+    for name, index in sorted(names.items()):
+        if name == "lo" or name.startswith(IFB_PREFIX):
+            continue
+        ifb = ifb_name(name)
+        if index not in roots or names.get(ifb) not in roots:
+            sources.append(NicSource(name=name, ifb=None, rate_mbit=None))
+            continue
+        have = {int(msg["handle"]) for msg in ipr.get_classes(index=index)}
+        classes = tuple((n, c) for n, c in CLASS_IDS.items() if c in have)
+        egress = _link_class_rate_mbit(ipr, index)
+        ingress = _link_class_rate_mbit(ipr, names[ifb])
+        sources.append(
+            NicSource(
+                name=name,
+                ifb=ifb,
+                rate_mbit=egress,
+                classes=classes,
+                ingress_rate_mbit=None if ingress == egress else ingress,
+            )
+        )
+    return sources

@@ -765,6 +765,15 @@ class NetnsLab:
         """argv that runs `argv` inside the node's namespace (for subprocess)."""
         return ["ip", "netns", "exec", self.namespace(node_id), *argv]
 
+    def open_socket(
+        self, node_id: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+    ) -> socket.socket:
+        """A socket inside the node's namespace (a socket keeps the namespace it was made in),
+        made without a fork or a subprocess: for measurements run from the lab's own process."""
+        ns = self.namespace(node_id)
+        with _thread_in_netns(ns):
+            return _wrap(f"socket in netns {ns}", partial(socket.socket, family, kind))
+
     @property
     def unemulated(self) -> tuple[Unemulated, ...]:
         """Features of the current plan this kernel does not emulate (allowed ones)."""
@@ -814,13 +823,18 @@ class NetnsLab:
             finally:
                 thread.close()
 
-    def counters(self) -> dict[str, dict[str, NicCounters]]:
-        """node_id -> NIC name -> cumulative counters (one netlink round per namespace)."""
+    def counters(self, nodes: Sequence[str] | None = None) -> dict[str, dict[str, NicCounters]]:
+        """node_id -> NIC name -> cumulative counters (one netlink round per namespace), of
+        every node, or of `nodes` only (a sampler watching one node need not read them all)."""
         thread = self._thread
         if thread is None:
             raise NetemError(f"lab {self.lab_id} is not up", operation="read counters")
+        if nodes is not None:
+            unknown = set(nodes) - self._node_ids()
+            if unknown:
+                raise SpecError(f"nodes: {sorted(unknown)} are not nodes of lab {self.lab_id}")
         try:
-            return thread.call(self._read_counters)
+            return thread.call(partial(self._read_counters, nodes))
         except RuntimeError as exc:  # down() shut the netlink thread while we were queued
             raise NetemError(f"lab {self.lab_id} is not up", operation="read counters") from exc
 
@@ -1215,9 +1229,13 @@ class NetnsLab:
     def _apply(self, ns: str, op: Op) -> None:
         _apply_op(self._ipr(ns), f"netns {ns}", op)
 
-    def _read_counters(self) -> dict[str, dict[str, NicCounters]]:
+    def _read_counters(
+        self, nodes: Sequence[str] | None = None
+    ) -> dict[str, dict[str, NicCounters]]:
         out: dict[str, dict[str, NicCounters]] = {}
         for host in self.plan.hosts:
+            if nodes is not None and host.node_id not in nodes:
+                continue
             ipr = self._ipr(host.namespace)
             out[host.node_id] = _wrap(
                 f"read counters in netns {host.namespace}",

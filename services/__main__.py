@@ -1,6 +1,8 @@
 """Node entry point: `python -m services --spec SPEC.json --node NODE_ID`.
 
 Loads the cluster spec, picks the node's role and runs it on uvloop until SIGTERM/SIGINT.
+Where the node has a network namespace of its own, it also serves its kernel NIC counters as
+Prometheus metrics on its management address (services.prom).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import uvloop
 
+from services.prom import METRICS_PORT, MetricsExporter, exported_nodes
 from services.spec import ClusterSpec, Role
 
 
@@ -21,7 +24,20 @@ async def _run(spec: ClusterSpec, node_id: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    role = spec.node(node_id).role
+    node = spec.node(node_id)
+    role = node.role
+    exporter = None
+    if exported_nodes(spec.backend):
+        exporter = MetricsExporter.of_this_namespace(node_id, role.value)
+        await exporter.start(node.mgmt.host, METRICS_PORT)
+    try:
+        await _serve_role(spec, node_id, role, stop)
+    finally:
+        if exporter is not None:
+            await exporter.close()
+
+
+async def _serve_role(spec: ClusterSpec, node_id: str, role: Role, stop: asyncio.Event) -> None:
     if role is Role.STORAGE:
         from services.storage import serve_storage
 

@@ -516,6 +516,9 @@ class EngineNode:
     # -- inbound frames ------------------------------------------------------------------------
     async def _on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == "collective":
+            # The ack, and the TCP ACKs of the burst, go back in the collective class: in the
+            # listener's kv class they would wait behind KV traffic (DualPath §5).
+            conn.mark(Dscp.COLLECTIVE)
             await conn.send(Frame("collective_ack", {"n": len(frame.payload)}))
             return
         turn_id = str(frame.header.get("turn"))

@@ -88,6 +88,11 @@ class FrameConnection:
         info = self.writer.get_extra_info("peername")
         return f"{info[0]}:{info[1]}" if info else "?"
 
+    def mark(self, dscp: Dscp) -> None:
+        """Mark what this connection sends from now on (replies and pure ACKs) with `dscp`:
+        a server answers in the class its client asked in, not in its listener's class."""
+        set_dscp(self.writer.get_extra_info("socket"), dscp)
+
     async def recv(self) -> Frame:
         """Next frame; raises ConnectionClosed, FrameError or TimeoutError."""
         try:

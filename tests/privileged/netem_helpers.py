@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,7 @@ class HostSnapshot:
     qdiscs: tuple[str, ...]
     bridge_nf: str
     iptables: tuple[str, ...] = ()
-    """`iptables-save` without its timestamped comment lines."""
+    """`iptables-save` without its timestamped comment lines and chain counters."""
     nftables: str = ""
 
 
@@ -76,8 +77,12 @@ def host_snapshot() -> HostSnapshot:
     iptables: tuple[str, ...] = ()
     if shutil.which("iptables-save"):
         saved = run(["iptables-save"]).splitlines()
-        iptables = tuple(line for line in saved if not line.startswith("#"))
-    nftables = run(["nft", "list", "ruleset"]) if shutil.which("nft") else ""
+        # chain counters ([packets:bytes]) move with any traffic on the host: not compared
+        iptables = tuple(
+            re.sub(r"\[\d+:\d+\]", "[-]", line) for line in saved if not line.startswith("#")
+        )
+    # -s (stateless): rules without their counters, which move with any traffic on the host
+    nftables = run(["nft", "-s", "list", "ruleset"]) if shutil.which("nft") else ""
     return HostSnapshot(
         frozenset(netns_names()),
         links,

@@ -106,6 +106,8 @@ def test_shaped_directions_come_from_the_htb_roots_and_classes() -> None:
             "control": ClassCounters(4000, 2, 1),
             "kv": ClassCounters(6000, 3, 1),
         },
+        egress_packets=2,
+        ingress_packets=4,
     )
     assert got["mgmt"] == NicCounters(100, 200, 1, 2, 0, 0, None)
 
@@ -116,3 +118,83 @@ def test_a_missing_shaping_qdisc_is_an_error_not_a_silent_fallback() -> None:
         read_nics(fake, "ns", [NicSource("snic", "ifb-snic", 50.0)])
     with pytest.raises(NetemError, match="NIC cnic is missing"):
         read_nics(fake, "ns", [NicSource("cnic", None, None)])
+
+
+def test_backlog_packets_and_overlimits_come_from_the_queue_stats() -> None:
+    def st(nbytes: int, packets: int, backlog: int, qlen: int, overlimits: int) -> Msg:
+        return Msg(
+            {},
+            {
+                "TCA_STATS_BASIC": {"bytes": nbytes, "packets": packets},
+                "TCA_STATS_QUEUE": {
+                    "drops": 3, "backlog": backlog, "qlen": qlen, "overlimits": overlimits
+                },
+            },
+        )  # fmt: skip
+
+    kv = CLASS_IDS["kv"]
+    fake = FakeNetlink(
+        links=[link(2, "cnic"), link(3, "ifb-cnic")],
+        qdiscs=[
+            qdisc(2, "htb", TC_H_ROOT, ROOT_QDISC, st(9000, 6, 3028, 2, 11)),
+            qdisc(3, "htb", TC_H_ROOT, ROOT_QDISC, st(1000, 1, 0, 0, 0)),
+        ],
+        classes={
+            2: [Msg({"handle": kv}, {"TCA_STATS2": st(8000, 5, 1514, 1, 4)})],
+            3: [Msg({"handle": kv}, {"TCA_STATS2": st(1000, 1, 0, 0, 0)})],
+        },
+    )
+    got = read_nics(fake, "ns", [NicSource("cnic", "ifb-cnic", 100.0, (("kv", kv),))])["cnic"]
+    assert (got.egress_packets, got.egress_backlog_packets, got.egress_overlimits) == (6, 2, 11)
+    assert got.egress_backlog_bytes == 3028
+    assert got.egress_classes["kv"] == ClassCounters(8000, 5, 3, 1514, 1, 4)
+
+
+class Opts:
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.attrs = attrs
+
+    def get_attr(self, name: str) -> Any:
+        return self.attrs.get(name)
+
+
+def htb_class(classid: int, byte_rate: int, rate64: int | None = None) -> Msg:
+    attrs: dict[str, Any] = {"TCA_HTB_PARMS": {"rate": byte_rate}}
+    if rate64 is not None:
+        attrs["TCA_HTB_RATE64"] = rate64
+    return Msg({"handle": classid}, {"TCA_OPTIONS": Opts(attrs), "TCA_STATS2": stats2(0, 0)})
+
+
+def test_discover_sources_reads_the_shaping_from_the_kernel() -> None:
+    from netem.counters import discover_sources
+    from netem.plan import LINK_CLASS
+
+    fake = FakeNetlink(
+        links=[
+            link(1, "lo"),
+            link(2, "cnic"),
+            link(3, "ifb-cnic"),
+            link(4, "snic"),
+            link(5, "ifb-snic"),
+            link(6, "mgmt"),
+            link(7, "eth9"),
+            link(8, "ifb-eth9"),
+        ],
+        qdiscs=[
+            qdisc(i, "htb", TC_H_ROOT, ROOT_QDISC, stats2(0, 0)) for i in (2, 3, 4, 5, 7)
+        ],  # eth9's IFB has no tree: not the lab's shaping, read as unshaped
+        classes={
+            2: [htb_class(LINK_CLASS, 50_000_000), *(htb_class(c, 1) for c in CLASS_IDS.values())],
+            3: [htb_class(LINK_CLASS, 25_000_000)],
+            4: [htb_class(LINK_CLASS, 0, rate64=12_500_000_000)],
+            5: [htb_class(LINK_CLASS, 0, rate64=12_500_000_000)],
+        },
+    )
+    got = {s.name: s for s in discover_sources(fake)}
+    assert set(got) == {"cnic", "snic", "mgmt", "eth9"}
+    assert got["cnic"] == NicSource(
+        "cnic", "ifb-cnic", 400.0, tuple(CLASS_IDS.items()), ingress_rate_mbit=200.0
+    )
+    assert got["snic"] == NicSource("snic", "ifb-snic", 100_000.0, ())
+    assert got["mgmt"] == NicSource("mgmt", None, None)
+    assert got["eth9"] == NicSource("eth9", None, None)

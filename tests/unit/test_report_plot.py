@@ -19,3 +19,58 @@ def test_chaos_events_are_drawn_and_labelled(tmp_path: Path) -> None:
     assert svg.count('stroke-dasharray="4,3"') == 2
     assert "prefill-0/snic rate_mbit=25.0" in svg and "decode-0 kill" in svg
     assert 'fill="#c00"' in svg  # a step that failed is drawn in red
+
+
+def test_queues_are_drawn_under_the_throughput_on_the_same_time_axis(tmp_path: Path) -> None:
+    series = [
+        {
+            "t": float(t),
+            "prefill-0/cnic/ingress_mbit": 90.0,
+            "prefill-0/cnic/ingress_backlog_bytes": 150_000 * (t % 3),
+            "prefill-0/cnic/ingress/kv_mbit": 85.0,  # class columns stay off this plot
+            "storage-0/snic/egress_backlog_bytes": 99_000,  # not an engine node
+        }
+        for t in range(10)
+    ]
+    out = tmp_path / "plot.svg"
+    write_plot(series, out, title="t", events=[{"t": 3.0, "node": "decode-0", "action": "kill"}])
+    svg = out.read_text()
+    assert "queue kB" in svg and "prefill-0/cnic/ingress queue" in svg
+    assert "storage-0" not in svg and "/kv" not in svg
+    assert svg.count("<polyline") == 2
+    # The event line runs down through the queue panel too.
+    line = next(x for x in svg.splitlines() if 'stroke-dasharray="4,3"' in x)
+    assert 'y2="540"' in line
+
+
+def test_class_plot_only_when_there_are_classes(tmp_path: Path) -> None:
+    from lab.report import write_class_plot
+
+    plain = [{"t": float(t), "prefill-0/cnic/egress_mbit": 50.0} for t in range(5)]
+    assert not write_class_plot(plain, tmp_path / "none.svg", title="t")
+    assert not (tmp_path / "none.svg").exists()
+    classed = [
+        {
+            "t": float(t),
+            "prefill-0/cnic/egress/collective_mbit": 5.0,
+            "prefill-0/cnic/egress/kv_mbit": 90.0,
+            "prefill-0/cnic/egress/kv_backlog_bytes": 60_000,
+        }
+        for t in range(5)
+    ]
+    assert write_class_plot(classed, tmp_path / "classes.svg", title="t")
+    svg = (tmp_path / "classes.svg").read_text()
+    assert "prefill-0/cnic/egress/collective" in svg and "kv queue" in svg
+    assert svg.count("<polyline") == 3
+
+
+def test_an_empty_queue_panel_says_so(tmp_path: Path) -> None:
+    series = [
+        {"t": float(t), "decode-0/snic/ingress_mbit": 9.0, "decode-0/snic/ingress_backlog_bytes": 0}
+        for t in range(4)
+    ]
+    write_plot(series, tmp_path / "p.svg", title="t")
+    svg = (tmp_path / "p.svg").read_text()
+    assert "queue kB" in svg and "stayed under 0.5 kB" in svg
+    write_plot([{"t": 1.0, "decode-0/snic/ingress_mbit": 9.0}], tmp_path / "q.svg", title="t")
+    assert "queue kB" not in (tmp_path / "q.svg").read_text()  # no counters: no panel
