@@ -323,6 +323,28 @@ def throughput_series(samples: Sequence[Sample], start: float) -> list[dict[str,
     return rows
 
 
+def latency_series(
+    turns: Sequence[dict[str, Any]], started_at: float, *, bin_s: float = 2.0
+) -> list[dict[str, Any]]:
+    """TTFT of the turns whose first token came in each `bin_s` window of the run (driver
+    clock, seconds from the start): p50 and max, for the run's time-axis plot."""
+    bins: dict[int, list[float]] = {}
+    for t in turns:
+        if t.get("first_token_at") is None:
+            continue
+        k = int((t["first_token_at"] - started_at) // bin_s)
+        bins.setdefault(k, []).append(t["first_token_at"] - t["submitted_at"])
+    return [
+        {
+            "t": round((k + 0.5) * bin_s, 3),
+            "ttft_p50_s": percentiles(v)["p50"],
+            "ttft_max_s": max(v),
+            "num_turns": len(v),
+        }
+        for k, v in sorted(bins.items())
+    ]
+
+
 SLO_TTFT_S = 4.0
 """DualPath §8 online SLO: TTFT <= 4 s (real)."""
 SLO_TPOT_MS = 50.0

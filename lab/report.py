@@ -230,12 +230,16 @@ def _chart(
     backlog: Sequence[str] | None,
     bold: Callable[[str], bool],
     events: Sequence[dict[str, Any]] = (),
+    latency: Sequence[dict[str, Any]] = (),
 ) -> str:
     """An SVG of Mbit/s columns over time and, unless `backlog` is None (no queue columns in
     the series), the queues of the `backlog` columns (kB) in a panel below on the same time
-    axis; `events` as dashed lines through both."""
-    tmax = max((float(r["t"]) for r in series), default=1.0) or 1.0
+    axis; then, given `latency` rows (metrics.latency_series), the turns' TTFT; `events` as
+    dashed lines through every panel."""
+    tmax = max((float(r["t"]) for r in (*series, *latency)), default=1.0) or 1.0
     h = MT + PANEL_H + AXIS_H + (BACKLOG_H + AXIS_H if backlog is not None else 0)
+    lat_top = h
+    h += BACKLOG_H + AXIS_H if latency else 0
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif"'
         ' font-size="11">',
@@ -269,7 +273,24 @@ def _chart(
                 f'<text x="{ML + 10}" y="{PANEL_H + AXIS_H + BACKLOG_H / 2}">every shaped queue '
                 "stayed under 0.5 kB at the samples</text>"
             )
-    bottom = PANEL_H + AXIS_H + BACKLOG_H if backlog is not None else PANEL_H
+    if latency:
+        parts += _panel(
+            latency,
+            ["ttft_p50_s", "ttft_max_s"],
+            top=lat_top,
+            height=BACKLOG_H,
+            tmax=tmax,
+            scale=0.001,
+            unit="TTFT ms",
+            label=lambda k: {"ttft_p50_s": "TTFT p50", "ttft_max_s": "TTFT max"}[k],
+            bold=lambda k: k == "ttft_p50_s",
+        )
+    if latency:
+        bottom = lat_top + BACKLOG_H
+    elif backlog is not None:
+        bottom = PANEL_H + AXIS_H + BACKLOG_H
+    else:
+        bottom = PANEL_H
     for n, ev in enumerate(events):
         ex = ML + (W - ML - MR) * max(float(ev.get("t", ev.get("at_s", 0.0))), 0.0) / tmax
         what = ev.get("action") or ", ".join(f"{k}={v}" for k, v in ev.get("changes", {}).items())
@@ -291,11 +312,13 @@ def write_plot(
     *,
     title: str,
     events: Sequence[dict[str, Any]] = (),
+    latency: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Per-NIC throughput (Mbit/s) of the engine nodes over time, as an SVG line chart, with
     chaos `events` (summary.json `chaos.events`) as labelled vertical lines on the same axis;
     below it, on the same time axis, the queue each shaped NIC direction holds (kB of HTB
-    backlog, sampled) when the series has backlog columns."""
+    backlog, sampled) when the series has backlog columns, and the turns' TTFT (p50 and max
+    per window of first tokens) given `latency`."""
     svg = _chart(
         series,
         heading=f"{title}: NIC throughput from qdisc counters (Mbit/s)",
@@ -303,6 +326,7 @@ def write_plot(
         backlog=_queues(series, 3),
         bold=lambda k: "/snic/ingress" in k,  # the storage reads are the story
         events=events,
+        latency=latency,
     )
     path.write_text(svg)
 

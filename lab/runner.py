@@ -33,7 +33,7 @@ from lab.chaos import LinkStep, Scenario, cluster_links
 from lab.config import LabConfig, build_cluster_spec
 from lab.control import ControlServer, apply_step
 from lab.kernel_series import counter_summary, merge_rows, queue_series
-from lab.metrics import Sample, summarize, throughput_series
+from lab.metrics import Sample, latency_series, summarize, throughput_series
 from lab.report import write_class_plot, write_plot
 from lab.selftest import SelftestOptions, run_selftest
 from lab.workload import generate, load_jsonl, plan_agents, poisson_arrivals
@@ -346,12 +346,15 @@ def run_once(
     series = merge_rows(series, queue_series(samples, driver["started_at"]))
     (out_dir / "timeseries.json").write_text(json.dumps(series))
     (out_dir / "counters.json").write_text(json.dumps(samples))
+    latency = latency_series(driver["turns"], driver["started_at"])
+    (out_dir / "latency.json").write_text(json.dumps(latency))
     if series:
         write_plot(
             series,
             out_dir / "throughput.svg",
             title=f"{cfg.name} / {cfg.policy.value}",
             events=summary.get("chaos", {}).get("events", ()),
+            latency=latency,
         )
         write_class_plot(
             series, out_dir / "cnic_classes.svg", title=f"{cfg.name} / {cfg.policy.value}"

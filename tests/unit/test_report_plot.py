@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lab.metrics import latency_series
 from lab.report import write_plot
 
 
@@ -74,3 +75,30 @@ def test_an_empty_queue_panel_says_so(tmp_path: Path) -> None:
     assert "queue kB" in svg and "stayed under 0.5 kB" in svg
     write_plot([{"t": 1.0, "decode-0/snic/ingress_mbit": 9.0}], tmp_path / "q.svg", title="t")
     assert "queue kB" not in (tmp_path / "q.svg").read_text()  # no counters: no panel
+
+
+def test_latency_panel_under_the_queues_and_the_event_line_reaches_it(tmp_path: Path) -> None:
+    series = [
+        {
+            "t": float(t),
+            "prefill-0/snic/ingress_mbit": 90.0,
+            "prefill-0/snic/ingress_backlog_bytes": 0,
+        }
+        for t in range(10)
+    ]
+    turns = [
+        {"submitted_at": 100.0 + t, "first_token_at": 100.5 + t + (2.0 if t == 6 else 0.0)}
+        for t in range(8)
+    ]
+    latency = latency_series(turns, 100.0, bin_s=2.0)
+    assert [r["t"] for r in latency] == [1.0, 3.0, 5.0, 7.0, 9.0]
+    assert latency[3]["ttft_max_s"] == 0.5  # one first token, at 7.5 s, 0.5 s after its submit
+    assert latency[4]["ttft_max_s"] == 2.5  # the slow turn's first token at 8.5 s
+    out = tmp_path / "plot.svg"
+    write_plot(
+        series, out, title="t", events=[{"t": 3.0, "node": "x", "action": "kill"}], latency=latency
+    )
+    svg = out.read_text()
+    assert "TTFT ms" in svg and "TTFT p50" in svg and "TTFT max" in svg
+    line = next(x for x in svg.splitlines() if 'stroke-dasharray="4,3"' in x)
+    assert 'y2="760"' in line  # below the queue panel (ends at 540), through the TTFT panel
