@@ -4,6 +4,7 @@ config under a lab name of its own, and the check that nothing of a lab is left.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,18 @@ def need(reason: str) -> None:
     pytest.skip(reason)
 
 
+def subnets() -> list[str]:
+    """`--set` arguments that give a test's lab three /24s of its own in 198.18.16.0-198.18.255.0
+    (not the defaults, which a laptop stack on the same engine may hold)."""
+    third = 16 + 4 * secrets.randbelow(60)
+    names = ("compute", "storage", "mgmt")
+    return [
+        arg
+        for i, net in enumerate(names)
+        for arg in ("--set", f"network.{net}_subnet=198.18.{third + i}.0/24")
+    ]
+
+
 def dualpath(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lab.cli", *args],
@@ -40,7 +53,7 @@ def render(
     out: Path, name: str, *, policies: str, results: str = "./results"
 ) -> subprocess.CompletedProcess[str]:
     done = dualpath(
-        "compose", "render", "-c", str(SMALL), "--set", f"name={name}",
+        "compose", "render", "-c", str(SMALL), "--set", f"name={name}", *subnets(),
         "--policies", policies, "--results", results, "-o", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

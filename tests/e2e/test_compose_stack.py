@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from stack_helpers import ROOT, RUN_TIMEOUT_S, SMALL, dualpath, nothing_left, render
+from stack_helpers import ROOT, RUN_TIMEOUT_S, SMALL, dualpath, nothing_left, render, subnets
 
 from lab.compose_agent import EXIT_NO_NET_ADMIN
 from lab.compose_backend import run_cmd
@@ -84,7 +84,7 @@ def test_chaos_and_control_reach_into_the_containers(
     state = tmp_path / "state"
     argv = [
         sys.executable, "-m", "lab.cli", "chaos", "-c", str(SMALL), "--backend", "compose",
-        "--policy", "dualpath", "--scenario", str(SCENARIO), "--out", str(out), "-q",
+        "--policy", "dualpath", "--scenario", str(SCENARIO), "--out", str(out), "-q", *subnets(),
     ]  # fmt: skip
     proc = subprocess.Popen(
         argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
