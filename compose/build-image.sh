@@ -44,6 +44,11 @@ if [ "$have" = "$HASH" ]; then
   exit 0
 fi
 
+# The image this build replaces, when an earlier build of this script made it: removed below,
+# so repeated builds do not pile up untagged images.
+previous=""
+[ -n "$have" ] && previous=$(docker image inspect --format '{{.Id}}' "$IMAGE")
+
 find compose/wheelhouse -name '*.whl' -delete
 if [ "$offline" = 1 ]; then
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
@@ -73,6 +78,9 @@ else
   say "docker build from $base"
   docker build -q --build-arg "BASE_IMAGE=$base" \
     --label "com.dualpath.source=$HASH" -f compose/Dockerfile -t "$IMAGE" . >/dev/null
+fi
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+  docker image rm "$previous" >/dev/null 2>&1 || say "kept the previous image $previous (in use)"
 fi
 say "built $IMAGE (sources $HASH)"
 echo "$IMAGE"
