@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 CONFIG ?= examples/laptop.yaml
 OUT    ?= results/demo
 
-.PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation clean
+.PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation \
+	clean tests docker images e2e
+
+# `$(T) CMD` times a step of CI (.ci/run sets DUALPATH_PHASES); nothing otherwise.
+T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 
 # Debian/Ubuntu packages the lab and its tests use; installed only when missing.
 SYSTEM_BINS := ip:iproute2 iptables:iptables iperf3:iperf3
@@ -18,10 +22,11 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+$(BIN)/dualpath: PHASE_NAME = venv
 $(BIN)/dualpath: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(T) $(PYTHON) -m venv $(VENV)
+	$(T) $(BIN)/pip install -q --upgrade pip
+	$(T) $(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
 venv: $(BIN)/dualpath
@@ -30,11 +35,11 @@ demo: system-deps venv
 	$(BIN)/dualpath compare -c $(CONFIG) --out $(OUT)
 
 lint: venv
-	$(BIN)/ruff check services scheduler netem lab tests bench
-	$(BIN)/ruff format --check services scheduler netem lab tests bench
+	$(T) $(BIN)/ruff check services scheduler netem lab tests bench
+	$(T) $(BIN)/ruff format --check services scheduler netem lab tests bench
 
 typecheck: venv
-	$(BIN)/mypy
+	$(T) $(BIN)/mypy
 
 unit: venv
 	$(BIN)/pytest -q tests/unit
@@ -45,8 +50,29 @@ integration: venv
 privileged: system-deps venv
 	$(BIN)/pytest -q tests/privileged
 
-test: system-deps venv lint typecheck
-	$(BIN)/pytest -q tests/unit tests/integration tests/privileged
+test: system-deps venv lint typecheck tests e2e
+
+tests: system-deps venv
+	$(T) $(BIN)/pytest -q tests/unit tests/integration tests/privileged
+
+# --- Docker: the compose backend and tests/e2e (docs/compose.md) ----------------------------
+# A Docker engine and compose: Debian's packages when missing, dockerd started when none answers.
+docker:
+	$(T) compose/ensure-docker.sh
+
+# The offline base image (debootstrap) and the project image from a local wheelhouse, no
+# registry and no network during the build; both cached (/var/cache/dualpath, image labels).
+images: docker venv
+	$(T) env PYTHON=$(BIN)/python compose/build-image.sh --offline
+
+# The compose stack end to end on a real engine; DUALPATH_E2E_REQUIRED turns a missing engine
+# into a failure instead of a skip.
+e2e: images
+	$(T) env DUALPATH_E2E_REQUIRED=1 DUALPATH_OFFLINE=1 $(BIN)/pytest -q tests/e2e
+
+# The checked-in compose file of the laptop demo.
+compose/docker-compose.yml: examples/laptop.yaml lab/compose_render.py | venv
+	$(BIN)/dualpath compose render -c examples/laptop.yaml -o $@
 
 bench: system-deps venv
 	$(BIN)/python bench/goodput.py

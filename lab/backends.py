@@ -393,6 +393,10 @@ def down_recorded(lab_id: str | None = None) -> list[str]:
                     continue
                 with contextlib.suppress(OSError, json.JSONDecodeError):
                     data = json.loads(path.read_text())
+            if data.get("backend") == "compose":
+                from lab.compose_backend import down_stack
+
+                removed += down_stack(data)
             removed += stop_pids(dict(data.get("pids", {})), str(data.get("spec")))
             data_dir = Path(str(data.get("data_dir", "")))
             if data_dir.name.startswith("dualpath-") and data_dir.is_dir():

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,10 +79,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     checks = _selftest_options(args) if args.selftest else None
     out = Path(args.out) if args.out else _default_out(cfg, cfg.policy.value)
-    res = run_once(cfg, backend=args.backend, out_dir=out, progress=not args.quiet, selftest=checks)
-    print("\n".join(summary_lines(res.summary)))
+    if args.backend == "compose":
+        summary = _compose(cfg, [cfg.policy.value], out, args)
+    else:
+        summary = run_once(
+            cfg, backend=args.backend, out_dir=out, progress=not args.quiet, selftest=checks
+        ).summary
+    print("\n".join(summary_lines(summary)))
     print(f"summary: {out / 'summary.json'}")
-    return EXIT_OK if not res.summary["errors"] else EXIT_FAILED
+    return EXIT_OK if not summary["errors"] else EXIT_FAILED
+
+
+def _compose(
+    cfg: LabConfig,
+    policies: list[str],
+    out: Path,
+    args: argparse.Namespace,
+    scenario: str | None = None,
+) -> dict[str, Any]:
+    """One compose stack runs the policies (lab.compose_backend)."""
+    from lab.compose_backend import run_stack
+
+    return run_stack(
+        cfg, policies=policies, out_dir=out, scenario_text=scenario, progress=not args.quiet
+    )
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
@@ -91,18 +112,29 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     cfg = _load(args)
     scenario = load_scenario(Path(args.scenario), cluster_links(cfg))  # before anything runs
     out = Path(args.out) if args.out else _default_out(cfg, f"chaos-{scenario.name}")
-    res = run_once(
-        cfg, backend=args.backend, out_dir=out, progress=not args.quiet, scenario=scenario
-    )
-    print("\n".join(summary_lines(res.summary)))
+    if args.backend == "compose":  # the driver container compiles the same file again
+        import yaml
+
+        data = yaml.safe_load(Path(args.scenario).read_text())
+        data.setdefault("name", scenario.name)
+        text = yaml.safe_dump(data, sort_keys=False)
+        summary = _compose(cfg, [cfg.policy.value], out, args, scenario=text)
+    else:
+        summary = run_once(
+            cfg, backend=args.backend, out_dir=out, progress=not args.quiet, scenario=scenario
+        ).summary
+    print("\n".join(summary_lines(summary)))
     print(f"summary: {out / 'summary.json'}")
-    return EXIT_OK if not res.summary["errors"] else EXIT_FAILED
+    return EXIT_OK if not summary["errors"] else EXIT_FAILED
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _load(args)
     out = Path(args.out) if args.out else _default_out(cfg, "compare")
-    cmp = compare(cfg, backend=args.backend, out_dir=out, progress=not args.quiet)
+    if args.backend == "compose":
+        cmp = _compose(cfg, [p.value for p in Policy], out, args)
+    else:
+        cmp = compare(cfg, backend=args.backend, out_dir=out, progress=not args.quiet)
     print()
     print(
         f"{cfg.name}: {cfg.cluster.prefill_nodes}P{cfg.cluster.decode_nodes}D, "
@@ -118,6 +150,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Bring a lab up. By default a detached controller process owns it (it holds the network,
     restarts nodes and serves the control endpoint for `link set` and `node`) and this command
     returns once the lab is ready; `--foreground` runs the controller here until Ctrl-C."""
+    if args.backend == "compose":
+        raise ConfigError(
+            "--backend compose: a compose stack comes up with `docker compose up` on a file from "
+            "`dualpath compose render -c CONFIG -o FILE` (see docs/compose.md)"
+        )
     if not args.foreground:
         return _up_detached(args)
     cfg = _load(args)
@@ -325,8 +362,22 @@ def _send_control(url: str, body: dict[str, Any]) -> int:
         return EXIT_FAILED
 
 
+def _in_stack(lab_id: str | None, argv: list[str]) -> int | None:
+    """For a compose lab: the same command, run by `dualpath` in its driver container (whose
+    runner owns the lab and its control endpoint); None when no compose lab is up."""
+    from lab.compose_backend import exec_argv, recorded_stack
+
+    stack = recorded_stack(lab_id)
+    if stack is None:
+        return None
+    return subprocess.run(exec_argv(stack, "driver", ["dualpath", *argv]), check=False).returncode
+
+
 def cmd_link_set(args: argparse.Namespace) -> int:
     """Change a NIC of a running lab in place: dualpath link set NODE NIC rate=50% loss=1%."""
+    forwarded = _in_stack(args.lab, ["link", "set", args.node, args.nic, *args.changes])
+    if forwarded is not None:
+        return forwarded
     body: dict[str, Any] = {}
     for item in args.changes:
         key, sep, value = item.partition("=")
@@ -338,6 +389,9 @@ def cmd_link_set(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     """stop, cont, kill or restart a node of a running lab."""
+    forwarded = _in_stack(args.lab, ["node", args.node, args.action])
+    if forwarded is not None:
+        return forwarded
     return _send_control(f"{_control_url(args.lab)}/v1/nodes/{args.node}/{args.action}", {})
 
 
@@ -376,6 +430,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not cmd:
         print("error: no command given (dualpath exec NODE -- CMD...)", file=sys.stderr)
         return EXIT_USAGE
+    if lab["backend"] == "compose":
+        from lab.compose_backend import exec_argv
+
+        argv = exec_argv(lab, args.node, cmd)
+        os.execvp(argv[0], argv)
     if lab["backend"] != "netns":
         os.execvp(cmd[0], cmd)
     ns = f"dp-{lab['lab_id']}-{args.node}"
@@ -383,6 +442,31 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print(f"error: lab {lab['lab_id']} has no node {args.node!r}", file=sys.stderr)
         return EXIT_USAGE
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+
+
+def cmd_compose_render(args: argparse.Namespace) -> int:
+    """The config as a compose file (one service per node; see docs/compose.md)."""
+    from lab.compose_backend import repo_root
+    from lab.compose_render import render_text
+
+    cfg = _load(args)
+    out = Path(args.output) if args.output else None
+    root = repo_root()
+    here = (out.parent if out else Path.cwd()).resolve()
+    text = render_text(
+        cfg,
+        config_arg=args.config,
+        output_arg=args.output,
+        context=os.path.relpath(root, here) if root else None,
+        policies=[p.strip() for p in args.policies.split(",") if p.strip()],
+        results=args.results,
+    )
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,6 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("action", choices=["stop", "cont", "kill", "restart"])
     nd.add_argument("--lab", help="lab id, when several are running")
     nd.set_defaults(func=cmd_node)
+    co = sub.add_parser("compose", help="Docker Compose files for a config")
+    co_sub = co.add_subparsers(dest="compose_command", required=True)
+    cr = co_sub.add_parser("render", help="write the config as a compose file")
+    cr.add_argument("-c", "--config", required=True, help="lab config (YAML)")
+    cr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
+    cr.add_argument("-o", "--output", help="file to write (default: stdout)")
+    cr.add_argument(
+        "--policies", default="basic,dualpath,oracle", help="what the driver runs, in order"
+    )
+    cr.add_argument("--results", default="./results", help="host folder for results")
+    cr.set_defaults(func=cmd_compose_render)
     st = sub.add_parser("status", help="labs that are up and their processes")
     st.set_defaults(func=cmd_status)
     ex = sub.add_parser("exec", help="run a command inside a node: dualpath exec NODE -- CMD")

@@ -1,0 +1,343 @@
+"""The agent that runs as the main process of every node container of a compose stack.
+
+At start it finds the container's NICs by subnet (never by interface order) and shapes them
+with the netns backend's plan (`netem.container`); then it serves the driver on its mgmt
+address: start and stop the node process of one run, NIC counters, link changes, node actions
+and the node's log. It acts only inside its own container and starts no process but the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from aiohttp import web
+
+from lab.backends import BackendError, RunState, _ProcessHost, state_dir
+from lab.compose_render import NETWORKS
+from netem.container import ContainerNics, find_interfaces, has_net_admin
+from netem.counters import NicCounters
+from netem.plan import Change
+from netem.spec import LinkShape, NicSpec, SpecError
+from services.spec import ClusterSpec
+
+MAX_LOG_BYTES = 1 << 20
+EXIT_NO_NET_ADMIN = 3
+
+
+def _log_dir() -> Path:
+    return Path(os.environ.get("DUALPATH_LOG_DIR", "/var/log/dualpath"))
+
+
+class Nics(Protocol):
+    """The container's NICs as the agent uses them (netem.container.ContainerNics)."""
+
+    @property
+    def nics(self) -> dict[str, NicSpec]: ...
+
+    def counters(self) -> dict[str, NicCounters]: ...
+
+    def set_link(
+        self,
+        name: str,
+        *,
+        direction: Literal["egress", "ingress", "both"] = "both",
+        up: bool | None = None,
+        **values: float,
+    ) -> tuple[Change, ...]: ...
+
+    def close(self) -> None: ...
+
+
+class AgentError(Exception):
+    """The agent cannot do what was asked; the message says why (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class NicArg:
+    """One `--cnic/--snic/--mgmt SUBNET[@RATE_MBIT]` argument."""
+
+    name: str
+    subnet: str
+    rate_mbit: float | None = None
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> NicArg:
+        subnet, _, rate = text.partition("@")
+        try:
+            return cls(name, subnet, float(rate) if rate else None)
+        except ValueError:
+            raise SpecError(f"--{name}: {text!r} is not SUBNET[@RATE_MBIT]") from None
+
+
+def net_admin_message(node_id: str, nics: Sequence[NicArg]) -> str:
+    shaped = ", ".join(f"{a.name} at {a.rate_mbit:g} Mbit/s" for a in nics if a.rate_mbit)
+    return (
+        f"{node_id}: this container lacks CAP_NET_ADMIN, which shaping its NICs needs "
+        f"({shaped}); add `cap_add: [NET_ADMIN]` to service {node_id} "
+        "(`dualpath compose render` writes it for every node that shapes)"
+    )
+
+
+def container_nics(
+    node_id: str, args: Sequence[NicArg], *, isolation: bool, kv_min_fraction: float
+) -> tuple[ContainerNics, dict[str, str]]:
+    """The node's NICs as netem specs named after the container's interfaces, found by
+    subnet, shaped as `lab.backends.topology_for` shapes them on the netns backend; and each
+    network's address ('198.18.0.10')."""
+    found = find_interfaces({a.name: a.subnet for a in args})
+    nics: dict[str, NicSpec] = {}
+    addresses: dict[str, str] = {}
+    for arg in args:
+        ifname, address = found[arg.name]
+        shape = None
+        if arg.rate_mbit:
+            classes = arg.name == "cnic"
+            shape = LinkShape(
+                arg.rate_mbit,
+                priority_classes=classes and isolation,
+                kv_min_fraction=kv_min_fraction,
+            )
+        nics[arg.name] = NicSpec(ifname, NETWORKS[arg.name], address, shape)
+        addresses[NETWORKS[arg.name]] = address.split("/")[0]
+    return ContainerNics(node_id, nics), addresses
+
+
+class _NodeProcess(_ProcessHost):
+    """The one node process of this container for one run."""
+
+    def start(self, node_id: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._start(self.spec.node(node_id))
+
+
+@dataclass
+class _Run:
+    spec: ClusterSpec
+    host: _NodeProcess
+    state: RunState
+
+
+class Agent:
+    """What the HTTP handlers call; every method is blocking and thread-safe."""
+
+    def __init__(self, node_id: str, nics: Nics, addresses: dict[str, str]) -> None:
+        self.node_id = node_id
+        self.nics = nics
+        self.addresses = addresses
+        self.shaped: list[str] = []
+        self._run: _Run | None = None
+        self._lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        run = self._run
+        return {
+            "node": self.node_id,
+            "addresses": self.addresses,
+            "nics": {
+                name: asdict(nic.shape) if nic.shape else None
+                for name, nic in self.nics.nics.items()
+            },
+            "interfaces": {name: nic.name for name, nic in self.nics.nics.items()},
+            "lab": run.spec.lab_id if run else None,
+        }
+
+    def start(self, spec_data: Any) -> dict[str, Any]:
+        spec = ClusterSpec.model_validate(spec_data)
+        spec.node(self.node_id)  # KeyError (400) when the spec has no such node
+        with self._lock:
+            if self._run is not None:
+                raise AgentError(f"{self.node_id} already runs lab {self._run.spec.lab_id}")
+            agent_dir = state_dir() / "agent"
+            agent_dir.mkdir(parents=True, exist_ok=True)
+            spec_path = agent_dir / f"{spec.lab_id}.spec.json"
+            spec.dump(spec_path)
+            state = RunState(spec.lab_id, "compose", spec_path, Path(spec.data_dir))
+            host = _NodeProcess(spec, spec_path, _log_dir() / spec.lab_id, state)
+            state.save()
+            host.start(self.node_id)
+            self._run = _Run(spec, host, state)
+            pid = host.procs[self.node_id].pid
+        print(
+            f"[agent {self.node_id}] lab {spec.lab_id}: node process started (pid {pid})",
+            flush=True,
+        )
+        return {"pid": pid}
+
+    def _current(self) -> _Run:
+        if self._run is None:
+            raise AgentError(f"{self.node_id} runs no lab")
+        return self._run
+
+    def poll(self) -> dict[str, Any]:
+        """Whether the node process still runs (and its exit status when not)."""
+        run = self._current()
+        code = run.host.procs[self.node_id].poll()
+        return {"running": code is None, "exit_status": code}
+
+    def stop(self) -> dict[str, Any]:
+        with self._lock:
+            run = self._current()
+            removed = run.host.stop_nodes()
+            data_dir = Path(run.spec.data_dir)
+            if data_dir.name.startswith("dualpath-") and data_dir.is_dir():
+                shutil.rmtree(data_dir, ignore_errors=True)
+                removed.append(f"data dir {data_dir}")
+            run.state.remove()
+            self._run = None
+        print(f"[agent {self.node_id}] lab {run.spec.lab_id}: stopped", flush=True)
+        return {"removed": removed}
+
+    def log(self, lab_id: str) -> bytes:
+        if not lab_id.isalnum():
+            return b""
+        path = _log_dir() / lab_id / f"{self.node_id}.log"
+        if not path.is_file():
+            return b""
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - MAX_LOG_BYTES))
+            return fh.read()
+
+    def counters(self) -> dict[str, Any]:
+        return {name: asdict(c) for name, c in self.nics.counters().items()}
+
+    def set_link(self, nic: str, changes: dict[str, Any]) -> str:
+        values = dict(changes)
+        up = values.pop("up", None)
+        direction = values.pop("direction", "both")
+        made = self.nics.set_link(nic, direction=direction, up=up, **values)
+        what = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changes.items()
+        )
+        return f"{self.node_id}/{nic}: {what} ({len(made)} kernel changes in its container)"
+
+    def node_action(self, action: str) -> str:
+        with self._lock:
+            return self._current().host.node_action(self.node_id, action)
+
+    def close(self) -> None:
+        with contextlib.suppress(AgentError):
+            self.stop()
+        self.nics.close()
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+def http_app(agent: Agent) -> web.Application:
+    """GET /v1/info, /v1/poll, /v1/counters, /v1/log/{lab}; POST /v1/start {spec}, /v1/stop,
+    /v1/links/{nic} {changes}, /v1/nodes/{action}. A bad value is 400 naming it, a refused
+    request 409; nothing is changed in either case."""
+
+    async def call(fn: Callable[[], Any]) -> web.Response:
+        try:
+            result = await asyncio.to_thread(fn)
+        except (SpecError, KeyError, ValueError, TypeError) as exc:
+            return _json(400, {"error": f"{type(exc).__name__}: {exc}"})
+        except (AgentError, BackendError, Exception) as exc:
+            return _json(409, {"error": f"{type(exc).__name__}: {exc}"})
+        return _json(200, result if isinstance(result, dict) else {"result": result})
+
+    async def body(request: web.Request) -> Any:
+        raw = await request.read()
+        return json.loads(raw) if raw else {}
+
+    async def info(request: web.Request) -> web.Response:
+        return await call(agent.info)
+
+    async def poll(request: web.Request) -> web.Response:
+        return await call(agent.poll)
+
+    async def counters(request: web.Request) -> web.Response:
+        return await call(agent.counters)
+
+    async def log(request: web.Request) -> web.Response:
+        data = await asyncio.to_thread(agent.log, request.match_info["lab"])
+        return web.Response(body=data, content_type="text/plain")
+
+    async def start(request: web.Request) -> web.Response:
+        spec = (await body(request)).get("spec")
+        return await call(lambda: agent.start(spec))
+
+    async def stop(request: web.Request) -> web.Response:
+        return await call(agent.stop)
+
+    async def link(request: web.Request) -> web.Response:
+        changes = await body(request)
+        if not isinstance(changes, dict):
+            return _json(400, {"error": "body must be a JSON object"})
+        return await call(lambda: agent.set_link(request.match_info["nic"], changes))
+
+    async def node(request: web.Request) -> web.Response:
+        return await call(lambda: agent.node_action(request.match_info["action"]))
+
+    app = web.Application(client_max_size=16 << 20)
+    app.router.add_get("/v1/info", info)
+    app.router.add_get("/v1/poll", poll)
+    app.router.add_get("/v1/counters", counters)
+    app.router.add_get("/v1/log/{lab}", log)
+    app.router.add_post("/v1/start", start)
+    app.router.add_post("/v1/stop", stop)
+    app.router.add_post("/v1/links/{nic}", link)
+    app.router.add_post("/v1/nodes/{action}", node)
+    return app
+
+
+async def serve(agent: Agent, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT (docker stop), then stop the node process."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(http_app(agent), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    print(f"[agent {agent.node_id}] ready on {host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await asyncio.to_thread(agent.close)
+
+
+def run_agent(
+    node_id: str,
+    nics: Sequence[NicArg],
+    *,
+    isolation: bool,
+    kv_min_fraction: float,
+    port: int,
+    say: Callable[[str], None],
+) -> int:
+    """The node container's main: 0 after a clean stop, EXIT_NO_NET_ADMIN when a NIC must
+    be shaped and the container may not, 2 when a NIC cannot be found or shaped."""
+    if any(a.rate_mbit for a in nics) and not has_net_admin():
+        say(f"error: {net_admin_message(node_id, nics)}")
+        return EXIT_NO_NET_ADMIN
+    from netem.errors import NetemError
+
+    try:
+        shaped, addresses = container_nics(
+            node_id, nics, isolation=isolation, kv_min_fraction=kv_min_fraction
+        )
+        agent = Agent(node_id, shaped, addresses)
+        agent.shaped = shaped.shape()
+    except (NetemError, SpecError) as exc:
+        say(f"error: {node_id}: {exc}")
+        return 2
+    for line in agent.shaped:
+        say(f"[agent {node_id}] shaped {line}")
+    import uvloop
+
+    uvloop.run(serve(agent, addresses["mgmt"], port))
+    return 0
