@@ -20,8 +20,8 @@ from aiohttp import web
 
 from netem.counters import ClassCounters, NicCounters
 
-METRICS_PORT = 7500
-"""On every node's mgmt address (the lab's other ports are 7100-7401)."""
+METRICS_PORT = 7600
+"""On every node's mgmt address (the lab's other ports are 7100-7401, the compose agent's 7500)."""
 METRICS_PATH = "/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DIRECTIONS = ("egress", "ingress")

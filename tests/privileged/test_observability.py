@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 MakeLab = Callable[[TopologySpec], NetnsLab]
-PORT = 7500
+PORT = 7600
 NBYTES = 2_000_000
 
 _EXPORTER = """

@@ -87,4 +87,4 @@ def test_only_nodes_with_a_namespace_of_their_own_export(backend: str, exported:
 
 
 def test_metrics_url() -> None:
-    assert metrics_url("198.18.2.10") == "http://198.18.2.10:7500/metrics"
+    assert metrics_url("198.18.2.10") == "http://198.18.2.10:7600/metrics"
