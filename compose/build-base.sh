@@ -50,8 +50,8 @@ if [ ! -s "$TARBALL" ]; then
   # What an image does not need: downloaded packages, apt lists, docs, man pages.
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
     "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/*
-  tar -C "$root" --numeric-owner -cf "$TARBALL.tmp" .
-  mv "$TARBALL.tmp" "$TARBALL"
+  tar -C "$root" --numeric-owner -cf "$TARBALL.tmp.$$" .
+  mv "$TARBALL.tmp.$$" "$TARBALL"
   rm -rf "$root"
   trap - EXIT
 fi

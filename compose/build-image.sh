@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# Build the compose image, labelled com.dualpath.source=<hash of the sources it holds>; an image
-# with the current hash is reused as it is. Prints the image name.
+# Build the compose image `dualpath-mesh:<hash of the sources it holds>` (also tagged `latest`,
+# the tag compose/docker-compose.yml uses); an image with the current hash is reused as it is.
+# Trees with other sources (another checkout, a merge under test) get images of their own on
+# the same engine, so concurrent builds never swap each other's image. Prints the image name.
 #
 #   compose/build-image.sh             BASE_IMAGE ${DUALPATH_BASE_IMAGE:-python:3.11-slim}, wheels
 #                                      from PyPI (a laptop with Docker Hub)
 #   compose/build-image.sh --offline   no registry, no index: the base from build-base.sh
 #                                      (debootstrap), every wheel from a local wheelhouse, and
 #                                      `docker build --network none`
+#   compose/build-image.sh --print-hash
 #
 # The wheelhouse is cached under $DUALPATH_CACHE (default /var/cache/dualpath), keyed by the
-# dependencies in pyproject.toml and the Python version that built it.
+# dependencies in pyproject.toml and the Python version that built it. Of the hash-tagged
+# images, the newest $DUALPATH_KEEP_IMAGES (3) are kept; older ones go unless a container uses them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=${DUALPATH_IMAGE:-dualpath-mesh:latest}
+REPO=${DUALPATH_IMAGE_REPO:-dualpath-mesh}
 CACHE=${DUALPATH_CACHE:-/var/cache/dualpath}
+KEEP=${DUALPATH_KEEP_IMAGES:-3}
 PYTHON=${PYTHON:-python3}
 offline=0
 case "${1:-}" in
   --offline) offline=1 ;;
-  --print-hash) ;;
-  "") ;;
+  --print-hash | "") ;;
   *) echo "usage: $0 [--offline | --print-hash]" >&2; exit 2 ;;
 esac
 
@@ -37,50 +41,51 @@ if [ "${1:-}" = "--print-hash" ]; then
   echo "$HASH"
   exit 0
 fi
-have=$(docker image inspect --format '{{ index .Config.Labels "com.dualpath.source" }}' "$IMAGE" 2>/dev/null || true)
-if [ "$have" = "$HASH" ]; then
-  say "reusing $IMAGE (sources $HASH)"
-  echo "$IMAGE"
-  exit 0
-fi
+IMAGE=$REPO:$HASH
 
-# The image this build replaces, when an earlier build of this script made it: removed below,
-# so repeated builds do not pile up untagged images.
-previous=""
-[ -n "$have" ] && previous=$(docker image inspect --format '{{.Id}}' "$IMAGE")
-
-find compose/wheelhouse -name '*.whl' -delete
-if [ "$offline" = 1 ]; then
-  "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-    || { say "$PYTHON is not Python 3.11, the image's: set PYTHON"; exit 1; }
-  reqs=$("$PYTHON" -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(["setuptools>=68", "wheel", *d["project"]["dependencies"]]))')
-  key=$(printf '%s\n' "$reqs" "$("$PYTHON" -VV)" "$(uname -m)" | sha256sum | cut -c1-12)
-  wheels=$CACHE/wheels-$key
-  if [ ! -f "$wheels/.complete" ]; then
-    say "pip wheel into $wheels"
-    rm -rf "$wheels.tmp" && mkdir -p "$wheels.tmp"
-    printf '%s\n' "$reqs" >"$wheels.tmp/requirements.txt"
-    "$PYTHON" -m pip wheel -q --disable-pip-version-check -w "$wheels.tmp" \
-      -r "$wheels.tmp/requirements.txt" >"$wheels.tmp.log" 2>&1 \
-      || { tail -n 20 "$wheels.tmp.log" >&2; exit 1; }
-    rm -f "$wheels.tmp.log"
-    touch "$wheels.tmp/.complete"
-    rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
-  fi
-  cp "$wheels"/*.whl compose/wheelhouse/
-  base=$(compose/build-base.sh)
-  say "docker build --network none from $base"
-  DOCKER_BUILDKIT=0 docker build -q --network none --build-arg "BASE_IMAGE=$base" \
-    --label "com.dualpath.source=$HASH" -f compose/Dockerfile -t "$IMAGE" . >/dev/null
-  find compose/wheelhouse -name '*.whl' -delete
+if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+  say "reusing $IMAGE"
 else
-  base=${DUALPATH_BASE_IMAGE:-python:3.11-slim}
-  say "docker build from $base"
-  docker build -q --build-arg "BASE_IMAGE=$base" \
-    --label "com.dualpath.source=$HASH" -f compose/Dockerfile -t "$IMAGE" . >/dev/null
+  find compose/wheelhouse -name '*.whl' -delete
+  if [ "$offline" = 1 ]; then
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+      || { say "$PYTHON is not Python 3.11, the image's: set PYTHON"; exit 1; }
+    reqs=$("$PYTHON" -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(["setuptools>=68", "wheel", *d["project"]["dependencies"]]))')
+    key=$(printf '%s\n' "$reqs" "$("$PYTHON" -VV)" "$(uname -m)" | sha256sum | cut -c1-12)
+    wheels=$CACHE/wheels-$key
+    if [ ! -f "$wheels/.complete" ]; then
+      say "pip wheel into $wheels"
+      mkdir -p "$CACHE"
+      tmp=$(mktemp -d "$wheels.tmp.XXXXXX")
+      printf '%s\n' "$reqs" >"$tmp/requirements.txt"
+      "$PYTHON" -m pip wheel -q --disable-pip-version-check -w "$tmp" \
+        -r "$tmp/requirements.txt" >"$tmp/pip.log" 2>&1 \
+        || { tail -n 20 "$tmp/pip.log" >&2; rm -rf "$tmp"; exit 1; }
+      rm -f "$tmp/pip.log"
+      touch "$tmp/.complete"
+      # Another build may have finished the same wheelhouse meanwhile: either one will do.
+      mv -T "$tmp" "$wheels" 2>/dev/null || rm -rf "$tmp"
+    fi
+    cp "$wheels"/*.whl compose/wheelhouse/
+    base=$(compose/build-base.sh)
+    say "docker build --network none from $base"
+    DOCKER_BUILDKIT=0 docker build -q --network none --build-arg "BASE_IMAGE=$base" \
+      --label "com.dualpath.source=$HASH" -f compose/Dockerfile -t "$IMAGE" . >/dev/null
+    find compose/wheelhouse -name '*.whl' -delete
+  else
+    base=${DUALPATH_BASE_IMAGE:-python:3.11-slim}
+    say "docker build from $base"
+    docker build -q --build-arg "BASE_IMAGE=$base" \
+      --label "com.dualpath.source=$HASH" -f compose/Dockerfile -t "$IMAGE" . >/dev/null
+  fi
+  say "built $IMAGE"
 fi
-if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect --format '{{.Id}}' "$IMAGE")" ]; then
-  docker image rm "$previous" >/dev/null 2>&1 || say "kept the previous image $previous (in use)"
-fi
-say "built $IMAGE (sources $HASH)"
+docker tag "$IMAGE" "$REPO:latest"
+
+# Older hash-tagged images of this repository, newest first after the ones kept.
+older=$(docker image ls "$REPO" --filter "label=com.dualpath.source" --format '{{.Tag}}' \
+  | { grep -vx -e latest -e "$HASH" -e '<none>' || true; } | tail -n +"$KEEP")
+for tag in $older; do
+  docker image rm "$REPO:$tag" >/dev/null 2>&1 || true
+done
 echo "$IMAGE"

@@ -460,6 +460,7 @@ def cmd_compose_render(args: argparse.Namespace) -> int:
         context=os.path.relpath(root, here) if root else None,
         policies=[p.strip() for p in args.policies.split(",") if p.strip()],
         results=args.results,
+        image=args.image,
     )
     if out is None:
         sys.stdout.write(text)
@@ -594,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies", default="basic,dualpath,oracle", help="what the driver runs, in order"
     )
     cr.add_argument("--results", default="./results", help="host folder for results")
+    cr.add_argument("--image", default="dualpath-mesh:latest", help="the image every service runs")
     cr.set_defaults(func=cmd_compose_render)
     st = sub.add_parser("status", help="labs that are up and their processes")
     st.set_defaults(func=cmd_status)

@@ -25,10 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from lab.backends import BackendError, RunState, state_dir
-from lab.compose_render import IMAGE, LAB_LABEL, NODE_LABEL, RenderOptions, render, to_yaml
+from lab.compose_render import (
+    IMAGE,
+    IMAGE_REPO,
+    LAB_LABEL,
+    NODE_LABEL,
+    RenderOptions,
+    render,
+    to_yaml,
+)
 from lab.config import LabConfig
 
-SOURCE_LABEL = "com.dualpath.source"
 SOURCE_PACKAGES = ("services", "scheduler", "netem", "lab")
 SOURCE_FILES = ("pyproject.toml", "compose/Dockerfile")
 COMPOSE_TIMEOUT_S = 300.0
@@ -94,30 +101,30 @@ def compose_cli() -> tuple[str, ...]:
     )
 
 
-def ensure_image(image: str = IMAGE, *, say: Say = _stderr) -> None:
-    """Reuse `image` when it holds these sources, else build it with compose/build-image.sh
-    (`--offline` when DUALPATH_OFFLINE=1: debootstrap base, local wheelhouse, no network)."""
+def ensure_image(*, say: Say = _stderr) -> str:
+    """The image to run: `dualpath-mesh:<hash of these sources>`, built with
+    compose/build-image.sh when missing (`--offline` when DUALPATH_OFFLINE=1: debootstrap base,
+    local wheelhouse, no network). Without a source tree (an installed package), `latest`."""
     run_cmd(["docker", "info", "--format", "{{.ServerVersion}}"], timeout_s=60)
     root = repo_root()
-    fmt = '{{ index .Config.Labels "' + SOURCE_LABEL + '" }}'
-    try:
-        have: str | None = run_cmd(["docker", "image", "inspect", "--format", fmt, image]).strip()
-    except ComposeError:
-        have = None
     if root is None:
-        if have is None:
+        try:
+            run_cmd(["docker", "image", "inspect", "--format", "{{.Id}}", IMAGE])
+        except ComposeError:
             raise ComposeError(
-                f"image {image} does not exist and there is no source tree to build it from"
-            )
-        return
-    want = source_hash(root)
-    if have == want:
-        return
-    say(f"[compose] building {image} (sources {want}; this takes a few minutes the first time)")
+                f"image {IMAGE} does not exist and there is no source tree to build it from"
+            ) from None
+        return IMAGE
+    image = f"{IMAGE_REPO}:{source_hash(root)}"
+    with contextlib.suppress(ComposeError):
+        run_cmd(["docker", "image", "inspect", "--format", "{{.Id}}", image])
+        return image
+    say(f"[compose] building {image} (a few minutes the first time)")
     argv = [str(root / "compose" / "build-image.sh")]
     if os.environ.get("DUALPATH_OFFLINE") == "1":
         argv.append("--offline")
     run_cmd(argv, timeout_s=1800)
+    return image
 
 
 def _ids(kind: str, lab_id: str) -> list[str]:
@@ -229,7 +236,7 @@ def run_stack(
     failed, ComposeError when Docker did."""
     from lab.runner import RunError
 
-    ensure_image(say=say)
+    image = ensure_image(say=say)
     cli = compose_cli()
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +247,7 @@ def run_stack(
         cfg,
         RenderOptions(
             lab=lab_id,
+            image=image,
             results=str(out_dir),
             policies=tuple(policies),
             out="",

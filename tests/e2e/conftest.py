@@ -20,13 +20,22 @@ from lab.compose_backend import ComposeError, compose_cli, ensure_image, remove_
 
 
 @pytest.fixture(scope="session")
-def compose() -> tuple[str, ...]:
-    """The compose CLI, once the engine answers and the image holds these sources."""
+def image() -> str:
+    """The image of these sources (built or reused), once the engine answers."""
     try:
-        ensure_image(say=lambda m: print(m, file=sys.stderr))
-        return compose_cli()
+        return ensure_image(say=lambda m: print(m, file=sys.stderr))
     except ComposeError as exc:
         need(f"no usable Docker engine: {exc}")
+        raise AssertionError("unreachable") from exc
+
+
+@pytest.fixture(scope="session")
+def compose(image: str) -> tuple[str, ...]:
+    """The compose CLI: `docker compose` (v2) or `docker-compose` (v1)."""
+    try:
+        return compose_cli()
+    except ComposeError as exc:
+        need(str(exc))
         raise AssertionError("unreachable") from exc
 
 

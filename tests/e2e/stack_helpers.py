@@ -50,11 +50,11 @@ def dualpath(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[
 
 
 def render(
-    out: Path, name: str, *, policies: str, results: str = "./results"
+    out: Path, name: str, *, image: str, policies: str, results: str = "./results"
 ) -> subprocess.CompletedProcess[str]:
     done = dualpath(
         "compose", "render", "-c", str(SMALL), "--set", f"name={name}", *subnets(),
-        "--policies", policies, "--results", results, "-o", str(out),
+        "--policies", policies, "--results", results, "--image", image, "-o", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done

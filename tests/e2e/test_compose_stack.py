@@ -32,10 +32,10 @@ def _down(compose: tuple[str, ...], project: str, file: Path) -> None:
 
 
 def test_compose_up_runs_basic_and_dualpath(
-    compose: tuple[str, ...], lab_name: str, tmp_path: Path
+    compose: tuple[str, ...], image: str, lab_name: str, tmp_path: Path
 ) -> None:
     file = tmp_path / "docker-compose.yml"
-    render(file, lab_name, policies="basic,dualpath")
+    render(file, lab_name, image=image, policies="basic,dualpath")
     log = tmp_path / "up.log"
     try:
         with log.open("w") as sink:
@@ -130,10 +130,10 @@ def test_chaos_and_control_reach_into_the_containers(
 
 
 def test_a_node_without_net_admin_exits_with_a_clear_message(
-    compose: tuple[str, ...], lab_name: str, tmp_path: Path
+    compose: tuple[str, ...], image: str, lab_name: str, tmp_path: Path
 ) -> None:
     file = tmp_path / "docker-compose.yml"
-    render(file, lab_name, policies="dualpath")
+    render(file, lab_name, image=image, policies="dualpath")
     doc = yaml.safe_load(file.read_text())
     del doc["services"]["prefill-0"]["cap_add"]
     file.write_text(yaml.safe_dump(doc, sort_keys=False))

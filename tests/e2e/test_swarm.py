@@ -52,7 +52,9 @@ def swarm(compose: tuple[str, ...]) -> Iterator[None]:
     try:
         yield
     finally:
-        if created:
+        # Leave only a swarm this test made, and only when nobody else deployed on it since
+        # (another run on the same engine).
+        if created and not run_cmd(["docker", "service", "ls", "-q"]).split():
             run_cmd(["docker", "swarm", "leave", "--force"])
             if not had_gwbridge:
                 for ident in run_cmd(
@@ -66,11 +68,13 @@ def _driver_state(stack: str) -> str:
     return out.strip().split(" ")[0] if out.strip() else ""
 
 
-def test_stack_deploy_runs_the_workload(swarm: None, lab_name: str, tmp_path: Path) -> None:
+def test_stack_deploy_runs_the_workload(
+    swarm: None, image: str, lab_name: str, tmp_path: Path
+) -> None:
     file = tmp_path / "docker-compose.yml"
     results = tmp_path / "results"
     results.mkdir()
-    render(file, lab_name, policies="dualpath", results=str(results))
+    render(file, lab_name, image=image, policies="dualpath", results=str(results))
     try:
         run_cmd(
             ["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(file), lab_name]
