@@ -262,7 +262,18 @@ def run_stack(
     say(f"[compose] lab {lab_id}: {project} up ({' '.join(cli)}), results in {out_dir}")
     status: int | None = None
     try:
-        run_cmd([*cli, "-p", project, "-f", str(file), "up", "-d", "--no-build"])
+        try:
+            run_cmd([*cli, "-p", project, "-f", str(file), "up", "-d", "--no-build"])
+        except ComposeError as exc:
+            if "overlaps" not in str(exc):
+                raise
+            n = cfg.network
+            raise ComposeError(
+                f"another Docker network already uses a subnet of this config "
+                f"(network.compute_subnet {n.compute_subnet}, network.storage_subnet "
+                f"{n.storage_subnet}, network.mgmt_subnet {n.mgmt_subnet}): take that stack "
+                "down, or give this run other subnets with --set network.<name>_subnet=..."
+            ) from exc
         ids = _containers(lab_id)
         state.data["compose"]["containers"] = ids
         state.save()
