@@ -349,3 +349,49 @@ def test_split_and_whole_reads_place_the_same_engines(
         ]
 
     assert engines(whole) == engines(split)
+
+
+def _reads_per_node(policy: SchedulingPolicy, *, rounds: int, drain: int) -> dict[str, int]:
+    """Feed a 2P4D cluster of 2 engines per node one turn per round; each node's storage NIC
+    then reads `drain` tokens of its queue (equal NICs), and engines keep every turn's tokens
+    (tok_e only grows). Returns the hit tokens each node was given to read. (With one engine
+    per node, the rotation over the nodes and the one over the two sides would alias.)"""
+    names = [f"prefill-{i}" for i in range(2)] + [f"decode-{i}" for i in range(4)]
+    queue = dict.fromkeys(names, 0)
+    total = dict.fromkeys(names, 0)
+    toks = {(n, e): 0 for n in names for e in range(2)}
+
+    def view(n: str) -> NodeView:
+        engines = tuple(EngineView(n, e, 0, toks[n, e], BIG) for e in range(2))
+        return NodeView(n, queue[n], engines, total[n])
+
+    for i in range(rounds):
+        t = turn(i)
+        plan = policy.schedule(
+            [t], [view(n) for n in names[:2]], [view(n) for n in names[2:]], now=float(i)
+        )
+        (a,) = plan.assignments
+        toks[a.prefill_node, a.prefill_engine] += t.prompt_tokens
+        toks[a.decode_node, a.decode_engine] += t.kv_tokens
+        reader = a.prefill_node if a.read_side is ReadSide.PREFILL else a.decode_node
+        queue[reader] += t.hit_tokens
+        total[reader] += t.hit_tokens
+        queue = {n: max(0, q - drain) for n, q in queue.items()}
+    return total
+
+
+def test_load_blind_read_side_on_2p4d_gives_the_papers_round_robin_imbalance() -> None:
+    """DualPath §8: snic max/avg 1.53 with round robin. Reads split evenly between the sides
+    load each of P prefill NICs with 1/(2P) and each of D decode NICs with 1/(2D), so max/avg
+    is (P+D)/(2P) = 1.5 on 2P4D; the shorter-queue rule spreads them evenly, whichever
+    engines were picked."""
+
+    def max_over_avg(policy: SchedulingPolicy) -> float:
+        reads = _reads_per_node(policy, rounds=600, drain=150)
+        return max(reads.values()) * len(reads) / sum(reads.values())
+
+    assert max_over_avg(RoundRobinPolicy(beta_tokens=BIG, read_rule="alternate")) == (
+        pytest.approx(1.5)
+    )
+    assert max_over_avg(RoundRobinPolicy(beta_tokens=BIG, read_rule="shorter_queue")) < 1.02
+    assert max_over_avg(DualPathPolicy(alpha_tokens=BIG, beta_tokens=BIG)) < 1.02
