@@ -35,6 +35,10 @@ class TurnResult:
     prompt_tokens: int
     gen_tokens: int
     submitted_at: float
+    assigned_at: float | None = None
+    """When the scheduler placed the turn (its `assigned` event reached the client)."""
+    prefill_started_at: float | None = None
+    """When the turn's first prefill step began: its first layer group of KV was ready."""
     first_token_at: float | None = None
     second_token_at: float | None = None
     done_at: float | None = None
@@ -106,12 +110,15 @@ async def _run_turn(
                     now = time.time()
                     kind = ev.get("event")
                     if kind == "assigned":
+                        res.assigned_at = now
                         res.read_side = ev.get("read_side")
                         ranges = (ev.get("reads") or {}).values()
                         if len(ranges) == 2 and all(end > first for first, end in ranges):
                             res.read_side = "split"
                         res.prefill = ev.get("prefill")
                         res.decode = ev.get("decode")
+                    elif kind == "prefill_started" and res.prefill_started_at is None:
+                        res.prefill_started_at = now
                     elif kind == "first_token":
                         res.first_token_at = now
                     elif kind == "second_token":

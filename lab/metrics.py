@@ -374,6 +374,40 @@ def slo_attainment(
     }
 
 
+TTFT_PARTS = ("queue", "kv_wait", "prefill")
+
+
+def ttft_breakdown(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Where the time to first token goes (DualPath §8: Basic fails through queueing, its
+    queueing share of TTFT rising from ~21 % to ~73 % with load), on the driver's clock:
+
+    - `queue`: submitted until the scheduler placed the turn (the global FIFO queue);
+    - `kv_wait`: placed until its first prefill step began: the first layer group's KV read
+      (and relayed), then the GPU's own queue;
+    - `prefill`: the prefill steps until the first token, overlapping the later layer groups'
+      loads on the layerwise path.
+
+    Means over the completed turns whose three events all arrived (emulated seconds), and
+    each part's share of their summed TTFT. Turns without all three (results written before
+    the driver recorded them) are left out and counted in `num_without_events`."""
+    parts: dict[str, list[float]] = {k: [] for k in TTFT_PARTS}
+    for t in ok:
+        at = [t.get(k) for k in ("submitted_at", "assigned_at", "prefill_started_at")]
+        first = t.get("first_token_at")
+        if first is None or any(v is None for v in at):
+            continue
+        marks = [float(v) for v in at if v is not None] + [float(first)]
+        for name, lo, hi in zip(TTFT_PARTS, marks, marks[1:], strict=False):
+            parts[name].append(max(0.0, hi - lo))
+    n = len(parts["queue"])
+    out: dict[str, Any] = {"num_turns": n, "num_without_events": len(ok) - n}
+    total = sum(sum(v) for v in parts.values())
+    for name, values in parts.items():
+        out[f"{name}_mean_s"] = round(sum(values) / n, 6) if n else None
+        out[f"{name}_share"] = round(sum(values) / total, 4) if total > 0 else None
+    return out
+
+
 def summarize(
     *,
     policy: str,
@@ -437,6 +471,7 @@ def summarize(
         "time_dilation": time_dilation,
         "throughput_tokens_per_s": round(tokens / jct, 1) if jct > 0 else 0.0,
         "ttft_s": percentiles(ttft),
+        "ttft_breakdown": ttft_breakdown(ok),
         "ttst_s": percentiles(ttst),
         "tpot_ms": percentiles(tpot),
         "slo": slo_attainment(ok, len(turns), time_dilation),

@@ -38,6 +38,17 @@ def _online_lines(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _ttft_lines(s: dict[str, Any]) -> list[str]:
+    b = s.get("ttft_breakdown") or {}
+    if not b.get("num_turns"):
+        return []
+    parts = "  ".join(
+        f"{label} {_fmt(b[f'{key}_mean_s'], '.3f')} s ({100 * (b[f'{key}_share'] or 0):.0f}%)"
+        for key, label in (("queue", "queue"), ("kv_wait", "KV wait"), ("prefill", "prefill"))
+    )
+    return [f"  TTFT mean = {parts}"]
+
+
 def summary_lines(s: dict[str, Any]) -> list[str]:
     lines = [
         f"policy {s['policy']} on {s['backend']}: {s['turns_done']} turns done, "
@@ -47,6 +58,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"  TTFT p50 {_fmt(s['ttft_s']['p50'], '.3f')} s  p99 {_fmt(s['ttft_s']['p99'], '.3f')} s"
         f"   TTST p50 {_fmt(s['ttst_s']['p50'], '.3f')} s"
         f"   TPOT p50 {_fmt(s['tpot_ms']['p50'], '.1f')} ms",
+        *_ttft_lines(s),
         *_online_lines(s),
         f"  KV bytes: {s['bytes_storage_read']:,} read from storage + {s['bytes_relayed']:,} "
         f"relayed; {s['bytes_verified']:,} verified "
