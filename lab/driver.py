@@ -37,6 +37,9 @@ class TurnResult:
     submitted_at: float
     assigned_at: float | None = None
     """When the scheduler placed the turn (its `assigned` event reached the client)."""
+    read_started_at: float | None = None
+    """When the first of its storage reads began (left the node's read queue); None when
+    the turn read nothing (Oracle, or no cached prefix)."""
     prefill_started_at: float | None = None
     """When the turn's first prefill step began: its first layer group of KV was ready."""
     first_token_at: float | None = None
@@ -117,6 +120,8 @@ async def _run_turn(
                             res.read_side = "split"
                         res.prefill = ev.get("prefill")
                         res.decode = ev.get("decode")
+                    elif kind == "read_started" and res.read_started_at is None:
+                        res.read_started_at = now
                     elif kind == "prefill_started" and res.prefill_started_at is None:
                         res.prefill_started_at = now
                     elif kind == "first_token":

@@ -374,31 +374,36 @@ def slo_attainment(
     }
 
 
-TTFT_PARTS = ("queue", "kv_wait", "prefill")
+TTFT_PARTS = ("queue", "load", "prefill")
 
 
 def ttft_breakdown(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Where the time to first token goes (DualPath §8: Basic fails through queueing, its
     queueing share of TTFT rising from ~21 % to ~73 % with load), on the driver's clock:
 
-    - `queue`: submitted until the scheduler placed the turn (the global FIFO queue);
-    - `kv_wait`: placed until its first prefill step began: the first layer group's KV read
-      (and relayed), then the GPU's own queue;
+    - `queue`: submitted until its storage read began: the scheduler's FIFO queue, then the
+      node's read queue and DRAM buffer (a turn that reads nothing: until its first prefill
+      step);
+    - `load`: its read began until its first prefill step: the KV read (the first layer
+      group's, relayed, on the layerwise path; all of it otherwise), then the GPU's queue;
     - `prefill`: the prefill steps until the first token, overlapping the later layer groups'
       loads on the layerwise path.
 
-    Means over the completed turns whose three events all arrived (emulated seconds), and
-    each part's share of their summed TTFT. Turns without all three (results written before
-    the driver recorded them) are left out and counted in `num_without_events`."""
+    Means over the completed turns whose events all arrived (emulated seconds), and each
+    part's share of their summed TTFT. Turns without them (results written before the driver
+    recorded them) are left out and counted in `num_without_events`."""
     parts: dict[str, list[float]] = {k: [] for k in TTFT_PARTS}
     for t in ok:
-        at = [t.get(k) for k in ("submitted_at", "assigned_at", "prefill_started_at")]
-        first = t.get("first_token_at")
-        if first is None or any(v is None for v in at):
+        submitted, started, first = (
+            t.get(k) for k in ("submitted_at", "prefill_started_at", "first_token_at")
+        )
+        if submitted is None or started is None or first is None:
             continue
-        marks = [float(v) for v in at if v is not None] + [float(first)]
-        for name, lo, hi in zip(TTFT_PARTS, marks, marks[1:], strict=False):
-            parts[name].append(max(0.0, hi - lo))
+        read = t.get("read_started_at")
+        read = started if read is None else min(max(read, submitted), started)
+        parts["queue"].append(max(0.0, read - submitted))
+        parts["load"].append(max(0.0, started - read))
+        parts["prefill"].append(max(0.0, first - started))
     n = len(parts["queue"])
     out: dict[str, Any] = {"num_turns": n, "num_without_events": len(ok) - n}
     total = sum(sum(v) for v in parts.values())

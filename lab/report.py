@@ -44,7 +44,7 @@ def _ttft_lines(s: dict[str, Any]) -> list[str]:
         return []
     parts = "  ".join(
         f"{label} {_fmt(b[f'{key}_mean_s'], '.3f')} s ({100 * (b[f'{key}_share'] or 0):.0f}%)"
-        for key, label in (("queue", "queue"), ("kv_wait", "KV wait"), ("prefill", "prefill"))
+        for key, label in (("queue", "queued"), ("load", "KV load"), ("prefill", "prefill"))
     )
     return [f"  TTFT mean = {parts}"]
 

@@ -421,6 +421,8 @@ class EngineNode:
         blocks = turn.read_blocks(self.role)
         nbytes = len(blocks) * self.profile.block_bytes
         turn.dram_bytes = await self.dram.acquire(nbytes)
+        # its turn in the node's read queue and a DRAM buffer: the read itself starts now
+        self.emit(turn.turn_id, "read_started", node=self.me.node_id, blocks=len(blocks))
         keep = self.role is Role.PREFILL or self.layerwise
         gb = self.profile.layer_group_bytes(0)
 

@@ -245,24 +245,20 @@ def test_utilisation_uses_the_rate_in_effect_over_time() -> None:
 
 
 def test_ttft_breakdown_splits_each_turn_at_its_events() -> None:
-    # turn 0: queue 1, KV wait 2, prefill 1 (TTFT 4); turn 1: queue 3, KV wait 0, prefill 1
-    a = _turn(assigned_at=1.0, prefill_started_at=3.0, first_token_at=4.0, second_token_at=4.5)
+    # turn 0: queued 1, KV load 2, prefill 1 (TTFT 4)
+    a = _turn(read_started_at=1.0, prefill_started_at=3.0, first_token_at=4.0, second_token_at=4.5)
+    # turn 1 reads nothing (Oracle): queued until its first step (3), prefill 1
     b = _turn(
-        traj_id=1,
-        assigned_at=3.0,
-        prefill_started_at=3.0,
-        first_token_at=4.0,
-        second_token_at=4.5,
-        done_at=5.0,
+        traj_id=1, prefill_started_at=3.0, first_token_at=4.0, second_token_at=4.5, done_at=5.0
     )
     old = _turn(traj_id=2)  # a results file from before the events were recorded
     driver = {"started_at": 0.0, "finished_at": 6.0, "jct_s": 6.0, "turns": [a, b, old]}
     got = _summary(driver)["ttft_breakdown"]
     assert (got["num_turns"], got["num_without_events"]) == (2, 1)
     assert got["queue_mean_s"] == pytest.approx(2.0)
-    assert got["kv_wait_mean_s"] == pytest.approx(1.0)
+    assert got["load_mean_s"] == pytest.approx(1.0)
     assert got["prefill_mean_s"] == pytest.approx(1.0)
-    assert (got["queue_share"], got["kv_wait_share"], got["prefill_share"]) == (
+    assert (got["queue_share"], got["load_share"], got["prefill_share"]) == (
         pytest.approx(0.5),
         pytest.approx(0.25),
         pytest.approx(0.25),
