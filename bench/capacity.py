@@ -85,12 +85,41 @@ def report(root: Path, min_attained: float) -> dict[str, Any]:
     for r in rows:
         by_policy.setdefault(r["policy"], []).append(r)
     caps = {p: capacity(rs, min_attained) for p, rs in by_policy.items()}
+    # a capacity is only measured when some swept rate failed; otherwise it is a lower bound
+    bounded = {p: any(not passes(r, min_attained) for r in rs) for p, rs in by_policy.items()}
     ratio = None
-    if caps.get("basic") and caps.get("dualpath"):
-        ratio = round(caps["dualpath"] / caps["basic"], 3)  # type: ignore[operator]
-    out = {"min_attained": min_attained, "capacity_aps": caps, "dualpath_over_basic": ratio}
-    out["rows"] = sorted(rows, key=lambda r: (r["policy"], r["aps"]))
-    return out
+    basic, dual = caps.get("basic"), caps.get("dualpath")
+    if basic and dual and bounded["basic"] and bounded["dualpath"]:
+        ratio = round(dual / basic, 3)
+    same_rate = []
+    for b in by_policy.get("basic", []):
+        for d in by_policy.get("dualpath", []):
+            if b["aps"] == d["aps"]:
+                same_rate.append(
+                    {
+                        "aps": b["aps"],
+                        "ttft_p50_real_s": {
+                            "basic": b["ttft_real_s"]["p50"],
+                            "dualpath": d["ttft_real_s"]["p50"],
+                        },
+                        "ttft_p99_real_s": {
+                            "basic": b["ttft_real_s"]["p99"],
+                            "dualpath": d["ttft_real_s"]["p99"],
+                        },
+                        "queue_share": {
+                            "basic": b["ttft_queue_share"],
+                            "dualpath": d["ttft_queue_share"],
+                        },
+                    }
+                )
+    return {
+        "min_attained": min_attained,
+        "capacity_aps": caps,
+        "capacity_is_lower_bound": {p: not v for p, v in bounded.items()},
+        "dualpath_over_basic": ratio,
+        "same_rate": sorted(same_rate, key=lambda x: x["aps"]),
+        "rows": sorted(rows, key=lambda r: (r["policy"], r["aps"])),
+    }
 
 
 def print_table(rep: dict[str, Any]) -> None:
@@ -114,10 +143,27 @@ def print_table(rep: dict[str, Any]) -> None:
             f"{f(p['p50'], '.1f'):>9} {r['jct_s']:>7.1f}  {r['turns_done']} done, "
             f"{r['turns_failed']} failed{'' if r['bytes_accounted'] else ', BYTES NOT ACCOUNTED'}"
         )
-    caps = ", ".join(
-        f"{p} {'-' if c is None else f'{c:g}'}" for p, c in rep["capacity_aps"].items()
-    )
-    print(f"capacity (APS): {caps}; dualpath/basic: {rep['dualpath_over_basic'] or '-'}")
+    if rep["same_rate"]:
+        print("same rate: TTFT p50 basic/dualpath (real s), queued share of TTFT")
+        for x in rep["same_rate"]:
+            t, q = x["ttft_p50_real_s"], x["queue_share"]
+            print(
+                f"  {x['aps']:>5g} APS  {f(t['basic'], '.2f')} / {f(t['dualpath'], '.2f')} s"
+                f"  queued {f(q['basic'], '.0%')} / {f(q['dualpath'], '.0%')}"
+            )
+    caps = []
+    for p, c in rep["capacity_aps"].items():
+        low = rep["capacity_is_lower_bound"][p]
+        caps.append(f"{p} {'-' if c is None else ('>= ' if low else '') + format(c, 'g')}")
+    note = "" if rep["dualpath_over_basic"] else " (needs a failing rate for both policies)"
+    ratio = rep["dualpath_over_basic"] or "-"
+    print(f"capacity (APS): {', '.join(caps)}; dualpath/basic: {ratio}{note}")
+    if any(rep["capacity_is_lower_bound"].values()):
+        print(
+            "every swept rate of a '>=' policy passed: sweep higher rates, or more agents "
+            "(agents run their turns back to back, so the queue is at most one turn per "
+            "agent in flight and a small run cannot wait past the SLO)"
+        )
 
 
 def run(
