@@ -6,7 +6,8 @@ workload and stops after the first rate at which fewer than `--min-attained` of 
 meet the paper's SLO (TTFT <= 4 s, TPOT <= 50 ms, real-equivalent; summary.json `slo`) or a
 turn fails. A policy's capacity is the highest rate of its passing run of rates from the
 bottom; the table gives each run's attainment, real-equivalent TTFT/TPOT and the share of
-TTFT spent in the scheduler's queue (summary.json `ttft_breakdown`), and the capacity ratio.
+TTFT spent queued before the turn's storage read began (summary.json `ttft_breakdown`), and
+the capacity ratio.
 Needs root (netns backend). Writes DIR/<policy>-<aps>/ and DIR/capacity.json.
 
     .venv/bin/python bench/capacity.py run -c examples/online-capacity.yaml --out DIR \\
@@ -91,27 +92,23 @@ def report(root: Path, min_attained: float) -> dict[str, Any]:
     basic, dual = caps.get("basic"), caps.get("dualpath")
     if basic and dual and bounded["basic"] and bounded["dualpath"]:
         ratio = round(dual / basic, 3)
-    same_rate = []
-    for b in by_policy.get("basic", []):
-        for d in by_policy.get("dualpath", []):
-            if b["aps"] == d["aps"]:
-                same_rate.append(
-                    {
-                        "aps": b["aps"],
-                        "ttft_p50_real_s": {
-                            "basic": b["ttft_real_s"]["p50"],
-                            "dualpath": d["ttft_real_s"]["p50"],
-                        },
-                        "ttft_p99_real_s": {
-                            "basic": b["ttft_real_s"]["p99"],
-                            "dualpath": d["ttft_real_s"]["p99"],
-                        },
-                        "queue_share": {
-                            "basic": b["ttft_queue_share"],
-                            "dualpath": d["ttft_queue_share"],
-                        },
-                    }
-                )
+    same_rate = [
+        {
+            "aps": b["aps"],
+            "ttft_p50_real_s": {
+                "basic": b["ttft_real_s"]["p50"],
+                "dualpath": d["ttft_real_s"]["p50"],
+            },
+            "ttft_p99_real_s": {
+                "basic": b["ttft_real_s"]["p99"],
+                "dualpath": d["ttft_real_s"]["p99"],
+            },
+            "queue_share": {"basic": b["ttft_queue_share"], "dualpath": d["ttft_queue_share"]},
+        }
+        for b in by_policy.get("basic", [])
+        for d in by_policy.get("dualpath", [])
+        if b["aps"] == d["aps"]
+    ]
     return {
         "min_attained": min_attained,
         "capacity_aps": caps,
