@@ -12,7 +12,7 @@ OUT    ?= results/demo
 T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 
 # Debian/Ubuntu packages the lab and its tests use; installed only when missing.
-SYSTEM_BINS := ip:iproute2 iptables:iptables iperf3:iperf3
+SYSTEM_BINS := ip:iproute2 iptables:iptables iperf3:iperf3 nft:nftables
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

@@ -10,7 +10,9 @@ own. `run` replays one config under policy dualpath once per scheduler variant, 
 - `dualpath`: Algorithm 1, two-level DE selection, shorter-queue read side.
 
 `table` recomputes the balance of finished runs from their counters.json and driver.json,
-with any window and busy fraction, and prints one row per run. Needs root for `run`.
+with any window and busy fraction, and prints one row per run with its emulation-health
+verdict (summary.json `emulation_health`: a host-bound run's balance is the CPU's as much as
+the scheduler's). Needs root for `run`.
 
     .venv/bin/python bench/balance.py run -c examples/balance-2p2d.yaml --out /tmp/bal \
         [--variant dualpath --variant round_robin_alt] [--set workload.num_agents=128]
@@ -30,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lab.config import load_config, parse_settings  # noqa: E402
+from lab.health import verdict_of  # noqa: E402
 from lab.metrics import (  # noqa: E402
     SNIC_BALANCE_BUSY_FRACTION,
     SNIC_BALANCE_WINDOW_S,
@@ -50,8 +53,8 @@ def run(config: Path, out: Path, repeats: int, variants: list[str], settings: li
             cfg = load_config(config, parse_settings(settings))
             sched = cfg.scheduling.model_copy(update=VARIANTS[name])
             cfg = cfg.model_copy(update={"scheduling": sched})
-            run_once(cfg, backend="netns", out_dir=out / f"{name}-{rep}", progress=False)
-            print(f"{name}-{rep} done", flush=True)
+            res = run_once(cfg, backend="netns", out_dir=out / f"{name}-{rep}", progress=False)
+            print(f"{name}-{rep} done, emulation {verdict_of(res.summary)}", flush=True)
 
 
 def row(run_dir: Path, window_s: float, busy_fraction: float) -> dict[str, Any]:
@@ -81,6 +84,7 @@ def row(run_dir: Path, window_s: float, busy_fraction: float) -> dict[str, Any]:
         "balance": bal,
         "snic_util": util,
         "read_sides": summary["read_sides"],
+        "emulation": verdict_of(summary),
     }
 
 
@@ -95,6 +99,7 @@ def table(root: Path, window_s: float, busy_fraction: float) -> list[dict[str, A
     nodes = list(rows[0]["snic_util"])
     head = ["run", "JCT s", "whole", "interval", "busy", "window", "worst", "busy s"]
     head += [f"{n} snic" for n in nodes]
+    head += ["emulation"]
     lines = [head]
     for r in rows:
         b = r["balance"]
@@ -114,6 +119,7 @@ def table(root: Path, window_s: float, busy_fraction: float) -> list[dict[str, A
                 "-" if b["busy_s"] is None else f"{b['busy_s']:.1f}",
             ]
             + [f"{100 * (r['snic_util'].get(n) or 0):.0f}%" for n in nodes]
+            + [r["emulation"]]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     print(f"window {window_s:g} s, busy part to {100 * busy_fraction:.0f}% of the reads")

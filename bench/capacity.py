@@ -6,8 +6,9 @@ workload and stops after the first rate at which fewer than `--min-attained` of 
 meet the paper's SLO (TTFT <= 4 s, TPOT <= 50 ms, real-equivalent; summary.json `slo`) or a
 turn fails. A policy's capacity is the highest rate of its passing run of rates from the
 bottom; the table gives each run's attainment, real-equivalent TTFT/TPOT and the share of
-TTFT spent queued before the turn's storage read began (summary.json `ttft_breakdown`), and
-the capacity ratio.
+TTFT spent queued before the turn's storage read began (summary.json `ttft_breakdown`), its
+emulation-health verdict (summary.json `emulation_health`; a host-bound run's latencies are
+the machine's CPU as much as the policy's), and the capacity ratio.
 Needs root (netns backend). Writes DIR/<policy>-<aps>/ and DIR/capacity.json.
 
     .venv/bin/python bench/capacity.py run -c examples/online-capacity.yaml --out DIR \\
@@ -29,6 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lab.config import ConfigError, load_config, parse_settings  # noqa: E402
+from lab.health import HOST_BOUND, verdict_of  # noqa: E402
 from lab.runner import run_once  # noqa: E402
 
 POLICIES = ("basic", "dualpath", "oracle")
@@ -62,6 +64,7 @@ def row(run_dir: Path) -> dict[str, Any]:
         "ttft_real_s": {k: real(s["ttft_s"], k) for k in ("p50", "p90", "p99", "mean")},
         "tpot_real_ms": {k: real(s["tpot_ms"], k) for k in ("p50", "p90", "p99")},
         "ttft_queue_share": (s.get("ttft_breakdown") or {}).get("queue_share"),
+        "emulation": verdict_of(s),
         "lab_id": spec.get("lab_id"),
     }
 
@@ -115,6 +118,7 @@ def report(root: Path, min_attained: float) -> dict[str, Any]:
         "capacity_is_lower_bound": {p: not v for p, v in bounded.items()},
         "dualpath_over_basic": ratio,
         "same_rate": sorted(same_rate, key=lambda x: x["aps"]),
+        "host_bound_runs": sorted(r["run"] for r in rows if r["emulation"] == HOST_BOUND),
         "rows": sorted(rows, key=lambda r: (r["policy"], r["aps"])),
     }
 
@@ -129,7 +133,7 @@ def print_table(rep: dict[str, Any]) -> None:
     )
     print(
         f"{'policy':<9} {'APS':>5} {'in SLO':>7} {'TTFT p50':>9} {'p90':>7} {'p99':>7} "
-        f"{'queued':>7} {'TPOT p50':>9} {'JCT s':>7}  turns"
+        f"{'queued':>7} {'TPOT p50':>9} {'JCT s':>7} {'emulation':>10}  turns"
     )
     for r in rep["rows"]:
         t, p = r["ttft_real_s"], r["tpot_real_ms"]
@@ -137,7 +141,8 @@ def print_table(rep: dict[str, Any]) -> None:
             f"{r['policy']:<9} {r['aps']:>5g} {f(r['attained'], '.1%'):>7} "
             f"{f(t['p50'], '.2f'):>9} {f(t['p90'], '.2f'):>7} {f(t['p99'], '.2f'):>7} "
             f"{f(r['ttft_queue_share'], '.0%'):>7} "
-            f"{f(p['p50'], '.1f'):>9} {r['jct_s']:>7.1f}  {r['turns_done']} done, "
+            f"{f(p['p50'], '.1f'):>9} {r['jct_s']:>7.1f} {r['emulation']:>10}  "
+            f"{r['turns_done']} done, "
             f"{r['turns_failed']} failed{'' if r['bytes_accounted'] else ', BYTES NOT ACCOUNTED'}"
         )
     if rep["same_rate"]:
@@ -155,6 +160,11 @@ def print_table(rep: dict[str, Any]) -> None:
     note = "" if rep["dualpath_over_basic"] else " (needs a failing rate for both policies)"
     ratio = rep["dualpath_over_basic"] or "-"
     print(f"capacity (APS): {', '.join(caps)}; dualpath/basic: {ratio}{note}")
+    if rep["host_bound_runs"]:
+        print(
+            f"host-bound runs (their latencies are the machine's as much as the policy's): "
+            f"{', '.join(rep['host_bound_runs'])}"
+        )
     if any(rep["capacity_is_lower_bound"].values()):
         print(
             "every swept rate of a '>=' policy passed: sweep higher rates, or more agents "
@@ -179,7 +189,10 @@ def run(
             run_once(cfg, backend="netns", out_dir=run_dir, progress=False)
             r = row(run_dir)
             share = "-" if r["attained"] is None else f"{r['attained']:.1%}"
-            print(f"{run_dir.name}: {share} of turns within the SLO", flush=True)
+            print(
+                f"{run_dir.name}: {share} of turns within the SLO, emulation {r['emulation']}",
+                flush=True,
+            )
             if not passes(r, min_attained):
                 break  # the next rates would only queue more
 

@@ -47,7 +47,7 @@ RECEIVER_ADDR = "198.18.1.200"
 # --- the two lab roles (run inside the namespaces) ------------------------------------------
 async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
     from services.codec import Frame
-    from services.kvblocks import KvGenerator
+    from services.kvblocks import KvGenerator, SliceSet
     from services.transport import Dscp, FrameConnection, serve
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)
@@ -58,7 +58,8 @@ async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
     async def handler(conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == "kv":
             try:
-                n = gen.verify(int(frame.header["traj"]), frame.header["entries"], frame.payload)
+                s = SliceSet.from_wire(frame.header, layer_groups=1, max_slices=1)
+                n = gen.verify(s, frame.payload, int(frame.header["crc"]))
             except Exception as exc:  # a KvCorruption is a result to report, not a crash
                 stats["errors"].append(str(exc))
                 raise
@@ -96,18 +97,22 @@ async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
 
 async def _sender(host: str, port: int, local: str, seconds: float) -> dict[str, Any]:
     from services.codec import Frame
-    from services.kvblocks import KvGenerator
+    from services.kvblocks import KvGenerator, SliceSet, crc
     from services.transport import Dscp, connect
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)
     traj = 7
-    ring = [gen.pack(traj, [(block, 0)]) for block in range(RING_BLOCKS)]
+    ring = []
+    for block in range(RING_BLOCKS):
+        s = SliceSet(traj, (block,), 0, 1)
+        payload = gen.payload(s)
+        ring.append(({**s.to_wire(), "crc": crc(payload)}, payload))
     conn = await connect(host, port, dscp=Dscp.KV, local_host=local)
     sent = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        entries, payload = ring[sent % RING_BLOCKS]
-        await conn.send(Frame("kv", {"traj": traj, "entries": entries}, payload))
+        header, payload = ring[sent % RING_BLOCKS]
+        await conn.send(Frame("kv", header, payload))
         sent += 1
     await conn.send(Frame("end"))
     ack = await conn.recv_reply()

@@ -144,7 +144,7 @@ async def _ping(
         await conn.recv_reply()
         rtts.append((time.perf_counter() - t0) * 1000)
         await asyncio.sleep(interval_s)
-    retrans = _total_retrans(conn.writer.get_extra_info("socket"))
+    retrans = _total_retrans(conn.get_extra_info("socket"))
     await conn.close()
     print(json.dumps({"rtt_ms": rtts, "retransmits": retrans}), flush=True)
 

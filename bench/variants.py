@@ -2,7 +2,9 @@
 
 Each variant is a name and `--set`-style overrides; the first variant is the reference. The
 table gives JCT and its ratio to the reference, TTFT p50, read sides, the storage-NIC and
-attention balance, and whether every byte was accounted for, all from the runs' summaries.
+attention balance, whether every byte was accounted for and each run's emulation-health
+verdict (a host-bound run measured the machine's CPU as much as the variant), all from the
+runs' summaries.
 Needs root for the netns backend. Writes DIR/variants.json and each run under DIR/<name>/.
 
     .venv/bin/python bench/variants.py -c examples/laptop.yaml \\
@@ -25,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lab.config import ConfigError, load_config, parse_settings  # noqa: E402
+from lab.health import HOST_BOUND, verdict_of  # noqa: E402
 from lab.runner import BACKENDS, run_once  # noqa: E402
 
 
@@ -53,6 +56,7 @@ def row(name: str, s: dict[str, Any], ref_jct: float) -> dict[str, Any]:
         "turns_done": s["turns_done"],
         "turns_failed": s["turns_failed"],
         "bytes_accounted": s["bytes_accounted"],
+        "emulation": verdict_of(s),
     }
 
 
@@ -84,14 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(name, summary, ref_jct))
     report = {"config": args.config, "backend": args.backend, "variants": variants, "rows": rows}
     (out / "variants.json").write_text(json.dumps(report, indent=2))
-    print(f"{'variant':<14} {'JCT s':>8} {'vs ref':>7} {'TTFT p50':>9} {'att early':>10}  reads")
+    print(
+        f"{'variant':<14} {'JCT s':>8} {'vs ref':>7} {'TTFT p50':>9} {'att early':>10} "
+        f"{'emulation':>10}  reads"
+    )
     for r in rows:
         att = r["attention_early_all_busy"]
         print(
             f"{r['variant']:<14} {r['jct_s']:>8.2f} {r['jct_vs_reference']:>7.3f} "
-            f"{r['ttft_p50_s']:>9.3f} {att if att is not None else '-':>10}  {r['read_sides']}"
+            f"{r['ttft_p50_s']:>9.3f} {att if att is not None else '-':>10} "
+            f"{r['emulation']:>10}  {r['read_sides']}"
         )
     print(f"written: {out / 'variants.json'}")
+    bound = [r["variant"] for r in rows if r["emulation"] == HOST_BOUND]
+    if bound:
+        print(f"host-bound (see emulation_health in summary.json): {', '.join(bound)}")
     failed = any(r["turns_failed"] or not r["bytes_accounted"] for r in rows)
     return 1 if failed else 0
 

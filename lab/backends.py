@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from services.process import node_environment
 from services.spec import ClusterSpec, NodeSpec, Role
 
 STOP_GRACE_S = 5.0
@@ -119,6 +120,18 @@ def stop_pids(pids: dict[str, int], spec_path: str) -> list[str]:
     return [f"process {name} (pid {pid})" for name, pid in live.items()]
 
 
+def _signal_node(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal a node and the processes it started (an engine node's data plane): each node
+    runs in a session, so a process group, of its own."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+            return
+    except ProcessLookupError:
+        return
+    proc.send_signal(sig)
+
+
 class _ProcessHost:
     """Starts node processes (through `wrap`), records them, stops them."""
 
@@ -149,7 +162,7 @@ class _ProcessHost:
         argv = [_python(), "-m", "services", "--spec", str(self.spec_path), "--node", node.node_id]
         log = (self.log_dir / f"{node.node_id}.log").open("ab")
         self._logs.append(log)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = node_environment(os.environ)
         proc = subprocess.Popen(
             self.wrap(node.node_id, argv),
             stdout=log,
@@ -170,7 +183,7 @@ class _ProcessHost:
         running = proc.poll() is None
         if action == "restart":
             if running:
-                proc.kill()
+                _signal_node(proc, signal.SIGKILL)
                 proc.wait()
             self._start(self.spec.node(node_id))
             return f"{node_id} restarted (pid {self.procs[node_id].pid})"
@@ -179,7 +192,7 @@ class _ProcessHost:
             raise BackendError(f"unknown node action {action!r} (stop, cont, kill or restart)")
         if not running:
             return f"{node_id} is not running (exit status {proc.returncode}): {action} skipped"
-        proc.send_signal(sig)
+        _signal_node(proc, sig)
         if sig is signal.SIGKILL:
             proc.wait()
         return f"{node_id} {action} (pid {proc.pid})"
@@ -187,8 +200,7 @@ class _ProcessHost:
     def stop_nodes(self) -> list[str]:
         for proc in self.procs.values():  # a stopped process cannot handle SIGTERM
             if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGCONT)
+                _signal_node(proc, signal.SIGCONT)
         removed = stop_pids({n: p.pid for n, p in self.procs.items()}, str(self.spec_path))
         for proc in self.procs.values():
             with contextlib.suppress(Exception):

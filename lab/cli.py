@@ -1,7 +1,9 @@
 """The `dualpath` command line: run, compare, up, down, status, exec, analyze, doctor.
 
 Only parses arguments, loads the config, calls the runner/backends and prints. Exit status:
-0 ok, 1 the run failed, 2 bad input (config, arguments, missing privileges), 130 interrupted.
+0 ok, 1 the run failed, 2 bad input (config, arguments, missing privileges), 3 a run was
+host-bound (its emulation health, lab.health; `--allow-host-bound` accepts it), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -29,15 +32,27 @@ from lab.backends import (
     state_dir,
 )
 from lab.chaos import ScenarioError, cluster_links
-from lab.config import ConfigError, LabConfig, build_cluster_spec, load_config, parse_settings
+from lab.config import (
+    LOCAL_PORTS,
+    ConfigError,
+    LabConfig,
+    build_cluster_spec,
+    load_config,
+    parse_settings,
+)
 from lab.control import ControlServer
+from lab.health import HOST_BOUND, verdict_of
 from lab.report import comparison_table, summary_lines
 from lab.runner import BACKENDS, RunError, compare, run_once
 from lab.selftest import SelftestOptions
 from lab.workload import TrajectoryFileError
 from services.spec import Policy
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST_BOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_STATUS_HELP = (
+    "exit status: 0 ok, 1 the run failed, 2 bad input, 3 a run was host-bound (this machine's "
+    "CPU shaped its figures; --allow-host-bound accepts it), 130 interrupted"
+)
 
 
 class Terminated(KeyboardInterrupt):
@@ -69,6 +84,68 @@ def _selftest_options(args: argparse.Namespace) -> SelftestOptions:
     )
 
 
+def host_bound_runs(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The names (policies) of the runs whose emulation-health verdict is host-bound."""
+    return [name for name, s in summaries.items() if verdict_of(s) == HOST_BOUND]
+
+
+def exit_status(summaries: Mapping[str, Mapping[str, Any]], *, allow_host_bound: bool) -> int:
+    """The exit status of run/compare/chaos from their summaries: 1 when a run failed (a turn
+    or node error), else 3 when a run was host-bound unless `allow_host_bound`, else 0. An
+    "unknown" verdict (no timeline reported a step, e.g. an older node) does not fail."""
+    if any(s.get("errors") for s in summaries.values()):
+        return EXIT_FAILED
+    if host_bound_runs(summaries) and not allow_host_bound:
+        return EXIT_HOST_BOUND
+    return EXIT_OK
+
+
+def host_bound_message(summaries: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The last stderr line when a run was host-bound and that was not accepted; None else."""
+    names = host_bound_runs(summaries)
+    if not names:
+        return None
+    return (
+        f"error: emulation was host-bound ({', '.join(names)}): this machine's CPU, not the "
+        "emulated system, shaped the figures (emulation_health in summary.json says where); "
+        "--allow-host-bound accepts them"
+    )
+
+
+def accept_host_bound(
+    summaries: Mapping[str, dict[str, Any]], files: Mapping[str, Path], allow: bool
+) -> None:
+    """With --allow-host-bound: record `allowed_host_bound: true` in each host-bound run's
+    summary and rewrite its summary.json (`files`, per run name; written by the runner, here
+    or in a compose driver container)."""
+    if not allow:
+        return
+    for name in host_bound_runs(summaries):
+        summaries[name]["allowed_host_bound"] = True
+        path = files.get(name)
+        if path is not None and path.exists():
+            path.write_text(json.dumps(summaries[name], indent=2))
+
+
+def _finish(summaries: Mapping[str, Mapping[str, Any]], args: argparse.Namespace) -> int:
+    """Exit status of a run/compare/chaos whose results are written and printed; the last
+    line on stderr says why when it is the host-bound one."""
+    status = exit_status(summaries, allow_host_bound=args.allow_host_bound)
+    message = host_bound_message(summaries)
+    if status == EXIT_HOST_BOUND and message is not None:
+        print(message, file=sys.stderr)
+    return status
+
+
+def _single(summary: dict[str, Any], out: Path, args: argparse.Namespace) -> int:
+    """Accept (if allowed), print and judge the summary of one run written to `out`."""
+    runs = {str(summary["policy"]): summary}
+    accept_host_bound(runs, {str(summary["policy"]): out / "summary.json"}, args.allow_host_bound)
+    print("\n".join(summary_lines(summary)))
+    print(f"summary: {out / 'summary.json'}")
+    return _finish(runs, args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.allow_out_of_tolerance and not args.selftest:
         raise ConfigError("--allow-out-of-tolerance: only means something with --selftest")
@@ -85,9 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run_once(
             cfg, backend=args.backend, out_dir=out, progress=not args.quiet, selftest=checks
         ).summary
-    print("\n".join(summary_lines(summary)))
-    print(f"summary: {out / 'summary.json'}")
-    return EXIT_OK if not summary["errors"] else EXIT_FAILED
+    return _single(summary, out, args)
 
 
 def _compose(
@@ -123,9 +198,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         summary = run_once(
             cfg, backend=args.backend, out_dir=out, progress=not args.quiet, scenario=scenario
         ).summary
-    print("\n".join(summary_lines(summary)))
-    print(f"summary: {out / 'summary.json'}")
-    return EXIT_OK if not summary["errors"] else EXIT_FAILED
+    return _single(summary, out, args)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -135,6 +208,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         cmp = _compose(cfg, [p.value for p in Policy], out, args)
     else:
         cmp = compare(cfg, backend=args.backend, out_dir=out, progress=not args.quiet)
+    runs: dict[str, dict[str, Any]] = cmp["runs"]
+    if args.allow_host_bound and host_bound_runs(runs):
+        accept_host_bound(runs, {p: out / p / "summary.json" for p in runs}, True)
+        (out / "comparison.json").write_text(json.dumps(cmp, indent=2))
     print()
     print(
         f"{cfg.name}: {cfg.cluster.prefill_nodes}P{cfg.cluster.decode_nodes}D, "
@@ -142,8 +219,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print(comparison_table(cmp))
     print(f"comparison: {out / 'comparison.json'}")
-    failed = any(s["errors"] for s in cmp["runs"].values())
-    return EXIT_FAILED if failed else EXIT_OK
+    return _finish(runs, args)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -166,7 +242,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / f"{cfg.name}-up-{lab_id}"
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
-    base = free_port_base(64) if args.backend == "local" else 0
+    base = free_port_base(LOCAL_PORTS) if args.backend == "local" else 0
     spec = build_cluster_spec(
         cfg, lab_id=lab_id, backend=args.backend, data_dir=data_dir, base_port=base
     )
@@ -474,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dualpath",
         description="DualPath Mesh: a DualPath LLM-inference lab on real, shaped networks.",
+        epilog=EXIT_STATUS_HELP,
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -515,8 +592,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="links measured at once add up to at most this rate (default 1000)",
         )
 
-    run = sub.add_parser("run", help="run the workload once and write summary.json")
+    def judged(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--allow-host-bound",
+            action="store_true",
+            help="exit 0 even when a run's emulation health is host-bound (the host's CPU "
+            "could not keep up; see emulation_health in summary.json), instead of 3; the "
+            "summary records allowed_host_bound: true",
+        )
+
+    run = sub.add_parser(
+        "run", help="run the workload once and write summary.json", epilog=EXIT_STATUS_HELP
+    )
     common(run)
+    judged(run)
     run.add_argument(
         "--selftest",
         action="store_true",
@@ -540,11 +629,19 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     measuring(sft)
     sft.set_defaults(func=cmd_selftest)
-    cmp = sub.add_parser("compare", help="basic vs dualpath vs oracle on the same workload")
+    cmp = sub.add_parser(
+        "compare", help="basic vs dualpath vs oracle on the same workload", epilog=EXIT_STATUS_HELP
+    )
     common(cmp, policy=False)
+    judged(cmp)
     cmp.set_defaults(func=cmd_compare)
-    ch = sub.add_parser("chaos", help="run the workload with a chaos scenario (YAML timeline)")
+    ch = sub.add_parser(
+        "chaos",
+        help="run the workload with a chaos scenario (YAML timeline)",
+        epilog=EXIT_STATUS_HELP,
+    )
     common(ch)
+    judged(ch)
     ch.add_argument("--scenario", required=True, help="scenario file, e.g. examples/chaos/*.yaml")
     ch.set_defaults(func=cmd_chaos)
     up = sub.add_parser("up", help="bring a lab up and leave it running")

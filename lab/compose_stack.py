@@ -135,6 +135,8 @@ def with_addresses(spec: ClusterSpec, found: Mapping[str, Mapping[str, str]]) ->
         update: dict[str, Any] = {"mgmt": n.mgmt.model_copy(update={"host": a["mgmt"]})}
         if n.cnic is not None:
             update["cnic"] = n.cnic.model_copy(update={"host": a["compute"]})
+        if n.collective is not None:
+            update["collective"] = n.collective.model_copy(update={"host": a["compute"]})
         if n.snic_host is not None:
             update["snic_host"] = a["storage"]
         if n.storage is not None:

@@ -110,13 +110,43 @@ class ClusterShape(_Model):
         )
 
 
+AUTO = "auto"
+AUTO_FIELDS = ("bandwidth_scale", "time_dilation")
+
+
 class Scaling(_Model):
     bandwidth_scale: float = Field(
-        0.00025, gt=0, le=1, description="k: emulated link rate = real rate x k"
+        0.00025, gt=0, le=1, description="k: emulated link rate = real rate x k, or auto"
     )
     time_dilation: float = Field(
-        10, gt=0, le=10000, description="tau: emulated durations = real durations x tau"
+        10, gt=0, le=10000, description="tau: emulated durations = real durations x tau, or auto"
     )
+    auto: tuple[Literal["bandwidth_scale", "time_dilation"], ...] = Field(
+        (),
+        description="fields chosen at run time from a short host calibration (lab.scaling):"
+        " `scaling: auto` or a field set to auto",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_fields(cls, data: Any) -> Any:
+        """`scaling: auto` and `field: auto` become the `auto` list (the field keeps its
+        default until the run chooses a value)."""
+        if data == AUTO:
+            data = dict.fromkeys(AUTO_FIELDS, AUTO)
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        auto = list(data.get("auto", ()))
+        for name in AUTO_FIELDS:
+            if data.get(name) == AUTO:
+                del data[name]
+                auto.append(name)
+            elif name in data:  # an explicit value wins over auto
+                auto = [a for a in auto if a != name]
+        if auto or "auto" in data:
+            data["auto"] = tuple(dict.fromkeys(auto))
+        return data
 
 
 class Workload(_Model):
@@ -378,6 +408,8 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfi
     data = read_yaml(path, "config", ConfigError)
     if data is None:
         data = {}
+    if isinstance(data, dict) and data.get("scaling") == AUTO:
+        data = {**data, "scaling": dict.fromkeys(AUTO_FIELDS, AUTO)}  # --set may change one
     if overrides and isinstance(data, dict):
         data = _merge(data, overrides)
     return parse_config(data, source=str(path))
@@ -386,10 +418,14 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> LabConfi
 # -- resolution into a ClusterSpec --------------------------------------------------------------
 
 PORT_DATA = 7100
+PORT_COLLECTIVE = 7101
 PORT_STORAGE = 7200
 PORT_MGMT = 7300
 PORT_GRPC = 7400
 PORT_HTTP = 7401
+LOCAL_PORTS = 160
+"""Consecutive ports the local backend needs at most: 3 per engine node (16 + 16), 2 per
+storage server (16) and 3 for the scheduler."""
 
 
 def _host(subnet: str, offset: int) -> str:
@@ -433,7 +469,7 @@ def build_cluster_spec(
     host_offset = 10
     for role, count in engine_roles:
         for i in range(count):
-            p_data, p_mgmt = ports(2) if local else (0, 0)
+            p_data, p_coll, p_mgmt = ports(3) if local else (0, 0, 0)
             nodes.append(
                 NodeSpec(
                     node_id=f"{role.value}-{i}",
@@ -442,6 +478,7 @@ def build_cluster_spec(
                     num_gpus=c.gpus_per_node,
                     mgmt=ep(net.mgmt_subnet, host_offset, PORT_MGMT, p_mgmt),
                     cnic=ep(net.compute_subnet, host_offset, PORT_DATA, p_data),
+                    collective=ep(net.compute_subnet, host_offset, PORT_COLLECTIVE, p_coll),
                     snic_host="127.0.0.1" if local else _host(net.storage_subnet, host_offset),
                     cnic_rate_mbit=None if local else cfg.cnic_rate_mbit,
                     snic_rate_mbit=None if local else cfg.snic_rate_mbit,

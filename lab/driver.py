@@ -3,7 +3,9 @@
 Runs as its own process on the management network (in the scheduler's namespace on the netns
 backend). Seeds warm-start KV, starts every agent at once (offline mode) or at its planned
 arrival offset (online mode, Poisson arrivals), measures TTFT, TTST, TPOT and JCT from the
-client side, prints progress as JSON lines and writes a results file.
+client side, prints progress as JSON lines and writes a results file. At the end it gathers
+every lab process's emulation-health snapshot (services/health.py), its own included; judging
+them is lab.health's job.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any
 import aiohttp
 
 from services.engine import engine_stats
+from services.health import HealthMonitor
 from services.spec import ClusterSpec, Role
-from services.storage_client import StorageClient
+from services.storage_client import StorageClient, StorageClientError
+from services.transport import RemoteError
 
 READY_TIMEOUT_S = 60.0
 SEED_CONCURRENCY = 8
@@ -44,6 +48,8 @@ class TurnResult:
     """When the turn's first prefill step began: its first layer group of KV was ready."""
     first_token_at: float | None = None
     second_token_at: float | None = None
+    last_token_at: float | None = None
+    """When decoding produced the turn's last token (its new blocks are persisted after)."""
     done_at: float | None = None
     read_side: str | None = None
     prefill: str | None = None
@@ -128,6 +134,8 @@ async def _run_turn(
                         res.first_token_at = now
                     elif kind == "second_token":
                         res.second_token_at = now
+                    elif kind == "last_token":
+                        res.last_token_at = now
                     elif kind == "done":
                         res.done_at = now
                         return res
@@ -198,7 +206,65 @@ async def _progress_printer(progress: DriverProgress, started: float, stop: asyn
             await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
+def _snapshot_list(value: Any) -> list[dict[str, Any]]:
+    """A node's health report as a list of snapshots; [] for a node that reported none."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, dict)]
+    return []
+
+
+async def _storage_health(storage: StorageClient, node_id: str) -> list[dict[str, Any]]:
+    """A storage server's health snapshot; [] from a client or server that has none."""
+    ask = getattr(storage, "health", None)  # StorageClient.health is newer than some labs
+    if ask is None:
+        return []
+    try:
+        return _snapshot_list(await ask(node_id))
+    except (AttributeError, RemoteError, StorageClientError):
+        return []
+
+
+async def _scheduler_health(session: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:
+    """The scheduler's health snapshot (GET /v1/health); [] when it has none (an older one)."""
+    try:
+        async with session.get(f"{base}/v1/health") as resp:
+            if resp.status != 200:
+                return []
+            return _snapshot_list(await resp.json())
+    except (aiohttp.ClientError, json.JSONDecodeError):
+        return []
+
+
+async def gather_health(
+    spec: ClusterSpec,
+    engines: dict[str, dict[str, Any]],
+    storage: StorageClient,
+    session: aiohttp.ClientSession,
+    base: str,
+    own: HealthMonitor,
+) -> dict[str, list[dict[str, Any]]]:
+    """{node or process name: [snapshots]} for every node, the scheduler and this driver;
+    a node that reported nothing gets [] (lab.health lists it as not reported)."""
+    health = {node: _snapshot_list(st.get("health")) for node, st in engines.items()}
+    for n in spec.storage_nodes:
+        health[n.node_id] = await _storage_health(storage, n.node_id)
+    health["scheduler"] = await _scheduler_health(session, base)
+    health["driver"] = [own.snapshot()]
+    return health
+
+
 async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
+    monitor = HealthMonitor("driver", "driver")
+    monitor.start()
+    try:
+        return await _drive(spec, plan, monitor)
+    finally:
+        await monitor.stop()
+
+
+async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor) -> dict[str, Any]:
     base = f"http://{spec.http.host}:{spec.http.port}"
     agents: list[dict[str, Any]] = plan["agents"]
     storage = StorageClient(spec)
@@ -248,6 +314,7 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
             n.node_id: stats[n.node_id].get("prefill_steps", []) for n in spec.by_role(Role.PREFILL)
         }
         collective_ms = {node: st.get("collective_ms", []) for node, st in stats.items()}
+        health = await gather_health(spec, stats, storage, session, base, monitor)
     await storage.close()
     return {
         "started_at": started,
@@ -260,6 +327,7 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
         "storage_after": storage_after,
         "prefill_steps": prefill_steps,
         "collective_ms": collective_ms,
+        "health": health,
     }
 
 

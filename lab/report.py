@@ -49,12 +49,60 @@ def _ttft_lines(s: dict[str, Any]) -> list[str]:
     return [f"  TTFT mean = {parts}"]
 
 
+VERDICT_WORDS = {"healthy": "healthy", "host-bound": "HOST-BOUND", "unknown": "unknown"}
+MAX_REASONS_SHOWN = 4
+
+
+def health_lines(s: dict[str, Any]) -> list[str]:
+    """One line with the emulation-health verdict, the worst timeline's step lateness p99 and
+    the host's CPU use and pressure; a second with the reasons unless the run was healthy."""
+    eh = s.get("emulation_health")
+    if not isinstance(eh, dict):
+        return []
+    verdict = str(eh.get("verdict", "unknown"))
+    head = VERDICT_WORDS.get(verdict, verdict)
+    if s.get("allowed_host_bound"):
+        head += " (accepted: --allow-host-bound)"
+    parts = []
+    worst = eh.get("worst") or {}
+    if worst.get("rel_late_p99") is not None:
+        parts.append(
+            f"worst step lateness p99 {100 * worst['rel_late_p99']:.1f}% of the step "
+            f"({str(worst['process']).replace('/', ' ')})"
+        )
+    host = eh.get("host") or {}
+    busy = host.get("cpu_busy_pct") or {}
+    if busy.get("mean") is not None:
+        cpus = f" of {host['num_cpus']} CPUs" if host.get("num_cpus") else ""
+        parts.append(f"host CPU {busy['mean']:.0f}% busy{cpus} (p90 {_fmt(busy['p90'], '.0f')}%)")
+    if host.get("psi_cpu_some_share") is not None:
+        parts.append(f"CPU pressure {100 * host['psi_cpu_some_share']:.0f}% of the time")
+    lines = [f"  emulation: {head}" + (f"; {', '.join(parts)}" if parts else "")]
+    reasons = [str(r) for r in eh.get("reasons") or ()]
+    if verdict != "healthy" and reasons:
+        more = len(reasons) - MAX_REASONS_SHOWN
+        shown = "; ".join(reasons[:MAX_REASONS_SHOWN]) + (f"; {more} more" if more > 0 else "")
+        lines.append(f"    {shown}")
+    return lines
+
+
+def _scaling_lines(s: dict[str, Any]) -> list[str]:
+    sc = s.get("scaling")
+    if not sc:
+        return []
+    how = f"auto ({', '.join(sc['auto'])})" if sc.get("auto") else "from the config"
+    return [
+        f"  scaling k {sc['bandwidth_scale']:g}, tau {sc['time_dilation']:g}: {how}",
+    ]
+
+
 def summary_lines(s: dict[str, Any]) -> list[str]:
     lines = [
         f"policy {s['policy']} on {s['backend']}: {s['turns_done']} turns done, "
         f"{s['turns_failed']} failed",
         f"  JCT {s['jct_s']:.2f} s (real-equivalent {s['real_jct_s']:.3f} s), "
         f"{s['throughput_tokens_per_s'] / 1000:.1f}k tokens/s",
+        *_scaling_lines(s),
         f"  TTFT p50 {_fmt(s['ttft_s']['p50'], '.3f')} s  p99 {_fmt(s['ttft_s']['p99'], '.3f')} s"
         f"   TTST p50 {_fmt(s['ttst_s']['p50'], '.3f')} s"
         f"   TPOT p50 {_fmt(s['tpot_ms']['p50'], '.1f')} ms",
@@ -98,6 +146,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                 )
         if parts:
             lines.append(f"  {node:10s} " + "   ".join(parts))
+    lines += health_lines(s)
     if s["errors"]:
         lines.append(f"  errors ({len(s['errors'])}): {s['errors'][0]}")
     return lines
@@ -108,7 +157,7 @@ def comparison_table(cmp: dict[str, Any]) -> str:
     nodes = engine_nodes(runs["basic"])
     head = ["policy", "JCT s", "speedup", "tok/s", "TTFT p50 s", "TPOT p50 ms"]
     head += [f"{n} snic" for n in nodes]
-    head += ["verified", "errors"]
+    head += ["verified", "errors", "emulation"]
     rows = [head]
     base = runs["basic"]["jct_s"]
     for policy in [p for p in ("basic", "dualpath", "oracle") if p in runs]:
@@ -126,6 +175,9 @@ def comparison_table(cmp: dict[str, Any]) -> str:
             row.append("-" if u is None else f"{100 * u:.0f}%")
         row.append("ok" if s["bytes_accounted"] else "MISMATCH")
         row.append(str(len(s["errors"])))
+        verdict = (s.get("emulation_health") or {}).get("verdict", "unknown")
+        accepted = " (accepted)" if s.get("allowed_host_bound") else ""
+        row.append(VERDICT_WORDS.get(verdict, str(verdict)) + accepted)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     out = []
@@ -183,6 +235,7 @@ def _panel(
     unit: str,
     label: Callable[[str], str],
     bold: Callable[[str], bool] = lambda k: False,
+    dashed: Callable[[str], bool] = lambda k: False,
 ) -> list[str]:
     """One line chart: axes, grid, a polyline per key (values divided by `scale`), legend."""
     bottom = top + height
@@ -214,8 +267,9 @@ def _panel(
             f"{x(float(r['t'])):.1f},{y(float(r.get(k, 0.0)) / scale):.1f}" for r in series
         )
         width = 2.5 if bold(k) else 1.0
+        dash = ' stroke-dasharray="8,4"' if dashed(k) else ""
         parts.append(
-            f'<polyline fill="none" stroke="{color}" stroke-width="{width}" points="{pts}"/>'
+            f'<polyline fill="none" stroke="{color}" stroke-width="{width}"{dash} points="{pts}"/>'
         )
         ly = top + 14 * i + 10
         parts.append(
@@ -243,15 +297,19 @@ def _chart(
     bold: Callable[[str], bool],
     events: Sequence[dict[str, Any]] = (),
     latency: Sequence[dict[str, Any]] = (),
+    lateness: Sequence[dict[str, Any]] = (),
 ) -> str:
     """An SVG of Mbit/s columns over time and, unless `backlog` is None (no queue columns in
     the series), the queues of the `backlog` columns (kB) in a panel below on the same time
-    axis; then, given `latency` rows (metrics.latency_series), the turns' TTFT; `events` as
-    dashed lines through every panel."""
-    tmax = max((float(r["t"]) for r in (*series, *latency)), default=1.0) or 1.0
+    axis; then, given `latency` rows (metrics.latency_series), the turns' TTFT; given
+    `lateness` rows (`lateness_rows`), the emulated GPU steps' lateness; `events` as dashed
+    lines through every panel."""
+    tmax = max((float(r["t"]) for r in (*series, *latency, *lateness)), default=1.0) or 1.0
     h = MT + PANEL_H + AXIS_H + (BACKLOG_H + AXIS_H if backlog is not None else 0)
     lat_top = h
     h += BACKLOG_H + AXIS_H if latency else 0
+    late_top = h
+    h += BACKLOG_H + AXIS_H if lateness else 0
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif"'
         ' font-size="11">',
@@ -297,7 +355,26 @@ def _chart(
             label=lambda k: {"ttft_p50_s": "TTFT p50", "ttft_max_s": "TTFT max"}[k],
             bold=lambda k: k == "ttft_p50_s",
         )
-    if latency:
+    if lateness:
+        late_keys = [k for k in ("late_pct", "threshold_pct") if any(k in r for r in lateness)]
+        parts += _panel(
+            lateness,
+            late_keys,
+            top=late_top,
+            height=BACKLOG_H,
+            tmax=tmax,
+            scale=1.0,
+            unit="late %",
+            label=lambda k: {
+                "late_pct": "step lateness (max/s)",
+                "threshold_pct": "threshold (p99)",
+            }[k],
+            bold=lambda k: k == "late_pct",
+            dashed=lambda k: k == "threshold_pct",
+        )
+    if lateness:
+        bottom = late_top + BACKLOG_H
+    elif latency:
         bottom = lat_top + BACKLOG_H
     elif backlog is not None:
         bottom = PANEL_H + AXIS_H + BACKLOG_H
@@ -325,12 +402,16 @@ def write_plot(
     title: str,
     events: Sequence[dict[str, Any]] = (),
     latency: Sequence[dict[str, Any]] = (),
+    lateness: Sequence[Sequence[float]] = (),
+    lateness_threshold: float | None = None,
 ) -> None:
     """Per-NIC throughput (Mbit/s) of the engine nodes over time, as an SVG line chart, with
     chaos `events` (summary.json `chaos.events`) as labelled vertical lines on the same axis;
     below it, on the same time axis, the queue each shaped NIC direction holds (kB of HTB
-    backlog, sampled) when the series has backlog columns, and the turns' TTFT (p50 and max
-    per window of first tokens) given `latency`."""
+    backlog, sampled) when the series has backlog columns, the turns' TTFT (p50 and max
+    per window of first tokens) given `latency`, and the emulated GPU steps' relative
+    lateness (the most late step of every timeline per second, emulation_health
+    `lateness_per_s`) against `lateness_threshold` given `lateness`."""
     svg = _chart(
         series,
         heading=f"{title}: NIC throughput from qdisc counters (Mbit/s)",
@@ -339,8 +420,23 @@ def write_plot(
         bold=lambda k: "/snic/ingress" in k,  # the storage reads are the story
         events=events,
         latency=latency,
+        lateness=lateness_rows(lateness, lateness_threshold),
     )
     path.write_text(svg)
+
+
+def lateness_rows(
+    lateness: Sequence[Sequence[float]], threshold: float | None
+) -> list[dict[str, Any]]:
+    """emulation_health `lateness_per_s` ([t, max late/planned, steps]) as plot rows in %,
+    with the threshold as a constant column (drawn as a dashed line)."""
+    rows: list[dict[str, Any]] = []
+    for r in lateness:
+        row: dict[str, Any] = {"t": float(r[0]), "late_pct": 100 * float(r[1])}
+        if threshold is not None:
+            row["threshold_pct"] = 100 * threshold
+        rows.append(row)
+    return rows
 
 
 def write_class_plot(series: Sequence[dict[str, Any]], path: Path, *, title: str) -> bool:

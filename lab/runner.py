@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,9 @@ from lab.backends import (
     stop_pids,
 )
 from lab.chaos import LinkStep, Scenario, cluster_links
-from lab.config import LabConfig, build_cluster_spec
+from lab.config import LOCAL_PORTS, LabConfig, build_cluster_spec
 from lab.control import ControlServer, apply_step
+from lab.health import HostSample, assess, host_sample, verdict_of
 from lab.kernel_series import counter_summary, merge_rows, queue_series
 from lab.metrics import Sample, latency_series, summarize, throughput_series
 from lab.report import write_class_plot, write_plot
@@ -42,6 +43,28 @@ from services.spec import ClusterSpec, Policy
 
 SAMPLE_INTERVAL_S = 0.5
 BACKENDS = ("netns", "compose", "local")
+PROC_STAT = Path("/proc/stat")
+PROC_PSI_CPU = Path("/proc/pressure/cpu")
+"""Both host-wide (a container sees the host's, unless something like lxcfs masks them)."""
+
+
+def _read_text(path: Path) -> str | None:
+    """A /proc file's text, None when the kernel has no such file (no PSI before 4.20, or
+    psi=0) or it cannot be read: host figures are then missing, never an error."""
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def sample_host(now: float) -> HostSample:
+    """The host's CPU busy jiffies and CPU pressure (PSI some) at `now` (lab.health)."""
+    return host_sample(
+        now,
+        stat_text=_read_text(PROC_STAT),
+        psi_text=_read_text(PROC_PSI_CPU),
+        num_cpus=os.cpu_count(),
+    )
 
 
 class RunError(Exception):
@@ -202,8 +225,11 @@ def run_once(
     log: Callable[[str], None] | None = None,
     scenario: Scenario | None = None,
     selftest: SelftestOptions | None = None,
+    scaling: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run the config's workload once under cfg.policy on `backend`; write summary.json.
+    Scaling left on auto is chosen first (lab.scaling, after a host calibration); `scaling`
+    is the record of a choice already made (compare makes it once for all its runs).
     With a chaos `scenario`, its steps run against the lab from the driver's start. With
     `selftest`, the lab's links are measured first (lab.selftest, in a lab of their own) and
     the run refuses to go on when one is outside tolerance, unless the options allow it."""
@@ -215,10 +241,11 @@ def run_once(
 
         require_net_admin()  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, scaling = resolve_scaling(cfg, say, scaling)
     checked = _selftest(cfg, backend, out_dir, selftest, say) if selftest is not None else None
     lab_id = secrets.token_hex(3)
     data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
-    base_port = free_port_base(64) if backend == "local" else 0
+    base_port = free_port_base(LOCAL_PORTS) if backend == "local" else 0
     spec = build_cluster_spec(
         cfg, lab_id=lab_id, backend=backend, data_dir=data_dir, base_port=base_port
     )
@@ -230,6 +257,7 @@ def run_once(
     state = RunState(lab_id, backend, spec_path, data_dir)
     be = _make_backend(cfg, spec, spec_path, out_dir, state)
     samples: list[Sample] = []
+    host: list[HostSample] = []
     driver_out = out_dir / "driver.json"
     show = _Progress(cfg.policy.value, progress)
     say(
@@ -292,14 +320,10 @@ def run_once(
         reader = threading.Thread(target=read_driver, daemon=True)
         reader.start()
         while proc.poll() is None:
-            counters = be.counters()
-            if counters is not None:
-                samples.append({"t": time.time(), "nodes": counters})
+            _sample(be, samples, host)
             show.update(samples)
             time.sleep(SAMPLE_INTERVAL_S)
-        counters = be.counters()
-        if counters is not None:
-            samples.append({"t": time.time(), "nodes": counters})
+        _sample(be, samples, host)
         reader.join(timeout=5)
         if chaos is not None:
             chaos.stop.set()
@@ -329,6 +353,7 @@ def run_once(
         num_agents=len(agents),
     )
     w = cfg.workload
+    summary["scaling"] = scaling
     summary["arrival"] = {
         "mode": w.arrival,
         "agents_per_s": w.agents_per_s,  # real-equivalent (APS)
@@ -346,10 +371,16 @@ def run_once(
     )
     if checked is not None:
         summary["selftest"] = checked
+    health = assess(
+        driver.get("health") or {}, host, window=(driver["started_at"], driver["finished_at"])
+    )
+    summary["emulation_health"] = health
+    summary["allowed_host_bound"] = False  # `dualpath ... --allow-host-bound` sets it
     series = throughput_series(samples, driver["started_at"])
     series = merge_rows(series, queue_series(samples, driver["started_at"]))
     (out_dir / "timeseries.json").write_text(json.dumps(series))
     (out_dir / "counters.json").write_text(json.dumps(samples))
+    (out_dir / "host.json").write_text(json.dumps(host))
     latency = latency_series(driver["turns"], driver["started_at"])
     (out_dir / "latency.json").write_text(json.dumps(latency))
     if series:
@@ -359,12 +390,56 @@ def run_once(
             title=f"{cfg.name} / {cfg.policy.value}",
             events=summary.get("chaos", {}).get("events", ()),
             latency=latency,
+            lateness=health["lateness_per_s"],
+            lateness_threshold=health["thresholds"]["timeline_lateness_p99"],
         )
         write_class_plot(
             series, out_dir / "cnic_classes.svg", title=f"{cfg.name} / {cfg.policy.value}"
         )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(summary, out_dir)
+
+
+def _sample(be: Backend, samples: list[Sample], host: list[HostSample]) -> None:
+    """One tick: every node's kernel counters (when the backend has them) and the host's CPU
+    figures (always), at the same moment."""
+    counters = be.counters()
+    now = time.time()
+    if counters is not None:
+        samples.append({"t": now, "nodes": counters})
+    host.append(sample_host(now))
+
+
+def resolve_scaling(
+    cfg: LabConfig, say: Callable[[str], None], record: dict[str, Any] | None = None
+) -> tuple[LabConfig, dict[str, Any]]:
+    """The config with nothing on auto, and the record for summary.json `scaling`: the values,
+    which were chosen, and from what calibration (`record`: a choice made earlier)."""
+    if not cfg.scaling.auto:
+        base = {
+            "bandwidth_scale": cfg.scaling.bandwidth_scale,
+            "time_dilation": cfg.scaling.time_dilation,
+        }
+        return cfg, record if record is not None else {**base, "auto": []}
+    from lab.calibrate import calibrate
+    from lab.scaling import choose_scaling, resolve
+
+    cal = calibrate()
+    choice = choose_scaling(cfg, cal)
+    say(
+        f"[scaling] auto: host calibration {cal.cpu_s_per_gb:g} CPU-s/GB through the transport, "
+        f"{cal.cpus} CPUs, timer p99 {cal.timer_late_p99_ms:g} ms ({cal.seconds:g} s)"
+    )
+    for note in choice.notes:
+        say(f"[scaling] {note}")
+    record = {
+        "bandwidth_scale": choice.bandwidth_scale,
+        "time_dilation": choice.time_dilation,
+        "auto": list(choice.auto),
+        "calibration": asdict(cal),
+        "choice": choice.as_json(),
+    }
+    return resolve(cfg, choice), record
 
 
 def _selftest(
@@ -408,22 +483,33 @@ def compare(
     policies: Sequence[Policy] = (Policy.BASIC, Policy.DUALPATH, Policy.ORACLE),
 ) -> dict[str, Any]:
     """The policies (basic, dualpath and oracle) on the same seeded workload; writes
-    comparison.json with the speedups between the policies that ran."""
+    comparison.json with the speedups between the policies that ran and each run's
+    emulation-health verdict."""
     results: dict[str, dict[str, Any]] = {}
+    # one scaling for every policy: a comparison holds k and tau fixed
+    cfg, scaling = resolve_scaling(cfg, lambda m: print(m, file=sys.stderr, flush=True))
     for policy in policies:
         run_cfg = cfg.model_copy(update={"policy": policy})
-        res = run_once(run_cfg, backend=backend, out_dir=out_dir / policy.value, progress=progress)
+        res = run_once(
+            run_cfg,
+            backend=backend,
+            out_dir=out_dir / policy.value,
+            progress=progress,
+            scaling=scaling,
+        )
         results[policy.value] = res.summary
     jct = {p: s["jct_s"] for p, s in results.items()}
     comparison = {
         "config": cfg.name,
         "backend": backend,
+        "scaling": scaling,
         "jct_s": jct,
         "speedup": {
             name: round(jct[a.value] / jct[b.value], 3)
             for name, (a, b) in SPEEDUPS.items()
             if a.value in jct and b.value in jct
         },
+        "emulation_health": {p: verdict_of(s) for p, s in results.items()},
         "runs": results,
     }
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from services.prom import METRICS_PORT, MetricsExporter, exported_nodes
 from services.spec import ClusterSpec, Role
 
 
-async def _run(spec: ClusterSpec, node_id: str) -> None:
+async def _run(spec: ClusterSpec, spec_path: Path, node_id: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -31,15 +32,22 @@ async def _run(spec: ClusterSpec, node_id: str) -> None:
         exporter = MetricsExporter.of_this_namespace(node_id, role.value)
         await exporter.start(node.mgmt.host, METRICS_PORT)
     try:
-        await _serve_role(spec, node_id, role, stop)
+        await _serve_role(spec, spec_path, node_id, role, stop)
     finally:
         if exporter is not None:
             await exporter.close()
 
 
-async def _serve_role(spec: ClusterSpec, node_id: str, role: Role, stop: asyncio.Event) -> None:
+async def _serve_role(
+    spec: ClusterSpec, spec_path: Path, node_id: str, role: Role, stop: asyncio.Event
+) -> None:
     if role is Role.STORAGE:
+        from services.process import data_plane_process
         from services.storage import serve_storage
+
+        # Storage servers are data plane too: on a busy host they, not the emulated GPUs,
+        # give way (the run's emulation health shows it).
+        data_plane_process()
 
         await serve_storage(spec, node_id, stop)
     elif role is Role.SCHEDULER:
@@ -49,7 +57,7 @@ async def _serve_role(spec: ClusterSpec, node_id: str, role: Role, stop: asyncio
     else:
         from services.engine import serve_engine
 
-        await serve_engine(spec, node_id, stop)
+        await serve_engine(spec, node_id, stop, spec_path=spec_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
-    print(f"[{args.node}] ready pid={__import__('os').getpid()}", flush=True)
-    uvloop.run(_run(spec, args.node))
+    print(f"[{args.node}] ready pid={os.getpid()}", flush=True)
+    uvloop.run(_run(spec, args.spec, args.node))
     return 0
 
 

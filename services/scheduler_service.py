@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from scheduler.dualpath_policy import (
 )
 from scheduler.policies import SchedulingPolicy, make_policy
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
+from services.health import HealthMonitor
 from services.spec import ClusterSpec, Policy, Role
 
 SERVICE = "dualpath.Scheduler"
@@ -398,9 +399,26 @@ def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.Gen
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad report: {exc}")
         return {}
 
+    async def pull(
+        requests: AsyncIterator[dict[str, Any]], ctx: aio.ServicerContext
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Fetch as a stream: one reply per request, half the CPU of a unary call each (a
+        leader pulls every pull_interval: 100 times a second per node at 10 ms)."""
+        async for req in requests:
+            try:
+                assignments = state.fetch(req, clock())
+                reply = {"assignments": assignments, "cancel": state.cancelled(str(req["node_id"]))}
+            except (KeyError, ValueError, TypeError) as exc:
+                await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad fetch: {exc}")
+                raise  # unreachable: abort raises
+            yield reply
+
     methods = {
         "Fetch": grpc.unary_unary_rpc_method_handler(
             fetch, request_deserializer=_unpack, response_serializer=_pack
+        ),
+        "Pull": grpc.stream_stream_rpc_method_handler(
+            pull, request_deserializer=_unpack, response_serializer=_pack
         ),
         "Report": grpc.unary_unary_rpc_method_handler(
             report, request_deserializer=_unpack, response_serializer=_pack
@@ -420,18 +438,39 @@ class SchedulerClient:
         self._report = self._channel.unary_unary(
             f"/{SERVICE}/Report", request_serializer=_pack, response_deserializer=_unpack
         )
+        self._pull_method = self._channel.stream_stream(
+            f"/{SERVICE}/Pull", request_serializer=_pack, response_deserializer=_unpack
+        )
+        self._pull: Any = None
         self._timeout = spec.request_timeout_s
 
     async def fetch(self, req: dict[str, Any]) -> tuple[list[dict[str, Any]], list[list[str]]]:
         """New assignments for the node, and [turn_id, reason] of turns it holds that have
-        failed elsewhere (it should drop them)."""
-        reply = await self._fetch(req, timeout=self._timeout)
+        failed elsewhere (it should drop them). Over one Pull stream, reopened after any
+        error (the next fetch then starts a new stream)."""
+        if self._pull is None:
+            self._pull = self._pull_method()
+        call = self._pull
+        try:
+            async with asyncio.timeout(self._timeout):
+                await call.write(req)
+                reply = await call.read()
+        except BaseException:
+            self._pull = None
+            call.cancel()
+            raise
+        if reply is aio.EOF:
+            self._pull = None
+            raise ConnectionError("the scheduler ended the pull stream")
         return list(reply["assignments"]), [list(c) for c in reply.get("cancel", [])]
 
     async def report(self, events: list[tuple[str, str, float, dict[str, Any]]]) -> None:
         await self._report({"events": [list(e) for e in events]}, timeout=self._timeout)
 
     async def close(self) -> None:
+        if self._pull is not None:
+            self._pull.cancel()
+            self._pull = None
         await self._channel.close()
 
 
@@ -443,7 +482,9 @@ def _problem(status: int, title: str, detail: str) -> web.Response:
     return web.json_response(body, status=status, content_type="application/problem+json")
 
 
-def _http_app(state: SchedulerState, clock: Callable[[], float]) -> web.Application:
+def _http_app(
+    state: SchedulerState, clock: Callable[[], float], health: HealthMonitor | None = None
+) -> web.Application:
     async def submit_turn(request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
@@ -481,11 +522,17 @@ def _http_app(state: SchedulerState, clock: Callable[[], float]) -> web.Applicat
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=state.prometheus(clock()), content_type="text/plain")
 
+    async def health_report(request: web.Request) -> web.Response:
+        if health is None:
+            return _problem(404, "no health monitor", "this scheduler measures no emulation health")
+        return web.json_response(health.snapshot())
+
     app = web.Application(client_max_size=1 << 20)
     app.router.add_post("/v1/turns", submit_turn)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/cluster", cluster)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/health", health_report)
     return app
 
 
@@ -519,9 +566,11 @@ def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
 async def serve_scheduler(
     spec: ClusterSpec, node_id: str, stop: asyncio.Event, *, clock: Callable[[], float] = time.time
 ) -> None:
-    """Run the scheduler's gRPC and HTTP servers until `stop` is set."""
-    del node_id
+    """Run the scheduler's gRPC and HTTP servers until `stop` is set; its emulation health
+    (services.health) is measured all along and served at GET /v1/health."""
     state = SchedulerState(spec, policy_for(spec))
+    monitor = HealthMonitor(node_id, "scheduler")
+    monitor.start()
     server = aio.server()
     server.add_generic_rpc_handlers((_grpc_handler(state, clock),))
     server.add_insecure_port(f"{spec.grpc.host}:{spec.grpc.port}")
@@ -534,7 +583,7 @@ async def serve_scheduler(
                 print(f"[scheduler] {lost} lost: its unfinished turns failed", flush=True)
 
     reaping = asyncio.create_task(reaper())
-    runner = web.AppRunner(_http_app(state, clock), access_log=None)
+    runner = web.AppRunner(_http_app(state, clock, monitor), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, spec.http.host, spec.http.port, reuse_address=True)
     await site.start()
@@ -545,3 +594,4 @@ async def serve_scheduler(
         with contextlib.suppress(Exception):
             await runner.cleanup()
         await server.stop(grace=0.5)
+        await monitor.stop()

@@ -71,7 +71,10 @@ class NodeSpec(_Frozen):
     mgmt: Endpoint
     """Control/metrics listener on the unshaped management network."""
     cnic: Endpoint | None = None
-    """KV + collective listener on the compute network (engine nodes)."""
+    """KV listener on the compute network (engine nodes: the node's data-plane process)."""
+    collective: Endpoint | None = None
+    """Collective listener on the compute network (engine nodes: the node's timeline
+    process, which hosts the emulated GPUs)."""
     snic_host: str | None = None
     """Address of the node's storage NIC (engine nodes bind outgoing storage traffic to it)."""
     storage: Endpoint | None = None

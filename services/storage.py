@@ -1,9 +1,9 @@
 """Storage server: persists Full Blocks of KV per trajectory and streams them back to engines.
 
-Speaks the storage protocol of docs/design.md (read/write on the storage endpoint, stats/seed on
-the mgmt endpoint). It verifies every write before persisting it and never vouches for its own
-disk: read crcs are computed from the bytes read back. It does no scheduling, and it removes
-only the files it created.
+Speaks the storage protocol (v2) of docs/design.md (read/write on the storage endpoint,
+stats/seed/health on the mgmt endpoint). It verifies every write frame before persisting it and
+never vouches for its own disk: a read frame's crc is computed from the bytes read back. It does
+no scheduling, and it removes only the files it created.
 """
 
 from __future__ import annotations
@@ -20,13 +20,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.codec import Frame
-from services.kvblocks import KvCorruption, KvGenerator, crc
+import msgpack
+
+from services.codec import Frame, Payload
+from services.health import HealthMonitor
+from services.kvblocks import KvCorruption, KvGenerator, SliceSet, block_runs, crc
 from services.spec import ClusterSpec, Role
 from services.transport import Dscp, FrameConnection, FrameServer, serve
 
-READ_CHUNK_BYTES = 256 << 10
+READ_CHUNK_BYTES = 2 << 20
 """Target payload of one `blocks` frame (whole blocks, so at least one block)."""
+SEED_CHUNK_BYTES = 4 << 20
+"""Seeding generates and writes this much at a time."""
 INLINE_IO_BYTES = 256 << 10
 """Disk I/O up to this size runs on the event loop (page-cache speed); larger goes to a thread."""
 MAX_OPEN_FILES = 256
@@ -113,39 +118,22 @@ class ReadRequest:
 @dataclass(frozen=True, slots=True)
 class WriteRequest:
     req: int | str | None
-    traj: int
-    entries: tuple[tuple[int, int, int], ...]
-    blocks: tuple[int, ...]
-    """One per whole block in the payload, in payload order."""
+    slices: SliceSet
+    """Whole blocks (all layer groups), in payload order."""
+    crc: int
 
     @classmethod
-    def parse(cls, header: dict[str, Any], *, layer_groups: int) -> WriteRequest:
-        raw = header.get("entries")
-        if not isinstance(raw, list):
-            raise BadRequest("'entries' must be a list of [block, group, crc]")
-        entries: list[tuple[int, int, int]] = []
-        for i, e in enumerate(raw):
-            if (
-                not isinstance(e, list)
-                or len(e) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in e)
-                or not all(0 <= v < _U32 for v in e)
-            ):
-                raise BadRequest(f"entry {i} is not [block, group, crc] of u32: {e!r}")
-            entries.append((e[0], e[1], e[2]))
-        if len(entries) % layer_groups:
-            raise BadRequest(f"{len(entries)} entries are not whole blocks of {layer_groups}")
-        blocks: list[int] = []
-        for i in range(0, len(entries), layer_groups):
-            block = entries[i][0]
-            for g in range(layer_groups):
-                if entries[i + g][:2] != (block, g):
-                    raise BadRequest(
-                        f"entry {i + g} is {list(entries[i + g][:2])}, expected [{block}, {g}]: "
-                        "writes carry whole blocks, all groups in order"
-                    )
-            blocks.append(block)
-        return cls(_req(header), _int_field(header, "traj"), tuple(entries), tuple(blocks))
+    def parse(cls, header: dict[str, Any], *, layer_groups: int, max_slices: int) -> WriteRequest:
+        try:
+            slices = SliceSet.from_wire(header, layer_groups=layer_groups, max_slices=max_slices)
+        except KvCorruption as exc:  # a header that does not parse is a bad request
+            raise BadRequest(str(exc)) from None
+        if (slices.g0, slices.g1) != (0, layer_groups):
+            raise BadRequest(
+                f"groups [{slices.g0}, {slices.g1}): writes carry whole blocks, "
+                f"all {layer_groups} groups"
+            )
+        return cls(_req(header), slices, _int_field(header, "crc"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +161,7 @@ def plan_read_chunks(blocks: Sequence[int], blocks_per_chunk: int) -> list[Seque
 
 def contiguous_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
     """(first block, count) runs of consecutive ids, so each run is one pread/pwrite."""
-    runs: list[tuple[int, int]] = []
-    for b in blocks:
-        if runs and runs[-1][0] + runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((b, 1))
-    return runs
+    return [(first, count) for first, count in block_runs(blocks)]
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -302,6 +284,7 @@ class StorageServer:
             slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
         )
         self._blocks_per_chunk = max(1, READ_CHUNK_BYTES // self.block_bytes)
+        self._max_slices = max(1, spec.max_frame_bytes // self._gen.slice_bytes)
         self._root = Path(spec.data_dir)
         self.directory = self._root / node_id
         self._files = TrajectoryFiles(self.directory)
@@ -320,6 +303,8 @@ class StorageServer:
         self._bytes_written = 0
         self._num_blocks = 0
         self._num_errors = 0
+        self.health = HealthMonitor(node_id, "storage")
+        self.health.gauge("read_queue_bytes", lambda: float(self._rq_bytes))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -328,11 +313,16 @@ class StorageServer:
             raise RuntimeError(f"{self.node_id} already started")
         self._started = True
         self._make_dirs()
+        self.health.start()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{self.node_id}-io")
         storage, mgmt = self.node.storage, self.node.mgmt
         assert storage is not None  # checked in __init__
         data_handlers: dict[str, Handler] = {"read": self._on_read, "write": self._on_write}
-        mgmt_handlers: dict[str, Handler] = {"stats": self._on_stats, "seed": self._on_seed}
+        mgmt_handlers: dict[str, Handler] = {
+            "stats": self._on_stats,
+            "seed": self._on_seed,
+            "health": self._on_health,
+        }
         try:
             for ep, table in ((storage, data_handlers), (mgmt, mgmt_handlers)):
                 self._servers.append(
@@ -367,7 +357,7 @@ class StorageServer:
         for server in self._servers:
             await server.close()
         for conn in list(self._conns):
-            conn.writer.transport.abort()
+            conn.abort()
         me = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not me and not t.done()]
         for t in tasks:
@@ -376,6 +366,7 @@ class StorageServer:
         if self._executor is not None:
             # Threads cannot be cancelled; fds must stay open until their jobs are done.
             await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await self.health.stop()
         self._files.close_all()
         self._files.remove_created(self._root)
         for d in self._created_dirs:
@@ -453,7 +444,12 @@ class StorageServer:
         parts = [_pread_exact(fd, first * bb, n * bb) for first, n in contiguous_runs(blocks)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _write_blocks(self, fd: int, blocks: Sequence[int], payload: bytes) -> None:
+    def _read_frame(self, fd: int, blocks: Sequence[int]) -> tuple[bytes, int]:
+        # The crc is of the bytes as read back, so the receiver catches a bad disk.
+        payload = self._read_blocks(fd, blocks)
+        return payload, crc(payload)
+
+    def _write_blocks(self, fd: int, blocks: Sequence[int], payload: Payload) -> None:
         bb = self.block_bytes
         view = memoryview(payload)
         pos = 0
@@ -479,7 +475,6 @@ class StorageServer:
                 f"(first: {missing[:8]})"
             )
         bb = self.block_bytes
-        slice_bytes = self._gen.slice_bytes
         groups = self._gen.layer_groups
         remaining = len(req.blocks)
         # The read queue the scheduler balances on: accepted, not yet handed to the network.
@@ -489,17 +484,14 @@ class StorageServer:
             if req.blocks:
                 with self._files.pinned(req.traj, create=False) as fd:
                     for chunk in plan_read_chunks(req.blocks, self._blocks_per_chunk):
-                        payload = await self._io(
-                            len(chunk) * bb, functools.partial(self._read_blocks, fd, chunk)
+                        payload, payload_crc = await self._io(
+                            len(chunk) * bb, functools.partial(self._read_frame, fd, chunk)
                         )
-                        # crcs of the bytes as read back, so the receiver catches a bad disk.
-                        view = memoryview(payload)
-                        entries = []
-                        for i, b in enumerate(chunk):
-                            for g in range(groups):
-                                off = (i * groups + g) * slice_bytes
-                                entries.append([b, g, crc(view[off : off + slice_bytes])])
-                        head = {"req": req.req, "traj": req.traj, "entries": entries}
+                        head = {
+                            "req": req.req,
+                            **SliceSet(req.traj, tuple(chunk), 0, groups).to_wire(),
+                            "crc": payload_crc,
+                        }
                         await conn.send(Frame("blocks", head, payload))
                         remaining -= len(chunk)
                         self._rq_blocks -= len(chunk)
@@ -513,29 +505,34 @@ class StorageServer:
         await conn.send(Frame("read_done", done))
 
     async def _on_write(self, conn: FrameConnection, frame: Frame) -> None:
-        req = WriteRequest.parse(frame.header, layer_groups=self._gen.layer_groups)
+        gen = self._gen
+        req = WriteRequest.parse(
+            frame.header, layer_groups=gen.layer_groups, max_slices=self._max_slices
+        )
         payload = frame.payload
         # Verified before any file is touched: a corrupt write leaves no trace (KvCorruption).
-        await self._io(
-            len(payload), functools.partial(self._gen.verify, req.traj, req.entries, payload)
+        num_bytes = await self._io(
+            len(payload), functools.partial(gen.verify, req.slices, payload, req.crc)
         )
-        if req.blocks:
-            with self._files.pinned(req.traj, create=True) as fd:
+        blocks = req.slices.blocks
+        if blocks:
+            with self._files.pinned(req.slices.traj, create=True) as fd:
                 await self._io(
-                    len(payload), functools.partial(self._write_blocks, fd, req.blocks, payload)
+                    num_bytes, functools.partial(self._write_blocks, fd, blocks, payload)
                 )
-        self._stored(req.traj, req.blocks)
-        self._bytes_written += len(payload)
-        await conn.send(Frame("write_done", {"req": req.req, "num_bytes": len(payload)}))
+        self._stored(req.slices.traj, blocks)
+        self._bytes_written += num_bytes
+        await conn.send(Frame("write_done", {"req": req.req, "num_bytes": num_bytes}))
 
     async def _on_seed(self, conn: FrameConnection, frame: Frame) -> None:
         req = SeedRequest.parse(frame.header)
         owned = self._owned_blocks(req.traj, req.first_block, req.end_block)
         gen = self._gen
+        per_chunk = max(1, SEED_CHUNK_BYTES // self.block_bytes)
 
         def write_all(fd: int) -> None:
-            for b in owned:
-                _pwrite_all(fd, b * self.block_bytes, memoryview(gen.full_block(req.traj, b)))
+            for chunk in plan_read_chunks(owned, per_chunk):
+                self._write_blocks(fd, chunk, gen.full_blocks(req.traj, chunk))
 
         if owned:
             with self._files.pinned(req.traj, create=True) as fd:
@@ -562,6 +559,11 @@ class StorageServer:
         if "req" in frame.header:
             reply["req"] = frame.header["req"]
         await conn.send(Frame("stats", reply))
+
+    async def _on_health(self, conn: FrameConnection, frame: Frame) -> None:
+        # The snapshot's series can outgrow the 1 MiB header limit: it travels as the payload.
+        snapshot = msgpack.packb(self.health.snapshot(), use_bin_type=True)
+        await conn.send(Frame("health", {"req": _req(frame.header)}, snapshot))
 
 
 async def serve_storage(

@@ -1,8 +1,9 @@
 """Storage client of the engine nodes: striped reads and writes of Full Blocks, pooled connections.
 
-Every chunk read is checked (the blocks asked for, in order, and KvGenerator.verify) before the
-caller sees it. It does not decide what to read or when (engines and the scheduler do), and it
-never retries: a connection that saw an error is closed and the error goes to the caller.
+Every chunk read is checked (the blocks asked for, in order, then KvGenerator.verify of the whole
+frame against its derived crc) before the caller sees it. It does not decide what to read or
+when (engines and the scheduler do), and it never retries: a connection that saw an error is
+closed and the error goes to the caller.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+import msgpack
+
 from services.codec import Frame
-from services.kvblocks import KvCorruption, KvGenerator
+from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec, Endpoint, NodeSpec
 from services.transport import Dscp, FrameConnection, connect
 
@@ -22,7 +25,9 @@ WRITE_CHUNK_BYTES = 1 << 20
 """Target payload of one `write` frame (whole blocks, so at least one block)."""
 
 T = TypeVar("T")
-OnChunk = Callable[[list[list[int]], bytes], Awaitable[None]]
+OnChunk = Callable[[SliceSet, bytes | bytearray], None]
+"""Gets each verified chunk of a read: whole blocks (g0=0, g1=G) and their bytes. Synchronous:
+it must not block; it runs between two frames of the connection."""
 
 
 class StorageClientError(Exception):
@@ -65,9 +70,9 @@ class ConnectionPool:
     def _take_idle(self) -> FrameConnection | None:
         while self._idle:
             conn = self._idle.pop()
-            if not (conn.reader.at_eof() or conn.writer.is_closing()):
+            if not (conn.at_eof() or conn.is_closing()):
                 return conn
-            conn.writer.transport.abort()  # the server closed it while it was idle
+            conn.abort()  # the server closed it while it was idle
         return None
 
     @contextlib.asynccontextmanager
@@ -88,10 +93,10 @@ class ConnectionPool:
                 yield conn
             except BaseException:
                 # Mid-request: unread replies may follow, so the connection is unusable.
-                conn.writer.transport.abort()
+                conn.abort()
                 raise
-            if self._closed or conn.writer.is_closing():
-                conn.writer.transport.abort()
+            if self._closed or conn.is_closing():
+                conn.abort()
             else:
                 self._idle.append(conn)
 
@@ -156,6 +161,7 @@ class StorageClient:
             slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
         )
         self._block_bytes = profile.block_bytes
+        self._max_slices = max(1, spec.max_frame_bytes // self._gen.slice_bytes)
         self._write_blocks_per_frame = max(
             1, min(WRITE_CHUNK_BYTES, spec.max_frame_bytes) // self._block_bytes
         )
@@ -206,26 +212,26 @@ class StorageClient:
     async def read(self, traj: int, blocks: Sequence[int], on_chunk: OnChunk | None = None) -> int:
         """Read blocks from their servers concurrently; return the verified bytes.
 
-        `on_chunk(entries, payload)` gets each verified chunk: in order per server, chunks of
+        `on_chunk(slices, payload)` gets each verified chunk: in order per server, chunks of
         different servers interleave. Raises KvCorruption, RemoteError (e.g. code "missing"),
         ConnectionClosed, TimeoutError or StorageProtocolError.
         """
         by_node = self._stripe(traj, blocks)
         coros = [
-            self._read_from(self.spec.node(node_id), traj, node_blocks, on_chunk)
+            self._read_from(self.spec.node(node_id), traj, tuple(node_blocks), on_chunk)
             for node_id, node_blocks in by_node.items()
         ]
         return sum(await _all_or_first_error(coros)) if coros else 0
 
     async def _read_from(
-        self, node: NodeSpec, traj: int, blocks: list[int], on_chunk: OnChunk | None
+        self, node: NodeSpec, traj: int, blocks: tuple[int, ...], on_chunk: OnChunk | None
     ) -> int:
         req = next(self._req_ids)
         groups = self._gen.layer_groups
         verified = 0
         pos = 0  # blocks[pos] is the next block the server must send
         async with self._pool(node, mgmt=False).connection() as conn:
-            await conn.send(Frame("read", {"req": req, "traj": traj, "blocks": blocks}))
+            await conn.send(Frame("read", {"req": req, "traj": traj, "blocks": list(blocks)}))
             while True:
                 frame = await conn.recv_reply()
                 if frame.kind == "read_done":
@@ -239,23 +245,31 @@ class StorageClient:
                         )
                     return verified
                 _check_reply(frame, "blocks", req)
-                if frame.header.get("traj") != traj:
-                    raise StorageProtocolError(f"blocks of traj {frame.header.get('traj')!r}")
-                entries = _parse_entries(frame.header.get("entries"))
-                self.bytes_read += len(frame.payload)
-                n_blocks = len(entries) // groups
-                want = [[b, g] for b in blocks[pos : pos + n_blocks] for g in range(groups)]
-                got = [e[:2] for e in entries]
-                if len(entries) % groups or n_blocks == 0 or got != want:
-                    raise KvCorruption(
-                        f"traj {traj}: {node.node_id} sent slices {got[:4]}..., "
-                        f"expected {want[:4]}... (whole blocks in request order)"
+                try:
+                    s = SliceSet.from_wire(
+                        frame.header, layer_groups=groups, max_slices=self._max_slices
                     )
-                verified += self._gen.verify(traj, entries, frame.payload)
-                self.bytes_verified += len(frame.payload)
-                pos += n_blocks
+                except KvCorruption as exc:
+                    raise StorageProtocolError(f"{node.node_id} blocks frame: {exc}") from None
+                if s.traj != traj:
+                    raise StorageProtocolError(f"blocks of traj {s.traj}, read traj {traj}")
+                carried = _int(frame.header, "crc")
+                payload = frame.payload
+                self.bytes_read += len(payload)
+                want = blocks[pos : pos + len(s.blocks)]
+                if not s.blocks or s.blocks != want or (s.g0, s.g1) != (0, groups):
+                    raise KvCorruption(
+                        f"traj {traj}: {node.node_id} sent blocks {_head(s.blocks)} groups "
+                        f"[{s.g0}, {s.g1}), expected {_head(want or blocks[pos : pos + 1])} "
+                        f"groups [0, {groups}) (whole blocks in request order)"
+                    )
+                if not isinstance(payload, bytes | bytearray):
+                    payload = bytes(payload)
+                verified += self._gen.verify(s, payload, carried)
+                self.bytes_verified += len(payload)
+                pos += len(s.blocks)
                 if on_chunk is not None:
-                    await on_chunk(entries, frame.payload)
+                    on_chunk(s, payload)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -273,12 +287,10 @@ class StorageClient:
         written = 0
         async with self._pool(node, mgmt=False).connection() as conn:
             for i in range(0, len(blocks), per_frame):
-                chunk = blocks[i : i + per_frame]
-                entries, payload = self._gen.pack(
-                    traj, ((b, g) for b in chunk for g in range(groups))
-                )
+                s = SliceSet(traj, tuple(blocks[i : i + per_frame]), 0, groups)
+                payload = self._gen.payload(s)
                 req = next(self._req_ids)
-                head = {"req": req, "traj": traj, "entries": entries}
+                head = {"req": req, **s.to_wire(), "crc": crc(payload)}
                 await conn.send(Frame("write", head, payload))
                 reply = await conn.recv_reply()
                 _check_reply(reply, "write_done", req)
@@ -335,6 +347,22 @@ class StorageClient:
         _check_reply(reply, "stats", req)
         return {k: _int(reply.header, k) for k in reply.header if k != "req"}
 
+    async def health(self, node_id: str) -> dict[str, Any]:
+        """A storage server's HealthMonitor snapshot (services.health), from the reply's
+        msgpack payload (its series can outgrow a frame header)."""
+        req = next(self._req_ids)
+        async with self._pool(self.spec.node(node_id), mgmt=True).connection() as conn:
+            await conn.send(Frame("health", {"req": req}))
+            reply = await conn.recv_reply()
+        _check_reply(reply, "health", req)
+        try:
+            snapshot = msgpack.unpackb(reply.payload, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise StorageProtocolError(f"{node_id} health payload: {exc}") from None
+        if not isinstance(snapshot, dict):
+            raise StorageProtocolError(f"{node_id} health payload is a {type(snapshot).__name__}")
+        return snapshot
+
     async def close(self) -> None:
         """Close idle connections; ones in use are closed when their request ends."""
         self._closed = True
@@ -342,16 +370,5 @@ class StorageClient:
             await pool.close()
 
 
-def _parse_entries(raw: object) -> list[list[int]]:
-    if not isinstance(raw, list):
-        raise StorageProtocolError("'entries' must be a list of [block, group, crc]")
-    entries: list[list[int]] = []
-    for e in raw:
-        if (
-            not isinstance(e, list)
-            or len(e) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in e)
-        ):
-            raise StorageProtocolError(f"entry {e!r} is not [block, group, crc]")
-        entries.append(e)
-    return entries
+def _head(blocks: Sequence[int]) -> str:
+    return str(list(blocks[:4])) + ("..." if len(blocks) > 4 else "")

@@ -1,29 +1,46 @@
 """Thin asyncio transport for codec frames: pumps bytes, sets DSCP, enforces limits.
 
-Protocol logic lives in the codec and the node modules; this module only moves frames. A
-malformed frame gets an error frame back and the connection closed; the server keeps serving.
+Protocol logic lives in the codec and the node modules; this module only moves frames. Reads go
+through an asyncio.BufferedProtocol straight into each payload's own buffer (FrameReceiver);
+writes hand the payload to the transport as it is. A malformed frame gets an error frame back
+and the connection closed; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
+from typing import Any, cast
 
 from services.codec import (
     DEFAULT_MAX_PAYLOAD_BYTES,
-    PREFIX_SIZE,
     Frame,
     FrameError,
-    decode_header,
+    FrameReceiver,
+    Payload,
     encode,
     error_frame,
-    parse_prefix,
 )
 
-STREAM_LIMIT = 4 << 20
+RECV_QUEUE_FRAMES = 8
+RECV_QUEUE_BYTES = 16 << 20
+"""Received frames wait in a per-connection queue; above either bound reading pauses until
+recv() has taken it down to half of both, so a slow consumer leaves the bytes in the kernel
+and TCP slows the sender, instead of this process growing."""
+
+COALESCE_BYTES = 16 << 10
+"""Without a zero-copy writelines (3.11's selector transports join the list), a payload up to
+this size is sent in one write with its header (one small copy, one packet with TCP_NODELAY);
+a larger one is written as a second buffer."""
+
+_INQ = struct.Struct("i")
 
 
 class Dscp(IntEnum):
@@ -58,7 +75,7 @@ def set_dscp(sock: socket.socket | None, dscp: Dscp) -> None:
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp.tos)
 
 
-def _tune(sock: socket.socket | None) -> None:
+def _tune(sock: Any) -> None:
     if sock is None:
         return
     # Only NODELAY: fixed SO_SNDBUF/SO_RCVBUF would switch off the kernel's autotuning.
@@ -66,48 +83,220 @@ def _tune(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class FrameConnection:
-    """One TCP connection carrying frames in both directions."""
+def _kernel_unread(sock: Any) -> int:
+    """Bytes in the socket's kernel receive queue (FIONREAD, alias SIOCINQ); 0 if unknown."""
+    if sock is None:
+        return 0
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return 0
+        raw = fcntl.ioctl(fd, termios.FIONREAD, bytes(_INQ.size))
+    except (OSError, ValueError):
+        return 0
+    return int(_INQ.unpack(raw)[0])
+
+
+def _has_native_writelines(transport: asyncio.Transport) -> bool:
+    # uvloop and 3.12+'s selector transports write a list without joining it first.
+    return type(transport).writelines is not asyncio.WriteTransport.writelines
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """The event side of one connection: fills FrameReceiver's buffers, queues whole frames,
+    applies read back-pressure and tracks write pause/resume. FrameConnection is its API."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         *,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-        io_timeout_s: float = 120.0,
+        max_payload_bytes: int,
+        max_queued_frames: int,
+        max_queued_bytes: int,
+        dscp: Dscp | None = None,
+        on_made: Callable[[_FrameProtocol], None] | None = None,
     ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.max_payload_bytes = max_payload_bytes
+        if max_queued_frames < 1 or max_queued_bytes < 1:
+            raise ValueError(
+                f"queue bounds must be >= 1, got {max_queued_frames} frames, "
+                f"{max_queued_bytes} bytes"
+            )
+        self.rx = FrameReceiver(max_payload_bytes=max_payload_bytes)
+        self.frames: collections.deque[tuple[Frame, int]] = collections.deque()  # (frame, wire)
+        self.queued_bytes = 0  # wire bytes of the queued frames
+        self._max_frames = max_queued_frames
+        self._max_bytes = max_queued_bytes
+        self._dscp = dscp
+        self._on_made = on_made
+        self.transport: asyncio.Transport | None = None
+        self.sock: Any = None
+        self.peer = "?"
+        self.native_writelines = False
+        self.read_paused = False
+        self.eof = False
+        self.lost = False
+        self.lost_exc: BaseException | None = None
+        self.frame_error: FrameError | None = None
+        self.write_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        info = transport.get_extra_info("peername")
+        self.peer = f"{info[0]}:{info[1]}" if info else "?"
+        self.sock = transport.get_extra_info("socket")
+        if self._dscp is not None:
+            with contextlib.suppress(OSError):
+                set_dscp(self.sock, self._dscp)
+        _tune(self.sock)
+        self.native_writelines = _has_native_writelines(self.transport)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.rx.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self.rx.buffer_updated(nbytes)
+        except FrameError as exc:
+            frames = exc.frames
+            if self.frame_error is None:
+                self.frame_error = exc
+                self._pause_reading()  # nothing after the garbage is worth reading
+        for frame, wire_bytes in zip(frames, self.rx.last_frame_bytes, strict=True):
+            self.frames.append((frame, wire_bytes))
+            self.queued_bytes += wire_bytes
+        if frames or self.frame_error is not None:
+            self._wake()
+        if len(self.frames) > self._max_frames or self.queued_bytes > self._max_bytes:
+            self._pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # keep the write side open: the owner closes (as asyncio streams do)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_exc = exc
+        self._wake()
+        while self._drain_waiters:
+            waiter = self._drain_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        while self._drain_waiters:
+            waiter = self._drain_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- used by FrameConnection -------------------------------------------------------------
+    def pop(self) -> Frame:
+        frame, wire_bytes = self.frames.popleft()
+        self.queued_bytes -= wire_bytes
+        if (
+            self.read_paused
+            and self.frame_error is None
+            and len(self.frames) <= self._max_frames // 2
+            and self.queued_bytes <= self._max_bytes // 2
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self.read_paused = False
+            self.transport.resume_reading()
+        return frame
+
+    async def wait_frames(self) -> None:
+        if self._waiter is not None:
+            raise RuntimeError("recv() called while another recv() is waiting")
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def wait_drained(self) -> None:
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+
+class FrameConnection:
+    """One TCP connection carrying frames in both directions. Made by connect() and serve().
+
+    recv() returns frames in arrival order; a timed-out or cancelled recv() loses nothing (the
+    frame stays queued). send() is serialised per connection and returns once the frame is
+    handed to the transport and the transport's buffer is below its high-water mark.
+    """
+
+    def __init__(self, protocol: _FrameProtocol, *, io_timeout_s: float) -> None:
+        if protocol.transport is None:
+            raise ValueError("FrameConnection needs a connected protocol")
+        self._proto = protocol
+        self._transport: asyncio.Transport = protocol.transport
         self.io_timeout_s = io_timeout_s
         self._send_lock = asyncio.Lock()
 
     @property
     def peer(self) -> str:
-        info = self.writer.get_extra_info("peername")
-        return f"{info[0]}:{info[1]}" if info else "?"
+        return self._proto.peer
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self._proto.rx.max_payload_bytes
 
     def mark(self, dscp: Dscp) -> None:
         """Mark what this connection sends from now on (replies and pure ACKs) with `dscp`:
         a server answers in the class its client asked in, not in its listener's class."""
-        set_dscp(self.writer.get_extra_info("socket"), dscp)
+        set_dscp(self._proto.sock, dscp)
 
+    # -- receiving ---------------------------------------------------------------------------
     async def recv(self) -> Frame:
         """Next frame; raises ConnectionClosed, FrameError or TimeoutError."""
-        try:
-            async with asyncio.timeout(self.io_timeout_s):
-                prefix = await self.reader.readexactly(PREFIX_SIZE)
-                hlen, plen = parse_prefix(prefix, max_payload_bytes=self.max_payload_bytes)
-                kind, head = decode_header(await self.reader.readexactly(hlen))
-                payload = await self.reader.readexactly(plen) if plen else b""
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionClosed(f"peer {self.peer} closed mid-frame") from exc
-        except TimeoutError:
-            raise
-        except OSError as exc:  # ConnectionError, ETIMEDOUT, EHOSTUNREACH, ...
-            raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
-        return Frame(kind, head, payload)
+        proto = self._proto
+        if proto.frames:
+            return proto.pop()
+        async with asyncio.timeout(self.io_timeout_s):
+            while not proto.frames:
+                self._raise_if_finished()
+                await proto.wait_frames()
+        return proto.pop()
+
+    def _raise_if_finished(self) -> None:
+        proto = self._proto
+        if proto.frame_error is not None:
+            raise FrameError(str(proto.frame_error)) from proto.frame_error
+        if proto.lost and proto.lost_exc is not None:
+            raise ConnectionClosed(f"peer {self.peer}: {proto.lost_exc}") from proto.lost_exc
+        if proto.eof or proto.lost:
+            partial = proto.rx.buffered_bytes
+            if partial:
+                raise ConnectionClosed(
+                    f"peer {self.peer} closed mid-frame ({partial} bytes of an unfinished frame)"
+                )
+            if proto.eof:
+                raise ConnectionClosed(f"peer {self.peer} closed the connection")
+            raise ConnectionClosed(f"peer {self.peer}: connection closed")
 
     async def recv_reply(self) -> Frame:
         """Like recv(), but an error frame raises RemoteError."""
@@ -116,32 +305,85 @@ class FrameConnection:
             raise RemoteError(str(frame.header.get("code")), str(frame.header.get("message")))
         return frame
 
+    # -- sending -----------------------------------------------------------------------------
     async def send(self, frame: Frame) -> None:
+        """Send `frame`; raises ConnectionClosed, FrameError (unencodable) or TimeoutError
+        (the peer did not take the bytes within io_timeout_s: abort the connection)."""
+        parts = encode(frame)
         async with self._send_lock:
-            if self.writer.is_closing():  # writing to a closed transport raises RuntimeError
+            if self._transport.is_closing():  # a closing transport drops writes silently
                 raise ConnectionClosed(f"peer {self.peer}: connection already closed")
-            self.writer.writelines(encode(frame))
-            try:
+            self._write(parts)
+            proto = self._proto
+            if proto.write_paused and not proto.lost:
                 async with asyncio.timeout(self.io_timeout_s):
-                    await self.writer.drain()
-            except TimeoutError:
-                raise
-            except (OSError, RuntimeError) as exc:  # RuntimeError: closed while draining
-                raise ConnectionClosed(f"peer {self.peer}: {exc}") from exc
+                    while proto.write_paused and not proto.lost:
+                        await proto.wait_drained()
+            if proto.lost:
+                exc = proto.lost_exc
+                raise ConnectionClosed(f"peer {self.peer}: {exc or 'connection lost'}") from exc
 
+    def _write(self, parts: list[Payload]) -> None:
+        t = self._transport
+        if len(parts) == 1:
+            t.write(parts[0])
+        elif self._proto.native_writelines:
+            t.writelines(parts)
+        else:
+            head, payload = parts
+            if len(payload) <= COALESCE_BYTES:
+                t.write(b"".join(parts))
+            else:
+                t.write(head)
+                # A memoryview: what the kernel does not take at once is then copied once
+                # into the transport's buffer, not sliced into a new bytes object first.
+                t.write(memoryview(payload))
+
+    # -- state and gauges --------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        """True once this side closed or aborted, or the connection was lost."""
+        return self._transport.is_closing()
+
+    def at_eof(self) -> bool:
+        """True when the peer has finished sending (EOF or connection lost) and no whole frame
+        is waiting: recv() would raise."""
+        proto = self._proto
+        return (proto.eof or proto.lost) and not proto.frames
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's extra info ("socket", "peername", "sockname", ...)."""
+        return self._transport.get_extra_info(name, default)
+
+    def queued_bytes(self) -> int:
+        """Bytes read from the kernel but not yet returned by recv(): queued frames (prefix,
+        header and payload) and what has arrived of the next one. Bounded by the queue's byte
+        bound plus about two frames (the one that crossed the bound and the one being filled)."""
+        return self._proto.queued_bytes + self._proto.rx.buffered_bytes
+
+    def unread_bytes(self) -> int:
+        """Received but not consumed: the kernel's receive queue (FIONREAD) + queued_bytes()."""
+        kernel = 0 if self._proto.lost else _kernel_unread(self._proto.sock)
+        return kernel + self.queued_bytes()
+
+    def send_backlog_bytes(self) -> int:
+        """Bytes written but still in the transport's buffer (not yet taken by the kernel)."""
+        return self._transport.get_write_buffer_size()
+
+    # -- closing -----------------------------------------------------------------------------
     async def close(self, *, timeout_s: float = 2.0) -> None:
         """Close; a peer that stopped reading cannot hold us: abort after `timeout_s`."""
-        self.writer.close()
+        self._transport.close()
         try:
             async with asyncio.timeout(timeout_s):
-                await self.writer.wait_closed()
+                await asyncio.shield(self._proto.closed)
         except TimeoutError:
-            self.writer.transport.abort()
-        except Exception:
-            pass
+            self._transport.abort()
+        except BaseException:  # cancelled: do not leave it half-closed
+            self._transport.abort()
+            raise
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        self._transport.abort()
 
 
 async def connect(
@@ -153,8 +395,16 @@ async def connect(
     timeout_s: float = 10.0,
     io_timeout_s: float = 120.0,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_queued_frames: int = RECV_QUEUE_FRAMES,
+    max_queued_bytes: int = RECV_QUEUE_BYTES,
 ) -> FrameConnection:
     """Open a frame connection, marked with `dscp` (IP_TOS) from the first packet on."""
+    loop = asyncio.get_running_loop()
+    proto = _FrameProtocol(
+        max_payload_bytes=max_payload_bytes,
+        max_queued_frames=max_queued_frames,
+        max_queued_bytes=max_queued_bytes,
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -162,16 +412,15 @@ async def connect(
         _tune(sock)
         if local_host:
             sock.bind((local_host, 0))
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout_s):
             await loop.sock_connect(sock, (host, port))
-            reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+            await loop.create_connection(lambda: proto, sock=sock)
     except BaseException:
+        if proto.transport is not None:
+            proto.transport.abort()
         sock.close()
         raise
-    return FrameConnection(
-        reader, writer, max_payload_bytes=max_payload_bytes, io_timeout_s=io_timeout_s
-    )
+    return FrameConnection(proto, io_timeout_s=io_timeout_s)
 
 
 Handler = Callable[[FrameConnection, Frame], Awaitable[None]]
@@ -184,17 +433,33 @@ class FrameServer:
     def __init__(self) -> None:
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self._conns: set[FrameConnection] = set()
+        self._closing = False
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         return tuple(self.server.sockets) if self.server else ()
 
+    def _track(self, conn: FrameConnection, task: asyncio.Task[None]) -> None:
+        self._conns.add(conn)
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            self._conns.discard(conn)
+            conn.abort()  # no-op after close(); ends a connection whose task never ran
+
+        task.add_done_callback(done)
+
     async def close(self) -> None:
+        self._closing = True
         if self.server is not None:
             self.server.close()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for conn in list(self._conns):
+            conn.abort()
         if self.server is not None:
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
@@ -209,6 +474,8 @@ async def serve(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     io_timeout_s: float = 3600.0,
     on_error: Callable[[str], None] | None = None,
+    max_queued_frames: int = RECV_QUEUE_FRAMES,
+    max_queued_bytes: int = RECV_QUEUE_BYTES,
 ) -> FrameServer:
     """Serve frames: `handler(conn, frame)` per frame, in order, per connection.
 
@@ -216,19 +483,10 @@ async def serve(
     exception from the handler is answered with an error frame (carrying the request's `req`)
     and the connection stays open.
     """
+    loop = asyncio.get_running_loop()
     fs = FrameServer()
 
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            fs.tasks.add(task)
-            task.add_done_callback(fs.tasks.discard)
-        sock = writer.get_extra_info("socket")
-        set_dscp(sock, dscp)
-        _tune(sock)
-        conn = FrameConnection(
-            reader, writer, max_payload_bytes=max_payload_bytes, io_timeout_s=io_timeout_s
-        )
+    async def run(conn: FrameConnection) -> None:
         try:
             while True:
                 try:
@@ -254,14 +512,32 @@ async def serve(
                     with contextlib.suppress(Exception):
                         await conn.send(err)
         except asyncio.CancelledError:
-            # The server is closing. Returning (not re-raising) keeps 3.11's stream
-            # callback from logging a traceback per connection.
+            # The server is closing: end the connection now, not after a graceful close.
             conn.abort()
             return
         finally:
             await conn.close()
 
-    fs.server = await asyncio.start_server(
-        on_client, host, port, limit=STREAM_LIMIT, reuse_address=True
-    )
+    def on_made(proto: _FrameProtocol) -> None:
+        conn = FrameConnection(proto, io_timeout_s=io_timeout_s)
+        if fs._closing:
+            conn.abort()
+            return
+        fs._track(conn, loop.create_task(run(conn)))
+
+    def factory() -> _FrameProtocol:
+        return _FrameProtocol(
+            max_payload_bytes=max_payload_bytes,
+            max_queued_frames=max_queued_frames,
+            max_queued_bytes=max_queued_bytes,
+            dscp=dscp,
+            on_made=on_made,
+        )
+
+    fs.server = await loop.create_server(factory, host, port, reuse_address=True)
+    # Marked on the listener too: Linux answers the SYN with the listener's TOS and accepted
+    # sockets inherit it, so even the handshake travels in the listener's class.
+    for sock in fs.server.sockets:
+        with contextlib.suppress(OSError):
+            set_dscp(sock, dscp)
     return fs

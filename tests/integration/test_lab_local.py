@@ -136,16 +136,18 @@ def test_malformed_frames_are_refused_and_nodes_keep_serving(local_lab: ClusterS
 
 def test_corrupt_kv_frame_is_detected_and_reported(local_lab: ClusterSpec) -> None:
     from services.codec import Frame, encode_bytes
-    from services.kvblocks import KvGenerator
+    from services.kvblocks import KvGenerator, SliceSet, crc
 
     spec = local_lab
     decode = spec.node("decode-0")
     assert decode.cnic is not None
     kv = KvGenerator(spec.profile.layer_group_bytes(0), spec.profile.layer_groups)
-    entries, payload = kv.pack(7, [(0, 0), (1, 0)])
+    slices = SliceSet(7, (0, 1), 0, 1)
+    payload = kv.payload(slices)
     bad = bytearray(payload)
     bad[100] ^= 0xFF
-    frame = Frame("kv", {"turn": "t-none", "traj": 7, "entries": entries}, bytes(bad))
+    header = {"turn": "t-none", **slices.to_wire(), "crc": crc(payload)}
+    frame = Frame("kv", header, bytes(bad))
     with socket.create_connection((decode.cnic.host, decode.cnic.port), timeout=5) as s:
         s.sendall(encode_bytes(frame))
     for _ in range(200):

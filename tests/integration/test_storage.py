@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from services.codec import Frame, FrameDecoder
-from services.kvblocks import KvCorruption, KvGenerator, crc
+from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec
 from services.storage import READ_CHUNK_BYTES, StorageServer, serve_storage
-from services.storage_client import StorageClient
-from services.transport import FrameConnection, RemoteError, connect
+from services.storage_client import StorageClient, StorageProtocolError
+from services.transport import ConnectionClosed, FrameConnection, RemoteError, connect, serve
 
 TIMEOUT_S = 30.0  # a guard against hangs, not a timing assertion
 
@@ -90,22 +91,20 @@ async def test_write_then_read_back_striped_over_two_servers(
         assert path.stat().st_size == (max(owned_by(spec, node.node_id, 3, 20)) + 1) * bb
         assert (await client.stats(node.node_id))["num_blocks_stored"] == 20
 
-    chunks: list[tuple[list[list[int]], bytes]] = []
-
-    async def on_chunk(entries: list[list[int]], payload: bytes) -> None:
-        chunks.append((entries, payload))
-
-    assert await client.read(3, blocks, on_chunk) == 40 * bb
+    chunks: list[tuple[SliceSet, bytes | bytearray]] = []
+    assert await client.read(3, blocks, lambda s, p: chunks.append((s, p))) == 40 * bb
     assert client.bytes_read == client.bytes_verified == 40 * bb
     gen = generator(spec)
     seen: dict[int, bytes] = {}
-    for entries, payload in chunks:
-        assert len(payload) <= max(READ_CHUNK_BYTES, bb)  # whole blocks of ~256 KiB frames
-        assert len(entries) % groups == 0
-        for i in range(0, len(entries), groups):
-            seen[entries[i][0]] = payload[i // groups * bb : (i // groups + 1) * bb]
-    assert len(chunks) >= 6  # 20 blocks per server do not fit one frame
-    assert seen == {b: gen.full_block(3, b) for b in blocks}
+    for s, payload in chunks:
+        assert len(payload) <= max(READ_CHUNK_BYTES, bb)  # whole blocks of ~512 KiB frames
+        assert (s.traj, s.g0, s.g1) == (3, 0, groups)
+        assert len(payload) == len(s.blocks) * bb
+        for i, b in enumerate(s.blocks):
+            seen[b] = bytes(payload[i * bb : (i + 1) * bb])
+    per_frame = READ_CHUNK_BYTES // bb
+    assert len(chunks) == 2 * -(-20 // per_frame)  # 20 blocks per server do not fit one frame
+    assert seen == {b: gen.full_blocks(3, [b]) for b in blocks}
 
 
 async def test_read_delivers_each_servers_blocks_in_request_order(
@@ -114,11 +113,8 @@ async def test_read_delivers_each_servers_blocks_in_request_order(
     blocks = [9, 2, 7, 4, 4, 0]  # out of order, with a repeat
     await client.write(1, sorted(set(blocks)))
     order: list[int] = []
-
-    async def on_chunk(entries: list[list[int]], payload: bytes) -> None:
-        order.extend(e[0] for e in entries if e[1] == 0)
-
-    assert await client.read(1, blocks, on_chunk) == len(blocks) * spec.profile.block_bytes
+    read = await client.read(1, blocks, lambda s, p: order.extend(s.blocks))
+    assert read == len(blocks) * spec.profile.block_bytes
     for node in spec.storage_nodes:
         mine = [b for b in blocks if spec.storage_server_for(1, b).node_id == node.node_id]
         assert [b for b in order if b in mine] == mine
@@ -139,6 +135,17 @@ async def test_seed_then_read(spec: ClusterSpec, client: StorageClient) -> None:
     with pytest.raises(RemoteError) as err:
         await client.read(5, [15])
     assert err.value.code == "missing"
+
+
+async def test_health_returns_the_servers_snapshot(
+    spec: ClusterSpec, client: StorageClient
+) -> None:
+    await client.write(2, range(4))
+    snapshot = await client.health("storage-1")
+    assert (snapshot["process"], snapshot["part"]) == ("storage-1", "storage")
+    assert "read_queue_bytes" in snapshot["gauges"]
+    assert isinstance(snapshot["loop_lag"], list)
+    assert snapshot["times"] is None or snapshot["times"]["cpu_s"] >= 0
 
 
 async def test_stats_count_bytes_and_the_read_queue_drains(
@@ -166,20 +173,30 @@ async def test_stats_count_bytes_and_the_read_queue_drains(
 async def test_read_queue_holds_blocks_not_yet_sent(
     spec: ClusterSpec, client: StorageClient
 ) -> None:
-    # 48 MiB from one server: more than the sockets and stream buffers between the server and
-    # a client that is busy in on_chunk can hold (~25 MiB), so blocks must still be queued.
+    # 48 MiB from one server to a reader that reads nothing yet: more than the sockets and
+    # buffers between them hold (~25 MiB), so the server must stall with blocks still queued.
     bb = spec.profile.block_bytes
     blocks = owned_by(spec, "storage-0", 0, (48 << 20) // bb)
     await client.write(0, blocks)
-    queued: list[dict[str, int]] = []
-
-    async def on_chunk(entries: list[list[int]], payload: bytes) -> None:
-        if not queued:
-            queued.append(await client.stats("storage-0"))
-
-    await client.read(0, blocks, on_chunk)
-    assert 0 < queued[0]["read_queue_blocks"] < len(blocks)
-    assert queued[0]["read_queue_bytes"] == queued[0]["read_queue_blocks"] * bb
+    conn = await data_conn(spec, "storage-0")
+    try:
+        await conn.send(Frame("read", {"req": 1, "traj": 0, "blocks": blocks}))
+        async with asyncio.timeout(TIMEOUT_S):  # stats round trips until it stalls, no sleeps
+            while True:
+                queued = await client.stats("storage-0")
+                if 0 < queued["read_queue_blocks"] < len(blocks):
+                    break
+        assert queued["read_queue_bytes"] == queued["read_queue_blocks"] * bb
+        gen = generator(spec)
+        got: list[int] = []
+        while (frame := await conn.recv_reply()).kind == "blocks":
+            s = SliceSet.from_wire(frame.header, layer_groups=gen.layer_groups, max_slices=1 << 20)
+            gen.verify(s, frame.payload, frame.header["crc"])
+            got.extend(s.blocks)
+        assert frame.kind == "read_done"
+        assert got == blocks
+    finally:
+        await conn.close()
     after = await client.stats("storage-0")
     assert (after["read_queue_blocks"], after["read_queue_bytes"]) == (0, 0)
 
@@ -193,7 +210,7 @@ async def test_read_queue_empties_when_the_reader_goes_away(
     class Enough(Exception):
         pass
 
-    async def on_chunk(entries: list[list[int]], payload: bytes) -> None:
+    def on_chunk(s: SliceSet, payload: bytes | bytearray) -> None:
         raise Enough
 
     with pytest.raises(Enough):
@@ -275,32 +292,37 @@ async def test_malformed_frame_gets_an_error_and_a_closed_connection(
     assert await client.read(8, range(4)) == 4 * spec.profile.block_bytes
 
 
+def write_frame(req: int, s: SliceSet, payload: bytes | bytearray, carried: int) -> Frame:
+    return Frame("write", {"req": req, **s.to_wire(), "crc": carried}, bytes(payload))
+
+
 async def test_corrupt_write_is_rejected_and_nothing_is_stored(
     spec: ClusterSpec, client: StorageClient
 ) -> None:
     gen = generator(spec)
     groups = spec.profile.layer_groups
     b0, b1 = owned_by(spec, "storage-0", 9, 2)
+    s0 = SliceSet(9, (b0,), 0, groups)
+    payload = gen.payload(s0)
     conn = await data_conn(spec, "storage-0")
     try:
         # A flipped bit in flight.
-        entries, payload = gen.pack(9, [(b0, g) for g in range(groups)])
         damaged = bytearray(payload)
         damaged[10] ^= 1
-        await conn.send(Frame("write", {"req": 1, "traj": 9, "entries": entries}, bytes(damaged)))
-        with pytest.raises(RemoteError) as err:
+        await conn.send(write_frame(1, s0, damaged, crc(payload)))
+        with pytest.raises(RemoteError) as in_flight:
             await conn.recv_reply()
-        assert err.value.code == "corrupt"
-        # Self-consistent but wrong: block b1's bytes with their own crcs, labelled b0.
-        wrong = gen.full_block(9, b1)
-        n = gen.slice_bytes
-        relabelled = [[b0, g, crc(wrong[g * n : (g + 1) * n])] for g in range(groups)]
-        await conn.send(Frame("write", {"req": 2, "traj": 9, "entries": relabelled}, wrong))
-        with pytest.raises(RemoteError) as err:
+        assert in_flight.value.code == "corrupt"
+        assert "corrupted in flight" in in_flight.value.message
+        # Self-consistent but wrong: block b1's bytes with their own crc, labelled b0.
+        wrong = gen.full_blocks(9, [b1])
+        await conn.send(write_frame(2, s0, wrong, crc(wrong)))
+        with pytest.raises(RemoteError) as wrong_content:
             await conn.recv_reply()
-        assert err.value.code == "corrupt"
+        assert wrong_content.value.code == "corrupt"
+        assert "content is not the expected KV" in wrong_content.value.message
         # The connection stays usable after an error reply.
-        await conn.send(Frame("write", {"req": 3, "traj": 9, "entries": entries}, payload))
+        await conn.send(write_frame(3, s0, payload, crc(payload)))
         reply = await conn.recv_reply()
         assert (reply.kind, reply.header["req"], reply.header["num_bytes"]) == (
             "write_done",
@@ -321,17 +343,91 @@ async def test_corrupt_write_is_rejected_and_nothing_is_stored(
 async def test_corrupt_write_creates_no_file(spec: ClusterSpec, client: StorageClient) -> None:
     gen = generator(spec)
     (b0,) = owned_by(spec, "storage-1", 10, 1)
-    entries, payload = gen.pack(10, [(b0, g) for g in range(spec.profile.layer_groups)])
+    s = SliceSet(10, (b0,), 0, spec.profile.layer_groups)
+    payload = gen.payload(s)
     conn = await data_conn(spec, "storage-1")
     try:
-        await conn.send(Frame("write", {"req": 1, "traj": 10, "entries": entries}, payload[:-1]))
+        await conn.send(write_frame(1, s, payload[:-1], crc(payload[:-1])))
         with pytest.raises(RemoteError) as err:
             await conn.recv_reply()
     finally:
         await conn.close()
     assert err.value.code == "corrupt"
+    assert "payload of" in err.value.message
     assert not traj_file(spec, "storage-1", 10).exists()
     assert (await client.stats("storage-1"))["num_blocks_stored"] == 0
+
+
+def _misbehave(
+    gen: KvGenerator, how: str, traj: int, blocks: list[int]
+) -> tuple[dict[str, Any], bytes]:
+    """Header fields and payload of the one `blocks` frame a faulty server sends."""
+    groups = gen.layer_groups
+    s = SliceSet(traj, tuple(blocks), 0, groups)
+    payload = gen.payload(s)
+    head = {**s.to_wire(), "crc": crc(payload)}
+    if how == "other_blocks":  # real blocks, correct crc, but not the ones asked for
+        other = SliceSet(traj, tuple(b + 1 for b in blocks), 0, groups)
+        payload = gen.payload(other)
+        head = {**other.to_wire(), "crc": crc(payload)}
+    elif how == "part_of_a_block":
+        part = SliceSet(traj, tuple(blocks), 0, groups - 1)
+        payload = gen.payload(part)
+        head = {**part.to_wire(), "crc": crc(payload)}
+    elif how == "flipped_bit":
+        damaged = bytearray(payload)
+        damaged[len(damaged) // 3] ^= 4
+        payload = bytes(damaged)
+    elif how == "wrong_content":  # claims the blocks asked for, carries others (own crc)
+        payload = gen.payload(SliceSet(traj + 1, tuple(blocks), 0, groups))
+        head["crc"] = crc(payload)
+    elif how == "other_traj":  # the same blocks of another trajectory, self-consistent
+        other = SliceSet(traj + 1, tuple(blocks), 0, groups)
+        payload = gen.payload(other)
+        head = {**other.to_wire(), "crc": crc(payload)}
+    elif how == "malformed":
+        head["runs"] = [[blocks[0]]]
+    return head, payload
+
+
+@pytest.mark.parametrize(
+    ("how", "error", "match"),
+    [
+        ("other_blocks", KvCorruption, "whole blocks in request order"),
+        ("part_of_a_block", KvCorruption, "whole blocks in request order"),
+        ("flipped_bit", KvCorruption, "corrupted in flight"),
+        ("wrong_content", KvCorruption, "content is not the expected KV"),
+        ("other_traj", StorageProtocolError, "traj 13"),
+        ("malformed", StorageProtocolError, "runs"),
+    ],
+)
+async def test_the_client_rejects_a_chunk_that_is_not_what_it_asked_for(
+    spec: ClusterSpec, how: str, error: type[Exception], match: str
+) -> None:
+    gen = generator(spec)
+    traj = 12
+    blocks = owned_by(spec, "storage-0", traj, 3)
+
+    async def faulty(conn: FrameConnection, frame: Frame) -> None:
+        head, payload = _misbehave(gen, how, traj, frame.header["blocks"])
+        await conn.send(Frame("blocks", {"req": frame.header["req"], **head}, payload))
+
+    ep = spec.node("storage-0").storage
+    assert ep is not None
+    server = await serve(ep.host, ep.port, faulty)
+    c = StorageClient(spec)
+    chunks: list[SliceSet] = []
+    try:
+        with pytest.raises(error, match=match):
+            await c.read(traj, blocks, lambda s, p: chunks.append(s))
+    finally:
+        await c.close()
+        await server.close()
+    assert chunks == []  # the caller never sees an unverified chunk
+    assert c.bytes_verified == 0
+
+
+BAD = "bad_request"
 
 
 @pytest.mark.parametrize(
@@ -340,15 +436,20 @@ async def test_corrupt_write_creates_no_file(spec: ClusterSpec, client: StorageC
         (Frame("read", {"req": 1, "traj": 1, "blocks": "all"}), "bad_request"),
         (Frame("read", {"req": 1, "traj": -1, "blocks": [0]}), "bad_request"),
         (Frame("read", {"req": 1, "blocks": [0]}), "bad_request"),
-        (Frame("write", {"req": 1, "traj": 1, "entries": [[0, 0]]}), "bad_request"),
-        (Frame("write", {"req": 1, "traj": 1, "entries": [[0, 1, 5]]}), "bad_request"),
+        (Frame("write", {"req": 1, "traj": 1, "runs": [[0]], "g0": 0, "g1": 5, "crc": 0}), BAD),
+        (Frame("write", {"req": 1, "traj": 1, "runs": [[0, 1]], "g0": 0, "g1": 6, "crc": 0}), BAD),
+        (Frame("write", {"req": 1, "traj": 1, "runs": [[0, 1]], "g0": 0, "g1": 1, "crc": 0}), BAD),
+        (Frame("write", {"req": 1, "traj": 1, "runs": [[0, 1]], "g0": 0, "g1": 5}), BAD),
+        (Frame("write", {"req": 1, "traj": 1, "entries": [[0, 1, 5]]}), BAD),  # v1
         (Frame("stats", {"req": 1}), "unsupported"),  # stats is served on the mgmt port
+        (Frame("health", {"req": 1}), "unsupported"),  # so is health
         (Frame("delete", {"req": 1}), "unsupported"),
     ],
 )
 async def test_bad_requests_get_typed_errors_with_their_req(
     spec: ClusterSpec, servers: object, frame: Frame, code: str
 ) -> None:
+    assert spec.profile.layer_groups == 5  # the write frames above are built for 5 groups
     conn = await data_conn(spec, "storage-0")
     try:
         await conn.send(frame)
@@ -402,7 +503,8 @@ async def test_stop_ends_open_connections(spec: ClusterSpec) -> None:
         await conn.send(Frame("read", {"req": 1, "traj": 0, "blocks": []}))
         assert (await conn.recv_reply()).kind == "read_done"
         await server.stop()
-        assert await conn.reader.read() == b""  # closed by the server
+        with pytest.raises(ConnectionClosed):  # closed by the server
+            await conn.recv()
     finally:
         await conn.close()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -17,6 +19,7 @@ from services.codec import (
     Frame,
     FrameDecoder,
     FrameError,
+    FrameReceiver,
     decode_header,
     encode,
     encode_bytes,
@@ -201,3 +204,252 @@ def test_encode_then_decode_in_arbitrary_pieces(frames: list[Frame], cuts: list[
     for a, b in itertools.pairwise(points):
         got += decoder.feed(data[a:b])
     assert got == frames
+
+
+# -- payload types ----------------------------------------------------------------------------
+
+
+def test_encode_takes_bytearray_and_memoryview_payloads_without_copying() -> None:
+    mutable = bytearray(b"kv" * 500)
+    assert encode(Frame("write", {}, mutable))[1] is mutable
+    view = memoryview(b"kv" * 500)[10:]
+    assert encode(Frame("write", {}, view))[1] is view
+    assert FrameDecoder().feed(encode_bytes(Frame("w", {}, view))) == [Frame("w", {}, view)]
+
+
+def test_encode_sends_a_wide_memoryview_as_its_bytes() -> None:
+    words = array.array("I", range(100))
+    (_, part) = encode(Frame("write", {}, memoryview(words)))
+    assert isinstance(part, memoryview)
+    assert part.obj is words  # a cast, not a copy
+    assert len(part) == 400
+    (frame,) = FrameDecoder().feed(encode_bytes(Frame("write", {}, memoryview(words))))
+    assert frame.payload == words.tobytes()
+
+
+def test_encode_refuses_a_strided_memoryview() -> None:
+    with pytest.raises(ValueError, match="C-contiguous"):
+        encode(Frame("write", {}, memoryview(b"abcdef")[::2]))
+
+
+# -- FrameReceiver ----------------------------------------------------------------------------
+
+
+def drive(
+    rx: FrameReceiver, data: bytes, read_sizes: Iterable[int] = ()
+) -> tuple[list[Frame], list[tuple[object, int]]]:
+    """Feed `data` the way an event loop would: ask for a buffer, write at most the next read
+    size (0 or missing: as much as fits) into it, report it. Returns the frames and, per read,
+    (the object behind the buffer handed out, bytes written)."""
+    sizes = iter(read_sizes)
+    frames: list[Frame] = []
+    reads: list[tuple[object, int]] = []
+    pos = 0
+    while pos < len(data):
+        buf = rx.get_buffer(-1)
+        assert len(buf) > 0
+        n = min(len(buf), len(data) - pos, next(sizes, 0) or len(data))
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        reads.append((buf.obj, n))
+        frames += rx.buffer_updated(n)
+    return frames, reads
+
+
+SMALL_SCRATCH = 256  # payloads >= 64 bytes count as large: both read modes on small data
+
+
+def mixed_frames() -> list[Frame]:
+    return [
+        Frame("read", {"req": 1, "blocks": [1, 2, 3]}),
+        Frame("blocks", {"req": 1, "entries": [[1, 0, 7]]}, bytes(range(256)) * 3),
+        Frame("blocks", {"req": 1, "entries": [[2, 0, 8], [2, 1, 9]]}, b"\xaa" * 500),
+        Frame("note", {"req": 1}, b"tiny"),
+        Frame("blocks", {"req": 2}, b"\x55" * 300),
+        Frame("read_done", {"req": 1, "num_blocks": 3}),
+    ]
+
+
+def test_receiver_split_at_every_byte_boundary() -> None:
+    frames = mixed_frames()
+    data = b"".join(encode_bytes(f) for f in frames)
+    for cut in range(len(data) + 1):
+        rx = FrameReceiver(scratch_bytes=SMALL_SCRATCH)
+        got, _ = drive(rx, data[:cut])
+        assert rx.buffered_bytes == cut - sum(len(encode_bytes(f)) for f in got)
+        more, _ = drive(rx, data[cut:])
+        assert got + more == frames, f"cut at {cut}"
+        assert rx.buffered_bytes == 0
+
+
+def test_receiver_byte_by_byte() -> None:
+    frames = mixed_frames()
+    data = b"".join(encode_bytes(f) for f in frames)
+    got, reads = drive(FrameReceiver(scratch_bytes=SMALL_SCRATCH), data, itertools.repeat(1))
+    assert got == frames
+    assert len(reads) == len(data)
+
+
+def test_receiver_takes_several_frames_in_one_read() -> None:
+    frames = [Frame("a", {"i": i}, b"p" * i) for i in range(20)]
+    data = b"".join(encode_bytes(f) for f in frames)
+    rx = FrameReceiver()
+    buf = rx.get_buffer(-1)
+    assert len(buf) >= len(data)
+    buf[: len(data)] = data
+    assert rx.buffer_updated(len(data)) == frames
+    assert rx.buffered_bytes == 0
+
+
+def test_receiver_payload_is_filled_in_place() -> None:
+    # After one large frame, the next large payload gets no byte through the scratch buffer:
+    # every byte of it is written straight into the (pooled) buffer the frame carries.
+    big = [Frame("blocks", {"req": i}, bytes([i]) * (1 << 20)) for i in range(3)]
+    data = b"".join(encode_bytes(f) for f in big)
+    got, reads = drive(FrameReceiver(), data, itertools.repeat(200_000))
+    assert got == big
+    for frame in got[1:]:
+        payload = frame.payload
+        assert isinstance(payload, memoryview) and not payload.readonly
+        in_place = sum(n for obj, n in reads if obj is payload.obj)
+        assert in_place == len(payload)
+
+
+def test_receiver_payloads_do_not_share_memory() -> None:
+    frames = [Frame("a", {}, b"x" * 10), Frame("b", {}, b"y" * 10)]
+    got = FrameDecoder().feed(b"".join(encode_bytes(f) for f in frames))
+    first = got[0].payload
+    assert isinstance(first, bytearray)
+    first[:] = b"z" * 10
+    assert got[1].payload == b"y" * 10
+
+
+def test_receiver_zero_length_payload() -> None:
+    rx = FrameReceiver()
+    got, _ = drive(rx, encode_bytes(Frame("stats")) * 3)
+    assert got == [Frame("stats")] * 3
+    assert all(f.payload == b"" for f in got)
+
+
+def test_receiver_header_near_the_limit_larger_than_its_scratch() -> None:
+    frame = Frame("write", {"blob": b"h" * (MAX_HEADER_BYTES - 64)}, b"payload")
+    data = encode_bytes(frame) + encode_bytes(Frame("next"))
+    got, _ = drive(FrameReceiver(), data, itertools.repeat(100_000))
+    assert got == [frame, Frame("next")]
+
+
+def test_receiver_rejects_a_header_length_over_the_limit() -> None:
+    rx = FrameReceiver()
+    with pytest.raises(FrameError, match="header length"):
+        drive(rx, PREFIX.pack(b"DP", 1, MAX_HEADER_BYTES + 1, 0))
+
+
+def test_receiver_rejects_an_oversize_payload_before_it_arrives() -> None:
+    data = encode_bytes(Frame("write", {"req": 1}, b"x" * 101))
+    with pytest.raises(FrameError, match="payload length 101 exceeds limit 100"):
+        drive(FrameReceiver(max_payload_bytes=100), data[:PREFIX_SIZE])
+    got, _ = drive(FrameReceiver(max_payload_bytes=101), data)
+    assert len(got) == 1
+
+
+def test_receiver_rejects_garbage_once_a_prefix_is_complete() -> None:
+    rx = FrameReceiver()
+    assert drive(rx, b"hello, ")[0] == []
+    assert rx.buffered_bytes == 7
+    with pytest.raises(FrameError, match="bad magic b'he'"):
+        drive(rx, b"storage!")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"XX" + encode_bytes(Frame("read"))[2:], "bad magic"),
+        (b"DP\x63" + encode_bytes(Frame("read"))[3:], "unsupported frame version 99"),
+        (PREFIX.pack(b"DP", 1, 0, 0), r"header length 0 outside 1\.\."),
+        (raw_frame([1, 2, 3]), "header must be a map, got list"),
+        (raw_frame({"req": 1}), "no message type 't'"),
+        (encode_prefix(3, 0) + b"\xc1\xc1\xc1", "header is not valid msgpack"),
+    ],
+)
+def test_receiver_error_messages_match_the_codec(data: bytes, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        drive(FrameReceiver(), data)
+
+
+def test_receiver_keeps_the_frames_before_garbage_and_stays_failed() -> None:
+    good = [Frame("a", {"i": 1}, b"1"), Frame("b", {"i": 2})]
+    data = b"".join(encode_bytes(f) for f in good) + b"garbage-garbage"
+    rx = FrameReceiver()
+    buf = rx.get_buffer(-1)
+    buf[: len(data)] = data
+    with pytest.raises(FrameError, match="bad magic") as info:
+        rx.buffer_updated(len(data))
+    assert info.value.frames == good
+    assert rx.failed
+    buf = rx.get_buffer(-1)  # somewhere to discard into, never empty
+    assert len(buf) > 0
+    with pytest.raises(FrameError, match="bad magic") as again:
+        rx.buffer_updated(1)
+    assert again.value.frames == []
+
+
+def test_decoder_error_carries_earlier_frames_too() -> None:
+    good = Frame("a", {"i": 1}, b"1")
+    with pytest.raises(FrameError) as info:
+        FrameDecoder().feed(encode_bytes(good) + b"XX" + bytes(20))
+    assert info.value.frames == [good]
+
+
+def test_receiver_refuses_more_bytes_than_it_handed_out() -> None:
+    rx = FrameReceiver()
+    buf = rx.get_buffer(-1)
+    with pytest.raises(ValueError, match="nbytes"):
+        rx.buffer_updated(len(buf) + 1)
+
+
+@given(
+    frames=st.lists(_frames, min_size=1, max_size=5),
+    read_sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=50),
+    scratch=st.sampled_from([SMALL_SCRATCH, 4096, 64 << 10]),
+)
+def test_receiver_any_frames_any_read_sizes(
+    frames: list[Frame], read_sizes: list[int], scratch: int
+) -> None:
+    data = b"".join(encode_bytes(f) for f in frames)
+    rx = FrameReceiver(scratch_bytes=scratch)
+    got, _ = drive(rx, data, itertools.cycle(read_sizes))
+    assert got == frames
+    assert rx.buffered_bytes == 0
+
+
+def test_receiver_reports_the_wire_size_of_each_frame() -> None:
+    frames = [Frame("a", {"i": 1}, b"x" * 10), Frame("bb", {}), Frame("c", {"k": "v"}, b"y")]
+    wires = [encode_bytes(f) for f in frames]
+    rx = FrameReceiver()
+    buf = rx.get_buffer(-1)
+    data = b"".join(wires)
+    buf[: len(data)] = data
+    assert rx.buffer_updated(len(data)) == frames
+    assert rx.last_frame_bytes == [len(w) for w in wires]
+    buf = rx.get_buffer(-1)
+    buf[:3] = wires[0][:3]
+    assert rx.buffer_updated(3) == []
+    assert rx.last_frame_bytes == []
+
+
+def test_pooled_payloads_are_reused_only_once_unreferenced() -> None:
+    from services.buffers import PayloadPool
+
+    pool = PayloadPool()
+    first = pool.get(100_000)
+    first[:5] = b"hello"
+    kept = bytes(first[:5]), memoryview(first)[:5]  # a derived view keeps it alive
+    del first
+    second = pool.get(100_000)
+    second[:5] = b"XXXXX"
+    assert bytes(kept[1]) == b"hello"
+    assert pool.num_reused == 0
+    del kept, second
+    third = pool.get(100_000)
+    assert len(third) == 100_000 and pool.num_reused == 1
+    assert isinstance(pool.get(1000), bytearray)  # small payloads are not pooled

@@ -293,7 +293,7 @@ def test_local_is_loopback_with_distinct_ports() -> None:
     endpoints = [spec.grpc, spec.http]
     for node in spec.nodes:
         endpoints.append(node.mgmt)
-        for ep in (node.cnic, node.storage):
+        for ep in (node.cnic, node.collective, node.storage):
             if ep is not None:
                 endpoints.append(ep)
         if node.snic_host is not None:

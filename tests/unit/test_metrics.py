@@ -265,3 +265,10 @@ def test_ttft_breakdown_splits_each_turn_at_its_events() -> None:
     )
     none = _summary({**driver, "turns": [old]})["ttft_breakdown"]
     assert none["num_turns"] == 0 and none["queue_share"] is None
+
+
+def test_tpot_ends_at_the_last_token_not_at_done() -> None:
+    # decoding ended at 2.0; persisting the new blocks took until 2.5
+    turn = _turn(last_token_at=2.0)
+    s = _summary({"started_at": 0.0, "finished_at": 3.0, "jct_s": 3.0, "turns": [turn]})
+    assert s["tpot_ms"]["p50"] == pytest.approx(50.0)  # 0.5 s over 10 tokens

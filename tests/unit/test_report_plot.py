@@ -102,3 +102,33 @@ def test_latency_panel_under_the_queues_and_the_event_line_reaches_it(tmp_path: 
     assert "TTFT ms" in svg and "TTFT p50" in svg and "TTFT max" in svg
     line = next(x for x in svg.splitlines() if 'stroke-dasharray="4,3"' in x)
     assert 'y2="760"' in line  # below the queue panel (ends at 540), through the TTFT panel
+
+
+def test_lateness_panel_with_its_threshold_under_the_other_panels(tmp_path: Path) -> None:
+    series = [
+        {
+            "t": float(t),
+            "prefill-0/snic/ingress_mbit": 90.0,
+            "prefill-0/snic/ingress_backlog_bytes": 0,
+        }
+        for t in range(10)
+    ]
+    lateness = [[0.5, 0.01, 20], [1.5, 0.4, 20], [2.5, 0.02, 18]]
+    out = tmp_path / "plot.svg"
+    write_plot(
+        series,
+        out,
+        title="t",
+        events=[{"t": 3.0, "node": "x", "action": "kill"}],
+        lateness=lateness,
+        lateness_threshold=0.05,
+    )
+    svg = out.read_text()
+    assert "late %" in svg and "step lateness (max/s)" in svg and "threshold (p99)" in svg
+    threshold = next(x for x in svg.splitlines() if 'stroke-dasharray="8,4"' in x)
+    ys = {p.split(",")[1] for p in threshold.split('points="')[1].rstrip('"/>').split()}
+    assert len(ys) == 1  # a level line at 5 %
+    line = next(x for x in svg.splitlines() if 'stroke-dasharray="4,3"' in x)
+    assert 'y2="760"' in line  # the event line runs through the lateness panel (610-760)
+    write_plot(series, tmp_path / "none.svg", title="t", lateness=[], lateness_threshold=0.05)
+    assert "late %" not in (tmp_path / "none.svg").read_text()
