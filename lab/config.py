@@ -241,7 +241,11 @@ class Network(_Model):
 
 class Scheduling(_Model):
     pull_interval_ms: float = Field(
-        10, gt=0, le=10000, description="how often engine groups pull work, emulated ms"
+        1,
+        gt=0,
+        le=10000,
+        description="how often engine groups pull work, real ms (emulated: x time_dilation, so"
+        " the real-equivalent behaviour does not depend on tau)",
     )
     alpha_tokens: int | None = Field(
         None, ge=1, description="alpha: tokens a node's snic reads in 3 s (default: derived)"
@@ -521,7 +525,7 @@ def build_cluster_spec(
         nodes=tuple(nodes),
         grpc=ep(net.mgmt_subnet, 2, PORT_GRPC, p_grpc),
         http=ep(net.mgmt_subnet, 2, PORT_HTTP, p_http),
-        pull_interval_s=cfg.scheduling.pull_interval_ms / 1000.0,
+        pull_interval_s=cfg.scheduling.pull_interval_ms / 1000.0 * s.time_dilation,
         alpha_tokens=cfg.derived_alpha_tokens(),
         beta_tokens=cfg.derived_beta_tokens(),
         collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),

@@ -372,7 +372,10 @@ def run_once(
     if checked is not None:
         summary["selftest"] = checked
     health = assess(
-        driver.get("health") or {}, host, window=(driver["started_at"], driver["finished_at"])
+        driver.get("health") or {},
+        host,
+        window=(driver["started_at"], driver["finished_at"]),
+        storage_mbit={n.node_id: n.snic_rate_mbit for n in spec.nodes if n.snic_rate_mbit},
     )
     summary["emulation_health"] = health
     summary["allowed_host_bound"] = False  # `dualpath ... --allow-host-bound` sets it

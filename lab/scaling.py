@@ -5,7 +5,10 @@ The real-equivalent results of a config do not depend on k and tau while the hos
 bytes per second the data plane moves, tau how short the emulated GPU steps are. So:
 
 - tau is the smallest value that makes every emulated GPU step long against the event loop's
-  timer resolution and the host's wake-up jitter (a step of MIN_STEP_MS or more);
+  timer resolution and the host's wake-up jitter (a step of MIN_STEP_MS or more), and that
+  keeps the cluster's control work — scheduler pulls, GPU steps and their collective bursts,
+  all of which happen per emulated second, so 1/tau as often — within CONTROL_SHARE of the
+  host's CPUs (costs per event measured on the reference host, scaled by the calibration);
 - k is the largest value whose aggregate KV rate (every engine storage NIC saturated, and each
   byte it reads forwarded once more over the compute network) stays within a share of the
   host's data-plane capacity, estimated from a short calibration of the lab's own transport on
@@ -34,10 +37,19 @@ LOAD_SHARE = 0.5
 """Share of the estimated capacity a run may use at full load: headroom for the timelines,
 the scheduler, the driver, bursts and the rest of the machine."""
 
+CONTROL_SHARE = 0.15
+"""Share of the host's CPUs the control work of a cluster at full tilt may take."""
+PULL_CPU_S = 300e-6
+"""CPU per scheduler pull, both ends (gRPC stream message and report), reference host."""
+STEP_CPU_S = 100e-6
+"""CPU per emulated GPU step of a timeline, reference host."""
+BURST_CPU_S = 400e-6
+"""CPU per collective burst to one peer and its ack (both ends and the kernel's shaping)."""
+
 REFERENCE_CAPACITY_GBIT = 3.0
 """Aggregate verified KV (emulated Gbit/s) the reference host carried within 5 % of its
 low-rate JCT (bench/invariance.py on examples/laptop.yaml; docs/design.md)."""
-REFERENCE_CPU_S_PER_GB = 0.55
+REFERENCE_CPU_S_PER_GB = 0.45
 """lab.calibrate's cost on that host (CPU seconds per GB through the lab's transport, verified)."""
 REFERENCE_CPUS = 2
 
@@ -86,6 +98,24 @@ def kv_gbit_per_unit_k(cfg: LabConfig) -> float:
     return 2.0 * (c.prefill_nodes + c.decode_nodes) * c.snic_gbit
 
 
+def control_cpu_s_per_s(cfg: LabConfig, cal: HostCalibration) -> float:
+    """CPU seconds per real second the cluster's control work costs at full tilt (every GPU
+    stepping at its shortest step): divide by tau for emulated time."""
+    c, m = cfg.cluster, cfg.model
+    nodes = c.prefill_nodes + c.decode_nodes
+    pulls = nodes * 1000.0 / cfg.scheduling.pull_interval_ms
+    collectives = cfg.scheduling.collective_kbytes_per_step > 0
+    decode_steps = c.decode_nodes * c.gpus_per_node / (max(m.decode_base_ms, 1e-3) / 1000.0)
+    prefill_steps = c.prefill_nodes * m.layer_groups / (max(m.prefill_base_ms, 1e-3) / 1000.0)
+    burst = BURST_CPU_S if collectives else 0.0
+    cost = (
+        pulls * PULL_CPU_S
+        + decode_steps * (STEP_CPU_S + (c.decode_nodes - 1) * burst)
+        + prefill_steps * (STEP_CPU_S + (c.prefill_nodes - 1) * burst)
+    )
+    return cost * cal.cpu_s_per_gb / REFERENCE_CPU_S_PER_GB
+
+
 def shortest_step_ms(cfg: LabConfig) -> float:
     """The shortest real GPU step the cost model can produce (its fixed costs)."""
     m = cfg.model
@@ -93,9 +123,9 @@ def shortest_step_ms(cfg: LabConfig) -> float:
 
 
 def _round_up(x: float) -> float:
-    """Up to 1, 2, 2.5 or 5 x 10^n (a value people can read and repeat)."""
+    """Up to 1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 x 10^n (a value people can read and repeat)."""
     exp = math.floor(math.log10(x))
-    for m in (1, 2, 2.5, 5, 10):
+    for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
         if m * 10**exp >= x * (1 - 1e-9):
             return float(m * 10**exp)
     return float(10 ** (exp + 1))
@@ -116,10 +146,15 @@ def choose_scaling(cfg: LabConfig, cal: HostCalibration) -> ScalingChoice:
     tau = s.time_dilation
     if "time_dilation" in auto:
         need_ms = max(MIN_STEP_MS, JITTER_STEPS * cal.timer_late_p99_ms)
-        tau = _round_up(need_ms / shortest_step_ms(cfg))
+        for_steps = need_ms / shortest_step_ms(cfg)
+        control = control_cpu_s_per_s(cfg, cal)
+        for_control = control / (CONTROL_SHARE * cal.cpus)
+        tau = _round_up(max(for_steps, for_control))
         notes.append(
             f"tau {tau:g}: the shortest GPU step ({shortest_step_ms(cfg):g} ms real) lasts "
-            f">= {need_ms:g} ms emulated"
+            f">= {need_ms:g} ms emulated, and the control work (pulls, steps, collectives; "
+            f"{control:.2f} CPU-s per real second at full tilt) takes <= "
+            f"{100 * control / tau / cal.cpus:.0f} % of {cal.cpus} CPUs"
         )
     capacity = capacity_gbit_per_s(cal)
     per_k = kv_gbit_per_unit_k(cfg)

@@ -43,7 +43,7 @@ READ_CONCURRENCY = 2
 """Storage reads in flight per node; the rest wait in the node's read queue (FIFO)."""
 KV_FRAME_BYTES = 4 << 20
 """Target payload of one kv/relay frame (at least one slice)."""
-STATUS_INTERVAL_S = 0.01
+STATUS_INTERVAL_S = 0.05
 COUNTERS_INTERVAL_S = 0.1
 TICK_INTERVAL_S = 1.0
 BIND_RETRY_S = 10.0
@@ -144,6 +144,8 @@ class DataPlane:
         self._stop = asyncio.Event()
         max_slices = max(1, spec.max_frame_bytes // self.gen.slice_bytes)
         self._max_slices = max_slices
+        # the timeline reports the read queue at every pull: fresher is not needed
+        self._status_interval_s = min(STATUS_INTERVAL_S, spec.pull_interval_s)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -234,7 +236,7 @@ class DataPlane:
         last_key: tuple[int, int, int] | None = None
         last_sent = 0.0
         while True:
-            await asyncio.sleep(STATUS_INTERVAL_S)
+            await asyncio.sleep(self._status_interval_s)
             key = (self.read_q_tokens, self.dram.used, self.counters["errors"])
             now = time.monotonic()
             if key != last_key or (self._dirty and now - last_sent >= COUNTERS_INTERVAL_S):

@@ -403,7 +403,7 @@ def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.Gen
         requests: AsyncIterator[dict[str, Any]], ctx: aio.ServicerContext
     ) -> AsyncIterator[dict[str, Any]]:
         """Fetch as a stream: one reply per request, half the CPU of a unary call each (a
-        leader pulls every pull_interval: 100 times a second per node at 10 ms)."""
+        leader pulls every pull interval: 100 times a second per node at 10 emulated ms)."""
         async for req in requests:
             try:
                 assignments = state.fetch(req, clock())

@@ -256,6 +256,7 @@ class FrameConnection:
         self._transport: asyncio.Transport = protocol.transport
         self.io_timeout_s = io_timeout_s
         self._send_lock = asyncio.Lock()
+        self._marked: Dscp | None = None
 
     @property
     def peer(self) -> str:
@@ -267,8 +268,11 @@ class FrameConnection:
 
     def mark(self, dscp: Dscp) -> None:
         """Mark what this connection sends from now on (replies and pure ACKs) with `dscp`:
-        a server answers in the class its client asked in, not in its listener's class."""
-        set_dscp(self._proto.sock, dscp)
+        a server answers in the class its client asked in, not in its listener's class.
+        Marking again with the same class makes no system call."""
+        if self._marked is not dscp:
+            set_dscp(self._proto.sock, dscp)
+            self._marked = dscp
 
     # -- receiving ---------------------------------------------------------------------------
     async def recv(self) -> Frame:

@@ -114,8 +114,8 @@ def test_a_lab_that_kept_up_is_healthy() -> None:
         "timeline_lateness_p99": 0.25,
         "timer_allowance_ms": 2.0,
         "timeline_loop_lag_p99_ms": 20.0,
-        "dataplane_loop_lag_p99_ms": 50.0,
-        "storage_loop_lag_p99_ms": 50.0,
+        "dataplane_buffer_mib": 6.0,
+        "dataplane_loop_lag_p99_ms": 100.0,
     }
     assert verdict_of({"emulation_health": eh}) == "healthy"
 
@@ -129,6 +129,10 @@ def test_cpu_and_run_queue_shares_are_counter_growth_per_wall_second() -> None:
     assert counter_share([[0.0, 1.0, 0.5], [2.0, 2.0, 1.5]], 1) == pytest.approx(0.5)
     assert counter_share([[0.0, 1.0, -1.0], [2.0, 2.0, -1.0]], 2) is None
     assert counter_share([[0.0, 1.0, 0.0]], 1) is None
+
+
+GBIT = {"prefill-0": 1000.0, "decode-0": 1000.0}
+"""Shaped storage NICs of 1 Gbit/s: a data plane's loop-lag bound is 50 ms."""
 
 
 def _hiccups(process: str) -> dict[str, Any]:
@@ -173,10 +177,22 @@ def test_each_threshold_alone_makes_the_run_host_bound_and_is_named(
     for node, snaps in lab_change.items():
         part = snaps[0]["part"]
         lab[node] = [s for s in lab[node] if s["part"] != part] + snaps
-    eh = assess(lab, _host(), window=(T0, T1))
+    eh = assess(lab, _host(), window=(T0, T1), storage_mbit=GBIT)
     assert eh["verdict"] == "host-bound"
     assert eh["reasons"] == [reason]
     assert verdict_of({"emulation_health": eh}) == "host-bound"
+
+
+def test_a_data_plane_may_lag_as_long_as_its_receive_buffers_cover() -> None:
+    # 6 MiB at 1 Gbit/s is 50 ms; at 100 Mbit/s 503 ms, so the 100 ms ceiling applies
+    lab = _healthy_lab()
+    lab["decode-0"][1] = _snap("decode-0", "dataplane", lag_ms=80.0)
+    assert assess(lab, [], window=(T0, T1), storage_mbit=GBIT)["verdict"] == "host-bound"
+    slow = {"prefill-0": 100.0, "decode-0": 100.0}
+    assert assess(lab, [], window=(T0, T1), storage_mbit=slow)["verdict"] == "healthy"
+    lab["decode-0"][1] = _snap("decode-0", "dataplane", lag_ms=120.0)
+    eh = assess(lab, [], window=(T0, T1), storage_mbit=slow)
+    assert eh["reasons"] == ["decode-0 dataplane: event-loop lag p99 120.0 ms > 100 ms"]
 
 
 def test_contention_alone_is_reported_not_judged() -> None:
@@ -201,8 +217,8 @@ def test_thresholds_are_fields_and_are_validated() -> None:
     assert eh["verdict"] == "host-bound"
     assert eh["reasons"] == ["prefill-0 timeline: GPU time 1.2 % over plan > 1 %"]
     assert eh["thresholds"]["timeline_drift"] == 0.01
-    with pytest.raises(ValueError, match="storage_loop_lag_p99_ms"):
-        Thresholds(storage_loop_lag_p99_ms=0)
+    with pytest.raises(ValueError, match="dataplane_buffer_mib"):
+        Thresholds(dataplane_buffer_mib=0)
 
 
 def test_samples_outside_the_window_are_ignored() -> None:
@@ -263,10 +279,10 @@ def test_missing_data_gives_unknown_never_an_error() -> None:
 
 
 def test_a_breach_without_any_timeline_step_is_still_host_bound() -> None:
-    lab = {"storage-0": [_snap("storage-0", "storage", lag_ms=90.0)]}
+    lab = {"storage-0": [_snap("storage-0", "storage", lag_ms=120.0)]}
     eh = assess(lab, _host(psi=0.8), window=(T0, T1))
     assert eh["verdict"] == "host-bound"
-    assert eh["reasons"] == ["storage-0 storage: event-loop lag p99 90.0 ms > 50 ms"]
+    assert eh["reasons"] == ["storage-0 storage: event-loop lag p99 120.0 ms > 100 ms"]
 
 
 def test_gauges_max_and_mean_over_the_window() -> None:
