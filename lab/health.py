@@ -53,11 +53,11 @@ class Thresholds:
     and events all wait on this loop."""
     dataplane_buffer_mib: float = 6.0
     """Per engine data plane and storage server: p99 of its event loop's wake-up lag must stay
-    under the time this much KV takes at the node's shaped storage rate (Linux's default
-    tcp_rmem maximum). A data plane that is not back at its sockets before the receive
-    buffers fill lets the link idle: KV then moves at CPU speed, not at the NIC's. Measured on
-    the laptop config (1 Gbit/s storage NICs, so 50 ms): p99 up to ~60 ms kept JCT within 5 %
-    of a low-load run, 80 ms and more did not."""
+    under the time this much KV takes at the node's shaped storage rate. A data plane that is
+    not back at its sockets in time lets the link idle (TCP's receive window stays small on
+    the lab's sub-millisecond round trips): KV then moves at CPU speed, not at the NIC's.
+    Calibrated on the laptop config (1 Gbit/s storage NICs, so 50 ms): p99 up to ~60 ms kept
+    JCT within 5 % of a low-load run, 80 ms and more did not."""
     dataplane_loop_lag_p99_ms: float = 100.0
     """The same bound's ceiling, and the bound where links are not shaped (local backend):
     beyond it a turn's latency, not only the link's use, carries the host's delay."""

@@ -1,0 +1,36 @@
+"""The pure modules stay pure: importing them pulls in no event loop, socket or netlink code.
+
+Each is imported in a fresh interpreter, so what another test imported cannot hide a new
+dependency; the check is on the modules they load, not on their source text.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PURE = [
+    "services.engine_core",
+    "services.dataplane_core",
+    "services.assignment",
+    "services.kvblocks",
+    "services.buffers",
+    "scheduler.dualpath_policy",
+    "scheduler.batching",
+    "netem.plan",
+    "lab.scaling",
+    "lab.health",
+]
+FORBIDDEN = ["asyncio", "pyroute2", "grpc", "aiohttp", "uvloop", "services.transport"]
+"""(Not `socket`: pydantic, which the spec models use, imports it through the email package.)"""
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_a_pure_module_loads_no_io(module: str) -> None:
+    code = f"import sys, {module}; print(','.join(m for m in {FORBIDDEN!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "", f"{module} imports {out}"
