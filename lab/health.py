@@ -48,9 +48,10 @@ class Thresholds:
     timer_allowance_ms: float = 2.0
     """Not a bound: the event loop's timers have millisecond resolution, so up to this much
     lateness per step is the clock's, not the host's load."""
-    timeline_loop_lag_p99_ms: float = 20.0
+    timeline_loop_lag_p99_ms: float = 50.0
     """Per timeline process: p99 of the event loop's wake-up lag. Collective bursts, hand-offs
-    and events all wait on this loop."""
+    and turn events all wait on this loop: a late event is a client-side timing error of that
+    much (50 emulated ms is 1 % of the laptop config's TTFT p50)."""
     dataplane_buffer_mib: float = 6.0
     """Per engine data plane and storage server: p99 of its event loop's wake-up lag must stay
     under the time this much KV takes at the node's shaped storage rate. A data plane that is
@@ -178,7 +179,11 @@ def _label(key: str) -> str:
 
 
 def _process_entry(
-    snap: Mapping[str, Any], start: float, end: float, allowance_ms: float = 0.0
+    snap: Mapping[str, Any],
+    start: float,
+    end: float,
+    allowance_ms: float = 0.0,
+    lateness_bound: float | None = None,
 ) -> dict[str, Any]:
     part = str(snap.get("part", ""))
     lag = [r[1] for r in _rows(snap.get("loop_lag"), 2, start, end)]
@@ -194,10 +199,12 @@ def _process_entry(
     }
     if part == "timeline" or steps:
         rel = [max(r[3] - allowance_ms, 0.0) / r[1] for r in steps if r[1] > 0]
+        late_bound = lateness_bound if lateness_bound is not None else math.inf
         entry["steps"] = {
             "num_steps": len(steps),
             "late_ms": _pick([r[3] for r in steps], ("p50", "p99", "max"), 3),
             "rel_late": _pick(rel, ("p50", "p99", "max")),
+            "num_late": sum(1 for x in rel if x > late_bound),
             "planned_total_ms": round(sum(r[1] for r in steps), 3),
             "actual_total_ms": round(sum(r[2] for r in steps), 3),
         }
@@ -233,7 +240,8 @@ def _judge(
                 f"> {100 * th.timeline_drift:g} %"
             )
         p99 = steps["rel_late"]["p99"]
-        if p99 is not None and p99 > th.timeline_lateness_p99:
+        # p99 of a few dozen steps is their maximum: one hiccup of the host is not a trend
+        if p99 is not None and p99 > th.timeline_lateness_p99 and steps["num_late"] > 1:
             out.append(
                 f"{who}: step lateness p99 {100 * p99:.1f} % of the step "
                 f"> {100 * th.timeline_lateness_p99:g} %"
@@ -345,7 +353,11 @@ def assess(
             not_reported.append(str(name))
         for snap in snaps:
             entry = _process_entry(
-                {"process": name, **snap}, start, end, thresholds.timer_allowance_ms
+                {"process": name, **snap},
+                start,
+                end,
+                thresholds.timer_allowance_ms,
+                thresholds.timeline_lateness_p99,
             )
             key = entry["process"]
             if entry["part"] and entry["part"] != key:
