@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -152,6 +152,27 @@ def _rows(raw: Any, width: int, start: float, end: float) -> list[list[float]]:
     return out
 
 
+PAUSE_GRACE_S = 0.5
+"""After a node is continued, what it does for this long still carries the pause."""
+
+
+def _outside(
+    rows: list[list[float]],
+    paused: Sequence[tuple[float, float]],
+    span: Callable[[list[float]], tuple[float, float]],
+) -> list[list[float]]:
+    """The rows whose time span (`span(row)`: loop-lag rows end at `at` and began the probe's
+    sleep plus `lag` earlier; step rows begin at `at` and last `actual`) overlaps no pause."""
+    if not paused:
+        return rows
+    out = []
+    for r in rows:
+        lo, hi = span(r)
+        if not any(lo < b + PAUSE_GRACE_S and hi > a for a, b in paused):
+            out.append(r)
+    return out
+
+
 def _r(v: float | None, digits: int = 4) -> float | None:
     return None if v is None else round(v, digits)
 
@@ -184,11 +205,19 @@ def _process_entry(
     end: float,
     allowance_ms: float = 0.0,
     lateness_bound: float | None = None,
+    paused: Sequence[tuple[float, float]] = (),
 ) -> dict[str, Any]:
     part = str(snap.get("part", ""))
-    lag = [r[1] for r in _rows(snap.get("loop_lag"), 2, start, end)]
+    lag_rows = _outside(
+        _rows(snap.get("loop_lag"), 2, start, end),
+        paused,
+        lambda r: (r[0] - r[1] / 1e3 - 0.05, r[0]),  # the probe slept 50 ms plus its lag
+    )
+    lag = [r[1] for r in lag_rows]
     cpu = _rows(snap.get("cpu"), 3, start, end)
-    steps = _rows(snap.get("steps"), 4, start, end)
+    steps = _outside(
+        _rows(snap.get("steps"), 4, start, end), paused, lambda r: (r[0], r[0] + r[2] / 1e3)
+    )
     entry: dict[str, Any] = {
         "process": str(snap.get("process", "")),
         "part": part,
@@ -334,11 +363,14 @@ def assess(
     window: tuple[float, float],
     thresholds: Thresholds = Thresholds(),
     storage_mbit: Mapping[str, float] | None = None,
+    paused: Mapping[str, Sequence[tuple[float, float]]] | None = None,
 ) -> dict[str, Any]:
     """summary.json `emulation_health` from the driver's `health` ({node or process name:
     [snapshots]}) and the runner's host samples, over `window` (the driver's started_at,
     finished_at; samples outside it are ignored). `storage_mbit`: each engine node's shaped
     storage-NIC rate (none on the local backend), which bounds its data plane's loop lag.
+    `paused`: per node, wall-clock intervals in which a chaos step had stopped or killed it:
+    what its processes measured then is the fault injected, not the host, and is left out.
 
     Verdict: "host-bound" when any measure is above its threshold (every such measure is a
     reason), else "unknown" when no timeline reported a step in the window (lateness, the
@@ -352,12 +384,14 @@ def assess(
         if not snaps:
             not_reported.append(str(name))
         for snap in snaps:
+            node_paused = (paused or {}).get(str(snap.get("process", name)), ())
             entry = _process_entry(
                 {"process": name, **snap},
                 start,
                 end,
                 thresholds.timer_allowance_ms,
                 thresholds.timeline_lateness_p99,
+                node_paused,
             )
             key = entry["process"]
             if entry["part"] and entry["part"] != key:
@@ -366,7 +400,11 @@ def assess(
                 key = f"{key}@{entry['pid']}"
             processes[key] = entry
             if _is_timeline(entry):
-                all_steps += _rows(snap.get("steps"), 4, start, end)
+                all_steps += _outside(
+                    _rows(snap.get("steps"), 4, start, end),
+                    node_paused,
+                    lambda r: (r[0], r[0] + r[2] / 1e3),
+                )
     host = host_health(host_samples, start, end)
     rates = dict(storage_mbit or {})
     fastest = max(rates.values(), default=None)

@@ -376,6 +376,9 @@ def run_once(
         host,
         window=(driver["started_at"], driver["finished_at"]),
         storage_mbit={n.node_id: n.snic_rate_mbit for n in spec.nodes if n.snic_rate_mbit},
+        paused=paused_intervals(
+            chaos.log if chaos is not None else [], driver["started_at"], driver["finished_at"]
+        ),
     )
     summary["emulation_health"] = health
     summary["allowed_host_bound"] = False  # `dualpath ... --allow-host-bound` sets it
@@ -411,6 +414,29 @@ def _sample(be: Backend, samples: list[Sample], host: list[HostSample]) -> None:
     if counters is not None:
         samples.append({"t": now, "nodes": counters})
     host.append(sample_host(now))
+
+
+def paused_intervals(
+    events: Sequence[dict[str, Any]], started_at: float, finished_at: float
+) -> dict[str, list[tuple[float, float]]]:
+    """Per node, the wall-clock intervals a chaos step had it stopped (stop → cont) or gone
+    (kill → restart), from the chaos log (`t` relative to the driver's start); an interval
+    still open at the end runs to `finished_at`."""
+    ends = {"stop": "cont", "kill": "restart"}
+    opened: dict[str, tuple[str, float]] = {}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for e in sorted(events, key=lambda e: float(e.get("t", 0.0))):
+        action, node = e.get("action"), e.get("node")
+        if not isinstance(node, str) or "error" in e:
+            continue
+        at = started_at + float(e.get("t", 0.0))
+        if action in ends and node not in opened:
+            opened[node] = (ends[action], at)
+        elif node in opened and action == opened[node][0]:
+            out.setdefault(node, []).append((opened.pop(node)[1], at))
+    for node, (_, at) in opened.items():
+        out.setdefault(node, []).append((at, finished_at))
+    return out
 
 
 def resolve_scaling(

@@ -332,3 +332,23 @@ def test_host_text_parsers() -> None:
         "psi_cpu_some_us": None,
         "num_cpus": 2,
     }
+
+
+def test_what_a_chaos_pause_did_is_left_out() -> None:
+    from lab.runner import paused_intervals
+
+    snap = _snap("decode-0", "timeline", late_frac=0.0)
+    snap["steps"][40] = [snap["steps"][40][0], 100.0, 1100.0, 1000.0]  # stopped for 1 s
+    lab = {"decode-0": [snap]}
+    assert assess(lab, [], window=(T0, T1))["verdict"] == "host-bound"
+    log = [
+        {"t": 4.05, "node": "decode-0", "action": "stop", "result": "decode-0 stop"},
+        {"t": 5.05, "node": "decode-0", "action": "cont", "result": "decode-0 cont"},
+        {"t": 6.0, "node": "prefill-0", "nic": "snic", "changes": {}, "result": "set"},
+        {"t": 8.0, "node": "decode-1", "action": "kill", "result": "killed"},
+    ]
+    paused = paused_intervals(log, T0, T1)
+    assert paused == {"decode-0": [(T0 + 4.05, T0 + 5.05)], "decode-1": [(T0 + 8.0, T1)]}
+    eh = assess(lab, [], window=(T0, T1), paused=paused)
+    assert eh["verdict"] == "healthy"
+    assert eh["processes"]["decode-0/timeline"]["steps"]["num_steps"] < 100
