@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from services.codec import Frame
+from services.codec import Frame, Payload
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec, Endpoint, NodeSpec
 from services.transport import Dscp, FrameConnection, connect
@@ -25,7 +25,7 @@ WRITE_CHUNK_BYTES = 1 << 20
 """Target payload of one `write` frame (whole blocks, so at least one block)."""
 
 T = TypeVar("T")
-OnChunk = Callable[[SliceSet, bytes | bytearray], None]
+OnChunk = Callable[[SliceSet, Payload], None]
 """Gets each verified chunk of a read: whole blocks (g0=0, g1=G) and their bytes. Synchronous:
 it must not block; it runs between two frames of the connection."""
 
@@ -263,8 +263,6 @@ class StorageClient:
                         f"[{s.g0}, {s.g1}), expected {_head(want or blocks[pos : pos + 1])} "
                         f"groups [0, {groups}) (whole blocks in request order)"
                     )
-                if not isinstance(payload, bytes | bytearray):
-                    payload = bytes(payload)
                 verified += self._gen.verify(s, payload, carried)
                 self.bytes_verified += len(payload)
                 pos += len(s.blocks)

@@ -453,3 +453,34 @@ def test_pooled_payloads_are_reused_only_once_unreferenced() -> None:
     third = pool.get(100_000)
     assert len(third) == 100_000 and pool.num_reused == 1
     assert isinstance(pool.get(1000), bytearray)  # small payloads are not pooled
+
+
+def test_pool_serves_a_request_from_a_free_buffer_of_a_nearby_larger_class() -> None:
+    from services.buffers import POOLED_MIN_BYTES, PayloadPool, class_size
+
+    assert class_size(POOLED_MIN_BYTES) == POOLED_MIN_BYTES
+    for n in (POOLED_MIN_BYTES + 1, 100_000, 2 << 20, (2 << 20) + 1, 3_000_001):
+        assert n <= class_size(n) <= n * 1.25 + 1  # at most a quarter of slack
+    pool = PayloadPool()
+    big = pool.get(2 << 20)
+    del big
+    assert pool.free_bytes == 2 << 20
+    smaller = pool.get((2 << 20) - 40_000)  # another class, within twice its size: reused
+    assert pool.num_reused == 1 and pool.free_bytes == 0 and len(smaller) == (2 << 20) - 40_000
+    del smaller
+    tiny = pool.get(200_000)  # far smaller: a buffer of its own, the big one stays free
+    assert pool.num_allocated == 2 and pool.free_bytes == 2 << 20 and len(tiny) == 200_000
+
+
+def test_warm_pool_serves_the_first_requests_without_allocating() -> None:
+    from services.buffers import PayloadPool, class_size
+
+    pool = PayloadPool(max_free_bytes=16 << 20)
+    added = pool.warm([2 << 20, 3 << 20], 64 << 20)  # capped by the pool's own limit
+    assert added == pool.free_bytes <= 16 << 20
+    assert added == 3 * (class_size(2 << 20) + class_size(3 << 20))  # round robin, 15 MiB
+    allocated = pool.num_allocated
+    held = [pool.get(n) for n in (2 << 20, 3 << 20) for _ in range(3)]
+    assert pool.num_allocated == allocated and pool.num_reused == 6 and pool.free_bytes == 0
+    assert pool.warm([1000], 1 << 20) == 0  # unpooled sizes: nothing to warm
+    del held
