@@ -27,8 +27,8 @@ STEPS_PER_OCTAVE = 4
 """Size classes: every power of two split in this many steps (at most 25 % slack per buffer).
 Frames come in many sizes (a read's last chunk, frames regrouped from chunks): exact-size
 classes filled the pool with buffers no later frame fitted, and every new one was faulted in."""
-LOOKAHEAD_CLASSES = STEPS_PER_OCTAVE
-"""A request may take a free buffer up to this many classes larger (at most twice its size)."""
+LOOKAHEAD_CLASSES = 2 * STEPS_PER_OCTAVE
+"""A request may take a free buffer up to this many classes larger (at most four times its size)."""
 MAX_FREE_BYTES = 1 << 30
 """Free memory the pool keeps at most; beyond it freed buffers go back to the allocator."""
 PAGE_BYTES = 4096

@@ -185,6 +185,13 @@ def _pwrite_all(fd: int, offset: int, data: memoryview) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+def _no_readahead(fd: int) -> None:
+    """Reads name exact block ranges of a sparse file: read-ahead would only zero-fill the holes
+    past them (measured: 7 % of a storage server's CPU in memset under page_cache_ra)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
 class TrajectoryFiles:
     """One sparse file per trajectory under `directory`: a bounded LRU of open fds, pinned
     while in use, and a record of which files this server created (only those are removed)."""
@@ -201,6 +208,7 @@ class TrajectoryFiles:
 
     def _open(self, traj: int, *, create: bool) -> int:
         path = self.path(traj)
+        fd = -1
         if create:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -208,8 +216,10 @@ class TrajectoryFiles:
                 pass
             else:
                 self._created.add(path)
-                return fd
-        return os.open(path, os.O_RDWR)
+        if fd < 0:
+            fd = os.open(path, os.O_RDWR)
+        _no_readahead(fd)
+        return fd
 
     @contextlib.contextmanager
     def pinned(self, traj: int, *, create: bool) -> Iterator[int]:
