@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from netem.errors import NetemError
+from netem.state import default_state_dir, ensure_state_dir
 from services.process import node_environment
 from services.spec import ClusterSpec, NodeSpec, Role
 
@@ -34,7 +36,8 @@ class BackendError(Exception):
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("DUALPATH_STATE_DIR", "/run/dualpath"))
+    """This user's state directory (`netem.state.default_state_dir`), read at each call."""
+    return default_state_dir()
 
 
 def _python() -> str:
@@ -74,9 +77,14 @@ class RunState:
         }
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ensure_state_dir(self.path.parent)
+        except NetemError as exc:
+            raise BackendError(str(exc)) from None
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
 
     def add_pid(self, name: str, pid: int) -> None:

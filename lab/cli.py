@@ -706,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Own both signals: a process started in the background inherits SIGINT ignored, and a
+    # Ctrl-C or `kill -INT` must still take the lab down through every `finally`.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     # `kill -USR1 <pid>` prints every thread's stack: a cheap way to see where a run waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -735,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         if isinstance(exc, NetemError):
             print(f"error: network setup failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, OSError):  # a file or directory the user cannot write, a full disk
+            print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise
 

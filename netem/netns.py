@@ -74,7 +74,7 @@ from netem.spec import (
     SpecError,
     TopologySpec,
 )
-from netem.state import LabState, recorded_paths, state_path
+from netem.state import LabState, default_state_dir, recorded_paths, state_path
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -87,7 +87,7 @@ __all__ = [
     "require_net_admin",
 ]
 
-DEFAULT_STATE_DIR = Path(os.environ.get("DUALPATH_STATE_DIR", "/run/dualpath"))
+DEFAULT_STATE_DIR = default_state_dir()
 NETNS_RUN_DIR = Path(pr_netns.NETNS_RUN_DIR)
 
 CAP_NET_ADMIN = 12

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from errno import EEXIST
 from pathlib import Path
@@ -24,6 +25,50 @@ from netem.plan import NAMESPACE_PREFIX
 STATE_VERSION = 1
 SUFFIX = ".json"
 _RECORD_NAME = re.compile(r"[a-z0-9]{1,8}\.json")
+
+
+SYSTEM_STATE_DIR = Path("/run/dualpath")
+STATE_DIR_MODE = 0o700
+RECORD_MODE = 0o600
+
+
+def default_state_dir(env: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
+    """Where lab records live: `$DUALPATH_STATE_DIR` if set; for root /run/dualpath; for
+    anyone else their own runtime directory (`$XDG_RUNTIME_DIR/dualpath`), or without one
+    `$XDG_STATE_HOME/dualpath` (default ~/.local/state/dualpath). Pure: no file is touched."""
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    explicit = env.get("DUALPATH_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    if euid == 0:
+        return SYSTEM_STATE_DIR
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        return Path(runtime) / "dualpath"
+    state_home = env.get("XDG_STATE_HOME", "")
+    if os.path.isabs(state_home):
+        return Path(state_home) / "dualpath"
+    return Path(env.get("HOME") or os.path.expanduser("~")) / ".local" / "state" / "dualpath"
+
+
+def ensure_state_dir(state_dir: Path) -> Path:
+    """Create `state_dir` readable by its owner only (the records name processes, files and
+    control URLs; the record files themselves are 0600 wherever they are). An existing
+    directory is used as it is: `DUALPATH_STATE_DIR` may name one that is not the lab's to
+    change. NetemError if it cannot be made, naming it and the variable that moves it."""
+    try:
+        state_dir.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(state_dir))
+    except OSError as exc:
+        raise NetemError(
+            f"cannot use the state directory {state_dir} ({exc.strerror or exc}): set "
+            "DUALPATH_STATE_DIR to a directory you can write",
+            operation=f"mkdir {state_dir}",
+            errno=exc.errno,
+        ) from exc
+    return state_dir
 
 
 def state_path(state_dir: Path, lab_id: str) -> Path:
@@ -95,9 +140,9 @@ class LabState:
     def create(cls, state_dir: Path, lab_id: str) -> LabState:
         """Claim `lab_id`: fails closed (NetemError) if a record for it already exists."""
         path = state_path(state_dir, lab_id)
+        ensure_state_dir(state_dir)
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, RECORD_MODE)
         except FileExistsError:
             raise NetemError(
                 f"lab {lab_id!r} is already recorded in {path}: run `dualpath down` "
@@ -129,8 +174,10 @@ class LabState:
     def save(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(self.record.to_json(), indent=2) + "\n")
-            with open(tmp, "rb") as fh:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, RECORD_MODE)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(self.record.to_json(), indent=2) + "\n")
+                fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except OSError as exc:

@@ -142,6 +142,9 @@ def test_signal_mid_run_takes_the_lab_down(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as a shell's background job starts it: both signals inherited as ignored, which the
+        # CLI must not depend on
+        preexec_fn=_ignore_stop_signals,
     )
     _wait_for_driver(proc, out)
     pids = json.loads(next((tmp_path / "state").glob("*.run.json")).read_text())["pids"]
@@ -152,6 +155,11 @@ def test_signal_mid_run_takes_the_lab_down(
     for pid in pids.values():
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
     _assert_nothing_left(tmp_path)
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _zombie(pid: int) -> bool:

@@ -97,3 +97,33 @@ def test_objects_made_inside_a_namespace_are_recorded_with_it(tmp_path: Path) ->
     del data["objects"]
     state.path.write_text(json.dumps(data))
     assert LabState.load(state.path).record.objects == {}
+
+
+def test_state_directory_follows_the_user() -> None:
+    from netem.state import SYSTEM_STATE_DIR, default_state_dir
+
+    run = {"XDG_RUNTIME_DIR": "/run/user/1000", "HOME": "/home/ann"}
+    assert default_state_dir({**run, "DUALPATH_STATE_DIR": "/srv/s"}, 1000) == Path("/srv/s")
+    assert default_state_dir(run, 0) == SYSTEM_STATE_DIR  # root: the system's
+    assert default_state_dir(run, 1000) == Path("/run/user/1000/dualpath")
+    no_runtime = {"HOME": "/home/ann", "XDG_RUNTIME_DIR": "relative/ignored"}
+    assert default_state_dir(no_runtime, 1000) == Path("/home/ann/.local/state/dualpath")
+    state_home = {**no_runtime, "XDG_STATE_HOME": "/home/ann/st"}
+    assert default_state_dir(state_home, 1000) == Path("/home/ann/st/dualpath")
+
+
+def test_state_directory_is_owner_only(tmp_path: Path) -> None:
+    from netem.state import ensure_state_dir
+
+    fresh = ensure_state_dir(tmp_path / "a" / "state")
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    wide = tmp_path / "wide"
+    wide.mkdir(mode=0o755)
+    ensure_state_dir(wide)
+    assert wide.stat().st_mode & 0o777 == 0o755  # an existing directory is not changed
+    record = LabState.create(wide, "ab1").path
+    assert record.stat().st_mode & 0o777 == 0o600  # but the records in it are owner-only
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(NetemError, match="DUALPATH_STATE_DIR"):
+        ensure_state_dir(blocker / "state")

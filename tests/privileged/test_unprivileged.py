@@ -1,0 +1,191 @@
+"""The README's path for users without root: `dualpath run --backend local` as an unprivileged
+user, from its own state directory to the end, and a state directory it cannot write refused
+with a clear error, not a traceback. Root is needed only to become that user."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("lab", "services", "scheduler", "netem")
+TINY = {
+    "name": "tiny",
+    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 2, "gpus_per_node": 2},
+    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
+    "workload": {
+        "num_agents": 3,
+        "max_len": 32768,
+        "seed": 3,
+        "start_turn_fraction": 0.5,
+        "max_turns_per_agent": 2,
+        "gen_token_scale": 0.05,
+    },
+}
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+
+
+def _user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user on this machine")
+
+
+def _as_user(
+    user: pwd.struct_passwd, argv: list[str], env: dict[str, str], **kw: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        env=env,
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        cwd=env["HOME"],  # the test's own directory may be out of the user's reach
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def stage() -> Iterator[tuple[Path, pwd.struct_passwd, dict[str, str]]]:
+    """A directory the user owns, holding a copy of the lab's packages, and an environment that
+    runs them with an interpreter the user can execute (a checkout under /root, or a venv whose
+    interpreter lives there, is out of its reach)."""
+    user = _user()
+    root = Path(tempfile.mkdtemp(prefix="dualpath-unpriv-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        for pkg in PACKAGES:
+            shutil.copytree(
+                REPO / pkg, root / "src" / pkg, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        home, runtime = root / "home", root / "runtime"
+        for d in (home, runtime):
+            d.mkdir()
+        for d in (root, home, runtime):
+            os.chown(d, user.pw_uid, user.pw_gid)
+        os.chmod(runtime, 0o700)
+        paths = sysconfig.get_paths()
+        sites = list(dict.fromkeys((paths["purelib"], paths["platlib"])))
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            "XDG_RUNTIME_DIR": str(runtime),
+            "PYTHONPATH": os.pathsep.join([str(root / "src"), *sites]),
+            "LANG": "C.UTF-8",
+        }
+        python = _python_for(user, env)
+        if python is None:  # the dependencies are out of the user's reach too: copy them
+            for i, site in enumerate(sites):
+                shutil.copytree(site, root / f"site{i}", symlinks=True)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(root / "src"), *(str(root / f"site{i}") for i in range(len(sites)))]
+            )
+            python = _python_for(user, env)
+        if python is None:
+            pytest.skip(f"no python {sys.version_info[:2]} that {user.pw_name} can run")
+        env["DUALPATH_TEST_PYTHON"] = python
+        yield root, user, env
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
+    """This interpreter if the user can run it with the lab's dependencies, else the system's
+    python3 of the same version (extension modules are built for the version, not the build)."""
+    probe = "import numpy, grpc, aiohttp, msgpack, uvloop, crc32c, yaml, lab.cli"
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for python in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        if not os.path.exists(python):
+            continue
+        try:
+            if _as_user(user, [python, "-c", probe], env, timeout=60).returncode == 0:
+                return python
+        except PermissionError:  # not even executable by the user (e.g. under /root)
+            continue
+    return None
+
+
+def test_unprivileged_user_runs_the_local_backend_to_the_end(
+    stage: tuple[Path, pwd.struct_passwd, dict[str, str]],
+) -> None:
+    root, user, env = stage
+    python = env["DUALPATH_TEST_PYTHON"]
+    cfg = root / "home" / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "policy": "dualpath"}))
+    os.chown(cfg, user.pw_uid, user.pw_gid)
+    out = root / "home" / "out"
+    env = {**env, "DUALPATH_DATA_DIR": str(root / "home")}
+    argv = [
+        python,
+        "-m",
+        "lab.cli",
+        "run",
+        "-c",
+        str(cfg),
+        "--backend",
+        "local",
+        "--out",
+        str(out),
+        "-q",
+    ]
+    res = _as_user(user, argv, env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["turns_done"] == 6 and summary["turns_failed"] == 0
+    assert summary["bytes_accounted"]
+    state = root / "runtime" / "dualpath"  # the user's own state directory, owner-only
+    assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
+    assert state.stat().st_uid == user.pw_uid
+    assert not list(state.iterdir())  # the run's record is gone with the run
+    assert not list((root / "home").glob("dualpath-*"))  # and its data directory
+
+
+def test_unwritable_state_directory_is_a_clear_error(
+    stage: tuple[Path, pwd.struct_passwd, dict[str, str]],
+) -> None:
+    root, user, env = stage
+    python = env["DUALPATH_TEST_PYTHON"]
+    cfg = root / "home" / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    locked = root / "locked"  # root's, mode 0755: the user cannot create anything in it
+    locked.mkdir()
+    env = {
+        **env,
+        "DUALPATH_STATE_DIR": str(locked / "state"),
+        "DUALPATH_DATA_DIR": str(root / "home"),
+    }
+    argv = [
+        python,
+        "-m",
+        "lab.cli",
+        "run",
+        "-c",
+        str(cfg),
+        "--backend",
+        "local",
+        "--out",
+        str(root / "home" / "out"),
+        "-q",
+    ]
+    res = _as_user(user, argv, env, timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert "cannot use the state directory" in res.stderr and "DUALPATH_STATE_DIR" in res.stderr
+    assert not (locked / "state").exists()
+    assert not list((root / "home").glob("dualpath-*"))  # nothing left behind
