@@ -33,6 +33,21 @@ requires_iperf3 = pytest.mark.skipif(
     shutil.which("iperf3") is None, reason="iperf3 is not installed (apt-get install iperf3)"
 )
 
+TINY_LAB: dict[str, Any] = {
+    "name": "lifecycle",
+    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 1, "gpus_per_node": 2},
+    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
+    "workload": {
+        "num_agents": 4,
+        "max_len": 32768,
+        "seed": 5,
+        "start_turn_fraction": 0.5,
+        "max_turns_per_agent": 2,
+        "gen_token_scale": 0.05,
+    },
+}
+"""A lab config small enough for lifecycle tests: 1P1D, one storage server, 8 turns."""
+
 # Wire accounting of one full-size TCP segment, as HTB charges it (see netem/counters.py).
 MTU = 1500
 ETH_HEADER = 14

@@ -18,26 +18,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from netem_helpers import ROOT_REASON
+from netem_helpers import ROOT_REASON, TINY_LAB
 
 pytestmark = [
     pytest.mark.privileged,
     pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON),
 ]
 
-TINY = {
-    "name": "lifecycle",
-    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 1, "gpus_per_node": 2},
-    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
-    "workload": {
-        "num_agents": 4,
-        "max_len": 32768,
-        "seed": 5,
-        "start_turn_fraction": 0.5,
-        "max_turns_per_agent": 2,
-        "gen_token_scale": 0.05,
-    },
-}
+TINY = TINY_LAB
 LONG = {**TINY, "workload": {**TINY["workload"], "num_agents": 16, "max_turns_per_agent": 20}}
 
 

@@ -17,24 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from netem_helpers import ROOT_REASON, TINY_LAB
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("lab", "services", "scheduler", "netem")
-TINY = {
-    "name": "tiny",
-    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 2, "gpus_per_node": 2},
-    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
-    "workload": {
-        "num_agents": 3,
-        "max_len": 32768,
-        "seed": 3,
-        "start_turn_fraction": 0.5,
-        "max_turns_per_agent": 2,
-        "gen_token_scale": 0.05,
-    },
-}
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(os.geteuid() != 0, reason=ROOT_REASON + " (here: to become another user)"),
+]
 
 
 def _user() -> pwd.struct_passwd:
@@ -120,72 +111,47 @@ def _python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
     return None
 
 
+def _run_local(
+    stage: tuple[Path, pwd.struct_passwd, dict[str, str]], config: dict[str, object], **env: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`dualpath run --backend local` of `config` as the stage's user; (result, --out dir)."""
+    root, user, base = stage
+    home = root / "home"
+    cfg = home / "lab.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    os.chown(cfg, user.pw_uid, user.pw_gid)
+    out = home / "out"
+    argv = [base["DUALPATH_TEST_PYTHON"], "-m", "lab.cli", "run", "-c", str(cfg)]
+    argv += ["--backend", "local", "--out", str(out), "-q"]
+    run_env = {**base, "DUALPATH_DATA_DIR": str(home), **env}
+    res = _as_user(user, argv, run_env, timeout=600)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert not list(home.glob("dualpath-*"))  # the run's data directory is gone with it
+    return res, out
+
+
 def test_unprivileged_user_runs_the_local_backend_to_the_end(
     stage: tuple[Path, pwd.struct_passwd, dict[str, str]],
 ) -> None:
-    root, user, env = stage
-    python = env["DUALPATH_TEST_PYTHON"]
-    cfg = root / "home" / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "policy": "dualpath"}))
-    os.chown(cfg, user.pw_uid, user.pw_gid)
-    out = root / "home" / "out"
-    env = {**env, "DUALPATH_DATA_DIR": str(root / "home")}
-    argv = [
-        python,
-        "-m",
-        "lab.cli",
-        "run",
-        "-c",
-        str(cfg),
-        "--backend",
-        "local",
-        "--out",
-        str(out),
-        "-q",
-    ]
-    res = _as_user(user, argv, env, timeout=600)
+    root, user, _ = stage
+    res, out = _run_local(stage, {**TINY_LAB, "policy": "dualpath"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["turns_done"] == 6 and summary["turns_failed"] == 0
+    assert summary["turns_done"] == 8 and summary["turns_failed"] == 0
     assert summary["bytes_accounted"]
     state = root / "runtime" / "dualpath"  # the user's own state directory, owner-only
     assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
     assert state.stat().st_uid == user.pw_uid
     assert not list(state.iterdir())  # the run's record is gone with the run
-    assert not list((root / "home").glob("dualpath-*"))  # and its data directory
 
 
 def test_unwritable_state_directory_is_a_clear_error(
     stage: tuple[Path, pwd.struct_passwd, dict[str, str]],
 ) -> None:
-    root, user, env = stage
-    python = env["DUALPATH_TEST_PYTHON"]
-    cfg = root / "home" / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
+    root = stage[0]
     locked = root / "locked"  # root's, mode 0755: the user cannot create anything in it
     locked.mkdir()
-    env = {
-        **env,
-        "DUALPATH_STATE_DIR": str(locked / "state"),
-        "DUALPATH_DATA_DIR": str(root / "home"),
-    }
-    argv = [
-        python,
-        "-m",
-        "lab.cli",
-        "run",
-        "-c",
-        str(cfg),
-        "--backend",
-        "local",
-        "--out",
-        str(root / "home" / "out"),
-        "-q",
-    ]
-    res = _as_user(user, argv, env, timeout=300)
+    res, _ = _run_local(stage, TINY_LAB, DUALPATH_STATE_DIR=str(locked / "state"))
     assert res.returncode == 1, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr
     assert "cannot use the state directory" in res.stderr and "DUALPATH_STATE_DIR" in res.stderr
     assert not (locked / "state").exists()
-    assert not list((root / "home").glob("dualpath-*"))  # nothing left behind
