@@ -28,6 +28,9 @@ from services.kvblocks import KvCorruption, KvGenerator, SliceSet, block_runs, c
 from services.spec import ClusterSpec, Role
 from services.transport import Dscp, FrameConnection, FrameServer, serve
 
+CATALOG_NAME = "catalog.msgpack"
+"""Per server directory: one msgpack record [traj, [[first, count], ...]] per stored write, so a
+restarted server knows what its files hold."""
 READ_CHUNK_BYTES = 2 << 20
 """Target payload of one `blocks` frame (whole blocks, so at least one block)."""
 SEED_CHUNK_BYTES = 4 << 20
@@ -185,6 +188,25 @@ def _pwrite_all(fd: int, offset: int, data: memoryview) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+def read_catalog(data: bytes) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The (trajectory, [(first block, count), ...]) records of a catalogue, in order. A torn
+    last record (the server was killed while appending it) and anything malformed after the
+    last good record are ignored: those blocks count as not stored."""
+    out: list[tuple[int, list[tuple[int, int]]]] = []
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    try:
+        for rec in unpacker:
+            traj, runs = rec
+            parsed = [(int(f), int(c)) for f, c in runs]
+            if not isinstance(traj, int) or any(f < 0 or c < 0 for f, c in parsed):
+                break
+            out.append((traj, parsed))
+    except (ValueError, TypeError):  # msgpack's format errors are ValueErrors
+        pass
+    return out
+
+
 def _no_readahead(fd: int) -> None:
     """Reads name exact block ranges of a sparse file: read-ahead would only zero-fill the holes
     past them (measured: 7 % of a storage server's CPU in memset under page_cache_ra)."""
@@ -252,6 +274,11 @@ class TrajectoryFiles:
                 os.close(fd)
         self._pins.clear()
 
+    def adopt(self, path: Path) -> None:
+        """Count a file an earlier run of this server created (a restart after a crash) as
+        created here, so a clean stop removes it too."""
+        self._created.add(path)
+
     def remove_created(self, root: Path) -> list[Path]:
         """Unlink the files this object created, if they lie under `root`."""
         removed: list[Path] = []
@@ -299,6 +326,8 @@ class StorageServer:
         self.directory = self._root / node_id
         self._files = TrajectoryFiles(self.directory)
         self._index: dict[int, set[int]] = {}
+        self._catalog_path = self.directory / CATALOG_NAME
+        self._catalog_fd = -1
         self._servers: list[FrameServer] = []
         self._executor: ThreadPoolExecutor | None = None
         self._conns: weakref.WeakSet[FrameConnection] = weakref.WeakSet()
@@ -323,6 +352,7 @@ class StorageServer:
             raise RuntimeError(f"{self.node_id} already started")
         self._started = True
         self._make_dirs()
+        self._open_catalog()
         self.health.start()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{self.node_id}-io")
         storage, mgmt = self.node.storage, self.node.mgmt
@@ -378,6 +408,9 @@ class StorageServer:
             await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         await self.health.stop()
         self._files.close_all()
+        if self._catalog_fd >= 0:
+            os.close(self._catalog_fd)
+            self._catalog_fd = -1
         self._files.remove_created(self._root)
         for d in self._created_dirs:
             with contextlib.suppress(OSError):  # not empty: someone else's files are there
@@ -467,11 +500,28 @@ class StorageServer:
             _pwrite_all(fd, first * bb, view[pos : pos + n * bb])
             pos += n * bb
 
-    def _stored(self, traj: int, blocks: Sequence[int]) -> None:
+    def _stored(self, traj: int, blocks: Sequence[int], *, record: bool = True) -> None:
         present = self._index.setdefault(traj, set())
         before = len(present)
         present.update(blocks)
         self._num_blocks += len(present) - before
+        if record and blocks and self._catalog_fd >= 0:
+            # After the data (its pwrite has returned): a record names only blocks on disk.
+            os.write(self._catalog_fd, msgpack.packb([traj, block_runs(blocks)]))
+
+    def _open_catalog(self) -> None:
+        """Load what an earlier run of this server stored (a restart after a kill: the files
+        are still there, as on a real storage server), then append to the same catalogue."""
+        path = self._catalog_path
+        if path.exists():
+            for traj, runs in read_catalog(path.read_bytes()):
+                self._stored(traj, [b for f, c in runs for b in range(f, f + c)], record=False)
+            for traj in self._index:
+                if self._files.path(traj).exists():
+                    self._files.adopt(self._files.path(traj))
+            self._emit(f"restored {self._num_blocks} blocks of {len(self._index)} trajectories")
+        self._catalog_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._files.adopt(path)
 
     # -- handlers ---------------------------------------------------------------------------
 

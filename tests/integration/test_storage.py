@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from services.codec import Frame, FrameDecoder
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec
-from services.storage import READ_CHUNK_BYTES, StorageServer, serve_storage
+from services.storage import (
+    CATALOG_NAME,
+    READ_CHUNK_BYTES,
+    StorageServer,
+    read_catalog,
+    serve_storage,
+)
 from services.storage_client import StorageClient, StorageProtocolError
 from services.transport import ConnectionClosed, FrameConnection, RemoteError, connect, serve
 
@@ -536,3 +544,65 @@ def test_a_server_needs_a_storage_node(spec: ClusterSpec) -> None:
         StorageServer(spec, "prefill-0")
     with pytest.raises(KeyError):
         StorageServer(spec, "storage-9")
+
+
+async def test_a_killed_server_restarts_with_what_it_stored(
+    spec: ClusterSpec, tmp_path: Path
+) -> None:
+    """SIGKILL leaves the files on disk, as on a real storage server: the restarted process
+    serves every block it had stored, verified, and a clean stop still removes them."""
+    spec_path = tmp_path / "spec.json"
+    spec.dump(spec_path)
+    node = "storage-0"
+    argv = [sys.executable, "-m", "services", "--spec", str(spec_path), "--node", node]
+
+    async def started() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.DEVNULL)
+        c = StorageClient(spec)
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                while True:  # until it answers
+                    try:
+                        await c.stats(node)
+                        return proc
+                    except OSError:
+                        await asyncio.sleep(0.05)
+        finally:
+            await c.close()
+
+    blocks = owned_by(spec, node, 7, 12)
+    proc = await started()
+    c = StorageClient(spec)
+    try:
+        await c.write(7, blocks)
+        await c.write(8, owned_by(spec, node, 8, 3))
+    finally:
+        await c.close()
+    proc.kill()
+    await proc.wait()
+    catalog = Path(spec.data_dir) / node / CATALOG_NAME
+    with catalog.open("ab") as f:
+        f.write(b"\x92\x07")  # [7, ... cut off by the kill
+
+    proc = await started()
+    c = StorageClient(spec)
+    try:
+        assert (await c.stats(node))["num_blocks_stored"] == 15
+        got = await c.read(7, blocks)
+        assert got == c.bytes_verified == 12 * spec.profile.block_bytes
+        with pytest.raises(RemoteError, match="not stored"):
+            await c.read(9, owned_by(spec, node, 9, 1))
+    finally:
+        await c.close()
+        proc.terminate()
+        assert await proc.wait() == 0
+    assert not traj_file(spec, node, 7).exists() and not catalog.exists()
+
+
+def test_catalog_records_survive_a_torn_or_damaged_tail() -> None:
+    good = msgpack.packb([3, [[0, 4]]]) + msgpack.packb([5, [[2, 1], [9, 2]]])
+    assert read_catalog(good) == [(3, [(0, 4)]), (5, [(2, 1), (9, 2)])]
+    assert read_catalog(good + msgpack.packb([6, [[0, 9]]])[:-1]) == read_catalog(good)
+    assert read_catalog(good + msgpack.packb(["x", 1]) + good) == read_catalog(good)
+    assert read_catalog(good + msgpack.packb([6, [[-1, 2]]])) == read_catalog(good)
+    assert read_catalog(b"") == []
