@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from netem.errors import NetemError
-from netem.state import default_state_dir, ensure_state_dir
+from netem.state import default_state_dir, ensure_state_dir, write_record
 from services.process import node_environment
 from services.spec import ClusterSpec, NodeSpec, Role
 
@@ -81,11 +81,7 @@ class RunState:
             ensure_state_dir(self.path.parent)
         except NetemError as exc:
             raise BackendError(str(exc)) from None
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        write_record(self.path, json.dumps(self.data, indent=2))
 
     def add_pid(self, name: str, pid: int) -> None:
         self.data["pids"][name] = pid

@@ -71,6 +71,18 @@ def ensure_state_dir(state_dir: Path) -> Path:
     return state_dir
 
 
+def write_record(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (a hidden temporary file, fsync, rename), readable
+    by its owner only. OSError as raised."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, RECORD_MODE)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def state_path(state_dir: Path, lab_id: str) -> Path:
     return state_dir / f"{lab_id}{SUFFIX}"
 
@@ -172,14 +184,8 @@ class LabState:
         return cls(path, LabRecord.from_json(data, where=str(path)))
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, RECORD_MODE)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(self.record.to_json(), indent=2) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            write_record(self.path, json.dumps(self.record.to_json(), indent=2) + "\n")
         except OSError as exc:
             raise NetemError(
                 f"cannot write lab record {self.path}",

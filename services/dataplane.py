@@ -35,7 +35,7 @@ from services.ipc import DpEvent, DpStatus, HealthReport, HealthRequest, IpcChan
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.process import data_plane_process, die_with_parent
 from services.spec import ClusterSpec, Policy, Role
-from services.storage import READ_CHUNK_BYTES
+from services.storage import read_chunk_blocks
 from services.storage_client import StorageClient
 from services.tasks import ErrorLog, TaskSet
 from services.transport import ConnectionClosed, Dscp, FrameConnection, FrameServer, connect, serve
@@ -156,7 +156,7 @@ class DataPlane:
         assert self.me.cnic is not None
         bb = self.spec.profile.block_bytes
         POOL.warm(
-            [max(1, READ_CHUNK_BYTES // bb) * bb, KV_FRAME_BYTES + bb],
+            [read_chunk_blocks(bb) * bb, KV_FRAME_BYTES + bb],
             min(self.me.dram_buffer_bytes, WARM_POOL_BYTES),
         )
         self._server = await self._listen()

@@ -157,6 +157,11 @@ class SeedRequest:
         return cls(_req(header), _int_field(header, "traj"), first, end)
 
 
+def read_chunk_blocks(block_bytes: int) -> int:
+    """Whole blocks per `blocks` frame of a read: READ_CHUNK_BYTES of them, at least one."""
+    return max(1, READ_CHUNK_BYTES // block_bytes)
+
+
 def plan_read_chunks(blocks: Sequence[int], blocks_per_chunk: int) -> list[Sequence[int]]:
     """Split a read into `blocks` frames of whole blocks, in request order."""
     return [blocks[i : i + blocks_per_chunk] for i in range(0, len(blocks), blocks_per_chunk)]
@@ -320,7 +325,7 @@ class StorageServer:
         self._gen = KvGenerator(
             slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
         )
-        self._blocks_per_chunk = max(1, READ_CHUNK_BYTES // self.block_bytes)
+        self._blocks_per_chunk = read_chunk_blocks(self.block_bytes)
         self._max_slices = max(1, spec.max_frame_bytes // self._gen.slice_bytes)
         self._root = Path(spec.data_dir)
         self.directory = self._root / node_id
