@@ -91,9 +91,10 @@ def host_bound_runs(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def exit_status(summaries: Mapping[str, Mapping[str, Any]], *, allow_host_bound: bool) -> int:
     """The exit status of run/compare/chaos from their summaries: 1 when a run failed (a turn
-    or node error), else 3 when a run was host-bound unless `allow_host_bound`, else 0. An
-    "unknown" verdict (no timeline reported a step, e.g. an older node) does not fail."""
-    if any(s.get("errors") for s in summaries.values()):
+    or node error, or bytes that do not balance), else 3 when a run was host-bound unless
+    `allow_host_bound`, else 0. An "unknown" verdict (no timeline reported a step, e.g. an
+    older node) does not fail."""
+    if any(s.get("errors") or not s.get("bytes_accounted", True) for s in summaries.values()):
         return EXIT_FAILED
     if host_bound_runs(summaries) and not allow_host_bound:
         return EXIT_HOST_BOUND

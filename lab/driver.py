@@ -280,6 +280,8 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
 
         seeded = sum(await asyncio.gather(*(seed(a) for a in agents if int(a["seed_blocks"]) > 0)))
         storage_before = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
+        async with session.get(f"{base}/v1/cluster") as resp:
+            cluster_before = await resp.json()
         progress = DriverProgress(turns_total=sum(len(a["turns"]) for a in agents))
         started = time.time()
         print(json.dumps({"started_at": started}), flush=True)
@@ -323,6 +325,7 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
         "seeded_bytes": seeded,
         "turns": [asdict(r) for r in progress.results],
         "cluster": cluster,
+        "cluster_before": cluster_before,
         "storage_before": storage_before,
         "storage_after": storage_after,
         "prefill_steps": prefill_steps,

@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from lab.ledger import account
+
 Sample = dict[str, Any]  # {"t": float, "nodes": {node: {nic: counters}}}
 
 
@@ -429,7 +431,12 @@ def summarize(
     driver: dict[str, Any],
     samples: Sequence[Sample],
     num_agents: int,
+    faults_injected: bool = False,
 ) -> dict[str, Any]:
+    """summary.json from the driver's results and the kernel samples. With `faults_injected`
+    (a chaos run), errors a node recorded about a lost or unresponsive peer are the faults'
+    consequences: reported in `fault_errors`, not failures — turns that still failed after
+    their retries and bytes that do not balance are."""
     turns = driver["turns"]
     ok = [t for t in turns if t["error"] is None and t["done_at"] is not None]
     errors = [
@@ -457,13 +464,28 @@ def summarize(
     before = driver.get("storage_before", {})
     after = driver.get("storage_after", {})
     storage_read = sum(
-        int(after[n]["bytes_read"]) - int(before.get(n, {}).get("bytes_read", 0)) for n in after
+        int(after[n]["bytes_read"])
+        - (
+            int(before[n]["bytes_read"])
+            if before.get(n, {}).get("boot") == after[n].get("boot")
+            else 0
+        )
+        for n in after
     )
+    ledger = account(driver.get("cluster_before", {}), cluster, before, after)
+    faulted = bool(ledger["restarted"])
     bytes_verified = total("bytes_verified")
     relayed = total("bytes_relay_sent") + total("bytes_pd_sent")
     node_errors = total("errors")
+    transient = total("errors_transient")
+    fault_errors: list[str] = []
     for node, c in node_counters.items():
         errors += [f"{node}: {e}" for e in c.get("last_errors", [])]
+        fault_errors += [f"{node}: {e}" for e in c.get("last_transient_errors", [])]
+    if not faults_injected:  # a lost peer nobody killed is a failure
+        errors += fault_errors
+        node_errors += transient
+        fault_errors, transient = [], 0
     read_sides: dict[str, int] = {}
     for t in ok:
         side = str(t.get("read_side"))
@@ -498,11 +520,14 @@ def summarize(
         "bytes_storage_read": storage_read,
         "bytes_relayed": relayed,
         "bytes_verified": bytes_verified,
-        "bytes_accounted": bytes_verified == storage_read + relayed,
+        "bytes_accounted": ledger["balanced"]
+        and (faulted or bytes_verified == storage_read + relayed),
+        "byte_ledger": ledger,
         "node_restarts": sum(1 for v in cluster.values() if v.get("retired")),
         "bytes_written": total("bytes_written"),
         "read_sides": read_sides,
         "engine_busy_s": {n: c.get("engine_busy_s") for n, c in node_counters.items()},
         "node_errors": node_errors,
         "errors": errors[:100],
+        "fault_errors": {"count": transient, "recent": fault_errors[:100]},
     }

@@ -96,6 +96,28 @@ def _scaling_lines(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _fault_lines(s: dict[str, Any]) -> list[str]:
+    """What the injected faults cost: bytes on pairs with a killed or restarted end, and the
+    errors nodes recorded about lost peers."""
+    ledger = s.get("byte_ledger") or {}
+    lines = []
+    if ledger.get("restarted"):
+        lines.append(
+            f"  restarted: {', '.join(ledger['restarted'])}; "
+            f"{ledger['bytes_lost_to_faults']:,} bytes lost in flight or unreported on "
+            f"{len(ledger['fault_pairs'])} pairs with a restarted end; every other pair balances"
+            if ledger.get("balanced")
+            else f"  restarted: {', '.join(ledger['restarted'])}"
+        )
+    if not ledger.get("balanced", True):
+        bad = [*ledger.get("mismatched", []), *ledger.get("unmatched", [])]
+        lines.append(f"  pairs that do not balance ({len(bad)}): {bad[0] if bad else ''}")
+    faults = s.get("fault_errors") or {}
+    if faults.get("count"):
+        lines.append(f"  lost-peer errors caused by the faults: {faults['count']}")
+    return lines
+
+
 def summary_lines(s: dict[str, Any]) -> list[str]:
     lines = [
         f"policy {s['policy']} on {s['backend']}: {s['turns_done']} turns done, "
@@ -111,6 +133,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"  KV bytes: {s['bytes_storage_read']:,} read from storage + {s['bytes_relayed']:,} "
         f"relayed; {s['bytes_verified']:,} verified "
         f"({'all accounted' if s['bytes_accounted'] else 'MISMATCH'})",
+        *_fault_lines(s),
     ]
     bal = s.get("snic_balance", {})
     if bal.get("whole_run") is not None:

@@ -351,6 +351,7 @@ def run_once(
         driver=driver,
         samples=samples,
         num_agents=len(agents),
+        faults_injected=chaos is not None and bool(chaos.log),
     )
     w = cfg.workload
     summary["scaling"] = scaling

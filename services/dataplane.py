@@ -42,6 +42,8 @@ from services.transport import ConnectionClosed, Dscp, FrameConnection, FrameSer
 
 READ_CONCURRENCY = 2
 """Storage reads in flight per node; the rest wait in the node's read queue (FIFO)."""
+MAX_LEDGER_KEYS = 4096
+"""Ledger entries per data plane: peers and their incarnations are few; a bound all the same."""
 KV_FRAME_BYTES = 4 << 20
 """Target payload of one kv/relay frame (at least one slice)."""
 WARM_POOL_BYTES = 512 << 20
@@ -94,6 +96,7 @@ class DataPlane:
         node_id: str,
         channel: IpcChannel,
         *,
+        boot: str = "",
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
@@ -118,7 +121,8 @@ class DataPlane:
         self.log = log or (lambda msg: None)
         self.health = HealthMonitor(node_id, "dataplane")
         self.dram = DramBuffer(self.me.dram_buffer_bytes)
-        self.storage = StorageClient(spec, local_host=self.me.snic_host)
+        self.incarnation = f"{node_id}@{boot}"
+        self.storage = StorageClient(spec, local_host=self.me.snic_host, client_id=self.incarnation)
         self.counters: dict[str, int] = {
             "bytes_storage_read": 0,
             "bytes_relay_sent": 0,
@@ -128,8 +132,13 @@ class DataPlane:
             "bytes_verified": 0,
             "bytes_written": 0,
             "errors": 0,
+            "errors_transient": 0,
             "frames_discarded": 0,
         }
+        self.ledger: dict[str, int] = {}
+        """Bytes per peer, for the byte accounting across faults: `kv>NODE`/`relay>NODE` sent to
+        a node, `kv<NODE@BOOT`/`relay<NODE@BOOT` verified from one incarnation of a node (the
+        frame's `src`), `storage<NODE` verified from a storage server (lab/metrics.py)."""
         self.errors = ErrorLog(self.log)
         self.read_q_tokens = 0
         self._reads: deque[dp.StartRead] = deque()
@@ -204,10 +213,17 @@ class DataPlane:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro)
 
-    def _record_error(self, msg: str) -> None:
-        self.errors.record(msg)
+    def _record_error(self, msg: str, *, transient: bool = False) -> None:
+        self.errors.record(msg, transient=transient)
         self.counters["errors"] = self.errors.count
+        self.counters["errors_transient"] = self.errors.transient
         self._dirty = True
+
+    def _count(self, key: str, nbytes: int) -> None:
+        """Add to the ledger; a peer-chosen key beyond MAX_LEDGER_KEYS is pooled under `?`."""
+        if key not in self.ledger and len(self.ledger) >= MAX_LEDGER_KEYS:
+            key = key[: key.find("<") + 1] + "?"
+        self.ledger[key] = self.ledger.get(key, 0) + nbytes
 
     # -- timeline channel -------------------------------------------------------------------------
     async def _ipc_loop(self) -> None:
@@ -239,6 +255,11 @@ class DataPlane:
             dram_used_bytes=self.dram.used,
             counters=dict(self.counters),
             last_errors=self.errors.recent[-5:],
+            last_transient_errors=self.errors.recent_transient[-5:],
+            ledger={
+                **self.ledger,
+                **{f"storage<{n}": b for n, b in self.storage.verified_from.items()},
+            },
         )
 
     async def _status_loop(self) -> None:
@@ -294,7 +315,9 @@ class DataPlane:
         self._dirty = True
 
     def _fail(self, turn_id: str, what: str, exc: BaseException) -> None:
-        self._record_error(f"{what} for {turn_id} on {self.me.node_id} failed: {exc!r}")
+        self._record_error(
+            f"{what} for {turn_id} on {self.me.node_id} failed: {exc!r}", transient=_transient(exc)
+        )
         self.core.fail(
             turn_id, f"{what} on {self.me.node_id} failed: {exc!r}", retryable=_transient(exc)
         )
@@ -397,7 +420,7 @@ class DataPlane:
         key = "bytes_pd_sent" if kind == "kv" else "bytes_relay_sent"
         sent = 0
         for s, payload in frames:
-            header = {"turn": turn_id, **s.to_wire(), "crc": crc(payload)}
+            header = {"turn": turn_id, "src": self.incarnation, **s.to_wire(), "crc": crc(payload)}
             nbytes = payload.nbytes
             self._sending_bytes += nbytes
             try:
@@ -406,6 +429,7 @@ class DataPlane:
                 self._sending_bytes -= nbytes
             sent += nbytes
             self.counters[key] += nbytes
+            self._count(f"{kind}>{node_id}", nbytes)
             self._dirty = True
         return sent
 
@@ -529,6 +553,8 @@ class DataPlane:
             self.counters["bytes_verified"] += got
             key = "bytes_pd_received" if kind == "kv" else "bytes_relay_received"
             self.counters[key] += got
+            src = frame.header.get("src")
+            self._count(f"{kind}<{src if isinstance(src, str) and len(src) <= 128 else '?'}", got)
             self._dirty = True
             if kind == "kv":
                 self.core.on_kv(turn_id, s, now)
@@ -573,11 +599,11 @@ def _job_name(job: dp.SendKv | dp.SendKvDone | dp.Relay) -> str:
 # -- process -------------------------------------------------------------------------------------
 
 
-async def _main(spec: ClusterSpec, node_id: str, fd: int) -> None:
+async def _main(spec: ClusterSpec, node_id: str, boot: str, fd: int) -> None:
     sock = socket.socket(fileno=fd)
     channel = await IpcChannel.open(sock)
     plane = DataPlane(
-        spec, node_id, channel, log=lambda m: print(f"[{node_id}/dp] {m}", flush=True)
+        spec, node_id, channel, boot=boot, log=lambda m: print(f"[{node_id}/dp] {m}", flush=True)
     )
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -593,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--node", required=True)
     parser.add_argument("--ipc-fd", type=int, required=True)
+    parser.add_argument(
+        "--boot", default="", help="the node's incarnation (its timeline's boot id)"
+    )
     args = parser.parse_args(argv)
     if not die_with_parent():  # the timeline died before prctl took effect
         return 1
@@ -600,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = ClusterSpec.load(args.spec)
     import uvloop
 
-    uvloop.run(_main(spec, args.node, args.ipc_fd))
+    uvloop.run(_main(spec, args.node, args.boot, args.ipc_fd))
     return 0
 
 

@@ -188,6 +188,8 @@ class EngineNode:
             self.me.node_id,
             "--ipc-fd",
             str(theirs.fileno()),
+            "--boot",
+            self.boot,
         ]
         self._dp_proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))
         theirs.close()
@@ -207,8 +209,8 @@ class EngineNode:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro)
 
-    def _record_error(self, msg: str) -> None:
-        self.errors.record(msg)
+    def _record_error(self, msg: str, *, transient: bool = False) -> None:
+        self.errors.record(msg, transient=transient)
 
     # -- the core --------------------------------------------------------------------------------
     def _drive(self) -> None:
@@ -267,7 +269,7 @@ class EngineNode:
                 self.core.on_persisted(msg.turn_id, now)
             elif isinstance(msg, Failed):
                 if msg.report:
-                    self._record_error(msg.reason)
+                    self._record_error(msg.reason, transient=msg.retryable)
                 self.core.on_failed(
                     msg.turn_id, msg.reason, now, retryable=msg.retryable, report=msg.report
                 )
@@ -312,9 +314,15 @@ class EngineNode:
                 **self.core.counters,
                 **self.counters,
                 "errors": int(dps.counters.get("errors", 0)) + self.errors.count,
+                "errors_transient": int(dps.counters.get("errors_transient", 0))
+                + self.errors.transient,
                 "dram_used_bytes": dps.dram_used_bytes,
                 "engine_busy_s": [round(e.busy_s, 4) for e in self.core.loads],
                 "last_errors": (self.errors.recent + list(dps.last_errors))[-5:],
+                "last_transient_errors": (
+                    self.errors.recent_transient + list(dps.last_transient_errors)
+                )[-5:],
+                "ledger": dps.ledger,
             },
         }
 

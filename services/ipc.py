@@ -37,6 +37,8 @@ class DpStatus:
     dram_used_bytes: int
     counters: dict[str, int] = field(default_factory=dict)
     last_errors: list[str] = field(default_factory=list)
+    last_transient_errors: list[str] = field(default_factory=list)
+    ledger: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

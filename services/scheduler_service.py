@@ -349,14 +349,20 @@ class SchedulerState:
         }
 
     def cluster(self) -> dict[str, Any]:
-        """Each node's last counters; a node restarted by chaos also appears as
-        `<node>@<old boot>` with the old process's last report (what it did after that
-        report died with it, so byte accounting across a kill is approximate)."""
+        """Each node's last counters and incarnation (`boot`); a node restarted by chaos also
+        appears as `<node>@<old boot>` with the old process's last report (what it did after
+        that report died with it: lab/metrics.py accounts for it per peer)."""
         out: dict[str, dict[str, Any]] = {
-            r.node_id: {"role": r.role, "counters": r.counters} for r in self.reports.values()
+            r.node_id: {"role": r.role, "counters": r.counters, "boot": r.boot}
+            for r in self.reports.values()
         }
         for r in self.retired:
-            out[f"{r.node_id}@{r.boot}"] = {"role": r.role, "counters": r.counters, "retired": True}
+            out[f"{r.node_id}@{r.boot}"] = {
+                "role": r.role,
+                "counters": r.counters,
+                "boot": r.boot,
+                "retired": True,
+            }
         return out
 
     def prometheus(self, now: float) -> str:

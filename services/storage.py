@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import secrets
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -41,6 +42,9 @@ MAX_OPEN_FILES = 256
 """Cached trajectory fds; the least recently used unpinned one is closed beyond this."""
 MAX_SEED_BLOCKS = 1 << 20
 _U32 = 1 << 32  # trajectory and block ids are stamped as u32 into the KV bytes
+MAX_CLIENT_ID = 128
+MAX_CLIENTS = 1024
+"""Clients counted apart in `read_by`; the rest are pooled under `?`."""
 
 T = TypeVar("T")
 
@@ -79,12 +83,16 @@ class ServerClosing(StorageError):
 
 @dataclass(frozen=True, slots=True)
 class StorageStats:
+    boot: str
+    """This server process's incarnation: a restarted server has a new one."""
     read_queue_blocks: int
     read_queue_bytes: int
     bytes_read: int
     bytes_written: int
     num_blocks_stored: int
     num_errors: int
+    read_by: dict[str, int]
+    """Bytes sent by reads, per client incarnation (the read request's `client`)."""
 
 
 def _int_field(header: dict[str, Any], name: str, *, hi: int = _U32) -> int:
@@ -106,6 +114,8 @@ class ReadRequest:
     req: int | str | None
     traj: int
     blocks: tuple[int, ...]
+    client: str = "?"
+    """Who reads (`node@boot`), for the per-client byte accounting; `?` when not given."""
 
     @classmethod
     def parse(cls, header: dict[str, Any]) -> ReadRequest:
@@ -115,7 +125,10 @@ class ReadRequest:
         for b in blocks:
             if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < _U32:
                 raise BadRequest(f"block id {b!r} is not an integer in [0, {_U32})")
-        return cls(_req(header), _int_field(header, "traj"), tuple(blocks))
+        client = header.get("client", "?")
+        if not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_ID:
+            raise BadRequest(f"'client' must be a string of 1-{MAX_CLIENT_ID} characters")
+        return cls(_req(header), _int_field(header, "traj"), tuple(blocks), client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +357,8 @@ class StorageServer:
         self._rq_blocks = 0
         self._rq_bytes = 0
         self._bytes_read = 0
+        self._read_by: dict[str, int] = {}
+        self.boot = secrets.token_hex(8)
         self._bytes_written = 0
         self._num_blocks = 0
         self._num_errors = 0
@@ -426,12 +441,14 @@ class StorageServer:
     @property
     def stats(self) -> StorageStats:
         return StorageStats(
+            boot=self.boot,
             read_queue_blocks=self._rq_blocks,
             read_queue_bytes=self._rq_bytes,
             bytes_read=self._bytes_read,
             bytes_written=self._bytes_written,
             num_blocks_stored=self._num_blocks,
             num_errors=self._num_errors,
+            read_by=dict(self._read_by),
         )
 
     # -- request boundary -------------------------------------------------------------------
@@ -542,6 +559,9 @@ class StorageServer:
         bb = self.block_bytes
         groups = self._gen.layer_groups
         remaining = len(req.blocks)
+        client = (
+            req.client if req.client in self._read_by or len(self._read_by) < MAX_CLIENTS else "?"
+        )
         # The read queue the scheduler balances on: accepted, not yet handed to the network.
         self._rq_blocks += remaining
         self._rq_bytes += remaining * bb
@@ -562,6 +582,7 @@ class StorageServer:
                         self._rq_blocks -= len(chunk)
                         self._rq_bytes -= len(chunk) * bb
                         self._bytes_read += len(payload)
+                        self._read_by[client] = self._read_by.get(client, 0) + len(payload)
         finally:
             self._rq_blocks -= remaining
             self._rq_bytes -= remaining * bb

@@ -148,6 +148,7 @@ class StorageClient:
         *,
         local_host: str | None = None,
         max_conns_per_server: int = 4,
+        client_id: str | None = None,
     ) -> None:
         if not spec.storage_nodes:
             raise ValueError("the cluster has no storage servers")
@@ -175,6 +176,10 @@ class StorageClient:
         """Payload bytes whose write the servers acknowledged."""
         self.bytes_verified = 0
         """Payload bytes of reads that passed verification."""
+        self.client_id = client_id
+        """Sent with every read (`node@boot`): servers count the bytes they send per client."""
+        self.verified_from: dict[str, int] = {}
+        """Verified read bytes per storage server."""
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -231,7 +236,10 @@ class StorageClient:
         verified = 0
         pos = 0  # blocks[pos] is the next block the server must send
         async with self._pool(node, mgmt=False).connection() as conn:
-            await conn.send(Frame("read", {"req": req, "traj": traj, "blocks": list(blocks)}))
+            head: dict[str, Any] = {"req": req, "traj": traj, "blocks": list(blocks)}
+            if self.client_id is not None:
+                head["client"] = self.client_id
+            await conn.send(Frame("read", head))
             while True:
                 frame = await conn.recv_reply()
                 if frame.kind == "read_done":
@@ -265,6 +273,9 @@ class StorageClient:
                     )
                 verified += self._gen.verify(s, payload, carried)
                 self.bytes_verified += len(payload)
+                self.verified_from[node.node_id] = self.verified_from.get(node.node_id, 0) + len(
+                    payload
+                )
                 pos += len(s.blocks)
                 if on_chunk is not None:
                     on_chunk(s, payload)
@@ -336,14 +347,22 @@ class StorageClient:
         _check_reply(reply, "seed_done", req)
         return _int(reply.header, "num_blocks"), _int(reply.header, "num_bytes")
 
-    async def stats(self, node_id: str) -> dict[str, int]:
-        """A storage server's counters (read queue, bytes, blocks stored, errors)."""
+    async def stats(self, node_id: str) -> dict[str, Any]:
+        """A storage server's counters (read queue, bytes, blocks stored, errors), its `boot`
+        (incarnation) and `read_by` (bytes sent per client incarnation)."""
         req = next(self._req_ids)
         async with self._pool(self.spec.node(node_id), mgmt=True).connection() as conn:
             await conn.send(Frame("stats", {"req": req}))
             reply = await conn.recv_reply()
         _check_reply(reply, "stats", req)
-        return {k: _int(reply.header, k) for k in reply.header if k != "req"}
+        h = reply.header
+        out: dict[str, Any] = {k: _int(h, k) for k in h if k not in ("req", "boot", "read_by")}
+        boot, read_by = h.get("boot", ""), h.get("read_by", {})
+        if not isinstance(boot, str) or not isinstance(read_by, dict):
+            raise StorageProtocolError(f"{node_id} stats: bad boot or read_by")
+        out["boot"] = boot
+        out["read_by"] = {str(k): _int(read_by, k) for k in read_by}
+        return out
 
     async def health(self, node_id: str) -> dict[str, Any]:
         """A storage server's HealthMonitor snapshot (services.health), from the reply's

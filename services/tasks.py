@@ -33,14 +33,26 @@ class TaskSet:
 
 
 class ErrorLog:
-    """Counts errors, keeps the last KEEP_ERRORS and logs each one."""
+    """Counts errors, keeps the last KEEP_ERRORS and logs each one.
+
+    A transient error — a lost or unreachable peer, a timeout: what an injected fault causes
+    and a retry gets past — is kept apart from the rest (corruption, bad input, bugs), so a
+    run can tell the consequences of its own faults from failures."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self._log = log
         self.count = 0
         self.recent: list[str] = []
+        self.transient = 0
+        self.recent_transient: list[str] = []
 
-    def record(self, msg: str) -> None:
+    def record(self, msg: str, *, transient: bool = False) -> None:
+        if transient:
+            self.transient += 1
+            self.recent_transient.append(msg)
+            del self.recent_transient[:-KEEP_ERRORS]
+            self._log(f"error (peer lost or timed out): {msg}")
+            return
         self.count += 1
         self.recent.append(msg)
         del self.recent[:-KEEP_ERRORS]

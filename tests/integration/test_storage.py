@@ -165,6 +165,8 @@ async def test_stats_count_bytes_and_the_read_queue_drains(
     await client.read(2, [0, 1])
     for node in spec.storage_nodes:
         stats = await client.stats(node.node_id)
+        assert stats.pop("read_by") == {"?": 6 * bb}  # the client gave no client id
+        assert stats.pop("boot") == servers[node.node_id].boot
         assert stats == {
             "read_queue_blocks": 0,
             "read_queue_bytes": 0,

@@ -57,6 +57,11 @@ def test_a_failed_run_exits_1_whatever_its_health() -> None:
     assert exit_status(runs, allow_host_bound=True) == EXIT_FAILED
 
 
+def test_bytes_that_do_not_balance_fail_the_run() -> None:
+    runs = {"dualpath": {**_summary("healthy"), "bytes_accounted": False}}
+    assert exit_status(runs, allow_host_bound=True) == EXIT_FAILED
+
+
 def test_the_message_names_the_runs_and_the_flag() -> None:
     runs = {"basic": _summary("healthy"), "dualpath": _summary("host-bound")}
     msg = host_bound_message(runs)

@@ -53,7 +53,7 @@ def _turn(**kw: Any) -> dict[str, Any]:
     return {**base, **kw}
 
 
-def _summary(driver: dict[str, Any]) -> dict[str, Any]:
+def _summary(driver: dict[str, Any], *, faults_injected: bool = False) -> dict[str, Any]:
     return summarize(
         policy="dualpath",
         backend="local",
@@ -62,6 +62,7 @@ def _summary(driver: dict[str, Any]) -> dict[str, Any]:
         driver=driver,
         samples=[],
         num_agents=2,
+        faults_injected=faults_injected,
     )
 
 
@@ -88,6 +89,27 @@ def test_summary_accounts_bytes_and_reports_failures() -> None:
     driver["storage_after"] = {"storage-0": {"bytes_read": 900}}
     s2 = _summary(driver)
     assert not s2["bytes_accounted"]
+
+
+def test_a_lost_peer_is_a_failure_unless_a_fault_was_injected() -> None:
+    lost = "relay to decode-0 for t1 on prefill-0 failed: ConnectionResetError()"
+    driver = {
+        "started_at": 0.0,
+        "finished_at": 10.0,
+        "jct_s": 10.0,
+        "turns": [_turn()],
+        "cluster": {
+            "prefill-0": {
+                "boot": "p1",
+                "counters": {"errors_transient": 1, "last_transient_errors": [lost]},
+            },
+        },
+    }
+    calm = _summary(driver)
+    assert calm["errors"] == [f"prefill-0: {lost}"] and calm["node_errors"] == 1
+    chaos = _summary(driver, faults_injected=True)
+    assert chaos["errors"] == [] and chaos["node_errors"] == 0
+    assert chaos["fault_errors"] == {"count": 1, "recent": [f"prefill-0: {lost}"]}
 
 
 def test_slo_attainment_on_the_real_clock() -> None:
