@@ -16,7 +16,10 @@ from lab.compose_agent import Agent, http_app
 from netem.counters import NicCounters
 from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError
+from services.auth import new_secret
 from services.spec import ClusterSpec
+
+SECRET = new_secret()
 
 
 class FakeNics:
@@ -75,8 +78,10 @@ async def agent_client(
     make_spec: Callable[..., ClusterSpec],
 ) -> AsyncIterator[tuple[TestClient[Any, Any], Agent, FakeNics, ClusterSpec]]:
     nics = FakeNics()
-    agent = Agent("storage-0", nics, {"storage": "198.18.1.100", "mgmt": "198.18.2.100"})
-    client = TestClient(TestServer(http_app(agent)))
+    agent = Agent(
+        "storage-0", nics, {"storage": "198.18.1.100", "mgmt": "198.18.2.100"}, secret=SECRET
+    )
+    client = TestClient(TestServer(http_app(agent)), headers={"Authorization": f"Bearer {SECRET}"})
     await client.start_server()
     try:
         yield client, agent, nics, make_spec()
