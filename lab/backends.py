@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -65,39 +66,56 @@ class Backend(Protocol):
     def down(self) -> list[str]: ...
 
 
+OWNER_MARK = ".dualpath-owner"
+"""A file in each data directory a lab makes, holding a random token its record keeps too."""
+
+
 @dataclass(frozen=True)
 class DataDir:
-    """A directory a lab made, with the identity (device, inode) it had when it was made:
-    it is removed only while the path still is that directory, so a record can never make
-    `down` delete anything else (a results folder, a path reused after a crash)."""
+    """A directory a lab made: its path, the identity (device, inode) it had when it was made
+    and a random token written into it then (OWNER_MARK). It is removed only while the path
+    is still that directory and holds that token, so a record can never make `down` delete
+    anything else: a results folder, a link, or a directory made later where one was (the
+    token tells it apart from one that got the same inode back)."""
 
     path: Path
     dev: int
     ino: int
+    token: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "dev": self.dev, "ino": self.ino}
+        return {"path": str(self.path), "dev": self.dev, "ino": self.ino, "token": self.token}
 
     @classmethod
     def from_json(cls, data: Any) -> DataDir | None:
         """The recorded directory, None when the record holds none (or not in this form)."""
         if not isinstance(data, dict):
             return None
-        path, dev, ino = data.get("path"), data.get("dev"), data.get("ino")
+        path, dev, ino, token = (data.get(k) for k in ("path", "dev", "ino", "token"))
         if not isinstance(path, str) or not os.path.isabs(path):
             return None
         if not isinstance(dev, int) or not isinstance(ino, int):
             return None
-        return cls(Path(path), dev, ino)
+        if not isinstance(token, str) or len(token) < 16:
+            return None
+        return cls(Path(path), dev, ino, token)
 
-    def remove(self) -> bool:
-        """Delete the directory and everything in it if it is still the one this lab made
-        (a directory, not a link, same device and inode); False when it is not."""
+    def is_ours(self) -> bool:
+        """The path is still the directory this lab made (a directory, not a link, the same
+        device and inode, holding the token)."""
         try:
             st = self.path.lstat()
-        except OSError:
+            if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != (self.dev, self.ino):
+                return False
+            fd = os.open(self.path / OWNER_MARK, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as fh:
+                return secrets.compare_digest(fh.read(128), self.token)
+        except (OSError, UnicodeDecodeError):
             return False
-        if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != (self.dev, self.ino):
+
+    def remove(self) -> bool:
+        """Delete the directory and everything in it if `is_ours()`; False when it is not."""
+        if not self.is_ours():
             return False
         shutil.rmtree(self.path, ignore_errors=True)
         return not self.path.exists()
@@ -106,18 +124,22 @@ class DataDir:
 def make_data_dir(lab_id: str, base: Path | None = None) -> DataDir:
     """A new data directory for a lab's storage servers: `tempfile.mkdtemp` (an unpredictable
     name, mode 0700, created by this call and by no one else) under `base`, by default
-    `$DUALPATH_DATA_DIR` or /var/tmp. Made before any record names it. BackendError naming
-    the directory when it cannot be made."""
+    `$DUALPATH_DATA_DIR` or /var/tmp, marked with a fresh token. Made before any record names
+    it. BackendError naming the directory when it cannot be made."""
     root = base if base is not None else Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp"))
+    token = secrets.token_hex(16)
     try:
         path = Path(tempfile.mkdtemp(prefix=f"dualpath-{lab_id}-", dir=root))
         st = path.lstat()
+        fd = os.open(path / OWNER_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
     except OSError as exc:
         raise BackendError(
             f"cannot make a data directory in {root} ({exc.strerror or exc}): set "
             "DUALPATH_DATA_DIR to a directory you can write"
         ) from None
-    return DataDir(path, st.st_dev, st.st_ino)
+    return DataDir(path, st.st_dev, st.st_ino, token)
 
 
 class RunState:

@@ -97,8 +97,8 @@ def shared_secret(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
         raise SecretError(f"cannot read the secret file {path}: {exc.strerror}") from exc
-    with os.fdopen(fd) as fh:
-        st = os.fstat(fh.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             raise SecretError(f"{path}: not a regular file owned by uid {os.geteuid()}")
         if st.st_mode & 0o077:
@@ -106,7 +106,9 @@ def shared_secret(path: Path) -> str:
                 f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read the secret "
                 "(it must be 0600)"
             )
-        text = fh.read(256).strip()
+        text = os.read(fd, 256).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
     if not _SECRET.fullmatch(text):
         raise SecretError(f"{path}: does not hold a secret (32-128 URL-safe characters)")
     return text
