@@ -251,7 +251,7 @@ def render_text(
         "the config says). From this folder:",
         "",
         "  docker compose up --build --exit-code-from driver    # v1: docker-compose up ...",
-        "  docker compose down",
+        "  docker compose down -v      # -v: the stack's secret volume too",
         "",
         "Results: ./results/<name>-<kind>-<time>/. Swarm: docker stack deploy -c FILE NAME",
         "(docs/compose.md).",
