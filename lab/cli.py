@@ -49,7 +49,7 @@ from lab.runner import BACKENDS, RunError, compare, run_once
 from lab.selftest import SelftestOptions
 from lab.workload import TrajectoryFileError
 from services.auth import AUTH_HEADER, bearer
-from services.spec import LAB_ID_PATTERN, Policy
+from services.spec import LAB_ID_PATTERN, NODE_ID_PATTERN, Policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST_BOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_STATUS_HELP = (
@@ -575,6 +575,13 @@ def _lab_id(text: str) -> str:
     return text
 
 
+def _node_id(text: str) -> str:
+    """A node id as arguments give it (it names a namespace and goes into URLs)."""
+    if not re.fullmatch(NODE_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node id (e.g. prefill-0)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dualpath",
@@ -701,13 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
     link = sub.add_parser("link", help="change a link of a running lab (up/run/chaos)")
     link_sub = link.add_subparsers(dest="link_command", required=True)
     ls = link_sub.add_parser("set", help="dualpath link set NODE NIC rate=50%% loss=1%% up=false")
-    ls.add_argument("node", help="e.g. prefill-0")
+    ls.add_argument("node", type=_node_id, help="e.g. prefill-0")
     ls.add_argument("nic", choices=["cnic", "snic"])
     ls.add_argument("changes", nargs="+", metavar="KEY=VALUE", help="rate, loss, delay, jitter, up")
     ls.add_argument("--lab", type=_lab_id, help="lab id, when several are running")
     ls.set_defaults(func=cmd_link_set)
     nd = sub.add_parser("node", help="stop, cont, kill or restart a node of a running lab")
-    nd.add_argument("node", help="e.g. decode-0")
+    nd.add_argument("node", type=_node_id, help="e.g. decode-0")
     nd.add_argument("action", choices=["stop", "cont", "kill", "restart"])
     nd.add_argument("--lab", type=_lab_id, help="lab id, when several are running")
     nd.set_defaults(func=cmd_node)
@@ -726,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="labs that are up and their processes")
     st.set_defaults(func=cmd_status)
     ex = sub.add_parser("exec", help="run a command inside a node: dualpath exec NODE -- CMD")
-    ex.add_argument("node", help="node id, e.g. prefill-0")
+    ex.add_argument("node", type=_node_id, help="node id, e.g. prefill-0")
     ex.add_argument("--lab", type=_lab_id, help="lab id, when several are up")
     ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     ex.set_defaults(func=cmd_exec)

@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from lab.backends import DataDir, RunState, down_recorded, make_data_dir
+from lab.cli import build_parser
 from lab.compose_backend import ComposeError, down_stack
 from lab.config import build_cluster_spec, parse_config
 from services.auth import SecretError, bearer, new_secret, presented, shared_secret
@@ -171,3 +172,22 @@ def test_a_compose_record_that_could_name_another_stack_is_refused(
     record = {"lab_id": lab_id, "compose": {"project": project, "file": "/nonexistent"}}
     with pytest.raises(ComposeError, match="refusing"):
         down_stack(record)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["down", "--lab", "../etc"],
+        ["exec", "--lab", "ABC", "prefill-0", "--", "true"],
+        ["exec", "../x", "--", "true"],
+        ["link", "set", "prefill-0/../x", "snic", "rate=1%"],
+        ["node", "decode-0;x", "kill"],
+    ],
+)
+def test_the_cli_refuses_ids_that_could_reach_a_path_or_a_url(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(argv)
+    assert done.value.code == 2
+    assert "is not a" in capsys.readouterr().err
