@@ -32,7 +32,7 @@ from netem.container import ContainerNics, find_interfaces, has_net_admin
 from netem.counters import NicCounters
 from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError
-from services.auth import SecretError, bearer_middleware
+from services.auth import bearer_middleware
 from services.spec import LAB_ID_PATTERN, ClusterSpec
 
 MAX_LOG_BYTES = 1 << 20
@@ -367,7 +367,7 @@ def run_agent(
         )
         agent = Agent(node_id, shaped, addresses, secret=secret)
         agent.shaped = shaped.shape()
-    except (NetemError, SpecError, SecretError) as exc:
+    except (NetemError, SpecError, BackendError) as exc:  # BackendError: the secret file
         say(f"error: {node_id}: {exc}")
         return 2
     for line in agent.shaped:
