@@ -12,13 +12,17 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -62,19 +66,107 @@ class Backend(Protocol):
     def down(self) -> list[str]: ...
 
 
-class RunState:
-    """The record of processes a lab started (`<state_dir>/<lab_id>.run.json`)."""
+OWNER_MARK = ".dualpath-owner"
+"""A file in each data directory a lab makes, holding a random token its record keeps too."""
 
-    def __init__(self, lab_id: str, backend: str, spec_path: Path, data_dir: Path) -> None:
+
+@dataclass(frozen=True)
+class DataDir:
+    """A directory a lab made: its path, the identity (device, inode) it had when it was made
+    and a random token written into it then (OWNER_MARK). It is removed only while the path
+    is still that directory and holds that token, so a record can never make `down` delete
+    anything else: a results folder, a link, or a directory made later where one was (the
+    token tells it apart from one that got the same inode back)."""
+
+    path: Path
+    dev: int
+    ino: int
+    token: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "dev": self.dev, "ino": self.ino, "token": self.token}
+
+    @classmethod
+    def from_json(cls, data: Any) -> DataDir | None:
+        """The recorded directory, None when the record holds none (or not in this form)."""
+        if not isinstance(data, dict):
+            return None
+        path, dev, ino, token = (data.get(k) for k in ("path", "dev", "ino", "token"))
+        if not isinstance(path, str) or not os.path.isabs(path):
+            return None
+        if not isinstance(dev, int) or not isinstance(ino, int):
+            return None
+        if not isinstance(token, str) or len(token) < 16:
+            return None
+        return cls(Path(path), dev, ino, token)
+
+    def is_ours(self) -> bool:
+        """The path is still the directory this lab made (a directory, not a link, the same
+        device and inode, holding the token)."""
+        try:
+            st = self.path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != (self.dev, self.ino):
+                return False
+            fd = os.open(self.path / OWNER_MARK, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as fh:
+                return secrets.compare_digest(fh.read(128), self.token)
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def remove(self) -> bool:
+        """Delete the directory and everything in it if `is_ours()`; False when it is not."""
+        if not self.is_ours():
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return not self.path.exists()
+
+
+def make_data_dir(lab_id: str, base: Path | None = None) -> DataDir:
+    """A new data directory for a lab's storage servers: `tempfile.mkdtemp` (an unpredictable
+    name, mode 0700, created by this call and by no one else) under `base`, by default
+    `$DUALPATH_DATA_DIR` or /var/tmp, marked with a fresh token. Made before any record names
+    it. BackendError naming the directory when it cannot be made."""
+    root = base if base is not None else Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp"))
+    token = secrets.token_hex(16)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"dualpath-{lab_id}-", dir=root))
+        st = path.lstat()
+        fd = os.open(path / OWNER_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
+    except OSError as exc:
+        raise BackendError(
+            f"cannot make a data directory in {root} ({exc.strerror or exc}): set "
+            "DUALPATH_DATA_DIR to a directory you can write"
+        ) from None
+    return DataDir(path, st.st_dev, st.st_ino, token)
+
+
+class RunState:
+    """The record of processes a lab started (`<state_dir>/<lab_id>.run.json`, 0600): their
+    pids, the spec they run, the data directory the lab made (if any) and the lab's secret,
+    which the CLI presents to the lab's control endpoint."""
+
+    def __init__(
+        self,
+        lab_id: str,
+        backend: str,
+        spec_path: Path,
+        data_dir: DataDir | None,
+        *,
+        secret: str | None = None,
+    ) -> None:
         self.path = state_dir() / f"{lab_id}.run.json"
         self.data: dict[str, Any] = {
             "lab_id": lab_id,
             "backend": backend,
             "spec": str(spec_path),
-            "data_dir": str(data_dir),
+            "data_dir": data_dir.to_json() if data_dir is not None else None,
             "pids": {},
             "created_at": time.time(),
         }
+        if secret is not None:
+            self.data["secret"] = secret
 
     def save(self) -> None:
         try:
@@ -87,9 +179,22 @@ class RunState:
         self.data["pids"][name] = pid
         self.save()
 
+    def remove_data_dir(self) -> list[str]:
+        """Delete the data directory this lab recorded making (nothing else); what went."""
+        return remove_data_dir(self.data)
+
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def remove_data_dir(record: dict[str, Any]) -> list[str]:
+    """Delete the data directory a run-state record says its lab made, if the path still is
+    that directory (DataDir.remove); never a path by its name alone."""
+    made = DataDir.from_json(record.get("data_dir"))
+    if made is not None and made.remove():
+        return [f"data dir {made.path}"]
+    return []
 
 
 def _is_ours(pid: int, spec_path: str) -> bool:
@@ -237,6 +342,7 @@ class LocalBackend(_ProcessHost):
 
     def down(self) -> list[str]:
         removed = self.stop_nodes()
+        removed += self.state.remove_data_dir()
         self.state.remove()
         return removed
 
@@ -328,6 +434,7 @@ class NetnsBackend(_ProcessHost):
     def down(self) -> list[str]:
         removed = self.stop_nodes()
         removed += self.lab.down()
+        removed += self.state.remove_data_dir()
         self.state.remove()
         return removed
 
@@ -414,10 +521,7 @@ def down_recorded(lab_id: str | None = None) -> list[str]:
 
                 removed += down_stack(data)
             removed += stop_pids(dict(data.get("pids", {})), str(data.get("spec")))
-            data_dir = Path(str(data.get("data_dir", "")))
-            if data_dir.name.startswith("dualpath-") and data_dir.is_dir():
-                shutil.rmtree(data_dir, ignore_errors=True)
-                removed.append(f"data dir {data_dir}")
+            removed += remove_data_dir(data)
             path.unlink(missing_ok=True)
     with contextlib.suppress(ImportError):
         from netem.netns import down_from_state, recorded_labs

@@ -12,6 +12,7 @@ import argparse
 import faulthandler
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from lab.backends import (
     RunState,
     down_recorded,
     free_port_base,
+    make_data_dir,
     state_dir,
 )
 from lab.chaos import ScenarioError, cluster_links
@@ -46,7 +48,8 @@ from lab.report import comparison_table, summary_lines
 from lab.runner import BACKENDS, RunError, compare, run_once
 from lab.selftest import SelftestOptions
 from lab.workload import TrajectoryFileError
-from services.spec import Policy
+from services.auth import AUTH_HEADER, bearer
+from services.spec import LAB_ID_PATTERN, NODE_ID_PATTERN, Policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HOST_BOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_STATUS_HELP = (
@@ -242,29 +245,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab_id = args.lab_id or secrets.token_hex(3)
     out = Path(args.out) if args.out else Path("results") / f"{cfg.name}-up-{lab_id}"
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
     base = free_port_base(LOCAL_PORTS) if args.backend == "local" else 0
-    spec = build_cluster_spec(
-        cfg, lab_id=lab_id, backend=args.backend, data_dir=data_dir, base_port=base
-    )
-    spec_path = (out / "spec.json").resolve()
-    spec.dump(spec_path)
-    state = RunState(lab_id, args.backend, spec_path, data_dir)
-    if args.backend == "netns":
-        be: LocalBackend | NetnsBackend = NetnsBackend(
-            spec,
-            spec_path,
-            out / "logs",
-            state,
-            kv_min_fraction=cfg.network.kv_min_fraction,
-            allow_unemulated=args.allow_unemulated,
+    data_dir = make_data_dir(lab_id)  # exists before anything names it (lab.runner)
+    try:
+        spec = build_cluster_spec(
+            cfg, lab_id=lab_id, backend=args.backend, data_dir=data_dir.path, base_port=base
         )
-    else:
-        be = LocalBackend(spec, spec_path, out / "logs", state)
+        spec_path = (out / "spec.json").resolve()
+        spec.dump(spec_path)
+        state = RunState(lab_id, args.backend, spec_path, data_dir, secret=spec.secret)
+        if args.backend == "netns":
+            be: LocalBackend | NetnsBackend = NetnsBackend(
+                spec,
+                spec_path,
+                out / "logs",
+                state,
+                kv_min_fraction=cfg.network.kv_min_fraction,
+                allow_unemulated=args.allow_unemulated,
+            )
+        else:
+            be = LocalBackend(spec, spec_path, out / "logs", state)
+    except BaseException:
+        data_dir.remove()
+        raise
     control: ControlServer | None = None
     try:
         be.up()
-        control = ControlServer(be, cluster_links(cfg))
+        control = ControlServer(be, cluster_links(cfg), secret=spec.secret)
         state.data["control_url"] = control.url
         state.data["controller_pid"] = os.getpid()
         state.save()
@@ -286,7 +293,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         if control is not None:
             control.close()
-        be.down()
+        be.down()  # the nodes, the network, the data directory, then the record
 
 
 def _detach_output(log: Path) -> None:
@@ -399,7 +406,9 @@ def _recorded() -> list[dict[str, Any]]:
     return out
 
 
-def _control_url(lab_id: str | None) -> str:
+def _control(lab_id: str | None) -> tuple[str, str]:
+    """The URL of the one running lab's control endpoint (or `lab_id`'s) and the lab's secret,
+    from its run-state record (0600: only its owner can drive the lab)."""
     labs = [lab for lab in _recorded() if lab.get("control_url")]
     if lab_id is not None:
         labs = [lab for lab in labs if lab["lab_id"] == lab_id]
@@ -409,26 +418,37 @@ def _control_url(lab_id: str | None) -> str:
             f"need exactly one running lab with a control endpoint (found: {which}); "
             "start one with dualpath up/run/chaos, or pick one with --lab"
         )
-    return str(labs[0]["control_url"])
+    secret = labs[0].get("secret")
+    if not isinstance(secret, str) or not secret:
+        raise BackendError(
+            f"lab {labs[0]['lab_id']}: its record holds no secret for the control endpoint "
+            "(a lab started by an older dualpath): take it down and start it again"
+        )
+    return str(labs[0]["control_url"]), secret
 
 
-def _send_control(url: str, body: dict[str, Any]) -> int:
-    """POST to a lab's control endpoint; 400 (bad value) exits 2, a refused change exits 1."""
+def _send_control(control: tuple[str, str], path: str, body: dict[str, Any]) -> int:
+    """POST to a lab's control endpoint ((url, secret) from `_control`); 400 (bad value) exits
+    2, a refused change exits 1."""
     import urllib.error
     import urllib.request
 
+    url, secret = control
     req = urllib.request.Request(
-        url,
+        url + path,
         data=json.dumps(body).encode(),
         method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", AUTH_HEADER: bearer(secret)},
     )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             print(json.loads(resp.read())["result"])
             return EXIT_OK
     except urllib.error.HTTPError as exc:
-        msg = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        try:
+            msg = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+            msg = f"HTTP {exc.code} {exc.reason}"
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE if exc.code == 400 else EXIT_FAILED
     except urllib.error.URLError as exc:
@@ -461,7 +481,7 @@ def cmd_link_set(args: argparse.Namespace) -> int:
         if not sep or not key or not value:
             raise ConfigError(f"{item!r}: expected KEY=VALUE (rate, loss, delay, jitter, up)")
         body[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return _send_control(f"{_control_url(args.lab)}/v1/links/{args.node}/{args.nic}", body)
+    return _send_control(_control(args.lab), f"/v1/links/{args.node}/{args.nic}", body)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -469,7 +489,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     forwarded = _in_stack(args.lab, ["node", args.node, args.action])
     if forwarded is not None:
         return forwarded
-    return _send_control(f"{_control_url(args.lab)}/v1/nodes/{args.node}/{args.action}", {})
+    return _send_control(_control(args.lab), f"/v1/nodes/{args.node}/{args.action}", {})
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -545,6 +565,22 @@ def cmd_compose_render(args: argparse.Namespace) -> int:
         out.write_text(text)
         print(f"wrote {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _lab_id(text: str) -> str:
+    """A lab id as arguments give it: checked before it can name a file or a namespace."""
+    if not re.fullmatch(LAB_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a lab id (1-8 lower-case letters or digits)"
+        )
+    return text
+
+
+def _node_id(text: str) -> str:
+    """A node id as arguments give it (it names a namespace and goes into URLs)."""
+    if not re.fullmatch(NODE_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node id (e.g. prefill-0)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -658,14 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="own the lab from this process until Ctrl-C (default: a detached controller)",
     )
     up.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
-    up.add_argument("--lab-id", help=argparse.SUPPRESS)
+    up.add_argument("--lab-id", type=_lab_id, help=argparse.SUPPRESS)
     up.set_defaults(func=cmd_up)
     an = sub.add_parser("analyze", help="the bottleneck-free P/D range (DualPath §4.2)")
     an.add_argument("-c", "--config", required=True, help="lab config (YAML)")
     an.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
     an.set_defaults(func=cmd_analyze)
     down = sub.add_parser("down", help="stop every recorded lab and remove what it created")
-    down.add_argument("--lab", help="only this lab id")
+    down.add_argument("--lab", type=_lab_id, help="only this lab id")
     down.set_defaults(func=cmd_down)
     doc = sub.add_parser("doctor", help="what this kernel/host can emulate, per link feature")
     doc.add_argument("--json", action="store_true", help="the report as JSON")
@@ -673,15 +709,15 @@ def build_parser() -> argparse.ArgumentParser:
     link = sub.add_parser("link", help="change a link of a running lab (up/run/chaos)")
     link_sub = link.add_subparsers(dest="link_command", required=True)
     ls = link_sub.add_parser("set", help="dualpath link set NODE NIC rate=50%% loss=1%% up=false")
-    ls.add_argument("node", help="e.g. prefill-0")
+    ls.add_argument("node", type=_node_id, help="e.g. prefill-0")
     ls.add_argument("nic", choices=["cnic", "snic"])
     ls.add_argument("changes", nargs="+", metavar="KEY=VALUE", help="rate, loss, delay, jitter, up")
-    ls.add_argument("--lab", help="lab id, when several are running")
+    ls.add_argument("--lab", type=_lab_id, help="lab id, when several are running")
     ls.set_defaults(func=cmd_link_set)
     nd = sub.add_parser("node", help="stop, cont, kill or restart a node of a running lab")
-    nd.add_argument("node", help="e.g. decode-0")
+    nd.add_argument("node", type=_node_id, help="e.g. decode-0")
     nd.add_argument("action", choices=["stop", "cont", "kill", "restart"])
-    nd.add_argument("--lab", help="lab id, when several are running")
+    nd.add_argument("--lab", type=_lab_id, help="lab id, when several are running")
     nd.set_defaults(func=cmd_node)
     co = sub.add_parser("compose", help="Docker Compose files for a config")
     co_sub = co.add_subparsers(dest="compose_command", required=True)
@@ -698,8 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="labs that are up and their processes")
     st.set_defaults(func=cmd_status)
     ex = sub.add_parser("exec", help="run a command inside a node: dualpath exec NODE -- CMD")
-    ex.add_argument("node", help="node id, e.g. prefill-0")
-    ex.add_argument("--lab", help="lab id, when several are up")
+    ex.add_argument("node", type=_node_id, help="node id, e.g. prefill-0")
+    ex.add_argument("--lab", type=_lab_id, help="lab id, when several are up")
     ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     ex.set_defaults(func=cmd_exec)
     return p

@@ -4,6 +4,9 @@ At start it finds the container's NICs by subnet (never by interface order) and 
 with the netns backend's plan (`netem.container`); then it serves the driver on its mgmt
 address: start and stop the node process of one run, NIC counters, link changes, node actions
 and the node's log. It acts only inside its own container and starts no process but the node.
+Every request must present the stack's agent secret (`compose_stack.agent_secret`, shared by the
+stack's services through a volume; services.auth); a lab id must be one (ClusterSpec), and the
+only directory `/v1/stop` deletes is the data directory the agent itself made for the run.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
+import re
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -22,13 +25,15 @@ from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
-from lab.backends import BackendError, RunState, _ProcessHost, state_dir
+from lab.backends import BackendError, RunState, _ProcessHost, make_data_dir, state_dir
 from lab.compose_render import NETWORKS
+from lab.compose_stack import agent_secret
 from netem.container import ContainerNics, find_interfaces, has_net_admin
 from netem.counters import NicCounters
 from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError
-from services.spec import ClusterSpec
+from services.auth import bearer_middleware
+from services.spec import LAB_ID_PATTERN, ClusterSpec
 
 MAX_LOG_BYTES = 1 << 20
 EXIT_NO_NET_ADMIN = 3
@@ -36,6 +41,11 @@ EXIT_NO_NET_ADMIN = 3
 
 def _log_dir() -> Path:
     return Path(os.environ.get("DUALPATH_LOG_DIR", "/var/log/dualpath"))
+
+
+def _data_root() -> Path:
+    """Where the agent makes each run's data directory (mkdtemp: its own, 0700)."""
+    return Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp"))
 
 
 class Nics(Protocol):
@@ -130,8 +140,10 @@ class _Run:
 class Agent:
     """What the HTTP handlers call; every method is blocking and thread-safe."""
 
-    def __init__(self, node_id: str, nics: Nics, addresses: dict[str, str]) -> None:
+    def __init__(self, node_id: str, nics: Nics, addresses: dict[str, str], *, secret: str) -> None:
+        """`secret`: what every request to this agent must present (`agent_secret()`)."""
         self.node_id = node_id
+        self.secret = secret
         self.nics = nics
         self.addresses = addresses
         self.shaped: list[str] = []
@@ -152,19 +164,30 @@ class Agent:
         }
 
     def start(self, spec_data: Any) -> dict[str, Any]:
+        """Start this node's process for the lab of `spec_data` (a ClusterSpec: its lab id is
+        checked there). The run's data directory is the agent's own, made here; whatever
+        `data_dir` the request named is replaced, so no caller chooses a path."""
         spec = ClusterSpec.model_validate(spec_data)
         spec.node(self.node_id)  # KeyError (400) when the spec has no such node
         with self._lock:
             if self._run is not None:
                 raise AgentError(f"{self.node_id} already runs lab {self._run.spec.lab_id}")
             agent_dir = state_dir() / "agent"
-            agent_dir.mkdir(parents=True, exist_ok=True)
+            agent_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            data_dir = make_data_dir(spec.lab_id, _data_root())
+            spec = spec.model_copy(update={"data_dir": str(data_dir.path)})
             spec_path = agent_dir / f"{spec.lab_id}.spec.json"
             spec.dump(spec_path)
-            state = RunState(spec.lab_id, "compose", spec_path, Path(spec.data_dir))
+            state = RunState(spec.lab_id, "compose", spec_path, data_dir)
             host = _NodeProcess(spec, spec_path, _log_dir() / spec.lab_id, state)
-            state.save()
-            host.start(self.node_id)
+            try:
+                state.save()
+                host.start(self.node_id)
+            except BaseException:
+                host.stop_nodes()
+                state.remove_data_dir()
+                state.remove()
+                raise
             self._run = _Run(spec, host, state)
             pid = host.procs[self.node_id].pid
         print(
@@ -188,18 +211,15 @@ class Agent:
         with self._lock:
             run = self._current()
             removed = run.host.stop_nodes()
-            data_dir = Path(run.spec.data_dir)
-            if data_dir.name.startswith("dualpath-") and data_dir.is_dir():
-                shutil.rmtree(data_dir, ignore_errors=True)
-                removed.append(f"data dir {data_dir}")
+            removed += run.state.remove_data_dir()  # only the one made by start()
             run.state.remove()
             self._run = None
         print(f"[agent {self.node_id}] lab {run.spec.lab_id}: stopped", flush=True)
         return {"removed": removed}
 
     def log(self, lab_id: str) -> bytes:
-        if not lab_id.isalnum():
-            return b""
+        if not re.fullmatch(LAB_ID_PATTERN, lab_id):
+            raise ValueError(f"lab: {lab_id!r} is not a lab id (1-8 lower-case letters or digits)")
         path = _log_dir() / lab_id / f"{self.node_id}.log"
         if not path.is_file():
             return b""
@@ -236,8 +256,9 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 
 def http_app(agent: Agent) -> web.Application:
     """GET /v1/info, /v1/poll, /v1/counters, /v1/log/{lab}; POST /v1/start {spec}, /v1/stop,
-    /v1/links/{nic} {changes}, /v1/nodes/{action}. A bad value is 400 naming it, a refused
-    request 409; nothing is changed in either case."""
+    /v1/links/{nic} {changes}, /v1/nodes/{action}. Every route requires the agent's secret
+    (401 otherwise); a bad value is 400 naming it, a refused request 409; nothing is changed
+    in any of these cases."""
 
     async def call(fn: Callable[[], Any]) -> web.Response:
         try:
@@ -249,8 +270,15 @@ def http_app(agent: Agent) -> web.Application:
         return _json(200, result if isinstance(result, dict) else {"result": result})
 
     async def body(request: web.Request) -> Any:
+        """The request's JSON body ({} when empty); a body that is not JSON is 400."""
         raw = await request.read()
-        return json.loads(raw) if raw else {}
+        try:
+            return json.loads(raw) if raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": f"body is not JSON: {exc}"}),
+                content_type="application/json",
+            ) from None
 
     async def info(request: web.Request) -> web.Response:
         return await call(agent.info)
@@ -262,11 +290,17 @@ def http_app(agent: Agent) -> web.Application:
         return await call(agent.counters)
 
     async def log(request: web.Request) -> web.Response:
-        data = await asyncio.to_thread(agent.log, request.match_info["lab"])
+        try:
+            data = await asyncio.to_thread(agent.log, request.match_info["lab"])
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
         return web.Response(body=data, content_type="text/plain")
 
     async def start(request: web.Request) -> web.Response:
-        spec = (await body(request)).get("spec")
+        data = await body(request)
+        if not isinstance(data, dict):
+            return _json(400, {"error": 'body must be a JSON object {"spec": ...}'})
+        spec = data.get("spec")
         return await call(lambda: agent.start(spec))
 
     async def stop(request: web.Request) -> web.Response:
@@ -281,7 +315,7 @@ def http_app(agent: Agent) -> web.Application:
     async def node(request: web.Request) -> web.Response:
         return await call(lambda: agent.node_action(request.match_info["action"]))
 
-    app = web.Application(client_max_size=16 << 20)
+    app = web.Application(client_max_size=16 << 20, middlewares=[bearer_middleware(agent.secret)])
     app.router.add_get("/v1/info", info)
     app.router.add_get("/v1/poll", poll)
     app.router.add_get("/v1/counters", counters)
@@ -327,12 +361,13 @@ def run_agent(
     from netem.errors import NetemError
 
     try:
+        secret = agent_secret()
         shaped, addresses = container_nics(
             node_id, nics, isolation=isolation, kv_min_fraction=kv_min_fraction
         )
-        agent = Agent(node_id, shaped, addresses)
+        agent = Agent(node_id, shaped, addresses, secret=secret)
         agent.shaped = shaped.shape()
-    except (NetemError, SpecError) as exc:
+    except (NetemError, SpecError, BackendError) as exc:  # BackendError: the secret file
         say(f"error: {node_id}: {exc}")
         return 2
     for line in agent.shaped:

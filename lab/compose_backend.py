@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from lab.compose_render import (
     to_yaml,
 )
 from lab.config import LabConfig
+from services.spec import LAB_ID_PATTERN
 
 SOURCE_PACKAGES = ("services", "scheduler", "netem", "lab")
 SOURCE_FILES = ("pyproject.toml", "compose/Dockerfile")
@@ -127,24 +129,32 @@ def ensure_image(*, say: Say = _stderr) -> str:
     return image
 
 
-def _ids(kind: str, lab_id: str) -> list[str]:
-    label = f"label={LAB_LABEL}={lab_id}"
+PROJECT_LABEL = "com.docker.compose.project"
+"""What compose (v1 and v2) labels every container, network and volume of a project with."""
+
+
+def _ids(kind: str, lab_id: str, project: str | None = None) -> list[str]:
+    filters = ["--filter", f"label={LAB_LABEL}={lab_id}"]
+    if project is not None:  # both labels must match (docker ANDs label filters)
+        filters += ["--filter", f"label={PROJECT_LABEL}={project}"]
     if kind == "container":
-        argv = ["docker", "ps", "-aq", "--filter", label]
+        argv = ["docker", "ps", "-aq", *filters]
     else:
-        argv = ["docker", kind, "ls", "-q", "--filter", label]
+        argv = ["docker", kind, "ls", "-q", *filters]
     return run_cmd(argv, timeout_s=60).split()
 
 
-def leftovers(lab_id: str) -> dict[str, list[str]]:
-    """Containers, networks and volumes that carry the lab's label (ids)."""
-    return {kind: _ids(kind, lab_id) for kind in ("container", "network", "volume")}
+def leftovers(lab_id: str, project: str | None = None) -> dict[str, list[str]]:
+    """Containers, networks and volumes that carry the lab's label (ids), and with `project`
+    only those of that compose project."""
+    return {kind: _ids(kind, lab_id, project) for kind in ("container", "network", "volume")}
 
 
-def remove_leftovers(lab_id: str) -> list[str]:
-    """Remove, by id, whatever still carries the lab's label; returns what was removed."""
+def remove_leftovers(lab_id: str, project: str | None = None) -> list[str]:
+    """Remove, by id, whatever still carries the lab's label (and `project`'s); returns what
+    was removed."""
     removed: list[str] = []
-    for kind, ids in leftovers(lab_id).items():
+    for kind, ids in leftovers(lab_id, project).items():
         for ident in ids:
             argv = (
                 ["docker", "rm", "-f", ident]
@@ -188,13 +198,20 @@ def _states(ids: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def down_stack(record: dict[str, Any]) -> list[str]:
-    """Take a recorded compose lab down (`dualpath down`, or the end of a run): compose down,
-    then remove by id whatever still carries the lab's label."""
+    """Take a recorded compose lab down (`dualpath down`, or the end of a run): compose down
+    of the recorded project, then remove by id whatever still carries both the lab's label
+    and the project's. A record whose lab id or project is not the form a run writes
+    (`dualpath-<lab id>`) is refused: it could name someone else's."""
     compose = record.get("compose", {})
-    lab_id = str(record["lab_id"])
-    removed: list[str] = []
+    lab_id = str(record.get("lab_id"))
     project, file = compose.get("project"), compose.get("file")
-    if project and file and Path(file).is_file():
+    if not re.fullmatch(LAB_ID_PATTERN, lab_id) or project != f"dualpath-{lab_id}":
+        raise ComposeError(
+            f"refusing a compose record for lab {lab_id!r}, project {project!r}: a run "
+            "records a lab id of 1-8 lower-case letters or digits and project dualpath-<id>"
+        )
+    removed: list[str] = []
+    if file and Path(file).is_file():
         with contextlib.suppress(ComposeError):
             run_cmd(
                 [
@@ -211,7 +228,7 @@ def down_stack(record: dict[str, Any]) -> list[str]:
                 ]
             )
             removed.append(f"compose project {project}")
-    removed += remove_leftovers(lab_id)
+    removed += remove_leftovers(lab_id, project)
     return removed
 
 
@@ -256,7 +273,7 @@ def run_stack(
     )
     file = out_dir / "docker-compose.yml"
     file.write_text(to_yaml(doc, [f"compose project {project}: dualpath {cfg.name}, lab {lab_id}"]))
-    state = RunState(lab_id, "compose", file, out_dir)
+    state = RunState(lab_id, "compose", file, None)  # no data directory on the host
     state.data["compose"] = {"project": project, "file": str(file), "cli": list(cli)}
     state.save()
     say(f"[compose] lab {lab_id}: {project} up ({' '.join(cli)}), results in {out_dir}")

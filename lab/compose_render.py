@@ -33,6 +33,13 @@ AGENT_PORT = 7500
 DRIVER_HOST_OFFSET = 3
 """The driver's mgmt address (the scheduler has 2; Docker's gateway takes 1)."""
 RESULTS_MOUNT = "/results"
+SECRET_VOLUME = "dualpath-secret"
+"""A named volume every service of a stack mounts: the first agent (or the driver) to start
+writes the stack's agent secret into it (services.auth.shared_secret), the rest read it, so
+the secret is made with the stack and never leaves Docker's storage."""
+SECRET_DIR = "/run/dualpath-secret"
+AGENT_SECRET_FILE = f"{SECRET_DIR}/agent"
+"""What every agent requires and the driver presents (Authorization: Bearer)."""
 NETWORKS = {"cnic": "compute", "snic": "storage", "mgmt": "mgmt"}
 """NIC name -> network, as on the netns backend."""
 ALL_POLICIES: tuple[str, ...] = tuple(p.value for p in Policy)
@@ -127,6 +134,7 @@ def _service(opts: RenderOptions, node_id: str, command: list[str]) -> dict[str,
         }
     svc["command"] = command
     svc["labels"] = {LAB_LABEL: opts.lab, NODE_LABEL: node_id}
+    svc["volumes"] = [f"{SECRET_VOLUME}:{SECRET_DIR}"]
     return svc
 
 
@@ -181,17 +189,24 @@ def render(cfg: LabConfig, opts: RenderOptions) -> dict[str, Any]:
     if opts.scenario is not None:
         env["DUALPATH_SCENARIO"] = _escape(opts.scenario)
     driver["environment"] = env
-    driver["volumes"] = [f"{opts.results}:{RESULTS_MOUNT}"]
+    driver["volumes"] += [f"{opts.results}:{RESULTS_MOUNT}"]
     driver["depends_on"] = list(services)
     mgmt = ipaddress.IPv4Network(cfg.network.mgmt_subnet)
     driver["networks"] = {"mgmt": {"ipv4_address": str(mgmt[DRIVER_HOST_OFFSET])}}
     driver["deploy"] = _deploy(manager=True)
     services["driver"] = driver
+    # internal: no route in or out of the stack's networks (nothing in a stack needs one: the
+    # host drives it with `docker exec`/`logs`, results go through the driver's bind mount)
     networks = {
-        net: {"labels": {LAB_LABEL: opts.lab}, "ipam": {"config": [{"subnet": subnet}]}}
+        net: {
+            "internal": True,
+            "labels": {LAB_LABEL: opts.lab},
+            "ipam": {"config": [{"subnet": subnet}]},
+        }
         for net, subnet in _subnets(cfg).items()
     }
-    return {"version": "3.8", "services": services, "networks": networks}
+    volumes = {SECRET_VOLUME: {"labels": {LAB_LABEL: opts.lab}}}
+    return {"version": "3.8", "services": services, "networks": networks, "volumes": volumes}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -236,7 +251,7 @@ def render_text(
         "the config says). From this folder:",
         "",
         "  docker compose up --build --exit-code-from driver    # v1: docker-compose up ...",
-        "  docker compose down",
+        "  docker compose down -v      # -v: the stack's secret volume too",
         "",
         "Results: ./results/<name>-<kind>-<time>/. Swarm: docker stack deploy -c FILE NAME",
         "(docs/compose.md).",
@@ -246,6 +261,7 @@ def render_text(
 
 __all__ = [
     "AGENT_PORT",
+    "AGENT_SECRET_FILE",
     "IMAGE",
     "LAB_LABEL",
     "NETWORKS",

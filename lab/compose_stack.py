@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import sys
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lab.backends import BackendError, RunState
-from lab.compose_render import AGENT_PORT
+from lab.compose_render import AGENT_PORT, AGENT_SECRET_FILE
+from services.auth import AUTH_HEADER, SecretError, bearer, shared_secret
 from services.spec import ClusterSpec, Policy, Role
 
 AGENT_WAIT_S = 180.0
@@ -27,13 +29,30 @@ REQUEST_TIMEOUT_S = 60.0
 START_ORDER = (Role.STORAGE, Role.SCHEDULER, Role.PREFILL, Role.DECODE)
 
 
+def agent_secret() -> str:
+    """The stack's agent secret (`$DUALPATH_AGENT_SECRET_FILE`, by default the file on the
+    stack's secret volume), made by whichever service of the stack reads it first: agents
+    require it, the driver presents it. BackendError when it cannot be read or trusted."""
+    path = Path(os.environ.get("DUALPATH_AGENT_SECRET_FILE", AGENT_SECRET_FILE))
+    try:
+        return shared_secret(path)
+    except SecretError as exc:
+        raise BackendError(f"the stack's agent secret: {exc}") from None
+
+
+class AgentRefused(BackendError):
+    """An agent refused the stack's secret: it holds another one (a multi-host swarm whose
+    hosts each made their own, docs/compose.md); waiting does not help."""
+
+
 class AgentClient:
     """JSON over HTTP to one node's agent; one kept-alive connection, reopened on error."""
 
-    def __init__(self, node_id: str, host: str, port: int = AGENT_PORT) -> None:
+    def __init__(self, node_id: str, host: str, port: int = AGENT_PORT, *, secret: str) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
+        self._headers = {"Content-Type": "application/json", AUTH_HEADER: bearer(secret)}
         self._conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -44,9 +63,7 @@ class AgentClient:
                     self.host, self.port, timeout=REQUEST_TIMEOUT_S
                 )
             try:
-                self._conn.request(
-                    method, path, body=data, headers={"Content-Type": "application/json"}
-                )
+                self._conn.request(method, path, body=data, headers=self._headers)
                 resp = self._conn.getresponse()
                 raw = resp.read()
             except (OSError, http.client.HTTPException) as exc:
@@ -57,11 +74,16 @@ class AgentClient:
                         f"{method} {path}: {exc}"
                     ) from exc
                 continue
-            if path.startswith("/v1/log/"):
+            if path.startswith("/v1/log/") and resp.status == 200:
                 return raw.decode(errors="replace")
-            reply = json.loads(raw or b"{}")
+            try:
+                reply = json.loads(raw or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                reply = {}
             if resp.status != 200:
-                raise BackendError(f"{self.node_id}: {reply.get('error', resp.reason)}")
+                why = reply.get("error") or reply.get("detail") or resp.reason
+                error = AgentRefused if resp.status == 401 else BackendError
+                raise error(f"{self.node_id}: {why} (HTTP {resp.status})")
             return reply
         raise AssertionError("unreachable")
 
@@ -74,12 +96,13 @@ class AgentClient:
 def discover(
     node_ids: Sequence[str],
     *,
+    secret: str,
     timeout_s: float = AGENT_WAIT_S,
     say: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[AgentClient, dict[str, Any]]]:
     """Each node's agent, found by its service name on the management network (compose and
-    swarm DNS), and what it reports (`/v1/info`). BackendError names the nodes that did not
-    answer within `timeout_s`."""
+    swarm DNS), and what it reports (`/v1/info`, presenting `secret`). BackendError names the
+    nodes that did not answer within `timeout_s`."""
     found: dict[str, tuple[AgentClient, dict[str, Any]]] = {}
     why: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
@@ -90,8 +113,10 @@ def discover(
                 continue
             try:
                 host = socket.getaddrinfo(node_id, AGENT_PORT, socket.AF_INET)[0][4][0]
-                client = AgentClient(node_id, str(host))
+                client = AgentClient(node_id, str(host), secret=secret)
                 found[node_id] = (client, client.request("GET", "/v1/info"))
+            except AgentRefused:
+                raise
             except (OSError, BackendError) as exc:
                 why[node_id] = str(exc)
         missing = [n for n in node_ids if n not in found]
@@ -171,7 +196,7 @@ class StackBackend:
     def up(self) -> None:
         self.state.save()
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        found = discover(self._ordered())
+        found = discover(self._ordered(), secret=agent_secret())
         for node_id, (client, info) in found.items():
             check_agent(self.spec, node_id, info)
             self.agents[node_id] = client
@@ -239,6 +264,7 @@ class StackBackend:
         self.started.clear()
         for agent in self.agents.values():
             agent.close()
+        removed += self.state.remove_data_dir()
         self.state.remove()
         if errors:
             raise BackendError("; ".join(errors))

@@ -8,12 +8,17 @@ The process that owns a lab (the runner of `dualpath run`/`chaos`) serves, on 12
 
 Link bodies use the chaos scenario syntax and are validated by the same compiler, so a bad value
 is refused with its name (400) and nothing changes; a change the backend or kernel cannot make
-is 409. The URL is recorded in the lab's run-state file, where `dualpath link set` finds it.
+is 409. Every request must present the lab's secret (`Authorization: Bearer`, services.auth),
+or it is refused (401) before its body is read; bodies are bounded (a missing, negative or
+oversized Content-Length is 411/400/413), so are connections and their idle time. The URL and
+the secret are in the lab's run-state file (0600), where `dualpath link set` finds them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,8 +26,53 @@ from typing import Any
 
 from lab.backends import Backend
 from lab.chaos import ClusterLinks, LinkStep, NodeStep, ScenarioError, compile_scenario
+from services.auth import AUTH_HEADER, presented
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_CONNECTIONS = 16
+"""Connections served at once; more are closed at once (one user drives the lab)."""
+IO_TIMEOUT_S = 10.0
+"""A connection that sends nothing for this long is closed."""
+CONNECTION_DEADLINE_S = 60.0
+"""A connection is closed this long after it was accepted, whatever it is doing: one request
+per connection (HTTP/1.0), so a sender that trickles bytes holds its slot no longer. A change
+the backend is making meanwhile still completes; only its reply is lost."""
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most MAX_CONNECTIONS threads: a connection over the cap is
+    closed unanswered instead of taking a thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(CONNECTION_DEADLINE_S, _hang_up, (request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self.slots.release()
+
+
+def _hang_up(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def apply_step(be: Backend, step: LinkStep | NodeStep) -> str:
@@ -35,13 +85,14 @@ def apply_step(be: Backend, step: LinkStep | NodeStep) -> str:
 class ControlServer:
     """Serves the control endpoint from a daemon thread until `close()`."""
 
-    def __init__(self, be: Backend, links: ClusterLinks) -> None:
+    def __init__(self, be: Backend, links: ClusterLinks, *, secret: str) -> None:
+        """`secret`: what every request must present (the lab's, `ClusterSpec.secret`)."""
         self.be = be
         self.links = links
+        self.secret = secret
         self.lock = threading.Lock()  # one change at a time, in arrival order
         handler = _handler(self)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="control", daemon=True)
         self.thread.start()
@@ -76,17 +127,49 @@ class ControlServer:
         return HTTPStatus.OK, {"result": result}
 
 
+def _content_length(value: str | None) -> tuple[int, HTTPStatus | None, str]:
+    """The body length a request announced, or the status and reason to refuse it with."""
+    if value is None:
+        return 0, HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"
+    text = value.strip()
+    if not text.isdigit() or len(text) > 9:  # no sign, no blanks, no 10-digit sizes
+        return 0, HTTPStatus.BAD_REQUEST, f"Content-Length {value!r} is not a byte count"
+    length = int(text)
+    if length > MAX_BODY_BYTES:
+        return 0, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes"
+    return length, None, ""
+
+
 def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        timeout = IO_TIMEOUT_S  # socket timeout for every read and write of the connection
+
+        def _reply(self, status: HTTPStatus, body: dict[str, Any], *, close: bool = False) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if status is HTTPStatus.UNAUTHORIZED:
+                self.send_header("WWW-Authenticate", 'Bearer realm="dualpath"')
+            if close:  # the unread body (if any) must not be taken for the next request
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
+        def _authorized(self) -> bool:
+            if presented(self.headers.get(AUTH_HEADER), server.secret):
+                return True
+            self._reply(
+                HTTPStatus.UNAUTHORIZED,
+                {"error": "the lab's secret is required (Authorization: Bearer ...)"},
+                close=True,
+            )
+            return False
+
         def do_GET(self) -> None:
+            if not self._authorized():
+                return
             if self.path.rstrip("/") != "/v1/links":
                 self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.path}"})
                 return
@@ -94,14 +177,34 @@ def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
             self._reply(HTTPStatus.OK, {"configured_rates_mbit": links})
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
+            if not self._authorized():
                 return
-            raw = self.rfile.read(length) if length else b"{}"
+            if self.headers.get("Transfer-Encoding"):
+                self._reply(
+                    HTTPStatus.LENGTH_REQUIRED,
+                    {"error": "Transfer-Encoding is not accepted: send Content-Length"},
+                    close=True,
+                )
+                return
+            length, refusal, why = _content_length(self.headers.get("Content-Length"))
+            if refusal is not None:
+                self._reply(refusal, {"error": why}, close=True)
+                return
+            try:
+                raw = self.rfile.read(length) if length else b"{}"
+            except OSError:  # a timeout included
+                self.close_connection = True
+                return  # the sender went silent: nothing was changed
+            if len(raw) < length:
+                self._reply(
+                    HTTPStatus.BAD_REQUEST,
+                    {"error": "body shorter than Content-Length"},
+                    close=True,
+                )
+                return
             try:
                 body = json.loads(raw or b"{}")
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": f"body is not JSON: {exc}"})
                 return
             self._reply(*server.apply(self.path, body))

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from services.auth import AUTH_HEADER, bearer
 from services.engine import engine_stats
 from services.health import HealthMonitor
 from services.spec import ClusterSpec, Role
@@ -270,7 +271,11 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
     storage = StorageClient(spec)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    # every request presents the lab's secret: the scheduler refuses a turn without it
+    headers = {AUTH_HEADER: bearer(spec.secret)}
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=connector, headers=headers
+    ) as session:
         await _wait_ready(session, base)
         sem = asyncio.Semaphore(SEED_CONCURRENCY)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from lab.backends import (
     NetnsBackend,
     RunState,
     free_port_base,
+    make_data_dir,
     stop_pids,
 )
 from lab.chaos import LinkStep, Scenario, cluster_links
@@ -244,18 +244,24 @@ def run_once(
     cfg, scaling = resolve_scaling(cfg, say, scaling)
     checked = _selftest(cfg, backend, out_dir, selftest, say) if selftest is not None else None
     lab_id = secrets.token_hex(3)
-    data_dir = Path(os.environ.get("DUALPATH_DATA_DIR", "/var/tmp")) / f"dualpath-{lab_id}"
     base_port = free_port_base(LOCAL_PORTS) if backend == "local" else 0
-    spec = build_cluster_spec(
-        cfg, lab_id=lab_id, backend=backend, data_dir=data_dir, base_port=base_port
-    )
-    spec_path = out_dir / "spec.json"
-    spec.dump(spec_path)
-    agents = _agents_plan(cfg, spec.profile.block_tokens)
-    plan_path = out_dir / "agents.json"
-    plan_path.write_text(json.dumps({"agents": agents}))
-    state = RunState(lab_id, backend, spec_path, data_dir)
-    be = _make_backend(cfg, spec, spec_path, out_dir, state)
+    # The data directory exists (mkdtemp, 0700) before the spec or any record names it; the
+    # spec carries the lab's fresh secret and is written 0600.
+    data_dir = make_data_dir(lab_id)
+    try:
+        spec = build_cluster_spec(
+            cfg, lab_id=lab_id, backend=backend, data_dir=data_dir.path, base_port=base_port
+        )
+        spec_path = out_dir / "spec.json"
+        spec.dump(spec_path)
+        agents = _agents_plan(cfg, spec.profile.block_tokens)
+        plan_path = out_dir / "agents.json"
+        plan_path.write_text(json.dumps({"agents": agents}))
+        state = RunState(lab_id, backend, spec_path, data_dir, secret=spec.secret)
+        be = _make_backend(cfg, spec, spec_path, out_dir, state)
+    except BaseException:
+        data_dir.remove()
+        raise
     samples: list[Sample] = []
     host: list[HostSample] = []
     driver_out = out_dir / "driver.json"
@@ -269,7 +275,7 @@ def run_once(
     control: ControlServer | None = None
     try:
         be.up()
-        control = ControlServer(be, cluster_links(cfg))
+        control = ControlServer(be, cluster_links(cfg), secret=spec.secret)
         state.data["control_url"] = control.url
         if exported_nodes(backend):
             state.data["metrics_urls"] = {n.node_id: metrics_url(n.mgmt.host) for n in spec.nodes}
@@ -339,8 +345,7 @@ def run_once(
             control.close()
         if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
             stop_pids({"driver": proc.pid}, str(spec_path))
-        removed = be.down()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        removed = be.down()  # the nodes, the network, the data directory, then the record
         say(f"[{cfg.policy.value}] lab {lab_id} down: removed {len(removed)} objects")
     driver = json.loads(driver_out.read_text())
     summary = summarize(

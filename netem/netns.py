@@ -15,10 +15,13 @@ import dataclasses
 import fcntl
 import json
 import os
+import select
+import signal
 import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from errno import EEXIST, ENOENT
@@ -83,6 +86,7 @@ __all__ = [
     "NetnsLab",
     "apply_shaping",
     "down_from_state",
+    "namespace_holders",
     "recorded_labs",
     "require_net_admin",
 ]
@@ -683,14 +687,140 @@ def _remove_namespace(name: str) -> bool:
     return True
 
 
-def _remove_recorded(state: LabState) -> list[str]:
-    """Remove every namespace in the record (last created first), then the record itself.
+PROCESS_GRACE_S = 2.0
+"""How long a process left in a lab's namespace has after SIGTERM before SIGKILL."""
+PROCESS_ROUNDS = 3
+"""Scans for processes in a lab's namespaces: a daemon may fork while it is being ended."""
 
-    A namespace that cannot be removed stays in the record so `down` can be retried."""
+
+def _namespace_ids(names: Sequence[str]) -> dict[tuple[int, int], str]:
+    """(device, inode) of each named namespace that still exists -> its name: what
+    /proc/<pid>/ns/net of a process inside it stats to."""
+    ids: dict[tuple[int, int], str] = {}
+    for name in names:
+        try:
+            st = os.stat(NETNS_RUN_DIR / name)
+        except OSError:
+            continue
+        ids[(st.st_dev, st.st_ino)] = name
+    return ids
+
+
+def _holding(pid: int, ids: dict[tuple[int, int], str]) -> str | None:
+    """The namespace of `ids` that process `pid` holds: one of its threads is inside it, or
+    it has a file descriptor open on it; None when it holds none (or is gone)."""
+    base = Path(f"/proc/{pid}")
+    try:
+        links = [t / "ns" / "net" for t in (base / "task").iterdir()]
+        links += list((base / "fd").iterdir())
+    except OSError:
+        return None  # gone, or not ours to look at
+    for link in links:
+        try:
+            st = os.stat(link)
+        except OSError:
+            continue
+        name = ids.get((st.st_dev, st.st_ino))
+        if name is not None:
+            return name
+    return None
+
+
+def namespace_holders(names: Sequence[str]) -> dict[int, str]:
+    """pid -> namespace, for every process but this one that holds one of the named
+    namespaces (a task inside it, or a descriptor open on it): what would keep a namespace
+    alive after its name is removed."""
+    ids = _namespace_ids(names)
+    if not ids:
+        return {}
+    me = os.getpid()
+    out: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        name = _holding(int(entry.name), ids)
+        if name is not None:
+            out[int(entry.name)] = name
+    return out
+
+
+def _end_processes(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """End every process still inside (or holding) the named namespaces: SIGTERM (and SIGCONT,
+    a stopped process cannot act on it), PROCESS_GRACE_S, then SIGKILL. Each process is
+    signalled through a pidfd opened while it was seen holding the namespace, so a pid reused
+    meanwhile is never signalled. Returns (what was ended, what survived SIGKILL)."""
+    ended: list[str] = []
+    ids = _namespace_ids(names)
+    for _ in range(PROCESS_ROUNDS):
+        held = namespace_holders(names)
+        if not held:
+            return ended, []
+        pidfds: dict[int, tuple[int, str]] = {}
+        for pid in held:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            name = _holding(pid, ids)  # the pid the fd refers to, checked after it was opened
+            if name is None:
+                os.close(fd)
+                continue
+            pidfds[pid] = (fd, name)
+        try:
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                for fd, _name in pidfds.values():
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(fd, sig)
+            live = _wait_exit([fd for fd, _ in pidfds.values()], PROCESS_GRACE_S)
+            for fd in live:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            _wait_exit(live, PROCESS_GRACE_S)
+        finally:
+            for fd, _name in pidfds.values():
+                os.close(fd)
+        ended += [f"process {pid} in {name}" for pid, (_fd, name) in pidfds.items()]
+    survivors = namespace_holders(names)
+    return ended, [f"process {pid} in {name}" for pid, name in sorted(survivors.items())]
+
+
+def _wait_exit(pidfds: Sequence[int], timeout_s: float) -> list[int]:
+    """Wait until every pidfd's process has exited or `timeout_s` passed; the ones still
+    running. (A pidfd becomes readable when its process exits, reaped or not.)"""
+    waiting = set(pidfds)
+    poller = select.poll()
+    for fd in waiting:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        left_ms = int(1000 * (deadline - time.monotonic()))
+        if left_ms <= 0:
+            break
+        for fd, _events in poller.poll(left_ms):
+            waiting.discard(fd)
+            poller.unregister(fd)
+    return [fd for fd in pidfds if fd in waiting]
+
+
+def _remove_recorded(state: LabState) -> list[str]:
+    """End every process still in the recorded namespaces, remove each namespace (last created
+    first), then the record itself.
+
+    A namespace that cannot be removed stays in the record so `down` can be retried; a process
+    that outlived SIGKILL is an error naming it (its namespace lives on without a name)."""
     removed: list[str] = []
     failed: list[NetemError] = []
     if any((NETNS_RUN_DIR / name).exists() for name in state.record.namespaces):
         require_net_admin()
+    ended, survivors = _end_processes(state.record.namespaces)
+    removed += ended
+    if survivors:
+        failed.append(
+            NetemError(
+                f"{', '.join(survivors)} outlived SIGKILL and keeps its namespace alive",
+                operation="kill",
+            )
+        )
     for name in reversed(list(state.record.namespaces)):
         try:
             if _remove_namespace(name):

@@ -4,6 +4,8 @@ Leaders call `Fetch` every pull interval with their engines' `seq_e`/`tok_e`, th
 `read_q` and the turns they hold; prefill fetches run the policy from `scheduler/` over the
 global FIFO queue. Engines push turn events with `Report`; clients submit a turn over HTTP and
 read its events as an NDJSON stream. Policy decisions live in `scheduler/`, not here.
+Every gRPC call and every HTTP request but the read-only GETs must present the lab's secret
+(`ClusterSpec.secret`, services.auth); anything else is refused before it is parsed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from scheduler.dualpath_policy import (
 )
 from scheduler.policies import SchedulingPolicy, make_policy
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
+from services.auth import GRPC_AUTH_KEY, REFUSAL, bearer, bearer_middleware, presented
 from services.health import HealthMonitor
 from services.spec import ClusterSpec, Policy, Role
 
@@ -433,11 +436,49 @@ def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.Gen
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
+class _RequireSecret(aio.ServerInterceptor):  # type: ignore[misc]
+    """Every RPC must carry `authorization: Bearer <secret>` in its metadata; any other call
+    is answered UNAUTHENTICATED by a handler of the same kind that reads nothing from it."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        given = [v for k, v in details.invocation_metadata or () if k == GRPC_AUTH_KEY]
+        if handler is None or (len(given) == 1 and presented(str(given[0]), self._secret)):
+            return handler  # None: an unknown method, which gRPC answers UNIMPLEMENTED
+        return _refusal(handler)
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def deny(_request: Any, ctx: aio.ServicerContext) -> None:
+        await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+
+    async def deny_stream(_request: Any, ctx: aio.ServicerContext) -> AsyncIterator[Any]:
+        await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+        yield None  # unreachable: abort raises; makes this an async generator
+
+    # no deserializer: an unauthenticated request's bytes are never parsed
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny_stream)
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
 class SchedulerClient:
     """What an engine-group leader uses to talk to the scheduler."""
 
     def __init__(self, spec: ClusterSpec) -> None:
         self._channel = aio.insecure_channel(f"{spec.grpc.host}:{spec.grpc.port}")
+        self._metadata = ((GRPC_AUTH_KEY, bearer(spec.secret)),)
         self._fetch = self._channel.unary_unary(
             f"/{SERVICE}/Fetch", request_serializer=_pack, response_deserializer=_unpack
         )
@@ -455,7 +496,7 @@ class SchedulerClient:
         failed elsewhere (it should drop them). Over one Pull stream, reopened after any
         error (the next fetch then starts a new stream)."""
         if self._pull is None:
-            self._pull = self._pull_method()
+            self._pull = self._pull_method(metadata=self._metadata)
         call = self._pull
         try:
             async with asyncio.timeout(self._timeout):
@@ -471,7 +512,9 @@ class SchedulerClient:
         return list(reply["assignments"]), [list(c) for c in reply.get("cancel", [])]
 
     async def report(self, events: list[tuple[str, str, float, dict[str, Any]]]) -> None:
-        await self._report({"events": [list(e) for e in events]}, timeout=self._timeout)
+        await self._report(
+            {"events": [list(e) for e in events]}, timeout=self._timeout, metadata=self._metadata
+        )
 
     async def close(self) -> None:
         if self._pull is not None:
@@ -488,8 +531,17 @@ def _problem(status: int, title: str, detail: str) -> web.Response:
     return web.json_response(body, status=status, content_type="application/problem+json")
 
 
+READ_ONLY_ROUTES = frozenset({"/v1/status", "/v1/cluster", "/metrics", "/v1/health"})
+"""GETs that change nothing and may be read without the secret (a Prometheus scraper, curl
+from a node); every other method and path requires it (docs/design.md, "Access control")."""
+
+
 def _http_app(
-    state: SchedulerState, clock: Callable[[], float], health: HealthMonitor | None = None
+    state: SchedulerState,
+    clock: Callable[[], float],
+    health: HealthMonitor | None = None,
+    *,
+    secret: str,
 ) -> web.Application:
     async def submit_turn(request: web.Request) -> web.StreamResponse:
         try:
@@ -533,7 +585,8 @@ def _http_app(
             return _problem(404, "no health monitor", "this scheduler measures no emulation health")
         return web.json_response(health.snapshot())
 
-    app = web.Application(client_max_size=1 << 20)
+    guard = bearer_middleware(secret, open_reads=READ_ONLY_ROUTES)
+    app = web.Application(client_max_size=1 << 20, middlewares=[guard])
     app.router.add_post("/v1/turns", submit_turn)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/cluster", cluster)
@@ -577,7 +630,7 @@ async def serve_scheduler(
     state = SchedulerState(spec, policy_for(spec))
     monitor = HealthMonitor(node_id, "scheduler")
     monitor.start()
-    server = aio.server()
+    server = aio.server(interceptors=(_RequireSecret(spec.secret),))
     server.add_generic_rpc_handlers((_grpc_handler(state, clock),))
     server.add_insecure_port(f"{spec.grpc.host}:{spec.grpc.port}")
     await server.start()
@@ -589,7 +642,7 @@ async def serve_scheduler(
                 print(f"[scheduler] {lost} lost: its unfinished turns failed", flush=True)
 
     reaping = asyncio.create_task(reaper())
-    runner = web.AppRunner(_http_app(state, clock, monitor), access_log=None)
+    runner = web.AppRunner(_http_app(state, clock, monitor, secret=spec.secret), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, spec.http.host, spec.http.port, reuse_address=True)
     await site.start()

@@ -2,7 +2,7 @@
 
 `lab.config` turns a user's YAML into one `ClusterSpec` (emulated units already applied:
 bytes, bit rates and dilated times); every node process reads the same JSON file. It holds
-addresses and sizes only, never behaviour.
+addresses and sizes only, never behaviour, and the lab's secret: the file is written 0600.
 """
 
 from __future__ import annotations
@@ -10,9 +10,16 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from netem.state import write_record
 from scheduler.costmodel import CostModel, CostModelParams
+from services.auth import SECRET_PATTERN, new_secret
+
+LAB_ID_PATTERN = r"^[a-z0-9]{1,8}$"
+"""A lab id names namespaces, files and compose projects: the netns backend's rule
+(netem.spec), checked wherever a spec is read, so no id can reach a path or a name unchecked."""
+NODE_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$"
 
 
 class Role(StrEnum):
@@ -64,7 +71,7 @@ class ProfileSpec(_Frozen):
 
 
 class NodeSpec(_Frozen):
-    node_id: str
+    node_id: str = Field(pattern=NODE_ID_PATTERN)
     role: Role
     index: int
     num_gpus: int = 0
@@ -86,7 +93,10 @@ class NodeSpec(_Frozen):
 
 
 class ClusterSpec(_Frozen):
-    lab_id: str
+    lab_id: str = Field(pattern=LAB_ID_PATTERN)
+    secret: str = Field(default_factory=new_secret, pattern=SECRET_PATTERN, repr=False)
+    """The lab's secret (services.auth), required by the scheduler and the control endpoint;
+    a new spec gets a fresh one, so every bring-up has its own."""
     backend: str
     policy: Policy
     bandwidth_scale: float
@@ -160,7 +170,8 @@ class ClusterSpec(_Frozen):
         return out
 
     def dump(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2))
+        """Write the spec readable by its owner only (it holds the lab's secret)."""
+        write_record(path, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, path: Path) -> ClusterSpec:

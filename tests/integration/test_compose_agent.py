@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -16,7 +17,10 @@ from lab.compose_agent import Agent, http_app
 from netem.counters import NicCounters
 from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError
+from services.auth import new_secret
 from services.spec import ClusterSpec
+
+SECRET = new_secret()
 
 
 class FakeNics:
@@ -68,6 +72,8 @@ class FakeNics:
 def _dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DUALPATH_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("DUALPATH_LOG_DIR", str(tmp_path / "logs"))
+    (tmp_path / "agent-data").mkdir()
+    monkeypatch.setenv("DUALPATH_DATA_DIR", str(tmp_path / "agent-data"))
 
 
 @pytest.fixture
@@ -75,8 +81,10 @@ async def agent_client(
     make_spec: Callable[..., ClusterSpec],
 ) -> AsyncIterator[tuple[TestClient[Any, Any], Agent, FakeNics, ClusterSpec]]:
     nics = FakeNics()
-    agent = Agent("storage-0", nics, {"storage": "198.18.1.100", "mgmt": "198.18.2.100"})
-    client = TestClient(TestServer(http_app(agent)))
+    agent = Agent(
+        "storage-0", nics, {"storage": "198.18.1.100", "mgmt": "198.18.2.100"}, secret=SECRET
+    )
+    client = TestClient(TestServer(http_app(agent)), headers={"Authorization": f"Bearer {SECRET}"})
     await client.start_server()
     try:
         yield client, agent, nics, make_spec()
@@ -143,3 +151,75 @@ async def test_a_spec_without_this_node_is_refused(
     )
     resp = await client.post("/v1/start", json={"spec": other.model_dump(mode="json")})
     assert resp.status == 400 and "storage-0" in (await resp.json())["error"]
+
+
+ROUTES = [
+    ("GET", "/v1/info"),
+    ("GET", "/v1/poll"),
+    ("GET", "/v1/counters"),
+    ("GET", "/v1/log/itest"),
+    ("POST", "/v1/start"),
+    ("POST", "/v1/stop"),
+    ("POST", "/v1/links/snic"),
+    ("POST", "/v1/nodes/kill"),
+]
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer", f"Bearer {new_secret()}", f"Basic {SECRET}"])
+async def test_every_route_refuses_a_request_without_the_secret(
+    agent_client: tuple[TestClient[Any, Any], Agent, FakeNics, ClusterSpec], auth: str | None
+) -> None:
+    client, agent, nics, spec = agent_client
+    body = {"spec": spec.model_dump(mode="json"), "rate_mbit": 1.0}
+    headers = {} if auth is None else {"Authorization": auth}
+    async with aiohttp.ClientSession(headers=headers) as bare:  # no default secret
+        for method, path in ROUTES:
+            async with bare.request(method, client.make_url(path), json=body) as resp:
+                assert resp.status == 401, (method, path)
+                assert "secret" in (await resp.json(content_type=None))["detail"]
+    assert agent.info()["lab"] is None  # nothing was started
+    assert nics.changes == []
+    started = await client.post("/v1/start", json={"spec": spec.model_dump(mode="json")})
+    assert started.status == 200  # the same request with the secret
+    assert (await client.post("/v1/stop")).status == 200
+
+
+async def test_stop_removes_only_the_data_directory_the_agent_made(
+    agent_client: tuple[TestClient[Any, Any], Agent, FakeNics, ClusterSpec], tmp_path: Path
+) -> None:
+    client, _, _, spec = agent_client
+    victim = tmp_path / "dualpath-results"
+    victim.mkdir()
+    (victim / "summary.json").write_text("{}")
+    aimed = spec.model_copy(update={"data_dir": str(victim)})
+    started = await client.post("/v1/start", json={"spec": aimed.model_dump(mode="json")})
+    assert started.status == 200, await started.text()
+    made = list((tmp_path / "agent-data").glob(f"dualpath-{spec.lab_id}-*"))
+    assert len(made) == 1 and made[0].stat().st_mode & 0o777 == 0o700
+    stopped = await (await client.post("/v1/stop")).json()
+    assert f"data dir {made[0]}" in stopped["removed"]
+    assert not made[0].exists()
+    assert (victim / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("lab", ["..", "a.b", "UPPER", "toolongid9", "x%2F..%2Fy"])
+async def test_a_lab_id_that_is_not_one_is_refused(
+    agent_client: tuple[TestClient[Any, Any], Agent, FakeNics, ClusterSpec], lab: str
+) -> None:
+    client, agent, _, spec = agent_client
+    log = await client.get(f"/v1/log/{lab}")
+    assert log.status in (400, 404)
+    bad = spec.model_dump(mode="json") | {"lab_id": lab}
+    resp = await client.post("/v1/start", json={"spec": bad})
+    assert resp.status == 400 and "lab_id" in (await resp.json())["error"]
+    assert agent.info()["lab"] is None
+
+
+async def test_a_body_that_is_not_json_is_400(
+    agent_client: tuple[TestClient[Any, Any], Agent, FakeNics, ClusterSpec],
+) -> None:
+    client, agent, nics, _ = agent_client
+    for path in ("/v1/start", "/v1/links/snic"):
+        resp = await client.post(path, data=b"{not json", headers={"Content-Type": "x"})
+        assert resp.status == 400 and "not JSON" in (await resp.json())["error"]
+    assert agent.info()["lab"] is None and nics.changes == []

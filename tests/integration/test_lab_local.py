@@ -87,7 +87,7 @@ def local_lab(tmp_path: Path) -> Iterator[ClusterSpec]:
     spec_path = tmp_path / "spec.json"
     spec.dump(spec_path)
     be = LocalBackend(
-        spec, spec_path, tmp_path / "logs", RunState("itest", "local", spec_path, tmp_path)
+        spec, spec_path, tmp_path / "logs", RunState("itest", "local", spec_path, None)
     )
     be.up()
     try:
@@ -167,7 +167,7 @@ def test_bad_turn_is_refused_with_a_problem(local_lab: ClusterSpec) -> None:
     req = urllib.request.Request(
         f"http://{spec.http.host}:{spec.http.port}/v1/turns",
         data=json.dumps({"traj_id": 1, "turn_index": 0, "context_tokens": -5}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {spec.secret}"},
     )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=5)

@@ -179,7 +179,8 @@ def test_crashed_runner_is_cleaned_by_down(tmp_path: Path, env: dict[str, str]) 
     assert not _ours(_netns(), _lab_ids(tmp_path))
 
 
-def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
+def _up_tiny(tmp_path: Path, env: dict[str, str]) -> None:
+    """`dualpath up` of the tiny lab, its output under tmp_path/up."""
     cfg = _config(tmp_path, TINY)
     up = subprocess.run(
         _cli("up", "-c", str(cfg), "--out", str(tmp_path / "up")),
@@ -189,6 +190,10 @@ def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
         timeout=60,
     )
     assert up.returncode == 0, up.stderr
+
+
+def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
+    _up_tiny(tmp_path, env)
     status = subprocess.run(_cli("status"), env=env, capture_output=True, text=True)
     assert "prefill-0" in status.stdout and "running" in status.stdout
     ex = subprocess.run(
@@ -223,6 +228,82 @@ def test_up_status_exec_down(tmp_path: Path, env: dict[str, str]) -> None:
     assert down.returncode == 0
     assert "taken down by its controller" in down.stdout
     assert not Path(f"/proc/{ctl}").exists() or _zombie(ctl)
+    _assert_nothing_left(tmp_path)
+
+
+DAEMON = """
+import os, signal, sys, time
+if os.fork():
+    sys.exit(0)
+os.setsid()
+if os.fork():
+    sys.exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(os.getpid()))
+time.sleep(3600)
+"""
+"""A daemon as users start one in a node (`iperf3 -s -D` does the same): it leaves the shell
+that started it, belongs to no recorded process, and shrugs off SIGTERM."""
+
+
+def _lab_netns_inodes(lab_id: str) -> set[tuple[int, int]]:
+    out = set()
+    for entry in Path("/run/netns").iterdir():
+        if entry.name.startswith(f"dp-{lab_id}-"):
+            st = entry.stat()
+            out.add((st.st_dev, st.st_ino))
+    return out
+
+
+def _holders(inodes: set[tuple[int, int]]) -> list[int]:
+    """Processes with a thread in one of the namespaces (by inode), whatever their name."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            tasks = list((proc / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                st = (task / "ns" / "net").stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in inodes:
+                found.append(int(proc.name))
+                break
+    return found
+
+
+def test_down_ends_what_users_started_in_the_lab(tmp_path: Path, env: dict[str, str]) -> None:
+    _up_tiny(tmp_path, env)
+    (lab_id,) = _lab_ids(tmp_path)
+    pidfile = tmp_path / "daemon.pid"
+    ex = subprocess.run(
+        _cli("exec", "prefill-0", "--", sys.executable, "-c", DAEMON, str(pidfile)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ex.returncode == 0, ex.stderr
+    for _ in range(100):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    daemon = int(pidfile.read_text())
+    inodes = _lab_netns_inodes(lab_id)
+    assert daemon in _holders(inodes)  # inside the lab, outside every record
+    down = subprocess.run(_cli("down"), env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not Path(f"/proc/{daemon}").exists() or _zombie(daemon)
+    # no namespace of the lab lives on without a name: nothing holds one
+    assert _holders(inodes) == []
     _assert_nothing_left(tmp_path)
 
 

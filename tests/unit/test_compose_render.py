@@ -69,6 +69,16 @@ def test_networks_have_the_config_subnets_and_the_lab_label() -> None:
         "mgmt": "198.18.2.0/24",
     }
     assert all(v["labels"] == {LAB_LABEL: "x"} for v in nets.values())
+    # nothing outside the stack routes into its networks, nor out of them
+    assert all(v["internal"] is True for v in nets.values())
+
+
+def test_every_service_shares_the_stack_secret_volume_and_nothing_is_published() -> None:
+    doc = render(load_config(LAPTOP), RenderOptions(lab="x"))
+    assert doc["volumes"] == {"dualpath-secret": {"labels": {LAB_LABEL: "x"}}}
+    for svc in doc["services"].values():
+        assert "dualpath-secret:/run/dualpath-secret" in svc["volumes"]
+        assert "ports" not in svc
 
 
 def test_net_admin_exactly_on_the_nodes_that_shape() -> None:
@@ -113,7 +123,7 @@ def test_driver_carries_the_config_and_policies() -> None:
     doc = laptop_doc(policies=("basic", "dualpath"), out="")
     driver = doc["services"]["driver"]
     assert driver["command"] == ["driver", "--policies", "basic,dualpath", "--out", "/results"]
-    assert driver["volumes"] == ["./results:/results"]
+    assert driver["volumes"] == ["dualpath-secret:/run/dualpath-secret", "./results:/results"]
     embedded = parse_config(yaml.safe_load(driver["environment"]["DUALPATH_CONFIG"]))
     assert embedded == load_config(LAPTOP)
     assert set(driver["depends_on"]) == set(doc["services"]) - {"driver"}
