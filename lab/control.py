@@ -20,6 +20,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -82,6 +83,16 @@ def apply_step(be: Backend, step: LinkStep | NodeStep) -> str:
     return be.node_action(step.node, step.action)
 
 
+def step_entry(step: LinkStep | NodeStep) -> dict[str, Any]:
+    """A step as the run's fault log records it (summary.json `chaos.events`)."""
+    entry: dict[str, Any] = {"node": step.node, "source": step.source}
+    if isinstance(step, LinkStep):
+        entry |= {"nic": step.nic, "changes": dict(step.changes)}
+    else:
+        entry["action"] = step.action
+    return entry
+
+
 class ControlServer:
     """Serves the control endpoint from a daemon thread until `close()`."""
 
@@ -91,6 +102,9 @@ class ControlServer:
         self.links = links
         self.secret = secret
         self.lock = threading.Lock()  # one change at a time, in arrival order
+        self.applied: list[dict[str, Any]] = []
+        """The changes made, as chaos log entries with their wall-clock time (`wall`): a run
+        reports them with its own faults."""
         handler = _handler(self)
         self.httpd = _BoundedServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -119,9 +133,12 @@ class ControlServer:
             msg = str(exc).removeprefix("request: ")
             msg = msg.removeprefix("events[0].set.").removeprefix("events[0].node.")
             return HTTPStatus.BAD_REQUEST, {"error": msg}
+        entry = step_entry(step)
         try:
             with self.lock:
-                result = apply_step(self.be, step)
+                entry["wall"] = time.time()
+                entry["result"] = result = apply_step(self.be, step)
+                self.applied.append(entry)
         except Exception as exc:  # the backend or kernel refused: nothing was changed
             return HTTPStatus.CONFLICT, {"error": f"{type(exc).__name__}: {exc}"}
         return HTTPStatus.OK, {"result": result}

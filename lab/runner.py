@@ -29,9 +29,9 @@ from lab.backends import (
     make_data_dir,
     stop_pids,
 )
-from lab.chaos import LinkStep, Scenario, cluster_links
+from lab.chaos import Scenario, cluster_links
 from lab.config import LOCAL_PORTS, LabConfig, build_cluster_spec
-from lab.control import ControlServer, apply_step
+from lab.control import ControlServer, apply_step, step_entry
 from lab.health import HostSample, assess, host_sample, verdict_of
 from lab.kernel_series import counter_summary, merge_rows, queue_series
 from lab.metrics import Sample, latency_series, summarize, throughput_series
@@ -201,14 +201,9 @@ class _ChaosPlayer:
             entry: dict[str, Any] = {
                 "at_s": step.at_s,
                 "t": round(time.time() - self.started_at, 3),
-                "node": step.node,
-                "source": step.source,
+                **step_entry(step),
             }
             try:
-                if isinstance(step, LinkStep):
-                    entry |= {"nic": step.nic, "changes": dict(step.changes)}
-                else:
-                    entry["action"] = step.action
                 entry["result"] = apply_step(self.be, step)
             except Exception as exc:  # recorded and reported; the run goes on
                 entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -348,6 +343,15 @@ def run_once(
         removed = be.down()  # the nodes, the network, the data directory, then the record
         say(f"[{cfg.policy.value}] lab {lab_id} down: removed {len(removed)} objects")
     driver = json.loads(driver_out.read_text())
+    # changes made through the control endpoint during the run are faults like the scenario's
+    by_hand = [
+        {
+            "t": round(e["wall"] - driver["started_at"], 3),
+            **{k: v for k, v in e.items() if k != "wall"},
+        }
+        for e in (control.applied if control is not None else [])
+    ]
+    faults = sorted([*(chaos.log if chaos is not None else []), *by_hand], key=lambda e: e["t"])
     summary = summarize(
         policy=cfg.policy.value,
         backend=backend,
@@ -356,7 +360,7 @@ def run_once(
         driver=driver,
         samples=samples,
         num_agents=len(agents),
-        faults_injected=chaos is not None and bool(chaos.log),
+        faults_injected=bool(faults),
     )
     w = cfg.workload
     summary["scaling"] = scaling
@@ -372,6 +376,8 @@ def run_once(
             "steps_planned": len(chaos.scenario.steps),
             "events": chaos.log,
         }
+    if by_hand:
+        summary["control"] = {"events": by_hand}
     summary["kernel_counters"] = counter_summary(
         samples, driver["started_at"], driver["finished_at"]
     )
@@ -382,9 +388,7 @@ def run_once(
         host,
         window=(driver["started_at"], driver["finished_at"]),
         storage_mbit={n.node_id: n.snic_rate_mbit for n in spec.nodes if n.snic_rate_mbit},
-        paused=paused_intervals(
-            chaos.log if chaos is not None else [], driver["started_at"], driver["finished_at"]
-        ),
+        paused=paused_intervals(faults, driver["started_at"], driver["finished_at"]),
     )
     summary["emulation_health"] = health
     summary["allowed_host_bound"] = False  # `dualpath ... --allow-host-bound` sets it
@@ -400,7 +404,7 @@ def run_once(
             series,
             out_dir / "throughput.svg",
             title=f"{cfg.name} / {cfg.policy.value}",
-            events=summary.get("chaos", {}).get("events", ()),
+            events=faults,
             latency=latency,
             lateness=health["lateness_per_s"],
             lateness_threshold=health["thresholds"]["timeline_lateness_p99"],

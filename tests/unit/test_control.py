@@ -69,6 +69,10 @@ def test_a_link_change_is_compiled_like_a_scenario_step(
     status, body = post(f"{server.url}/v1/links/prefill-0/snic", {"rate": "50%", "loss": "1%"})
     assert (status, body) == (200, {"result": "prefill-0/snic changed"})
     assert be.calls == [("prefill-0", "snic", '{"loss_pct": 1.0, "rate_mbit": 50.0}')]
+    # recorded like a scenario step: the run reports it with its faults
+    (entry,) = server.applied
+    assert entry["node"] == "prefill-0" and entry["nic"] == "snic" and entry["wall"] > 0
+    assert entry["changes"] == {"loss_pct": 1.0, "rate_mbit": 50.0}
 
 
 @pytest.mark.parametrize(
@@ -93,7 +97,7 @@ def test_bad_requests_are_refused_and_change_nothing(
     server, be = control
     status, reply = post(server.url + path, body)
     assert status == code and fragment in reply["error"]
-    assert be.calls == []
+    assert be.calls == [] and server.applied == []
 
 
 def test_node_actions_and_the_link_listing(control: tuple[ControlServer, MemoryBackend]) -> None:
