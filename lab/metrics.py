@@ -422,6 +422,44 @@ def ttft_breakdown(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _longest_gap(times: Sequence[float], since: float) -> float | None:
+    """The longest interval from `since` to the first of `times` (sorted) and between them;
+    None when nothing happened after `since`."""
+    after = [t for t in times if t >= since]
+    if not after:
+        return None
+    return round(max(b - a for a, b in zip([since, *after], after, strict=False)), 3)
+
+
+def recovery(
+    samples: Sequence[Sample], turns: Sequence[dict[str, Any]], since: float, end: float
+) -> dict[str, Any]:
+    """How the cluster kept going after the first fault at `since` (wall clock), from kernel
+    counters and client timings: per engine node, the longest stretch its storage NIC read
+    nothing, from `since` until its last read of the run (a node that went on reading through
+    the fault shows the sample interval, a stalled one the stall); and the longest stretch in
+    which no turn finished, until the last one did."""
+    reads: dict[str, list[float]] = {}
+    last: dict[str, int] = {}
+    for s in samples:
+        if not since - 1.0 <= s["t"] <= end:
+            continue
+        for node, nics in s["nodes"].items():
+            snic = nics.get("snic")
+            if snic is None or not node.startswith(("prefill", "decode")):
+                continue
+            got = int(snic.get("ingress_bytes", 0))
+            if node in last and got > last[node]:
+                reads.setdefault(node, []).append(float(s["t"]))
+            last[node] = got
+    done = sorted(float(t["done_at"]) for t in turns if t.get("done_at") and not t.get("error"))
+    return {
+        "since_s": round(since, 3),
+        "longest_read_gap_s": {n: _longest_gap(ts, since) for n, ts in sorted(reads.items())},
+        "longest_gap_between_turns_done_s": _longest_gap(done, since),
+    }
+
+
 def summarize(
     *,
     policy: str,

@@ -112,6 +112,15 @@ def _fault_lines(s: dict[str, Any]) -> list[str]:
     if not ledger.get("balanced", True):
         bad = [*ledger.get("mismatched", []), *ledger.get("unmatched", [])]
         lines.append(f"  pairs that do not balance ({len(bad)}): {bad[0] if bad else ''}")
+    rec = s.get("recovery")
+    if rec:
+        gaps = "  ".join(
+            f"{n} {g:g} s" for n, g in rec["longest_read_gap_s"].items() if g is not None
+        )
+        lines.append(
+            f"  after the first fault: longest read gap {gaps or '-'}; longest time without a "
+            f"finished turn {_fmt(rec['longest_gap_between_turns_done_s'], 'g')} s"
+        )
     faults = s.get("fault_errors") or {}
     if faults.get("count"):
         lines.append(f"  lost-peer errors caused by the faults: {faults['count']}")

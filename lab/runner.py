@@ -34,7 +34,7 @@ from lab.config import LOCAL_PORTS, LabConfig, build_cluster_spec
 from lab.control import ControlServer, apply_step, step_entry
 from lab.health import HostSample, assess, host_sample, verdict_of
 from lab.kernel_series import counter_summary, merge_rows, queue_series
-from lab.metrics import Sample, latency_series, summarize, throughput_series
+from lab.metrics import Sample, latency_series, recovery, summarize, throughput_series
 from lab.report import write_class_plot, write_plot
 from lab.selftest import SelftestOptions, run_selftest
 from lab.workload import generate, load_jsonl, plan_agents, poisson_arrivals
@@ -378,6 +378,9 @@ def run_once(
         }
     if by_hand:
         summary["control"] = {"events": by_hand}
+    if faults:
+        since = driver["started_at"] + float(faults[0]["t"])
+        summary["recovery"] = recovery(samples, driver["turns"], since, driver["finished_at"])
     summary["kernel_counters"] = counter_summary(
         samples, driver["started_at"], driver["finished_at"]
     )

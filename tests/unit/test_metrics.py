@@ -10,6 +10,7 @@ from lab.metrics import (
     attention_balance_summary,
     nic_utilisation,
     percentiles,
+    recovery,
     snic_balance,
     summarize,
     throughput_series,
@@ -294,3 +295,19 @@ def test_tpot_ends_at_the_last_token_not_at_done() -> None:
     turn = _turn(last_token_at=2.0)
     s = _summary({"started_at": 0.0, "finished_at": 3.0, "jct_s": 3.0, "turns": [turn]})
     assert s["tpot_ms"]["p50"] == pytest.approx(50.0)  # 0.5 s over 10 tokens
+
+
+def test_recovery_finds_the_longest_stall_after_the_fault() -> None:
+    def at(t: float, p0: int, d0: int) -> dict[str, Any]:
+        nic = lambda b: {"snic": {"ingress_bytes": b}}  # noqa: E731
+        return {"t": t, "nodes": {"prefill-0": nic(p0), "decode-0": nic(d0), "storage-0": {}}}
+
+    # prefill-0 reads every 0.5 s; decode-0 stalls from t=10.5 to t=14 after the fault at 10
+    samples = [at(9.5 + 0.5 * i, 100 * i, 100 * min(i, 2) + 100 * max(0, i - 8)) for i in range(12)]
+    turns = [_turn(done_at=t) for t in (9.0, 11.0, 12.0, 15.5)] + [_turn(done_at=None)]
+    r = recovery(samples, turns, since=10.0, end=20.0)
+    assert r["longest_read_gap_s"] == {"decode-0": 3.5, "prefill-0": 0.5}
+    assert r["longest_gap_between_turns_done_s"] == 3.5
+    assert (
+        recovery(samples, turns, since=30.0, end=40.0)["longest_gap_between_turns_done_s"] is None
+    )
