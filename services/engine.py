@@ -55,6 +55,10 @@ from services.tasks import ErrorLog, TaskSet
 from services.transport import Dscp, FrameConnection, connect, serve
 
 MAX_STEP_RECORDS = 20_000
+MAX_REPORT_EVENTS = 2_000
+"""Turn events per report to the scheduler (a backlog goes in several)."""
+MAX_EVENT_BACKLOG = 100_000
+"""Turn events kept while the scheduler cannot be reached."""
 HEALTH_TIMEOUT_S = 5.0
 DATA_PLANE_START_S = 30.0
 STOP_TIMEOUT_S = 5.0
@@ -100,6 +104,7 @@ class EngineNode:
         self.counters: dict[str, int | float] = {
             "collective_count": 0,
             "collective_failures": 0,
+            "events_dropped": 0,
             "collective_latency_sum_s": 0.0,
             "collective_latency_max_s": 0.0,
         }
@@ -279,6 +284,8 @@ class EngineNode:
             elif isinstance(msg, DpEvent):
                 self._events.append((msg.turn_id, msg.kind, msg.at, dict(msg.extra)))
                 self._events_ready.set()
+                if len(self._events) > MAX_EVENT_BACKLOG:
+                    self._bound_backlog()
             elif isinstance(msg, HealthReport):
                 fut = self._health_waiters.pop(msg.req, None)
                 if fut is not None and not fut.done():
@@ -355,13 +362,15 @@ class EngineNode:
     def emit(self, turn_id: str, kind: str, **extra: Any) -> None:
         self._events.append((turn_id, kind, time.time(), extra))
         self._events_ready.set()
+        if len(self._events) > MAX_EVENT_BACKLOG:
+            self._bound_backlog()
 
     async def _event_flusher(self) -> None:
         assert self.scheduler is not None
         while True:
             await self._events_ready.wait()
             self._events_ready.clear()
-            batch, self._events = self._events, []
+            batch = self._events[:MAX_REPORT_EVENTS]
             if not batch:
                 continue
             try:
@@ -370,9 +379,21 @@ class EngineNode:
                 raise
             except Exception as exc:
                 self.log(f"report failed, retrying: {exc!r}")
-                self._events = batch + self._events
+                self._bound_backlog()
                 self._events_ready.set()
                 await asyncio.sleep(0.2)
+                continue
+            del self._events[: len(batch)]
+            if self._events:
+                self._events_ready.set()
+
+    def _bound_backlog(self) -> None:
+        """While the scheduler is unreachable events wait; beyond MAX_EVENT_BACKLOG the oldest
+        go (counted): their turns time out at the client and are retried."""
+        excess = len(self._events) - MAX_EVENT_BACKLOG
+        if excess > 0:
+            del self._events[:excess]
+            self.counters["events_dropped"] = int(self.counters.get("events_dropped", 0)) + excess
 
     # -- collectives -------------------------------------------------------------------------------
     async def _collective(self, key: tuple[str, int, int]) -> None:

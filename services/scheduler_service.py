@@ -40,6 +40,11 @@ from services.spec import ClusterSpec, Policy, Role
 SERVICE = "dualpath.Scheduler"
 TERMINAL_EVENTS = frozenset({"done", "failed"})
 MAX_CONTEXT_TOKENS = 10_000_000
+FINISHED_RETENTION_S = 30.0
+"""A finished turn is forgotten this long after it finished, once no node reports holding it
+and no client is streaming it: nodes learn of a failure through `cancelled` meanwhile."""
+MAX_RETIRED = 256
+"""Last reports of replaced node processes kept for the byte accounting (oldest dropped)."""
 
 
 def _pack(obj: Any) -> bytes:
@@ -140,6 +145,8 @@ class SchedulerState:
         """Last reports of node processes that were replaced by a restart."""
         self.lost: set[str] = set()
         """Engine nodes that stopped fetching for node_timeout_s; back once they fetch again."""
+        self.finished: deque[tuple[float, str]] = deque()
+        """(finished at, turn id) in finishing order: what `prune` may forget."""
 
     # -- clients --------------------------------------------------------------------------
     def submit(self, body: dict[str, Any], now: float) -> TurnState:
@@ -183,6 +190,10 @@ class SchedulerState:
             q.put_nowait(ev)
         if kind in TERMINAL_EVENTS:
             state.finished = True
+            self.finished.append((at, turn_id))
+            if state.assignment is None:  # failed (cancelled) while queued
+                with contextlib.suppress(ValueError):
+                    self.queue.remove(turn_id)
             for uncovered in self.uncovered.values():
                 uncovered.discard(turn_id)
             if kind == "done":
@@ -200,6 +211,7 @@ class SchedulerState:
             # a restarted node has lost everything it held: its turns cannot finish
             self._fail_assigned(node_id, f"node {node_id} restarted", now)
             self.retired.append(prev)  # the old process's last counters still count
+            del self.retired[:-MAX_RETIRED]
         self.reports[node_id] = NodeReport(
             node_id=node_id,
             role=str(req["role"]),
@@ -218,7 +230,8 @@ class SchedulerState:
         self.outbox[node_id] = []
         self.delivered_last[node_id] = ids
         bt = self.spec.profile.block_tokens
-        return [self.turns[t].wire(bt) for t in ids if not self.turns[t].finished]
+        live = [self.turns.get(t) for t in ids]
+        return [t.wire(bt) for t in live if t is not None and not t.finished]
 
     def view(self, role: Role) -> list[NodeView] | None:
         """The load view a policy sees: last reports plus assignments they do not cover yet."""
@@ -236,9 +249,9 @@ class SchedulerState:
             read_q = rep.read_q_tokens
             # Turns assigned to this node that its last report does not cover yet.
             for turn_id in self.uncovered[node.node_id]:
-                turn = self.turns[turn_id]
-                a = turn.assignment
-                if a is None or turn.finished or turn_id in rep.turns:
+                turn = self.turns.get(turn_id)
+                a = turn.assignment if turn is not None else None
+                if turn is None or a is None or turn.finished or turn_id in rep.turns:
                     continue
                 p = turn.pending
                 reads = read_ranges(a, turn.context_tokens // bt)
@@ -314,6 +327,30 @@ class SchedulerState:
                 node_id, f"node {node_id} lost: no fetch for {now - rep.at:.1f} s", now
             )
         return newly
+
+    def cancel(self, turn_id: str, reason: str, now: float) -> None:
+        """Fail a turn nobody waits for any more (its client went away), wherever it is:
+        queued, it is never assigned; assigned, its nodes drop it at their next fetch."""
+        self.event(turn_id, "failed", now, node="scheduler", reason=reason, retryable=False)
+
+    def prune(self, now: float) -> int:
+        """Forget turns finished FINISHED_RETENTION_S ago that no node reports holding and no
+        client streams; returns how many. Keeps the state bounded over a long run."""
+        held = set().union(*(r.turns for r in self.reports.values())) if self.reports else set()
+        kept: list[tuple[float, str]] = []
+        n = 0
+        while self.finished and self.finished[0][0] <= now - FINISHED_RETENTION_S:
+            at, turn_id = self.finished.popleft()
+            turn = self.turns.get(turn_id)
+            if turn is None:
+                continue
+            if turn_id in held or turn.waiters:
+                kept.append((at, turn_id))
+                continue
+            del self.turns[turn_id]
+            n += 1
+        self.finished.extendleft(reversed(kept))
+        return n
 
     def _fail_assigned(self, node_id: str, reason: str, now: float) -> None:
         for turn_id, turn in list(self.turns.items()):
@@ -559,8 +596,8 @@ def _http_app(
             queue.put_nowait(ev)
         turn.waiters.append(queue)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)
             while True:
                 ev = await queue.get()
                 await resp.write(json.dumps(ev).encode() + b"\n")
@@ -568,6 +605,8 @@ def _http_app(
                     break
         finally:
             turn.waiters.remove(queue)
+            if not turn.finished:  # the client went away (or gave up): nobody wants it now
+                state.cancel(turn.pending.turn_id, "the client closed the request", clock())
         await resp.write_eof()
         return resp
 
@@ -640,9 +679,16 @@ async def serve_scheduler(
             await asyncio.sleep(min(1.0, spec.node_timeout_s / 4))
             for lost in state.reap(clock()):
                 print(f"[scheduler] {lost} lost: its unfinished turns failed", flush=True)
+            state.prune(clock())
 
     reaping = asyncio.create_task(reaper())
-    runner = web.AppRunner(_http_app(state, clock, monitor, secret=spec.secret), access_log=None)
+    # handler_cancellation: a client that disconnects mid-turn ends its handler, which
+    # cancels the turn (submit_turn), instead of leaving it to run for nobody
+    runner = web.AppRunner(
+        _http_app(state, clock, monitor, secret=spec.secret),
+        access_log=None,
+        handler_cancellation=True,
+    )
     await runner.setup()
     site = web.TCPSite(runner, spec.http.host, spec.http.port, reuse_address=True)
     await site.start()

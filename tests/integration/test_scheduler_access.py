@@ -178,3 +178,22 @@ async def test_the_read_only_gets_need_no_secret(scheduler: ClusterSpec) -> None
         for path in ("/v1/status", "/v1/cluster", "/metrics", "/v1/health"):
             async with session.get(base + path) as resp:
                 assert resp.status == 200, path
+
+
+async def test_a_client_that_goes_away_cancels_its_turn(scheduler: ClusterSpec) -> None:
+    """A turn whose client disconnected (or gave up after its timeout) is failed at once, so
+    it is never assigned and its state can be forgotten, instead of running for nobody."""
+    base = f"http://{scheduler.http.host}:{scheduler.http.port}"
+    auth = {"Authorization": f"Bearer {scheduler.secret}"}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{base}/v1/turns", json=TURN, headers=auth)
+        first = json.loads(await resp.content.readline())
+        assert first["event"] == "queued"  # no engine node has reported: it stays queued
+        resp.close()  # the client goes away
+        for _ in range(100):
+            async with session.get(f"{base}/v1/status") as st:
+                status = await st.json()
+            if status["failed"]:
+                break
+            await asyncio.sleep(0.05)
+    assert status["failed"] == 1 and status["queue"] == 0

@@ -182,3 +182,33 @@ def test_a_node_is_told_to_drop_turns_that_failed_elsewhere() -> None:
     assert state.cancelled("prefill-0") == [[wire["turn_id"], "node decode-0 restarted"]]
     fetch(state, "prefill-0")  # once the node dropped it, nothing is left to cancel
     assert state.cancelled("prefill-0") == []
+
+
+def test_a_cancelled_queued_turn_is_never_assigned() -> None:
+    state = make_state()
+    t = state.submit(body(1), 0.0)
+    state.cancel(t.pending.turn_id, "the client closed the request", 1.0)
+    assert t.finished and list(state.queue) == []
+    fetch(state, "decode-0")
+    assert fetch(state, "prefill-0") == []
+
+
+def test_finished_turns_are_forgotten_once_nobody_holds_them() -> None:
+    from services.scheduler_service import FINISHED_RETENTION_S
+
+    state = make_state()
+    fetch(state, "decode-0")
+    a, b = state.submit(body(1), 0.0), state.submit(body(2), 0.0)
+    fetch(state, "prefill-0")
+    ta, tb = a.pending.turn_id, b.pending.turn_id
+    state.event(ta, "done", 1.0)
+    state.event(tb, "failed", 1.0, reason="x", retryable=True)
+    assert state.prune(1.0 + FINISHED_RETENTION_S / 2) == 0  # too recent
+    fetch(state, "decode-0", turns=(tb,))  # the decode node still holds the failed one
+    assert state.prune(2.0 + FINISHED_RETENTION_S) == 1
+    assert ta not in state.turns and tb in state.turns
+    assert state.cancelled("decode-0") == [[tb, "x"]]  # so it can still be told to drop it
+    fetch(state, "decode-0")
+    assert state.prune(3.0 + FINISHED_RETENTION_S) == 1 and state.turns == {}
+    state.event(ta, "done", 4.0)  # a late event of a forgotten turn changes nothing
+    assert state.num_done == 1 and state.turns == {}
