@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,10 @@ from services.transport import RemoteError
 
 READY_TIMEOUT_S = 60.0
 SEED_CONCURRENCY = 8
+TIMEOUT_ERROR = "turn did not finish within"
+MAX_RETRY_REASONS = 5
+GET_TIMEOUT = aiohttp.ClientTimeout(total=30)
+"""Bound on the driver's status and counter reads (a turn's own request has its timeout)."""
 
 
 @dataclass
@@ -58,6 +63,11 @@ class TurnResult:
     error: str | None = None
     retryable: bool = False
     attempts: int = 1
+    timed_out: int = 0
+    """Attempts the client gave up on (no end within its timeout): a hung turn, whatever
+    the retry made of it."""
+    retried_for: list[str] = field(default_factory=list)
+    """Why each earlier attempt failed (the first MAX_RETRY_REASONS)."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -79,13 +89,13 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str) -> None:
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            async with session.get(f"{base}/v1/status") as resp:
+            async with session.get(f"{base}/v1/status", timeout=GET_TIMEOUT) as resp:
                 status = await resp.json()
                 if status.get("ready"):
                     return
                 last = f"nodes reported: {sorted(status.get('nodes', {}))}"
-        except aiohttp.ClientError as exc:
-            last = str(exc)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = str(exc) or type(exc).__name__
         await asyncio.sleep(0.2)
     raise TimeoutError(f"cluster not ready after {READY_TIMEOUT_S:.0f} s ({last})")
 
@@ -146,7 +156,7 @@ async def _run_turn(
                         return res
                 res.error = "event stream ended before the turn finished"
     except TimeoutError:
-        res.error = f"turn did not finish within {timeout_s:.0f} s"
+        res.error = f"{TIMEOUT_ERROR} {timeout_s:.0f} s"
         res.retryable = True
     except aiohttp.ClientError as exc:
         res.error = f"HTTP error: {exc}"
@@ -169,15 +179,19 @@ async def _agent(
     if delay > 0:
         await asyncio.sleep(delay)
     for turn in agent["turns"]:
-        attempt = 0
+        attempt, timed_out = 0, 0
+        why: list[str] = []
         while True:
             res = await _run_turn(session, base, int(agent["traj_id"]), turn, timeout_s)
-            res.attempts = attempt + 1
+            timed_out += res.error is not None and res.error.startswith(TIMEOUT_ERROR)
+            res.attempts, res.timed_out, res.retried_for = attempt + 1, timed_out, why
             if res.error is None or not res.retryable or attempt >= retries:
                 break
-            # a lost node or link: back off, then submit the same turn again (its KV is
+            why = [*why, res.error][:MAX_RETRY_REASONS]
+            # a lost node or link: back off (full jitter, so the turns a fault failed together
+            # do not come back together), then submit the same turn again (its KV is
             # deterministic, so a late first attempt writing the same blocks is harmless)
-            await asyncio.sleep(backoff_s * 2**attempt)
+            await asyncio.sleep(random.uniform(0.0, backoff_s * 2**attempt))
             attempt += 1
         progress.results.append(res)
         if res.error is not None:
@@ -285,7 +299,7 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
 
         seeded = sum(await asyncio.gather(*(seed(a) for a in agents if int(a["seed_blocks"]) > 0)))
         storage_before = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
-        async with session.get(f"{base}/v1/cluster") as resp:
+        async with session.get(f"{base}/v1/cluster", timeout=GET_TIMEOUT) as resp:
             cluster_before = await resp.json()
         progress = DriverProgress(turns_total=sum(len(a["turns"]) for a in agents))
         started = time.time()
@@ -312,7 +326,7 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
         await printer
         # Let every node's next pull carry its final counters to the scheduler.
         await asyncio.sleep(spec.pull_interval_s * 3 + 0.3)
-        async with session.get(f"{base}/v1/cluster") as resp:
+        async with session.get(f"{base}/v1/cluster", timeout=GET_TIMEOUT) as resp:
             cluster = await resp.json()
         storage_after = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
         engines = [*spec.by_role(Role.PREFILL), *spec.by_role(Role.DECODE)]

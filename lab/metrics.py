@@ -538,6 +538,7 @@ def summarize(
         "turns_failed": len(turns) - len(ok),
         "turns_retried": sum(int(t.get("attempts", 1)) > 1 for t in turns),
         "retries": sum(int(t.get("attempts", 1)) - 1 for t in turns),
+        "attempts_timed_out": sum(int(t.get("timed_out", 0)) for t in turns),
         "jct_s": round(jct, 3),
         "real_jct_s": round(jct / time_dilation, 6),
         "time_dilation": time_dilation,
