@@ -168,11 +168,12 @@ class Workload(_Model):
         None, ge=1, description="replay at most this many turns per agent"
     )
     turn_retries: int = Field(
-        3,
+        8,
         ge=0,
         le=20,
         description="resubmissions of a turn that failed retryably (lost node or link,"
-        " timeout), with exponential backoff from retry_backoff_s",
+        " timeout), each after a random wait of up to retry_backoff_s x 1, 2, 4, 8, 8, ...:"
+        " together long enough to outlast a node's restart (~7 s in the lab)",
     )
     retry_backoff_s: float = Field(1.0, gt=0, le=600, description="first backoff, emulated s")
     arrival: Literal["offline", "poisson"] = Field(

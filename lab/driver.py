@@ -35,6 +35,7 @@ SEED_CONCURRENCY = 8
 TIMEOUT_ERROR = "turn did not finish within"
 MAX_RETRY_REASONS = 5
 GET_TIMEOUT = aiohttp.ClientTimeout(total=30)
+SCHEDULER_SAMPLE_S = 5.0
 """Bound on the driver's status and counter reads (a turn's own request has its timeout)."""
 
 
@@ -191,7 +192,7 @@ async def _agent(
             # a lost node or link: back off (full jitter, so the turns a fault failed together
             # do not come back together), then submit the same turn again (its KV is
             # deterministic, so a late first attempt writing the same blocks is harmless)
-            await asyncio.sleep(random.uniform(0.0, backoff_s * 2**attempt))
+            await asyncio.sleep(random.uniform(0.0, backoff_s * 2 ** min(attempt, 3)))
             attempt += 1
         progress.results.append(res)
         if res.error is not None:
@@ -202,6 +203,22 @@ async def _agent(
         progress.turns_done += 1
         progress.tokens_done += res.prompt_tokens + res.gen_tokens
     progress.agents_done += 1
+
+
+async def _scheduler_sampler(
+    session: aiohttp.ClientSession, base: str, out: list[dict[str, Any]], stop: asyncio.Event
+) -> None:
+    """The scheduler's own state over the run (turns it holds, queue, done, failed) every
+    SCHEDULER_SAMPLE_S: a long run shows whether it stays bounded."""
+    while not stop.is_set():
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            async with session.get(f"{base}/v1/status", timeout=GET_TIMEOUT) as resp:
+                st = await resp.json()
+            out.append(
+                {"t": time.time(), **{k: st.get(k) for k in ("turns", "queue", "done", "failed")}}
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=SCHEDULER_SAMPLE_S)
 
 
 async def _progress_printer(progress: DriverProgress, started: float, stop: asyncio.Event) -> None:
@@ -306,6 +323,8 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
         print(json.dumps({"started_at": started}), flush=True)
         stop = asyncio.Event()
         printer = asyncio.create_task(_progress_printer(progress, started, stop))
+        sched_samples: list[dict[str, Any]] = []
+        sampler = asyncio.create_task(_scheduler_sampler(session, base, sched_samples, stop))
         await asyncio.gather(
             *(
                 _agent(
@@ -324,6 +343,7 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
         finished = time.time()
         stop.set()
         await printer
+        await sampler
         # Let every node's next pull carry its final counters to the scheduler.
         await asyncio.sleep(spec.pull_interval_s * 3 + 0.3)
         async with session.get(f"{base}/v1/cluster", timeout=GET_TIMEOUT) as resp:
@@ -345,6 +365,7 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
         "turns": [asdict(r) for r in progress.results],
         "cluster": cluster,
         "cluster_before": cluster_before,
+        "scheduler_samples": sched_samples,
         "storage_before": storage_before,
         "storage_after": storage_after,
         "prefill_steps": prefill_steps,

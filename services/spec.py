@@ -123,7 +123,7 @@ class ClusterSpec(_Frozen):
     subnets: dict[str, str] = {}
     """Network name (compute, storage, mgmt) -> CIDR; empty on the local backend."""
     request_timeout_s: float = 120.0
-    turn_retries: int = 3
+    turn_retries: int = 8
     """Times the driver resubmits a turn that failed retryably (lost node, link or timeout)."""
     retry_backoff_s: float = 1.0
     """First backoff before a resubmission; it doubles with every attempt."""

@@ -108,21 +108,24 @@ class ConnectionPool:
 
 
 async def _all_or_first_error(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run concurrently; on the first failure cancel the rest and raise that error as is."""
+    """Run concurrently; raise the first failure as is once every one has ended. The others
+    are let finish (each is bounded by the connection's timeout) rather than cancelled: a
+    read abandoned mid-stream leaves bytes its server sent that nobody verifies, which the
+    per-peer byte accounting would rightly call lost."""
     if len(coros) == 1:
         return [await coros[0]]
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in tasks:
-            exc = t.exception() if t.done() and not t.cancelled() else None
-            if exc is not None:
-                raise exc
-        return [t.result() for t in tasks]
+        await asyncio.wait(tasks)
     finally:
-        for t in tasks:
+        for t in tasks:  # only when this call itself is cancelled
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        exc = t.exception()
+        if exc is not None:
+            raise exc
+    return [t.result() for t in tasks]
 
 
 def _check_reply(frame: Frame, kind: str, req: int) -> None:
