@@ -285,7 +285,8 @@ def conduct(
 ) -> int:
     """The driver container's main: run `policies` on the stack's nodes one after the other
     and write summary.json per policy (and comparison.json for several). 0 when every turn
-    of every run completed, 1 otherwise, 2 for a bad config or scenario."""
+    of every run completed and its bytes balance, 1 otherwise, 2 for a bad config or
+    scenario."""
     import yaml
 
     from lab.chaos import ScenarioError, cluster_links, compile_scenario
@@ -311,7 +312,7 @@ def conduct(
             res = run_once(run_cfg, backend="compose", out_dir=dest, scenario=scenario)
             say("\n".join(summary_lines(res.summary)))
             say(f"summary: {dest / 'summary.json'}")
-            return 0 if not res.summary["errors"] else 1
+            return _failed({"run": res.summary})
         dest = out or _default_out(cfg.name, "compare")
         cmp = compare(cfg, backend="compose", out_dir=dest, policies=chosen)
     except (RunError, BackendError) as exc:
@@ -319,4 +320,12 @@ def conduct(
         return 1
     say(comparison_table(cmp) if "basic" in cmp["runs"] else json.dumps(cmp["jct_s"]))
     say(f"comparison: {dest / 'comparison.json'}")
-    return 1 if any(s["errors"] for s in cmp["runs"].values()) else 0
+    return _failed(cmp["runs"])
+
+
+def _failed(summaries: Mapping[str, Mapping[str, Any]]) -> int:
+    """1 when a run failed (a turn or node error, or bytes that do not balance), else 0: the
+    CLI's rule without the host-bound verdict (the stack's host is the user's to judge)."""
+    from lab.cli import EXIT_FAILED, exit_status
+
+    return EXIT_FAILED if exit_status(summaries, allow_host_bound=True) == EXIT_FAILED else 0
