@@ -70,9 +70,11 @@ class DramBuffer:
         self.used = 0
         self._cond = asyncio.Condition()
 
-    async def acquire(self, n: int) -> int:
-        n = min(n, self.capacity)  # a single turn larger than the buffer still proceeds alone
-        async with self._cond:
+    async def acquire(self, n: int, timeout_s: float) -> int:
+        """Reserve n bytes (at most the capacity: a turn larger than the buffer proceeds
+        alone); TimeoutError when they do not free up within `timeout_s`."""
+        n = min(n, self.capacity)
+        async with asyncio.timeout(timeout_s), self._cond:
             await self._cond.wait_for(lambda: self.used + n <= self.capacity)
             self.used += n
         return n
@@ -347,7 +349,7 @@ class DataPlane:
 
     async def _read(self, job: dp.StartRead) -> None:
         nbytes = len(job.blocks) * self.spec.profile.block_bytes
-        reserved = await self.dram.acquire(nbytes)
+        reserved = await self.dram.acquire(nbytes, self.spec.request_timeout_s)
         if job.turn_id not in self.core.turns:  # dropped while waiting for DRAM
             self.dram.release(reserved)
             return
