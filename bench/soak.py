@@ -131,8 +131,9 @@ def _children(pid: int) -> list[int]:
 class Monitor:
     """Samples the soak lab's node processes and scheduler state from a thread."""
 
-    def __init__(self, every_s: float, started_after: float) -> None:
+    def __init__(self, every_s: float, started_after: float, path: Path | None = None) -> None:
         self.every_s = every_s
+        self.path = path
         self.started_after = started_after
         self.samples: list[dict[str, Any]] = []
         self.stop = threading.Event()
@@ -160,7 +161,11 @@ class Monitor:
                 r, f = _proc_figures(p)
                 rss, fds = rss + r, fds + f
             nodes[name] = {"rss": rss, "fds": fds}
-        self.samples.append({"t": time.time(), "nodes": nodes})
+        row = {"t": time.time(), "nodes": nodes}
+        self.samples.append(row)
+        if self.path is not None:  # kept on disk as they come: a crash loses nothing
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def _run(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -205,6 +210,7 @@ def report(
         }
     rec = summary.get("recovery") or {}
     gaps = {n: g for n, g in (rec.get("longest_read_gap_s") or {}).items() if g is not None}
+    up = {n: g for n, g in (rec.get("longest_read_gap_while_up_s") or {}).items() if g is not None}
     ledger = summary.get("byte_ledger") or {}
     events = (summary.get("chaos") or {}).get("events", [])
     return {
@@ -221,6 +227,8 @@ def report(
         "fault_errors": (summary.get("fault_errors") or {}).get("count"),
         "longest_read_gap_s": gaps,
         "longest_no_progress_s": max(gaps.values(), default=None),
+        "longest_read_gap_while_up_s": up,
+        "longest_no_progress_while_up_s": max(up.values(), default=None),
         "longest_gap_between_turns_done_s": rec.get("longest_gap_between_turns_done_s"),
         "nodes": per_node,
         "scheduler_turns": _span(
@@ -241,7 +249,8 @@ def table(r: dict[str, Any]) -> str:
         f"faults applied {r['faults_applied']}, refused {len(r['fault_steps_refused'])}, "
         f"lost-peer errors {r['fault_errors']}",
         f"longest time without reading after the first fault: {r['longest_no_progress_s']} s "
-        f"({r['longest_read_gap_s']}); longest without a finished turn "
+        f"({r['longest_read_gap_s']}); while the node itself was up: "
+        f"{r['longest_no_progress_while_up_s']} s; longest without a finished turn "
         f"{r['longest_gap_between_turns_done_s']} s",
         f"scheduler turns start/end/max {r['scheduler_turns']}",
         "",
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     started = time.time()
-    monitor = Monitor(args.every, started_after=started - 1)
+    monitor = Monitor(args.every, started_after=started - 1, path=args.out / "processes.jsonl")
     monitor.thread.start()
     try:
         res = run_once(
@@ -299,10 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         monitor.stop.set()
         monitor.thread.join(timeout=10)
     driver = json.loads((args.out / "run" / "driver.json").read_text())
-    for row in driver.get("scheduler_samples", []):  # the scheduler is reached from the driver
-        near = min(monitor.samples, key=lambda m: abs(m["t"] - row["t"]), default=None)
-        if near is not None and not near["scheduler"]:
-            near["scheduler"] = row
     out = report(
         res.summary,
         driver["turns"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lab.ledger import account
@@ -422,23 +422,29 @@ def ttft_breakdown(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _longest_gap(times: Sequence[float], since: float) -> float | None:
-    """The longest interval from `since` to the first of `times` (sorted) and between them;
-    None when nothing happened after `since`."""
+def _gaps(times: Sequence[float], since: float) -> list[tuple[float, float]]:
+    """The intervals from `since` to the first of `times` (sorted) and between them."""
     after = [t for t in times if t >= since]
-    if not after:
-        return None
-    return round(max(b - a for a, b in zip([since, *after], after, strict=False)), 3)
+    return list(zip([since, *after], after, strict=False))
+
+
+def _longest(gaps: Sequence[tuple[float, float]]) -> float | None:
+    return round(max(b - a for a, b in gaps), 3) if gaps else None
 
 
 def recovery(
-    samples: Sequence[Sample], turns: Sequence[dict[str, Any]], since: float, end: float
+    samples: Sequence[Sample],
+    turns: Sequence[dict[str, Any]],
+    since: float,
+    end: float,
+    down: Mapping[str, Sequence[tuple[float, float]]] | None = None,
 ) -> dict[str, Any]:
     """How the cluster kept going after the first fault at `since` (wall clock), from kernel
     counters and client timings: per engine node, the longest stretch its storage NIC read
     nothing, from `since` until its last read of the run (a node that went on reading through
-    the fault shows the sample interval, a stalled one the stall); and the longest stretch in
-    which no turn finished, until the last one did."""
+    the fault shows the sample interval, a stalled one the stall) — over all, and leaving out
+    the stretches that overlap the node's own outage (`down`: stopped or killed, until
+    cont or restart); and the longest stretch in which no turn finished."""
     reads: dict[str, list[float]] = {}
     last: dict[str, int] = {}
     for s in samples:
@@ -453,10 +459,19 @@ def recovery(
                 reads.setdefault(node, []).append(float(s["t"]))
             last[node] = got
     done = sorted(float(t["done_at"]) for t in turns if t.get("done_at") and not t.get("error"))
+    down = down or {}
+
+    def up(node: str, gap: tuple[float, float]) -> bool:
+        return all(gap[1] <= a or gap[0] >= b for a, b in down.get(node, ()))
+
+    gaps = {n: _gaps(ts, since) for n, ts in sorted(reads.items())}
     return {
         "since_s": round(since, 3),
-        "longest_read_gap_s": {n: _longest_gap(ts, since) for n, ts in sorted(reads.items())},
-        "longest_gap_between_turns_done_s": _longest_gap(done, since),
+        "longest_read_gap_s": {n: _longest(g) for n, g in gaps.items()},
+        "longest_read_gap_while_up_s": {
+            n: _longest([x for x in g if up(n, x)]) for n, g in gaps.items()
+        },
+        "longest_gap_between_turns_done_s": _longest(_gaps(done, since)),
     }
 
 

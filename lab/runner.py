@@ -380,7 +380,10 @@ def run_once(
         summary["control"] = {"events": by_hand}
     if faults:
         since = driver["started_at"] + float(faults[0]["t"])
-        summary["recovery"] = recovery(samples, driver["turns"], since, driver["finished_at"])
+        down = paused_intervals(faults, driver["started_at"], driver["finished_at"])
+        summary["recovery"] = recovery(
+            samples, driver["turns"], since, driver["finished_at"], down=down
+        )
     summary["kernel_counters"] = counter_summary(
         samples, driver["started_at"], driver["finished_at"]
     )

@@ -308,6 +308,10 @@ def test_recovery_finds_the_longest_stall_after_the_fault() -> None:
     r = recovery(samples, turns, since=10.0, end=20.0)
     assert r["longest_read_gap_s"] == {"decode-0": 3.5, "prefill-0": 0.5}
     assert r["longest_gap_between_turns_done_s"] == 3.5
+    assert r["longest_read_gap_while_up_s"] == r["longest_read_gap_s"]
+    # decode-0 was killed 11-13 s: its stall is its own outage, not a stall while up
+    r = recovery(samples, turns, since=10.0, end=20.0, down={"decode-0": [(11.0, 13.0)]})
+    assert r["longest_read_gap_while_up_s"] == {"decode-0": 0.5, "prefill-0": 0.5}
     assert (
         recovery(samples, turns, since=30.0, end=40.0)["longest_gap_between_turns_done_s"] is None
     )
