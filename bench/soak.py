@@ -185,16 +185,23 @@ def _span(samples: list[dict[str, Any]], get: Any) -> dict[str, Any]:
     return {"start": values[0], "end": values[-1], "max": max(values)}
 
 
+def _up(sample: dict[str, Any], node: str) -> bool:
+    return node in sample["nodes"] and sample["nodes"][node]["rss"] > 0
+
+
 def report(
     summary: dict[str, Any],
     turns: list[dict[str, Any]],
     samples: list[dict[str, Any]],
     scheduler: list[dict[str, Any]],
     started: float,
+    finished: float,
 ) -> dict[str, Any]:
-    """soak.json from the run's summary, the driver's turns and the monitor's samples; the
-    start of a resource series is its first sample after WARMUP_S (the lab is warmed up)."""
-    warm = [s for s in samples if s["t"] >= started + WARMUP_S] or samples
+    """soak.json from the run's summary, the driver's turns and the monitor's samples. A
+    resource series runs from its first sample after WARMUP_S (the lab is warmed up) to its last
+    before the driver finished (the lab is then taken down); a sample in which a node had no
+    process (killed, not yet restarted) is not one of its values."""
+    warm = [s for s in samples if started + WARMUP_S <= s["t"] <= finished] or samples
     reasons = Counter(
         str(t["error"]).split(":", 1)[-1].strip()[:80] for t in turns if t.get("error")
     )
@@ -204,9 +211,9 @@ def report(
         per_node[n] = {
             "rss_mib": _span(
                 warm,
-                lambda s, n=n: round(s["nodes"][n]["rss"] / 2**20, 1) if n in s["nodes"] else None,
+                lambda s, n=n: round(s["nodes"][n]["rss"] / 2**20, 1) if _up(s, n) else None,
             ),
-            "fds": _span(warm, lambda s, n=n: s["nodes"][n]["fds"] if n in s["nodes"] else None),
+            "fds": _span(warm, lambda s, n=n: s["nodes"][n]["fds"] if _up(s, n) else None),
         }
     rec = summary.get("recovery") or {}
     gaps = {n: g for n, g in (rec.get("longest_read_gap_s") or {}).items() if g is not None}
@@ -314,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         monitor.samples,
         driver.get("scheduler_samples", []),
         driver["started_at"],
+        driver["finished_at"],
     )
     (args.out / "soak.json").write_text(json.dumps({**out, "samples": monitor.samples}, indent=2))
     print(table(out))
