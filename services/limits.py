@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from services.codec import MAX_HEADER_BYTES, MAX_WIRE_PAYLOAD_BYTES
 
 if TYPE_CHECKING:
@@ -80,9 +82,10 @@ def max_blocks_per_read(block_tokens: int) -> int:
 
 
 def kv_header_bytes(block_tokens: int) -> int:
-    """Header bytes a KV port must take: a read request listing every block of the longest
-    context, plus the fixed fields; at least 64 KiB."""
-    need = max_blocks_per_read(block_tokens) * MAX_BLOCK_ID_BYTES + HEADER_SLACK_BYTES
+    """Header bytes a KV port must take: a read request listing every block of four times
+    the longest context (reads of a whole trajectory, tests' bulk reads), plus the fixed
+    fields; at least 64 KiB (1,535 blocks of 32 KiB, a 48 MiB read, take ~5 KiB)."""
+    need = 4 * max_blocks_per_read(block_tokens) * MAX_BLOCK_ID_BYTES + HEADER_SLACK_BYTES
     return min(MAX_HEADER_BYTES, max(64 << 10, need))
 
 
@@ -98,7 +101,8 @@ def kv_port_limits(
       between turns are closed.
     - frame request_timeout_s: a client gives up on a request after it; a frame taking longer
       serves nobody.
-    - header: a read listing every block of the longest context (kv_header_bytes).
+    - header: a read listing every block of four longest contexts (kv_header_bytes); a
+      header's arrays and maps are bounded by its bytes (each element costs one at least).
     - payload max_frame_bytes: reads, writes and relays are cut into frames of at most that.
     """
     return PortLimits(
@@ -108,7 +112,8 @@ def kv_port_limits(
         frame_timeout_s=request_timeout_s,
         max_header_bytes=kv_header_bytes(block_tokens),
         max_payload_bytes=max_frame_bytes,
-        max_header_items=max(MIN_HEADER_ITEMS, max_blocks_per_read(block_tokens)),
+        # Every element costs at least a byte: the header's bytes are the bound that matters.
+        max_header_items=kv_header_bytes(block_tokens),
     )
 
 
@@ -190,6 +195,18 @@ AGENT_LIMITS = PortLimits(
 """A compose node agent (port 7500): the driver container polls it and starts the node with
 the cluster spec in the body (tens of KB for the largest lab)."""
 
+CONTROL_LIMITS = PortLimits(
+    kind="control",
+    max_connections=16,
+    idle_timeout_s=10.0,
+    frame_timeout_s=60.0,
+    max_header_bytes=16 << 10,
+    max_payload_bytes=64 << 10,
+)
+"""The lab's control endpoint (lab.control, a threaded HTTP/1.0 server on 127.0.0.1): one
+user drives the lab; a link or node change is a few hundred bytes. frame_timeout_s is the
+whole connection's deadline there (one request per connection)."""
+
 GRPC_LIMITS = PortLimits(
     kind="grpc",
     max_connections=128,
@@ -197,10 +214,40 @@ GRPC_LIMITS = PortLimits(
     frame_timeout_s=10.0,
     max_header_bytes=16 << 10,
     max_payload_bytes=4 << 20,
+    max_header_items=1 << 16,
 )
 """The scheduler's gRPC port: one leader per engine node (at most 32) fetches and reports.
 A fetch carries the node's report (loads, turn ids, ledger: tens of KB at most); 4 MiB is
-gRPC's own default, made explicit."""
+gRPC's own default, made explicit. A message may hold at most max_header_items arrays and
+maps in all (unpack_bounded): 4 MiB of empty arrays would otherwise unpack to ~256 MB."""
+
+
+class TooManyContainers(ValueError):
+    """A msgpack message holds more arrays and maps than its port allows."""
+
+
+def unpack_bounded(data: bytes, *, max_containers: int) -> Any:
+    """msgpack.unpackb of a message that may hold at most `max_containers` arrays and maps in
+    all (and none longer than that): what one message can allocate is bounded by its bytes
+    plus `max_containers` containers, however they nest."""
+    left = max_containers
+
+    def count(obj: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise TooManyContainers(f"more than {max_containers} arrays and maps")
+        return obj
+
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        max_array_len=max_containers,
+        max_map_len=max_containers,
+        max_ext_len=0,
+        list_hook=count,
+        object_hook=count,
+    )
 
 
 def grpc_server_options(limits: PortLimits) -> list[tuple[str, int]]:
