@@ -260,4 +260,5 @@ def grpc_server_options(limits: PortLimits) -> list[tuple[str, int]]:
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.server_handshake_timeout_ms", int(limits.frame_timeout_s * 1000)),
     ]

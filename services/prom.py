@@ -20,7 +20,7 @@ from aiohttp import web
 
 from netem.counters import ClassCounters, NicCounters
 from services import http_bounds
-from services.limits import METRICS_LIMITS
+from services.limits import METRICS_LIMITS, PortLimits
 
 METRICS_PORT = 7600
 """On every node's mgmt address (the lab's other ports are 7100-7401, the compose agent's 7500)."""
@@ -243,17 +243,17 @@ class MetricsExporter:
             )
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def start(self, host: str, port: int = METRICS_PORT) -> None:
+    async def start(
+        self, host: str, port: int = METRICS_PORT, *, limits: PortLimits = METRICS_LIMITS
+    ) -> None:
         app = web.Application(
-            client_max_size=max(1, METRICS_LIMITS.max_payload_bytes),
+            client_max_size=max(1, limits.max_payload_bytes),
             middlewares=[http_bounds.middleware],
         )
         app.router.add_get(METRICS_PATH, self._metrics)
-        self._runner = web.AppRunner(
-            app, access_log=None, **http_bounds.runner_kwargs(METRICS_LIMITS)
-        )
+        self._runner = web.AppRunner(app, access_log=None, **http_bounds.runner_kwargs(limits))
         await self._runner.setup()
-        self.site = await http_bounds.start_site(self._runner, host, port, limits=METRICS_LIMITS)
+        self.site = await http_bounds.start_site(self._runner, host, port, limits=limits)
 
     async def close(self) -> None:
         if self._runner is not None:
