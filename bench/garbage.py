@@ -243,14 +243,23 @@ def main(argv: list[str] | None = None) -> int:
         "all_serving": bool(ports) and all(p["serves_after"] for ps in ports.values() for p in ps),
         "attack_errors": attacker.errors,
         "run_error": run_error,
-        "turns": {
-            k: summary.get(k) for k in ("num_turns", "num_done", "num_failed", "turns_failed")
-        },
-        "summary_keys": sorted(summary),
+        "run": {
+            k: summary.get(k)
+            for k in (
+                "turns_done",
+                "turns_failed",
+                "turns_retried",
+                "attempts_timed_out",
+                "bytes_accounted",
+                "node_errors",
+            )
+        }
+        | {"verdict": (summary.get("emulation_health") or {}).get("verdict")},
     }
     (args.out / "garbage.json").write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"all ports serving after the garbage: {result['all_serving']}")
+    print(f"the run meanwhile: {json.dumps(result['run'])}")
     if attacker.errors or run_error:
         print(f"errors: {attacker.errors} {run_error or ''}")
     return 0 if result["all_serving"] else 1

@@ -100,7 +100,7 @@ async def _probe_http(t: Target) -> bool:
         writer.write(f"GET {t.probe} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         line = await reader.readline()
-        return line.startswith(b"HTTP/1.1 ")
+        return line.startswith(b"HTTP/1.")  # any status: the stdlib server says HTTP/1.0
     finally:
         writer.close()
         with contextlib.suppress(OSError):

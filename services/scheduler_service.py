@@ -36,7 +36,13 @@ from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadS
 from services import http_bounds
 from services.auth import GRPC_AUTH_KEY, REFUSAL, bearer, bearer_middleware, presented
 from services.health import HealthMonitor
-from services.limits import GRPC_LIMITS, HTTP_API_LIMITS, grpc_server_options, unpack_bounded
+from services.limits import (
+    GRPC_LIMITS,
+    HTTP_API_LIMITS,
+    PortLimits,
+    grpc_server_options,
+    unpack_bounded,
+)
 from services.spec import ClusterSpec, Policy, Role
 
 SERVICE = "dualpath.Scheduler"
@@ -681,10 +687,16 @@ def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
 
 
 async def serve_scheduler(
-    spec: ClusterSpec, node_id: str, stop: asyncio.Event, *, clock: Callable[[], float] = time.time
+    spec: ClusterSpec,
+    node_id: str,
+    stop: asyncio.Event,
+    *,
+    clock: Callable[[], float] = time.time,
+    http_limits: PortLimits = HTTP_API_LIMITS,
 ) -> None:
     """Run the scheduler's gRPC and HTTP servers until `stop` is set; its emulation health
-    (services.health) is measured all along and served at GET /v1/health."""
+    (services.health) is measured all along and served at GET /v1/health. `http_limits`:
+    the HTTP API's (services.limits; tests shrink them)."""
     state = SchedulerState(spec, policy_for(spec))
     monitor = HealthMonitor(node_id, "scheduler")
     monitor.start()
@@ -718,7 +730,7 @@ async def serve_scheduler(
         ),
         access_log=None,
         handler_cancellation=True,
-        **http_bounds.runner_kwargs(HTTP_API_LIMITS),
+        **http_bounds.runner_kwargs(http_limits),
     )
     await runner.setup()
     sites.append(

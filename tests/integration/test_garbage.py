@@ -1,9 +1,10 @@
 """Garbage on every kind of listening port leaves each port serving, in bounded memory.
 
 One subprocess serves a storage server (KV frames + management frames), the scheduler (HTTP
-API + gRPC) and a node's /metrics on loopback, with the idle and frame timeouts made small
-through PortLimits; lab.garbage sends random bytes, oversize length prefixes, a slow sender
-and 2,000 connections to each port, then a legitimate request. The server's peak RSS
+API + gRPC) and a node's /metrics on loopback, with the idle and frame timeouts (and the HTTP
+API's connection cap) made small through PortLimits; lab.garbage sends random bytes,
+oversize length prefixes, a slow sender and 2,000 connections to each port, then a
+legitimate request. The server's peak RSS
 (VmHWM) must stay far below what unbounded headers and payloads would cost.
 """
 
@@ -25,7 +26,7 @@ from services.storage_client import StorageClient
 
 SERVER_SCRIPT = r"""
 import asyncio, json, sys
-from services.limits import MGMT_PORT_LIMITS, METRICS_LIMITS, kv_limits_for
+from services.limits import HTTP_API_LIMITS, MGMT_PORT_LIMITS, METRICS_LIMITS, kv_limits_for
 from services.prom import MetricsExporter
 from services.scheduler_service import serve_scheduler
 from services.spec import ClusterSpec
@@ -50,7 +51,8 @@ async def main() -> None:
         "127.0.0.1", 0, limits=METRICS_LIMITS.with_(idle_timeout_s=20.0, frame_timeout_s=3.0)
     )
     stop = asyncio.Event()
-    sched = asyncio.ensure_future(serve_scheduler(spec, "scheduler", stop))
+    http = HTTP_API_LIMITS.with_(max_connections=256, idle_timeout_s=20.0, frame_timeout_s=3.0)
+    sched = asyncio.ensure_future(serve_scheduler(spec, "scheduler", stop, http_limits=http))
     print(json.dumps({"metrics": metrics.site.port}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     stop.set()
@@ -136,9 +138,9 @@ def test_every_port_keeps_serving_in_bounded_memory(spec: ClusterSpec, server: A
         assert o.serves_before and o.serves_after, (t.name, o)
         assert o.random_closed == 4, (t.name, "random bytes left a connection open", o)
         assert o.oversize_closed == len(oversize_messages(t)), (t.name, o)
-        # Cut off by the frame timeout: 3 s here (frames, metrics), 10 s on the scheduler's
-        # ports (HTTP_API_LIMITS, gRPC's handshake); not before it, within generous slack.
-        timeout_s = 10.0 if t.node == "scheduler" else 3.0
+        # Cut off by the frame timeout: 3 s here, 10 s for gRPC's handshake (GRPC_LIMITS);
+        # not before it, within generous slack.
+        timeout_s = 10.0 if t.name == "grpc" else 3.0
         cut = o.slow_cut_after_s
         assert cut is not None and timeout_s - 0.5 <= cut < timeout_s + 10, (t.name, o)
         assert o.flood_opened >= NUM_CONNECTIONS // 2, (t.name, o)
