@@ -734,7 +734,7 @@ async def serve_scheduler(
     )
     await runner.setup()
     sites.append(
-        await http_bounds.start_site(runner, spec.http.host, spec.http.port, limits=HTTP_API_LIMITS)
+        await http_bounds.start_site(runner, spec.http.host, spec.http.port, limits=http_limits)
     )
     try:
         await stop.wait()
