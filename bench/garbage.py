@@ -180,6 +180,10 @@ class Attacker:
         self._sample()
 
 
+def _secs(value: float | None) -> str:
+    return "not cut" if value is None else f"{value:.1f}"
+
+
 def table(r: dict[str, Any]) -> str:
     rows = [
         "| node | peak RSS before | peak RSS at end | ports serving after | slow sender cut after "
@@ -190,7 +194,7 @@ def table(r: dict[str, Any]) -> str:
         before = r["peak_rss_before_mib"].get(node)
         end = r["peak_rss_end_mib"].get(node)
         serving = sum(1 for p in ports if p["serves_after"])
-        names = ", ".join(f"{p['name']} {p['slow_cut_after_s'] or '-'}" for p in ports)
+        names = ", ".join(f"{p['name']} {_secs(p['slow_cut_after_s'])}" for p in ports)
         floods = ", ".join(f"{p['name']} {p['flood_closed_by_server']}" for p in ports)
         rows.append(
             f"| {node} | {before if before is not None else '-'} MiB | "

@@ -432,6 +432,9 @@ class EngineNode:
         lock = self._coll_locks.setdefault(peer, asyncio.Lock())
         async with lock:
             conn = self._coll_conns.get(peer)
+            if conn is not None and (conn.is_closing() or conn.at_eof()):
+                conn.abort()  # the peer closed it (restarted, or closed it idle): a new one
+                conn = None
             try:
                 if conn is None:
                     ep = self.spec.node(peer).collective
