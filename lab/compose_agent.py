@@ -32,7 +32,9 @@ from netem.container import ContainerNics, find_interfaces, has_net_admin
 from netem.counters import NicCounters
 from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError
+from services import http_bounds
 from services.auth import bearer_middleware
+from services.limits import AGENT_LIMITS
 from services.spec import LAB_ID_PATTERN, ClusterSpec
 
 MAX_LOG_BYTES = 1 << 20
@@ -315,7 +317,10 @@ def http_app(agent: Agent) -> web.Application:
     async def node(request: web.Request) -> web.Response:
         return await call(lambda: agent.node_action(request.match_info["action"]))
 
-    app = web.Application(client_max_size=16 << 20, middlewares=[bearer_middleware(agent.secret)])
+    app = web.Application(
+        client_max_size=AGENT_LIMITS.max_payload_bytes,
+        middlewares=[http_bounds.middleware, bearer_middleware(agent.secret)],
+    )
     app.router.add_get("/v1/info", info)
     app.router.add_get("/v1/poll", poll)
     app.router.add_get("/v1/counters", counters)
@@ -333,9 +338,11 @@ async def serve(agent: Agent, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(http_app(agent), access_log=None)
+    runner = web.AppRunner(
+        http_app(agent), access_log=None, **http_bounds.runner_kwargs(AGENT_LIMITS)
+    )
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    await http_bounds.start_site(runner, host, port, limits=AGENT_LIMITS)
     print(f"[agent {agent.node_id}] ready on {host}:{port}", flush=True)
     try:
         await stop.wait()

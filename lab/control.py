@@ -28,13 +28,14 @@ from typing import Any
 from lab.backends import Backend
 from lab.chaos import ClusterLinks, LinkStep, NodeStep, ScenarioError, compile_scenario
 from services.auth import AUTH_HEADER, presented
+from services.limits import CONTROL_LIMITS
 
-MAX_BODY_BYTES = 64 * 1024
-MAX_CONNECTIONS = 16
+MAX_BODY_BYTES = CONTROL_LIMITS.max_payload_bytes
+MAX_CONNECTIONS = CONTROL_LIMITS.max_connections
 """Connections served at once; more are closed at once (one user drives the lab)."""
-IO_TIMEOUT_S = 10.0
+IO_TIMEOUT_S = CONTROL_LIMITS.idle_timeout_s
 """A connection that sends nothing for this long is closed."""
-CONNECTION_DEADLINE_S = 60.0
+CONNECTION_DEADLINE_S = CONTROL_LIMITS.frame_timeout_s
 """A connection is closed this long after it was accepted, whatever it is doing: one request
 per connection (HTTP/1.0), so a sender that trickles bytes holds its slot no longer. A change
 the backend is making meanwhile still completes; only its reply is lost."""

@@ -22,6 +22,9 @@ VERSION = 1
 PREFIX = struct.Struct("!2sBxII")  # magic, version, pad, header_len, payload_len
 PREFIX_SIZE = PREFIX.size
 MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_HEADER_ITEMS = 1 << 16
+"""Longest array, largest map, str or bin in a decoded header unless a port says otherwise:
+msgpack's own bounds grow with the buffer, so that 1 MiB of empty arrays unpacked to ~64 MB."""
 DEFAULT_MAX_PAYLOAD_BYTES = 64 << 20
 MAX_WIRE_PAYLOAD_BYTES = 0xFFFF_FFFF  # payload_len is a u32 on the wire
 SCRATCH_BYTES = 64 << 10
@@ -40,6 +43,10 @@ class FrameError(Exception):
     def __init__(self, message: str, *, frames: list[Frame] | None = None) -> None:
         super().__init__(message)
         self.frames: list[Frame] = frames if frames is not None else []
+
+
+class OversizeFrame(FrameError):
+    """A prefix announced a header or payload longer than the receiver takes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +92,23 @@ def encode_bytes(frame: Frame) -> bytes:
 
 
 def _check_prefix(
-    magic: bytes, version: int, header_len: int, payload_len: int, max_payload_bytes: int
+    magic: bytes,
+    version: int,
+    header_len: int,
+    payload_len: int,
+    max_payload_bytes: int,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> None:
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r} (expected {MAGIC!r})")
     if version != VERSION:
         raise FrameError(f"unsupported frame version {version} (expected {VERSION})")
-    if header_len == 0 or header_len > MAX_HEADER_BYTES:
-        raise FrameError(f"header length {header_len} outside 1..{MAX_HEADER_BYTES}")
+    if header_len == 0:
+        raise FrameError(f"header length 0 outside 1..{max_header_bytes}")
+    if header_len > max_header_bytes:
+        raise OversizeFrame(f"header length {header_len} outside 1..{max_header_bytes}")
     if payload_len > max_payload_bytes:
-        raise FrameError(f"payload length {payload_len} exceeds limit {max_payload_bytes}")
+        raise OversizeFrame(f"payload length {payload_len} exceeds limit {max_payload_bytes}")
 
 
 def parse_prefix(
@@ -108,10 +122,21 @@ def parse_prefix(
     return header_len, payload_len
 
 
-def decode_header(raw: bytes | bytearray | memoryview) -> tuple[str, dict[str, Any]]:
-    """Decode a msgpack header map. Its values are new objects: nothing refers to `raw`."""
+def decode_header(
+    raw: bytes | bytearray | memoryview, *, max_items: int = DEFAULT_MAX_HEADER_ITEMS
+) -> tuple[str, dict[str, Any]]:
+    """Decode a msgpack header map. Its values are new objects: nothing refers to `raw`.
+    No array or map in it may hold more than `max_items` elements (str and bin cost only their
+    own bytes, bounded by the header's length)."""
     try:
-        head = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        head = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=max_items,
+            max_map_len=max_items,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types
         raise FrameError(f"header is not valid msgpack: {exc}") from exc
     if not isinstance(head, dict):
@@ -149,6 +174,8 @@ class FrameReceiver:
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         scratch_bytes: int = SCRATCH_BYTES,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_header_items: int = DEFAULT_MAX_HEADER_ITEMS,
     ) -> None:
         if not 0 <= max_payload_bytes <= MAX_WIRE_PAYLOAD_BYTES:
             raise ValueError(
@@ -156,6 +183,12 @@ class FrameReceiver:
             )
         if scratch_bytes < 4 * PREFIX_SIZE:
             raise ValueError(f"scratch_bytes must be >= {4 * PREFIX_SIZE}, got {scratch_bytes}")
+        if not 1 <= max_header_bytes <= MAX_HEADER_BYTES:
+            raise ValueError(
+                f"max_header_bytes must be in 1..{MAX_HEADER_BYTES}, got {max_header_bytes}"
+            )
+        self._max_header = max_header_bytes
+        self._max_items = max(1, max_header_items)
         self._max_payload = max_payload_bytes
         self._scratch_bytes = scratch_bytes
         self._large_payload = scratch_bytes // 4
@@ -257,14 +290,16 @@ class FrameReceiver:
                 if self._end - self._start < PREFIX_SIZE:
                     return
                 magic, version, hlen, plen = PREFIX.unpack_from(self._buf, self._start)
-                _check_prefix(magic, version, hlen, plen, self._max_payload)
+                _check_prefix(magic, version, hlen, plen, self._max_payload, self._max_header)
                 self._start += PREFIX_SIZE
                 self._head_bytes = PREFIX_SIZE
                 self._hlen, self._plen = hlen, plen
             if self._end - self._start < self._hlen:
                 return
             hend = self._start + self._hlen
-            self._kind, self._header = decode_header(view[self._start : hend])
+            self._kind, self._header = decode_header(
+                view[self._start : hend], max_items=self._max_items
+            )
             self._start = hend
             self._head_bytes += self._hlen
             if self._plen == 0:

@@ -33,6 +33,7 @@ from services.engine_core import AssignKv, DropKv, Persist, PrefillDone, SendGro
 from services.health import HealthMonitor
 from services.ipc import DpEvent, DpStatus, HealthReport, HealthRequest, IpcChannel, Stop
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
+from services.limits import kv_limits_for
 from services.process import data_plane_process, die_with_parent
 from services.spec import ClusterSpec, Policy, Role
 from services.storage import read_chunk_blocks
@@ -204,7 +205,7 @@ class DataPlane:
                     self.me.cnic.port,
                     self._on_frame,
                     dscp=Dscp.KV,
-                    max_payload_bytes=self.spec.max_frame_bytes,
+                    limits=kv_limits_for(self.spec),
                     on_error=self._record_error,
                 )
             except OSError:
@@ -251,11 +252,17 @@ class DataPlane:
                 return
             self._run()
 
+    def _port_counters(self) -> dict[str, int]:
+        """The KV port's connections and what its limits refused or cut off (`kv_port_*`)."""
+        if self._server is None:
+            return {}
+        return {f"kv_port_{k}": v for k, v in self._server.stats().items()}
+
     def _status(self) -> DpStatus:
         return DpStatus(
             read_q_tokens=self.read_q_tokens,
             dram_used_bytes=self.dram.used,
-            counters=dict(self.counters),
+            counters={**self.counters, **self._port_counters()},
             last_errors=self.errors.recent[-5:],
             last_transient_errors=self.errors.recent_transient[-5:],
             ledger={
@@ -510,6 +517,9 @@ class DataPlane:
         lock = self._peer_locks.setdefault(key, asyncio.Lock())
         async with lock:
             conn = self._peers.get(key)
+            if conn is not None and (conn.is_closing() or conn.at_eof()):
+                conn.abort()  # the peer closed it (restarted, or closed it idle): a new one
+                conn = None
             if conn is None:
                 ep = self.spec.node(node_id).cnic
                 assert ep is not None

@@ -49,10 +49,11 @@ from services.ipc import (
     IpcChannel,
     Stop,
 )
+from services.limits import MGMT_PORT_LIMITS, collective_limits_for
 from services.scheduler_service import SchedulerClient
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.tasks import ErrorLog, TaskSet
-from services.transport import Dscp, FrameConnection, connect, serve
+from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
 
 MAX_STEP_RECORDS = 20_000
 MAX_REPORT_EVENTS = 2_000
@@ -101,6 +102,7 @@ class EngineNode:
         self.log = log or (lambda msg: None)
         self.boot = secrets.token_hex(8)
         self.health = HealthMonitor(node_id, "timeline")
+        self._servers: tuple[FrameServer, ...] = ()
         self.counters: dict[str, int | float] = {
             "collective_count": 0,
             "collective_failures": 0,
@@ -138,7 +140,7 @@ class EngineNode:
             self.me.collective.port,
             self._on_collective,
             dscp=Dscp.COLLECTIVE,
-            max_payload_bytes=self.spec.max_frame_bytes,
+            limits=collective_limits_for(self.spec),
             on_error=self._record_error,
         )
         mgmt_server = await serve(
@@ -146,9 +148,10 @@ class EngineNode:
             self.me.mgmt.port,
             self._on_mgmt,
             dscp=Dscp.CONTROL,
-            max_payload_bytes=1 << 20,
+            limits=MGMT_PORT_LIMITS,
             on_error=self._record_error,
         )
+        self._servers = (coll_server, mgmt_server)
         self.health.start()
         ipc = self._spawn(self._ipc_loop())
         # No work before the data plane listens: a peer would find its KV port closed.
@@ -320,6 +323,11 @@ class EngineNode:
                 **dps.counters,
                 **self.core.counters,
                 **self.counters,
+                **{
+                    f"{server.limits.kind}_port_{name}": value
+                    for server in self._servers
+                    for name, value in server.stats().items()
+                },
                 "errors": int(dps.counters.get("errors", 0)) + self.errors.count,
                 "errors_transient": int(dps.counters.get("errors_transient", 0))
                 + self.errors.transient,
@@ -424,6 +432,9 @@ class EngineNode:
         lock = self._coll_locks.setdefault(peer, asyncio.Lock())
         async with lock:
             conn = self._coll_conns.get(peer)
+            if conn is not None and (conn.is_closing() or conn.at_eof()):
+                conn.abort()  # the peer closed it (restarted, or closed it idle): a new one
+                conn = None
             try:
                 if conn is None:
                     ep = self.spec.node(peer).collective

@@ -19,6 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from netem.counters import ClassCounters, NicCounters
+from services import http_bounds
+from services.limits import METRICS_LIMITS, PortLimits
 
 METRICS_PORT = 7600
 """On every node's mgmt address (the lab's other ports are 7100-7401, the compose agent's 7500)."""
@@ -220,6 +222,7 @@ class MetricsExporter:
         self._read = read
         self._on_close = on_close
         self._runner: web.AppRunner | None = None
+        self.site: http_bounds.BoundedSite | None = None
 
     @classmethod
     def of_this_namespace(cls, node_id: str, role: str) -> MetricsExporter:
@@ -233,14 +236,24 @@ class MetricsExporter:
         except Exception as exc:  # reported to the scraper, never stale figures
             return web.Response(status=500, text=f"reading kernel counters failed: {exc}\n")
         body = render(self.node_id, self.role, nics)
+        if self.site is not None:  # this port's own connections and limit counters
+            body += "# TYPE dualpath_metrics_port gauge\n" + "".join(
+                f'dualpath_metrics_port{{node="{self.node_id}",name="{k}"}} {v}\n'
+                for k, v in self.site.stats().items()
+            )
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def start(self, host: str, port: int = METRICS_PORT) -> None:
-        app = web.Application()
+    async def start(
+        self, host: str, port: int = METRICS_PORT, *, limits: PortLimits = METRICS_LIMITS
+    ) -> None:
+        app = web.Application(
+            client_max_size=max(1, limits.max_payload_bytes),
+            middlewares=[http_bounds.middleware],
+        )
         app.router.add_get(METRICS_PATH, self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, **http_bounds.runner_kwargs(limits))
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        self.site = await http_bounds.start_site(self._runner, host, port, limits=limits)
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -33,8 +33,16 @@ from scheduler.dualpath_policy import (
 )
 from scheduler.policies import SchedulingPolicy, make_policy
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
+from services import http_bounds
 from services.auth import GRPC_AUTH_KEY, REFUSAL, bearer, bearer_middleware, presented
 from services.health import HealthMonitor
+from services.limits import (
+    GRPC_LIMITS,
+    HTTP_API_LIMITS,
+    PortLimits,
+    grpc_server_options,
+    unpack_bounded,
+)
 from services.spec import ClusterSpec, Policy, Role
 
 SERVICE = "dualpath.Scheduler"
@@ -54,6 +62,11 @@ def _pack(obj: Any) -> bytes:
 
 def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
+
+
+def _unpack_request(data: bytes) -> Any:
+    """A request from a leader: bounded in containers as well as bytes (GRPC_LIMITS)."""
+    return unpack_bounded(data, max_containers=GRPC_LIMITS.max_header_items)
 
 
 class TurnInputError(ValueError):
@@ -461,13 +474,13 @@ def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.Gen
 
     methods = {
         "Fetch": grpc.unary_unary_rpc_method_handler(
-            fetch, request_deserializer=_unpack, response_serializer=_pack
+            fetch, request_deserializer=_unpack_request, response_serializer=_pack
         ),
         "Pull": grpc.stream_stream_rpc_method_handler(
-            pull, request_deserializer=_unpack, response_serializer=_pack
+            pull, request_deserializer=_unpack_request, response_serializer=_pack
         ),
         "Report": grpc.unary_unary_rpc_method_handler(
-            report, request_deserializer=_unpack, response_serializer=_pack
+            report, request_deserializer=_unpack_request, response_serializer=_pack
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE, methods)
@@ -579,7 +592,11 @@ def _http_app(
     health: HealthMonitor | None = None,
     *,
     secret: str,
+    port_stats: Callable[[], dict[str, int]] | None = None,
 ) -> web.Application:
+    """The client API. `port_stats`: the HTTP port's connections and limit counters
+    (http_bounds.BoundedSite.stats), added to /metrics as `dualpath_http_port`."""
+
     async def submit_turn(request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
@@ -617,7 +634,12 @@ def _http_app(
         return web.json_response(state.cluster())
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=state.prometheus(clock()), content_type="text/plain")
+        text = state.prometheus(clock())
+        if port_stats is not None:
+            text += "# TYPE dualpath_http_port gauge\n" + "".join(
+                f'dualpath_http_port{{name="{k}"}} {v}\n' for k, v in port_stats().items()
+            )
+        return web.Response(text=text, content_type="text/plain")
 
     async def health_report(request: web.Request) -> web.Response:
         if health is None:
@@ -625,7 +647,10 @@ def _http_app(
         return web.json_response(health.snapshot())
 
     guard = bearer_middleware(secret, open_reads=READ_ONLY_ROUTES)
-    app = web.Application(client_max_size=1 << 20, middlewares=[guard])
+    app = web.Application(
+        client_max_size=HTTP_API_LIMITS.max_payload_bytes,
+        middlewares=[http_bounds.middleware, guard],
+    )
     app.router.add_post("/v1/turns", submit_turn)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/cluster", cluster)
@@ -662,14 +687,24 @@ def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
 
 
 async def serve_scheduler(
-    spec: ClusterSpec, node_id: str, stop: asyncio.Event, *, clock: Callable[[], float] = time.time
+    spec: ClusterSpec,
+    node_id: str,
+    stop: asyncio.Event,
+    *,
+    clock: Callable[[], float] = time.time,
+    http_limits: PortLimits = HTTP_API_LIMITS,
 ) -> None:
     """Run the scheduler's gRPC and HTTP servers until `stop` is set; its emulation health
-    (services.health) is measured all along and served at GET /v1/health."""
+    (services.health) is measured all along and served at GET /v1/health. `http_limits`:
+    the HTTP API's (services.limits; tests shrink them)."""
     state = SchedulerState(spec, policy_for(spec))
     monitor = HealthMonitor(node_id, "scheduler")
     monitor.start()
-    server = aio.server(interceptors=(_RequireSecret(spec.secret),))
+    server = aio.server(
+        interceptors=(_RequireSecret(spec.secret),),
+        options=grpc_server_options(GRPC_LIMITS),
+        maximum_concurrent_rpcs=GRPC_LIMITS.max_connections,
+    )
     server.add_generic_rpc_handlers((_grpc_handler(state, clock),))
     server.add_insecure_port(f"{spec.grpc.host}:{spec.grpc.port}")
     await server.start()
@@ -684,14 +719,23 @@ async def serve_scheduler(
     reaping = asyncio.create_task(reaper())
     # handler_cancellation: a client that disconnects mid-turn ends its handler, which
     # cancels the turn (submit_turn), instead of leaving it to run for nobody
+    sites: list[http_bounds.BoundedSite] = []
     runner = web.AppRunner(
-        _http_app(state, clock, monitor, secret=spec.secret),
+        _http_app(
+            state,
+            clock,
+            monitor,
+            secret=spec.secret,
+            port_stats=lambda: sites[0].stats() if sites else {},
+        ),
         access_log=None,
         handler_cancellation=True,
+        **http_bounds.runner_kwargs(http_limits),
     )
     await runner.setup()
-    site = web.TCPSite(runner, spec.http.host, spec.http.port, reuse_address=True)
-    await site.start()
+    sites.append(
+        await http_bounds.start_site(runner, spec.http.host, spec.http.port, limits=http_limits)
+    )
     try:
         await stop.wait()
     finally:

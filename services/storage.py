@@ -26,6 +26,7 @@ import msgpack
 from services.codec import Frame, Payload
 from services.health import HealthMonitor
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, block_runs, crc
+from services.limits import MGMT_PORT_LIMITS, PortLimits, kv_limits_for
 from services.spec import ClusterSpec, Role
 from services.transport import Dscp, FrameConnection, FrameServer, serve
 
@@ -93,6 +94,9 @@ class StorageStats:
     num_errors: int
     read_by: dict[str, int]
     """Bytes sent by reads, per client incarnation (the read request's `client`)."""
+    transport: dict[str, int]
+    """Per listening port (`kv_`, `mgmt_`): live connections and what its limits refused or
+    cut off (transport.SERVER_COUNTERS), e.g. `kv_refused`, `mgmt_timed_out`."""
 
 
 def _int_field(header: dict[str, Any], name: str, *, hi: int = _U32) -> int:
@@ -319,8 +323,16 @@ class StorageServer:
     """The storage node: block service on `NodeSpec.storage`, stats/seed on `NodeSpec.mgmt`."""
 
     def __init__(
-        self, spec: ClusterSpec, node_id: str, *, log: Callable[[str], None] | None = None
+        self,
+        spec: ClusterSpec,
+        node_id: str,
+        *,
+        log: Callable[[str], None] | None = None,
+        kv_limits: PortLimits | None = None,
+        mgmt_limits: PortLimits = MGMT_PORT_LIMITS,
     ) -> None:
+        """`kv_limits`/`mgmt_limits`: the data and management ports' (services.limits);
+        the data port's default follows the spec (kv_limits_for)."""
         node = spec.node(node_id)
         if node.role != Role.STORAGE or node.storage is None:
             raise ValueError(f"{node_id} is not a storage server (role {node.role})")
@@ -335,6 +347,8 @@ class StorageServer:
         self.node = node
         self.node_id = node_id
         self._log = log
+        self._kv_limits = kv_limits or kv_limits_for(spec)
+        self._mgmt_limits = mgmt_limits
         self._gen = KvGenerator(
             slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
         )
@@ -383,15 +397,19 @@ class StorageServer:
             "seed": self._on_seed,
             "health": self._on_health,
         }
+        ports = (
+            (storage, data_handlers, self._kv_limits),
+            (mgmt, mgmt_handlers, self._mgmt_limits),
+        )
         try:
-            for ep, table in ((storage, data_handlers), (mgmt, mgmt_handlers)):
+            for ep, table, limits in ports:
                 self._servers.append(
                     await serve(
                         ep.host,
                         ep.port,
                         self._dispatcher(table),
                         dscp=Dscp.BEST_EFFORT,  # the storage network carries only storage traffic
-                        max_payload_bytes=self.spec.max_frame_bytes,
+                        limits=limits,
                         on_error=self._emit,
                     )
                 )
@@ -449,6 +467,11 @@ class StorageServer:
             num_blocks_stored=self._num_blocks,
             num_errors=self._num_errors,
             read_by=dict(self._read_by),
+            transport={
+                f"{server.limits.kind}_{name}": value
+                for server in self._servers
+                for name, value in server.stats().items()
+            },
         )
 
     # -- request boundary -------------------------------------------------------------------

@@ -352,19 +352,23 @@ class StorageClient:
 
     async def stats(self, node_id: str) -> dict[str, Any]:
         """A storage server's counters (read queue, bytes, blocks stored, errors), its `boot`
-        (incarnation) and `read_by` (bytes sent per client incarnation)."""
+        (incarnation), `read_by` (bytes sent per client incarnation) and `transport` (its
+        ports' connections and limit counters)."""
         req = next(self._req_ids)
         async with self._pool(self.spec.node(node_id), mgmt=True).connection() as conn:
             await conn.send(Frame("stats", {"req": req}))
             reply = await conn.recv_reply()
         _check_reply(reply, "stats", req)
         h = reply.header
-        out: dict[str, Any] = {k: _int(h, k) for k in h if k not in ("req", "boot", "read_by")}
+        nested = ("req", "boot", "read_by", "transport")
+        out: dict[str, Any] = {k: _int(h, k) for k in h if k not in nested}
         boot, read_by = h.get("boot", ""), h.get("read_by", {})
-        if not isinstance(boot, str) or not isinstance(read_by, dict):
-            raise StorageProtocolError(f"{node_id} stats: bad boot or read_by")
+        transport = h.get("transport", {})
+        if not all(isinstance(v, t) for v, t in ((boot, str), (read_by, dict), (transport, dict))):
+            raise StorageProtocolError(f"{node_id} stats: bad boot, read_by or transport")
         out["boot"] = boot
         out["read_by"] = {str(k): _int(read_by, k) for k in read_by}
+        out["transport"] = {str(k): _int(transport, k) for k in transport}
         return out
 
     async def health(self, node_id: str) -> dict[str, Any]:

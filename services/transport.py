@@ -20,14 +20,18 @@ from enum import IntEnum
 from typing import Any, cast
 
 from services.codec import (
+    DEFAULT_MAX_HEADER_ITEMS,
     DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_HEADER_BYTES,
     Frame,
     FrameError,
     FrameReceiver,
+    OversizeFrame,
     Payload,
     encode,
     error_frame,
 )
+from services.limits import PortLimits
 
 RECV_QUEUE_FRAMES = 8
 RECV_QUEUE_BYTES = 16 << 20
@@ -58,6 +62,11 @@ class Dscp(IntEnum):
 
 class ConnectionClosed(Exception):
     """The peer closed the connection (cleanly or not) before a whole frame arrived."""
+
+
+class FrameTimeout(TimeoutError):
+    """A frame whose first bytes arrived was not complete within the port's frame timeout:
+    the peer sends too slowly (or trickles on purpose)."""
 
 
 class RemoteError(Exception):
@@ -114,13 +123,21 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         max_queued_bytes: int,
         dscp: Dscp | None = None,
         on_made: Callable[[_FrameProtocol], None] | None = None,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_header_items: int = DEFAULT_MAX_HEADER_ITEMS,
     ) -> None:
         if max_queued_frames < 1 or max_queued_bytes < 1:
             raise ValueError(
                 f"queue bounds must be >= 1, got {max_queued_frames} frames, "
                 f"{max_queued_bytes} bytes"
             )
-        self.rx = FrameReceiver(max_payload_bytes=max_payload_bytes)
+        self.rx = FrameReceiver(
+            max_payload_bytes=max_payload_bytes,
+            max_header_bytes=max_header_bytes,
+            max_header_items=max_header_items,
+        )
+        self.partial_since: float | None = None
+        """Loop time at which the unfinished frame began to arrive; None at a frame boundary."""
         self.frames: collections.deque[tuple[Frame, int]] = collections.deque()  # (frame, wire)
         self.queued_bytes = 0  # wire bytes of the queued frames
         self._max_frames = max_queued_frames
@@ -170,7 +187,13 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         for frame, wire_bytes in zip(frames, self.rx.last_frame_bytes, strict=True):
             self.frames.append((frame, wire_bytes))
             self.queued_bytes += wire_bytes
-        if frames or self.frame_error is not None:
+        started = False
+        if self.rx.buffered_bytes == 0:
+            self.partial_since = None
+        elif frames or self.partial_since is None:
+            started = self.partial_since is None
+            self.partial_since = self._loop.time()
+        if frames or started or self.frame_error is not None:
             self._wake()
         if len(self.frames) > self._max_frames or self.queued_bytes > self._max_bytes:
             self._pause_reading()
@@ -249,12 +272,21 @@ class FrameConnection:
     handed to the transport and the transport's buffer is below its high-water mark.
     """
 
-    def __init__(self, protocol: _FrameProtocol, *, io_timeout_s: float) -> None:
+    def __init__(
+        self,
+        protocol: _FrameProtocol,
+        *,
+        io_timeout_s: float,
+        frame_timeout_s: float | None = None,
+    ) -> None:
+        """`io_timeout_s`: how long recv() waits for a frame. `frame_timeout_s` (servers): once
+        a frame's first bytes arrived, how long recv() waits for the rest of it instead."""
         if protocol.transport is None:
             raise ValueError("FrameConnection needs a connected protocol")
         self._proto = protocol
         self._transport: asyncio.Transport = protocol.transport
         self.io_timeout_s = io_timeout_s
+        self.frame_timeout_s = frame_timeout_s
         self._send_lock = asyncio.Lock()
         self._marked: Dscp | None = None
 
@@ -276,20 +308,42 @@ class FrameConnection:
 
     # -- receiving ---------------------------------------------------------------------------
     async def recv(self) -> Frame:
-        """Next frame; raises ConnectionClosed, FrameError or TimeoutError."""
+        """Next frame; raises ConnectionClosed, FrameError or TimeoutError (FrameTimeout when
+        a started frame did not complete within frame_timeout_s)."""
         proto = self._proto
         if proto.frames:
             return proto.pop()
-        async with asyncio.timeout(self.io_timeout_s):
-            while not proto.frames:
-                self._raise_if_finished()
-                await proto.wait_frames()
+        if self.frame_timeout_s is None:
+            async with asyncio.timeout(self.io_timeout_s):
+                while not proto.frames:
+                    self._raise_if_finished()
+                    await proto.wait_frames()
+            return proto.pop()
+        loop = asyncio.get_running_loop()
+        idle_deadline = loop.time() + self.io_timeout_s
+        while not proto.frames:
+            self._raise_if_finished()
+            started = proto.partial_since
+            deadline = idle_deadline if started is None else started + self.frame_timeout_s
+            if loop.time() >= deadline:
+                if started is None:
+                    raise TimeoutError(f"peer {self.peer} sent nothing for {self.io_timeout_s} s")
+                raise FrameTimeout(
+                    f"peer {self.peer} took over {self.frame_timeout_s} s for one frame "
+                    f"({proto.rx.buffered_bytes} bytes of it so far)"
+                )
+            # The protocol wakes us when a frame completes or starts: the deadline changes.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await proto.wait_frames()
         return proto.pop()
 
     def _raise_if_finished(self) -> None:
         proto = self._proto
         if proto.frame_error is not None:
-            raise FrameError(str(proto.frame_error)) from proto.frame_error
+            err = proto.frame_error
+            kind = OversizeFrame if isinstance(err, OversizeFrame) else FrameError
+            raise kind(str(err)) from err
         if proto.lost and proto.lost_exc is not None:
             raise ConnectionClosed(f"peer {self.peer}: {proto.lost_exc}") from proto.lost_exc
         if proto.eof or proto.lost:
@@ -430,15 +484,30 @@ async def connect(
 Handler = Callable[[FrameConnection, Frame], Awaitable[None]]
 
 
+SERVER_COUNTERS = ("refused", "idle_closed", "timed_out", "oversize", "malformed")
+"""What a FrameServer counts: connections refused over the cap, closed idle, cut off mid-frame
+(slow senders), frames over the port's header/payload limit, other malformed frames."""
+
+
 class FrameServer:
     """A listening frame server; `close()` also ends its live connections (3.11's
     asyncio.Server.close() leaves them running)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: PortLimits) -> None:
+        self.limits = limits
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self._conns: set[FrameConnection] = set()
         self._closing = False
+        self.counters: dict[str, int] = dict.fromkeys(SERVER_COUNTERS, 0)
+
+    @property
+    def num_connections(self) -> int:
+        return len(self._conns)
+
+    def stats(self) -> dict[str, int]:
+        """The counters and the live connections, for a node's stats."""
+        return {"connections": len(self._conns), **self.counters}
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -469,12 +538,26 @@ class FrameServer:
                 await self.server.wait_closed()
 
 
+def default_limits(*, max_payload_bytes: int, io_timeout_s: float) -> PortLimits:
+    """Limits of a server given none: the frame codec's own bounds, 1,024 connections."""
+    return PortLimits(
+        kind="frames",
+        max_connections=1024,
+        idle_timeout_s=io_timeout_s,
+        frame_timeout_s=io_timeout_s,
+        max_header_bytes=MAX_HEADER_BYTES,
+        max_payload_bytes=max_payload_bytes,
+        max_header_items=DEFAULT_MAX_HEADER_ITEMS,
+    )
+
+
 async def serve(
     host: str,
     port: int,
     handler: Handler,
     *,
     dscp: Dscp = Dscp.BEST_EFFORT,
+    limits: PortLimits | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     io_timeout_s: float = 3600.0,
     on_error: Callable[[str], None] | None = None,
@@ -485,19 +568,33 @@ async def serve(
 
     A malformed frame is answered with an error frame and the connection is closed; an
     exception from the handler is answered with an error frame (carrying the request's `req`)
-    and the connection stays open.
+    and the connection stays open. `limits` bound connections, time and sizes (without it,
+    `max_payload_bytes` and `io_timeout_s` with default_limits); a connection over the cap is
+    accepted and closed at once. What was refused or cut off is in FrameServer.counters.
     """
     loop = asyncio.get_running_loop()
-    fs = FrameServer()
+    if limits is None:
+        limits = default_limits(max_payload_bytes=max_payload_bytes, io_timeout_s=io_timeout_s)
+    fs = FrameServer(limits)
+    counters = fs.counters
 
     async def run(conn: FrameConnection) -> None:
         try:
             while True:
                 try:
                     frame = await conn.recv()
-                except (ConnectionClosed, TimeoutError):
+                except ConnectionClosed:
+                    return
+                except FrameTimeout as exc:
+                    counters["timed_out"] += 1
+                    if on_error:
+                        on_error(str(exc))
+                    return
+                except TimeoutError:
+                    counters["idle_closed"] += 1
                     return
                 except FrameError as exc:
+                    counters["oversize" if isinstance(exc, OversizeFrame) else "malformed"] += 1
                     if on_error:
                         on_error(f"malformed frame from {conn.peer}: {exc}")
                     with contextlib.suppress(Exception):
@@ -523,19 +620,27 @@ async def serve(
             await conn.close()
 
     def on_made(proto: _FrameProtocol) -> None:
-        conn = FrameConnection(proto, io_timeout_s=io_timeout_s)
+        conn = FrameConnection(
+            proto, io_timeout_s=limits.idle_timeout_s, frame_timeout_s=limits.frame_timeout_s
+        )
         if fs._closing:
+            conn.abort()
+            return
+        if len(fs._conns) >= limits.max_connections:
+            counters["refused"] += 1  # accepted and closed: the live ones keep their slots
             conn.abort()
             return
         fs._track(conn, loop.create_task(run(conn)))
 
     def factory() -> _FrameProtocol:
         return _FrameProtocol(
-            max_payload_bytes=max_payload_bytes,
+            max_payload_bytes=limits.max_payload_bytes,
             max_queued_frames=max_queued_frames,
             max_queued_bytes=max_queued_bytes,
             dscp=dscp,
             on_made=on_made,
+            max_header_bytes=limits.max_header_bytes,
+            max_header_items=limits.max_header_items,
         )
 
     fs.server = await loop.create_server(factory, host, port, reuse_address=True)

@@ -167,6 +167,9 @@ async def test_stats_count_bytes_and_the_read_queue_drains(
         stats = await client.stats(node.node_id)
         assert stats.pop("read_by") == {"?": 6 * bb}  # the client gave no client id
         assert stats.pop("boot") == servers[node.node_id].boot
+        transport = stats.pop("transport")
+        assert transport["kv_refused"] == transport["mgmt_refused"] == 0
+        assert transport["kv_oversize"] == transport["kv_timed_out"] == 0
         assert stats == {
             "read_queue_blocks": 0,
             "read_queue_bytes": 0,
