@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -439,23 +440,46 @@ class NetnsBackend(_ProcessHost):
         return removed
 
 
+PORT_FLOOR = 10000
+"""Local labs listen above this port and below the kernel's ephemeral range."""
+
+
+def ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def ports_free(base: int, count: int) -> bool:
+    """Each port bindable as the servers bind (SO_REUSEADDR, as asyncio, aiohttp and gRPC do):
+    a port whose only sockets are in TIME_WAIT is free to them, so it is free here."""
+    for port in range(base, base + count):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port_base(count: int) -> int:
-    """A base port with `count` consecutive free TCP ports on 127.0.0.1."""
+    """A base port with `count` consecutive free TCP ports on 127.0.0.1, drawn below the
+    ephemeral range: there no outgoing connection takes a lab's port while a node is down (a
+    restarting node rebinds it), and earlier runs' clients leave no TIME_WAIT sockets."""
+    low = ephemeral_low()
+    rng = random.Random()
+    if low - count > PORT_FLOOR:
+        for _ in range(200):
+            base = rng.randrange(PORT_FLOOR, low - count)
+            if ports_free(base, count):
+                return base
     for _ in range(200):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             base = int(probe.getsockname()[1])
-        if base + count >= 65000:
-            continue
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        if base + count < 65000 and ports_free(base, count):
             return base
     raise BackendError(f"no {count} consecutive free ports on 127.0.0.1")
 
