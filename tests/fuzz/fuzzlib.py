@@ -1,0 +1,209 @@
+"""What the fuzz targets share: the budget, the per-target tally, input strategies, and the raw
+socket exchange whose time bound turns a hang into a failure.
+
+A target is one protocol surface of one live server (or of the codec). Every input a target
+tries is counted (`tried`), so a run reports how many inputs each target took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from services.codec import Frame, FrameDecoder, FrameError, encode_bytes
+
+CI_EXAMPLES = 60
+LONG_FACTOR = 10
+_examples = os.environ.get("DUALPATH_FUZZ_EXAMPLES")
+_common: dict[str, Any] = {
+    "deadline": None,  # each input is bounded by INPUT_TIMEOUT_S instead
+    "database": None,
+    "print_blob": True,
+    "suppress_health_check": [
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,  # one live server serves every input of a target
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+}
+settings.register_profile(
+    "ci", max_examples=int(_examples) if _examples else CI_EXAMPLES, derandomize=True, **_common
+)
+settings.register_profile(
+    "long", max_examples=int(_examples) if _examples else CI_EXAMPLES * LONG_FACTOR, **_common
+)
+PROFILE = os.environ.get("DUALPATH_FUZZ_PROFILE", "ci")
+BUDGET = settings.get_profile(PROFILE)
+"""Applied to each fuzz test (`@BUDGET`), not loaded globally: the unit tests' Hypothesis
+settings stay their own. `ci`: derandomized and without an example database, so every run
+tries the same inputs; `long`: 10x the inputs, random (`make fuzz-long`)."""
+
+INPUT_TIMEOUT_S = float(os.environ.get("DUALPATH_FUZZ_INPUT_TIMEOUT_S", "10"))
+"""What one input (send, the server's answer, the liveness check) may take. Generous for a
+shared 2-core machine: a hang is unbounded, a slow input is seconds at most."""
+
+COUNTS: dict[str, int] = {}
+"""Inputs tried per target, over the session."""
+FAILURES: dict[str, int] = {}
+"""Failed tests per target."""
+CURRENT: list[str] = []
+"""The target of the running test (set by conftest from its `fuzz_target` marker)."""
+
+
+def tried(n: int = 1) -> None:
+    """Count `n` inputs for the running test's target."""
+    if not CURRENT:
+        raise RuntimeError("a fuzz test needs @pytest.mark.fuzz_target(name)")
+    COUNTS[CURRENT[-1]] = COUNTS.get(CURRENT[-1], 0) + n
+
+
+# -- bounded time ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bounded(seconds: float = INPUT_TIMEOUT_S, *, what: str = "input") -> Iterator[None]:
+    """Fail a synchronous step that does not return within `seconds` (SIGALRM: the codec is
+    pure Python, so the alarm interrupts any loop it could be stuck in)."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"hang: the {what} took over {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+async def exchange(host: str, port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection, end our side, and return all the server sends until
+    it closes. The server must close within INPUT_TIMEOUT_S once we have finished sending:
+    otherwise the test fails as a hang. A reset by the server is an answer (it refused)."""
+    try:
+        async with asyncio.timeout(INPUT_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, port)
+            out = bytearray()
+            try:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(data)
+                    await writer.drain()
+                    writer.write_eof()
+                with contextlib.suppress(ConnectionError):
+                    while chunk := await reader.read(1 << 16):
+                        out += chunk
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+            return bytes(out)
+    except TimeoutError:
+        pytest.fail(f"hang: {host}:{port} did not finish an input in {INPUT_TIMEOUT_S} s")
+
+
+def replies(data: bytes) -> list[Frame]:
+    """The whole frames in a server's answer (a connection it reset may end mid-frame)."""
+    decoder = FrameDecoder(max_payload_bytes=1 << 30)
+    try:
+        return decoder.feed(data)
+    except FrameError as exc:  # a server's own frames are valid: this is a finding
+        pytest.fail(f"the server answered with bytes that are not frames: {exc}")
+
+
+def check_error_codes(frames: list[Frame], allowed: frozenset[str]) -> None:
+    """A crash shows as an error frame named after an unexpected exception (the transport's
+    last resort, e.g. 'TypeError'): every error must carry one of the server's own codes."""
+    for f in frames:
+        if f.kind == "error":
+            code = f.header.get("code")
+            assert code in allowed, f"untyped error {code!r}: {f.header.get('message')!r}"
+
+
+# -- strategies -----------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+msgpack_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=12,
+)
+"""Anything a msgpack header can hold (maps with string keys, as the codec requires)."""
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=15,
+)
+
+small_uints = st.integers(min_value=0, max_value=64)
+uint_lists = st.lists(small_uints, max_size=8)
+
+
+def field_values(plausible: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly a value of the right shape (so parsing gets past the first field), sometimes
+    anything at all."""
+    return st.one_of(plausible, plausible, msgpack_values)
+
+
+def headers(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    """A header with some of the known `fields` (each fuzzed) and maybe unknown keys."""
+    known = st.fixed_dictionaries({}, optional={k: field_values(v) for k, v in fields.items()})
+    extra = st.dictionaries(st.text(max_size=6).filter(lambda k: k != "t"), msgpack_values, max_size=2)
+    return st.builds(lambda a, b: {**b, **a}, known, extra)
+
+
+def frames(
+    kinds: list[str], fields: dict[str, st.SearchStrategy[Any]], *, max_payload: int = 256
+) -> st.SearchStrategy[Frame]:
+    kind = st.sampled_from(kinds) | st.text(min_size=1, max_size=10)
+    return st.builds(Frame, kind, headers(fields), st.binary(max_size=max_payload))
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: st.SearchStrategy[bytes]) -> bytes:
+    """A valid encoding with a few bytes flipped, cut, dropped or inserted."""
+    data = bytearray(draw(valid))
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        op = draw(st.sampled_from(["flip", "set", "cut", "drop", "insert"]))
+        pos = draw(st.integers(min_value=0, max_value=max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(min_value=0, max_value=7))
+        elif op == "set" and data:
+            data[pos] = draw(st.sampled_from([0x00, 0xFF, 0x7F, 0x80, 0xC1, 0xDC, 0xDD, 0xDF]))
+        elif op == "cut":
+            del data[pos:]
+        elif op == "drop" and data:
+            del data[pos : pos + draw(st.integers(min_value=1, max_value=8))]
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(data)
+
+
+def wire(frames_: st.SearchStrategy[Frame]) -> st.SearchStrategy[bytes]:
+    """What a fuzzed peer sends: valid frames (1-3 in a row), mutated ones, or raw garbage
+    (sometimes behind the frame magic so the prefix checks are reached)."""
+    valid = st.lists(frames_, min_size=1, max_size=3).map(
+        lambda fs: b"".join(encode_bytes(f) for f in fs)
+    )
+    garbage = st.binary(max_size=128) | st.binary(max_size=64).map(lambda b: b"DP\x01\x00" + b)
+    return st.one_of(valid, valid, mutated(valid), garbage)
