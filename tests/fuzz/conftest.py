@@ -19,7 +19,6 @@ import pytest
 from services.spec import ClusterSpec
 
 
-
 def _integration_conftest() -> Any:
     """tests/integration/conftest.py: its free-port cluster spec is the one to start servers
     from (the tiers are directories without packages, so it is loaded by path)."""
@@ -43,7 +42,9 @@ def make_spec(tmp_path: Path) -> Callable[..., ClusterSpec]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "fuzz_target(name): the target a fuzz test's inputs count for")
+    config.addinivalue_line(
+        "markers", "fuzz_target(name): the target a fuzz test's inputs count for"
+    )
 
 
 @pytest.fixture(autouse=True)
