@@ -56,6 +56,30 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
+class _Undecodable:
+    """A request whose bytes are not msgpack: the handler refuses it as INVALID_ARGUMENT (a
+    deserializer that raised would make gRPC answer UNKNOWN, as for a crash)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _unpack_request(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        return _Undecodable(f"not msgpack: {exc}")
+
+
+def _request_map(req: Any) -> dict[str, Any]:
+    """The request as a map, or TypeError (INVALID_ARGUMENT) naming what it is instead."""
+    if isinstance(req, _Undecodable):
+        raise TypeError(req.reason)
+    if not isinstance(req, dict):
+        raise TypeError(f"the request must be a map, got {type(req).__name__}")
+    return req
+
+
 class TurnInputError(ValueError):
     """A submitted turn is malformed; the message names the field."""
 
@@ -430,28 +454,30 @@ class SchedulerState:
 
 
 def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.GenericRpcHandler:
-    async def fetch(req: dict[str, Any], ctx: aio.ServicerContext) -> dict[str, Any]:
+    async def fetch(req: Any, ctx: aio.ServicerContext) -> dict[str, Any]:
         try:
+            req = _request_map(req)
             assignments = state.fetch(req, clock())
             return {"assignments": assignments, "cancel": state.cancelled(str(req["node_id"]))}
         except (KeyError, ValueError, TypeError) as exc:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad fetch: {exc}")
             raise  # unreachable: abort raises
 
-    async def report(req: dict[str, Any], ctx: aio.ServicerContext) -> dict[str, Any]:
+    async def report(req: Any, ctx: aio.ServicerContext) -> dict[str, Any]:
         try:
-            state.report(req)
+            state.report(_request_map(req))
         except (KeyError, ValueError, TypeError) as exc:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad report: {exc}")
         return {}
 
     async def pull(
-        requests: AsyncIterator[dict[str, Any]], ctx: aio.ServicerContext
+        requests: AsyncIterator[Any], ctx: aio.ServicerContext
     ) -> AsyncIterator[dict[str, Any]]:
         """Fetch as a stream: one reply per request, half the CPU of a unary call each (a
         leader pulls every pull interval: 100 times a second per node at 10 emulated ms)."""
         async for req in requests:
             try:
+                req = _request_map(req)
                 assignments = state.fetch(req, clock())
                 reply = {"assignments": assignments, "cancel": state.cancelled(str(req["node_id"]))}
             except (KeyError, ValueError, TypeError) as exc:
@@ -461,13 +487,13 @@ def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.Gen
 
     methods = {
         "Fetch": grpc.unary_unary_rpc_method_handler(
-            fetch, request_deserializer=_unpack, response_serializer=_pack
+            fetch, request_deserializer=_unpack_request, response_serializer=_pack
         ),
         "Pull": grpc.stream_stream_rpc_method_handler(
-            pull, request_deserializer=_unpack, response_serializer=_pack
+            pull, request_deserializer=_unpack_request, response_serializer=_pack
         ),
         "Report": grpc.unary_unary_rpc_method_handler(
-            report, request_deserializer=_unpack, response_serializer=_pack
+            report, request_deserializer=_unpack_request, response_serializer=_pack
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE, methods)

@@ -1,0 +1,84 @@
+"""The scheduler's gRPC handlers refuse a malformed request as INVALID_ARGUMENT (never UNKNOWN,
+gRPC's answer to a handler that crashed), and a refused request changes nothing: a real
+scheduler (`serve_scheduler`) on loopback, called with the lab's secret."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import grpc
+import msgpack
+import pytest
+from grpc import aio
+
+from services.auth import GRPC_AUTH_KEY, bearer
+from services.scheduler_service import SERVICE, serve_scheduler
+from services.spec import ClusterSpec
+
+FETCH = {
+    "node_id": "prefill-0",
+    "role": "prefill",
+    "read_q_tokens": 0,
+    "engines": [[0, 0, 0, 1000], [1, 0, 0, 1000]],
+    "boot": "b1",
+}
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+@pytest.fixture
+async def channel(make_spec: Callable[..., ClusterSpec]) -> AsyncIterator[tuple[aio.Channel, Any]]:
+    spec = make_spec()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"http://{spec.http.host}:{spec.http.port}/v1/status"):
+                    break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+    ch = aio.insecure_channel(f"{spec.grpc.host}:{spec.grpc.port}")
+    try:
+        yield ch, ((GRPC_AUTH_KEY, bearer(spec.secret)),)
+    finally:
+        await ch.close()
+        stop.set()
+        await task
+
+
+async def _call(channel: tuple[aio.Channel, Any], method: str, data: bytes) -> grpc.StatusCode:
+    ch, metadata = channel
+    try:
+        await ch.unary_unary(f"/{SERVICE}/{method}")(data, timeout=10, metadata=metadata)
+    except aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("method", ["Fetch", "Report"])
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x92\x01", _pack(7), _pack([FETCH])])
+async def test_a_request_that_is_not_a_msgpack_map_is_invalid(
+    channel: tuple[aio.Channel, Any], method: str, data: bytes
+) -> None:
+    assert await _call(channel, method, data) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await _call(channel, "Fetch", _pack(FETCH)) == grpc.StatusCode.OK
+
+
+async def test_a_pull_stream_refuses_a_request_that_is_not_msgpack(
+    channel: tuple[aio.Channel, Any],
+) -> None:
+    ch, metadata = channel
+    call = ch.stream_stream(f"/{SERVICE}/Pull")(timeout=10, metadata=metadata)
+    await call.write(_pack(FETCH))
+    assert "assignments" in msgpack.unpackb(await call.read())
+    await call.write(b"\xc1")
+    with pytest.raises(aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
