@@ -84,6 +84,72 @@ class TurnInputError(ValueError):
     """A submitted turn is malformed; the message names the field."""
 
 
+class FetchInputError(ValueError):
+    """A leader's fetch is malformed; the message names the field. Nothing was changed."""
+
+
+_I64 = 1 << 63
+
+
+def _fetch_int(name: str, value: Any, *, lo: int = -_I64) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < _I64:
+        raise FetchInputError(f"{name}: must be an integer in [{lo}, 2^63), got {value!r}")
+    return value
+
+
+def _fetch_report(spec: ClusterSpec, req: dict[str, Any], now: float) -> NodeReport:
+    """The report a fetch carries, checked whole before the scheduler's state is touched: a
+    value of the wrong type would otherwise fail this fetch half-done, or be stored and break
+    every later schedule, /v1/status, /v1/cluster or /metrics."""
+    node_id = req.get("node_id")
+    if not isinstance(node_id, str):
+        raise FetchInputError(f"node_id: must be a string, got {node_id!r}")
+    node = spec.node(node_id)  # KeyError for strangers
+    if req.get("role") != node.role.value:
+        raise FetchInputError(
+            f"role: {node_id} is a {node.role.value} node, got {req.get('role')!r}"
+        )
+    boot = req.get("boot", "")
+    if not isinstance(boot, str):
+        raise FetchInputError(f"boot: must be a string, got {boot!r}")
+    engines = req.get("engines")
+    if not isinstance(engines, list) or not all(
+        isinstance(e, list) and len(e) == 4 for e in engines
+    ):
+        raise FetchInputError(
+            f"engines: must be a list of [engine, seq, tok, free], got {engines!r}"
+        )
+    loads = [
+        (
+            _fetch_int("engines[][0]", e[0], lo=0),
+            _fetch_int("engines[][1]", e[1], lo=0),
+            _fetch_int("engines[][2]", e[2], lo=0),
+            _fetch_int("engines[][3]", e[3]),
+        )
+        for e in engines
+    ]
+    turns = req.get("turns", [])
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        raise FetchInputError("turns: must be a list of turn ids")
+    counters = req.get("counters", {})
+    try:  # served as JSON by /v1/cluster: bytes (or bytes keys) anywhere in them would not be
+        json.dumps(counters)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise FetchInputError(f"counters: not JSON data: {exc}") from None
+    if not isinstance(counters, dict):
+        raise FetchInputError(f"counters: must be a map, got {type(counters).__name__}")
+    return NodeReport(
+        node_id=node_id,
+        role=node.role.value,
+        read_q_tokens=_fetch_int("read_q_tokens", req.get("read_q_tokens"), lo=0),
+        engines=loads,
+        turns=set(turns),
+        counters=counters,
+        at=now,
+        boot=boot,
+    )
+
+
 @dataclass
 class TurnState:
     pending: PendingTurn
@@ -227,28 +293,18 @@ class SchedulerState:
 
     # -- engine leaders ---------------------------------------------------------------------
     def fetch(self, req: dict[str, Any], now: float) -> list[dict[str, Any]]:
-        node_id = str(req["node_id"])
-        self.spec.node(node_id)  # raises KeyError for strangers
-        boot = str(req.get("boot", ""))
+        report = _fetch_report(self.spec, req, now)  # FetchInputError: nothing changes
+        node_id, boot = report.node_id, report.boot
         prev = self.reports.get(node_id)
         if prev is not None and prev.boot != boot:
             # a restarted node has lost everything it held: its turns cannot finish
             self._fail_assigned(node_id, f"node {node_id} restarted", now)
             self.retired.append(prev)  # the old process's last counters still count
             del self.retired[:-MAX_RETIRED]
-        self.reports[node_id] = NodeReport(
-            node_id=node_id,
-            role=str(req["role"]),
-            read_q_tokens=int(req["read_q_tokens"]),
-            engines=[(int(e[0]), int(e[1]), int(e[2]), int(e[3])) for e in req["engines"]],
-            turns=set(req.get("turns", ())),
-            counters=dict(req.get("counters", {})),
-            at=now,
-            boot=boot,
-        )
+        self.reports[node_id] = report
         self.uncovered[node_id].difference_update(self.delivered_last[node_id])
         self.lost.discard(node_id)
-        if req["role"] == Role.PREFILL.value:
+        if report.role == Role.PREFILL.value:
             self._schedule(now)
         ids = self.outbox[node_id]
         self.outbox[node_id] = []

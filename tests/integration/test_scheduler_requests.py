@@ -33,8 +33,17 @@ def _pack(obj: Any) -> bytes:
 
 
 @pytest.fixture
-async def channel(make_spec: Callable[..., ClusterSpec]) -> AsyncIterator[tuple[aio.Channel, Any]]:
-    spec = make_spec()
+def spec(make_spec: Callable[..., ClusterSpec]) -> ClusterSpec:
+    return make_spec()
+
+
+@pytest.fixture
+def http(spec: ClusterSpec) -> str:
+    return f"http://{spec.http.host}:{spec.http.port}"
+
+
+@pytest.fixture
+async def channel(spec: ClusterSpec) -> AsyncIterator[tuple[aio.Channel, Any]]:
     stop = asyncio.Event()
     task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
     async with aiohttp.ClientSession() as session:
@@ -82,3 +91,34 @@ async def test_a_pull_stream_refuses_a_request_that_is_not_msgpack(
     with pytest.raises(aio.AioRpcError) as err:
         await call.read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"read_q_tokens": float("inf")},  # was OverflowError: UNKNOWN
+        {"engines": [[0, 0, 0, float("-inf")]]},
+        {"engines": [[0, 0, 0]]},
+        {"read_q_tokens": -1},
+        {"role": "decode"},
+        {"node_id": 7},
+        {"boot": ["b2"]},
+        {"turns": [b"t1"]},
+        {"counters": {"bytes_verified": b"\x00"}},  # was stored: /v1/cluster then failed
+        {"counters": {b"k": 1, "a": 1}},  # was stored: /metrics then failed to sort its keys
+        {"counters": [1]},
+    ],
+)
+async def test_a_malformed_fetch_is_invalid_and_changes_nothing(
+    channel: tuple[aio.Channel, Any], http: str, change: dict[str, Any]
+) -> None:
+    assert await _call(channel, "Fetch", _pack(FETCH)) == grpc.StatusCode.OK
+    bad = {**FETCH, "boot": "b2", **change}  # a new boot would fail the node's turns
+    assert await _call(channel, "Fetch", _pack(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/status", "/v1/cluster", "/metrics"):
+            async with session.get(http + path) as resp:
+                assert resp.status == 200, (path, await resp.text())
+        async with session.get(http + "/v1/cluster") as resp:
+            cluster = await resp.json()
+    assert cluster == {"prefill-0": {"role": "prefill", "counters": {}, "boot": "b1"}}
