@@ -40,6 +40,9 @@ from services.spec import ClusterSpec, Policy, Role
 SERVICE = "dualpath.Scheduler"
 TERMINAL_EVENTS = frozenset({"done", "failed"})
 MAX_CONTEXT_TOKENS = 10_000_000
+_U32 = 1 << 32
+"""Bound of a turn's integer fields: trajectory ids are stamped as u32 into the KV bytes
+(services/kvblocks.py), and an assignment must fit msgpack's integers on its way to the engines."""
 FINISHED_RETENTION_S = 30.0
 """A finished turn is forgotten this long after it finished, once no node reports holding it
 and no client is streaming it: nodes learn of a failure through `cancelled` meanwhile."""
@@ -243,8 +246,8 @@ class SchedulerState:
         fields = {}
         for key in ("traj_id", "turn_index", "context_tokens", "append_tokens", "gen_tokens"):
             value = body.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise TurnInputError(f"{key}: must be an integer >= 0, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _U32:
+                raise TurnInputError(f"{key}: must be an integer in [0, 2^32), got {value!r}")
             fields[key] = value
         if fields["append_tokens"] < 1 or fields["gen_tokens"] < 1:
             raise TurnInputError("append_tokens and gen_tokens must be >= 1")

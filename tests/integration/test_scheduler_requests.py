@@ -122,3 +122,27 @@ async def test_a_malformed_fetch_is_invalid_and_changes_nothing(
         async with session.get(http + "/v1/cluster") as resp:
             cluster = await resp.json()
     assert cluster == {"prefill-0": {"role": "prefill", "counters": {}, "boot": "b1"}}
+
+
+TURN = {"traj_id": 1, "turn_index": 0, "context_tokens": 640, "append_tokens": 64, "gen_tokens": 8}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"traj_id": 10**30}, {"traj_id": 1 << 32}, {"gen_tokens": 1 << 64}, {"turn_index": 1 << 63}],
+)
+async def test_a_turn_the_engines_cannot_be_handed_is_refused(
+    channel: tuple[aio.Channel, Any], spec: ClusterSpec, http: str, change: dict[str, Any]
+) -> None:
+    # Was accepted: the prefill fetch that assigned it then failed (msgpack cannot carry the
+    # integer; UNKNOWN) and the turn was lost; a traj_id over u32 cannot be stored either.
+    headers = {"Authorization": f"Bearer {spec.secret}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{http}/v1/turns", json={**TURN, **change}, headers=headers) as resp,
+    ):
+        assert resp.status == 400
+        assert next(iter(change)) in (await resp.json())["detail"]
+    decode = {**FETCH, "node_id": "decode-0", "role": "decode"}
+    for req in (decode, FETCH):
+        assert await _call(channel, "Fetch", _pack(req)) == grpc.StatusCode.OK
