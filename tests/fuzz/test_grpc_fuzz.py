@@ -10,6 +10,7 @@ and after every input a well-formed Fetch must still be answered.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -199,4 +200,40 @@ async def test_pull(scheduler: Scheduler, stream: list[bytes], with_secret: bool
         code = grpc.StatusCode.UNAUTHENTICATED  # the first write raced the refusal: the
         # client then reports its own failed send (INTERNAL) instead of the server's status
     assert code in REFUSALS, f"Pull: {code}: {await call.details()}"
+    await _alive(scheduler)
+
+
+TURN = {"traj_id": 1, "turn_index": 0, "context_tokens": 640, "append_tokens": 64, "gen_tokens": 8}
+JSON_INTS = [0, -1, 1, 63, 64, 1 << 31, 1 << 32, 1 << 53, 1 << 63, (1 << 64) - 1, 1 << 64, 10**30]
+
+
+@st.composite
+def turns(draw: st.DrawFn) -> dict[str, Any]:
+    """A turn whose fields are well-formed, at the integer edges, or anything JSON."""
+    turn = dict(TURN)
+    for name in draw(st.lists(st.sampled_from(sorted(TURN)), min_size=1, max_size=2)):
+        turn[name] = draw(st.sampled_from(JSON_INTS) | st.integers(min_value=0, max_value=1 << 40))
+    return turn
+
+
+@pytest.mark.fuzz_target("scheduler.turns")
+@BUDGET
+@given(turn=turns())
+async def test_a_submitted_turn_reaches_the_engines(
+    scheduler: Scheduler, turn: dict[str, Any]
+) -> None:
+    """A turn the HTTP API accepts must be one the engines can be handed: while its stream is
+    open, the engines' fetches (which run the policy and carry the assignment) must succeed."""
+    tried()
+    timeout = aiohttp.ClientTimeout(total=INPUT_TIMEOUT_S)
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(scheduler.http + "/v1/turns", json=turn, headers=headers) as resp,
+    ):
+        assert resp.status in (200, 400), f"{resp.status}: {await resp.text()}"
+        if resp.status == 200:
+            assert json.loads(await resp.content.readline())["event"] == "queued"
+            await _alive(scheduler)  # decode, prefill (schedules the turn), decode again
+            await _alive(scheduler)
     await _alive(scheduler)
