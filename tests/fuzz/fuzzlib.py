@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from services.codec import Frame, FrameDecoder, FrameError, encode_bytes
 
-CI_EXAMPLES = 60
+CI_EXAMPLES = 300
 LONG_FACTOR = 10
 _examples = os.environ.get("DUALPATH_FUZZ_EXAMPLES")
 _common: dict[str, Any] = {
