@@ -1,6 +1,6 @@
 """Fuzz every frame port on live servers over real loopback sockets: the storage server's data
-and mgmt ports and an engine node's data plane (its KV port, with the data plane run in this
-process behind a real IPC socket pair).
+and mgmt ports, an engine node's data plane (its KV port, with the data plane run in this
+process behind a real IPC socket pair) and its timeline (collective and mgmt ports).
 
 Each input is one connection: fuzzed frames (valid structure, fuzzed fields), mutated frames or
 garbage, then our EOF. The server must finish with the connection within the input bound (else
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from hypothesis import strategies as st
 
 from services.codec import Frame, encode_bytes
 from services.dataplane import DataPlane
+from services.engine import EngineNode
 from services.ipc import DpStatus, HealthReport, HealthRequest, IpcChannel, Stop
 from services.kvblocks import KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec
@@ -314,3 +316,62 @@ async def test_dataplane_one_field_off(dataplane: _Plane) -> None:
     assert not crashes, "\n".join(crashes)
     dataplane.probes += 1
     await _plane_alive(dataplane, cnic.port, dataplane.probes)
+
+
+# -- engine timeline --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def engine(
+    make_spec: Callable[..., ClusterSpec], tmp_path: Path
+) -> AsyncIterator[EngineNode]:
+    """prefill-0's timeline process as the backends run it, in this process, with its data
+    plane as a child process (no scheduler: its pulls fail and it keeps serving)."""
+    spec = make_spec()
+    spec_path = tmp_path / "spec.json"
+    spec.dump(spec_path)
+    node = EngineNode(spec, "prefill-0", spec_path=spec_path)
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    async with asyncio.timeout(60):
+        while True:  # the mgmt port answers once the node is up
+            try:
+                if (await _ask("127.0.0.1", node.me.mgmt.port, Frame("stats", {}))).kind:
+                    break
+            except OSError:
+                await asyncio.sleep(0.1)
+    try:
+        yield node
+    finally:
+        stop.set()
+        async with asyncio.timeout(60):
+            await task
+
+
+ENGINE_CODES = frozenset({"malformed", "ValueError"})
+"""The timeline refuses a frame type its port does not serve with ValueError by design
+(services/engine.py `_on_collective`, `_on_mgmt`)."""
+
+
+def engine_inputs() -> st.SearchStrategy[bytes]:
+    fuzzed = frames(
+        {"collective": {"n": small_uints}, "stats": {"req": reqs}, "ping": {"req": reqs}},
+        max_payload=4096,
+    )
+    return wire(fuzzed)
+
+
+@pytest.mark.fuzz_target("engine.collective_mgmt")
+@BUDGET
+@given(sent=engine_inputs(), mgmt=st.booleans())
+async def test_engine_collective_and_mgmt_ports(
+    engine: EngineNode, sent: bytes, mgmt: bool
+) -> None:
+    tried()
+    assert engine.me.collective is not None
+    port = engine.me.mgmt.port if mgmt else engine.me.collective.port
+    check_error_codes(replies(await exchange("127.0.0.1", port, sent)), ENGINE_CODES)
+    got = await _ask("127.0.0.1", engine.me.collective.port, Frame("collective", {}, b"x" * 64))
+    assert got.kind == "collective_ack" and got.header["n"] == 64, got
+    stats = await _ask("127.0.0.1", engine.me.mgmt.port, Frame("stats", {}))
+    assert stats.kind == "stats", stats
