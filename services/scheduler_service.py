@@ -87,6 +87,41 @@ class TurnInputError(ValueError):
     """A submitted turn is malformed; the message names the field."""
 
 
+class ReportInputError(ValueError):
+    """A leader's report is malformed; the message names the event. No event was taken."""
+
+
+_EVENT_FIELDS = frozenset({"event", "turn_id", "at"})
+
+
+def _report_events(req: dict[str, Any]) -> list[tuple[str, str, float, dict[str, Any]]]:
+    """A report's events, each `[turn_id, kind, at, extra]`, checked before any is taken: an
+    event's fields are streamed to the turn's client as JSON, so anything JSON cannot carry
+    (bytes) would end that client's stream."""
+    events = req.get("events", [])
+    if not isinstance(events, list):
+        raise ReportInputError(f"events: must be a list, got {type(events).__name__}")
+    out = []
+    for i, ev in enumerate(events):
+        if not isinstance(ev, list) or len(ev) != 4:
+            raise ReportInputError(f"events[{i}]: must be [turn_id, kind, at, extra], got {ev!r}")
+        turn_id, kind, at, extra = ev
+        if not isinstance(turn_id, str) or not isinstance(kind, str):
+            raise ReportInputError(f"events[{i}]: turn_id and kind must be strings")
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            raise ReportInputError(f"events[{i}]: at must be a number, got {at!r}")
+        if not isinstance(extra, dict) or _EVENT_FIELDS & extra.keys():
+            raise ReportInputError(
+                f"events[{i}]: extra must be a map without {sorted(_EVENT_FIELDS)}"
+            )
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ReportInputError(f"events[{i}]: extra is not JSON data: {exc}") from None
+        out.append((turn_id, kind, float(at), extra))
+    return out
+
+
 class FetchInputError(ValueError):
     """A leader's fetch is malformed; the message names the field. Nothing was changed."""
 
@@ -443,9 +478,8 @@ class SchedulerState:
             self.event(turn_id, "failed", now, node="scheduler", reason=reason, retryable=True)
 
     def report(self, req: dict[str, Any]) -> None:
-        for ev in req.get("events", ()):
-            turn_id, kind, at, extra = ev
-            self.event(str(turn_id), str(kind), float(at), **dict(extra))
+        for turn_id, kind, at, extra in _report_events(req):  # all checked before any is taken
+            self.event(turn_id, kind, at, **extra)
 
     # -- introspection ----------------------------------------------------------------------
     def status(self, now: float) -> dict[str, Any]:

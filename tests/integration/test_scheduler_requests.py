@@ -5,6 +5,7 @@ scheduler (`serve_scheduler`) on loopback, called with the lab's secret."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -146,3 +147,31 @@ async def test_a_turn_the_engines_cannot_be_handed_is_refused(
     decode = {**FETCH, "node_id": "decode-0", "role": "decode"}
     for req in (decode, FETCH):
         assert await _call(channel, "Fetch", _pack(req)) == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["TURN", "prefill_started", 1.0, {"node": b"\x00"}],  # was streamed: the client's
+        ["TURN", "prefill_started", 1.0, {"turn_id": "t9"}],  # stream then broke off
+        ["TURN", "prefill_started", "soon", {}],
+        ["TURN", 7, 1.0, {}],
+        ["TURN", "prefill_started", 1.0],
+    ],
+)
+async def test_a_malformed_report_is_invalid_and_takes_no_event(
+    channel: tuple[aio.Channel, Any], spec: ClusterSpec, http: str, bad: list[Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {spec.secret}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{http}/v1/turns", json=TURN, headers=headers) as resp,
+    ):
+        turn_id = json.loads(await resp.content.readline())["turn_id"]
+        good = [turn_id, "decode_started", 2.0, {"node": "decode-0"}]
+        bad = [turn_id, *bad[1:]]
+        report = _pack({"events": [good, bad]})  # the good one first: it is not taken either
+        assert await _call(channel, "Report", report) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await _call(channel, "Report", _pack({"events": [good]})) == grpc.StatusCode.OK
+        streamed = json.loads(await resp.content.readline())
+        assert (streamed["event"], streamed["node"]) == ("decode_started", "decode-0")
