@@ -24,6 +24,7 @@ from fuzzlib import (
     edge_sweep,
     exchange,
     frames,
+    no_time_wait,
     replies,
     small_uints,
     tried,
@@ -67,6 +68,7 @@ async def _ask(spec_host: str, port: int, frame: Frame) -> Frame:
         await conn.send(frame)
         return await conn.recv()
     finally:
+        no_time_wait(conn.get_extra_info("socket"))
         await conn.close()
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import grpc
 import msgpack
 import pytest
-from fuzzlib import BUDGET, EDGES, INPUT_TIMEOUT_S, msgpack_values, tried
+from fuzzlib import BUDGET, EDGES, INPUT_TIMEOUT_S, client_session, msgpack_values, tried
 from grpc import aio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -99,7 +99,7 @@ async def scheduler(make_spec: Callable[..., ClusterSpec]) -> AsyncIterator[Sche
     stop = asyncio.Event()
     task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
     url = f"http://{spec.http.host}:{spec.http.port}/v1/status"
-    async with aiohttp.ClientSession() as session:
+    async with client_session() as session:
         for _ in range(200):
             try:
                 async with session.get(url) as resp:
@@ -143,7 +143,7 @@ async def _alive(scheduler: Scheduler) -> None:
             pytest.fail(f"a well-formed Fetch failed after the input: {exc.code()}")
         assert "assignments" in msgpack.unpackb(data)
     timeout = aiohttp.ClientTimeout(total=INPUT_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with client_session(timeout=timeout) as session:
         for path in ("/v1/status", "/v1/cluster", "/metrics"):
             async with session.get(scheduler.http + path) as resp:
                 assert resp.status == 200, f"GET {path}: {resp.status} {await resp.text()}"
@@ -228,7 +228,7 @@ async def test_a_submitted_turn_reaches_the_engines(
     timeout = aiohttp.ClientTimeout(total=INPUT_TIMEOUT_S)
     headers = {"Authorization": f"Bearer {SECRET}"}
     async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
+        client_session(timeout=timeout) as session,
         session.post(scheduler.http + "/v1/turns", json=turn, headers=headers) as resp,
     ):
         assert resp.status in (200, 400), f"{resp.status}: {await resp.text()}"
@@ -236,4 +236,42 @@ async def test_a_submitted_turn_reaches_the_engines(
             assert json.loads(await resp.content.readline())["event"] == "queued"
             await _alive(scheduler)  # decode, prefill (schedules the turn), decode again
             await _alive(scheduler)
+    await _alive(scheduler)
+
+
+@st.composite
+def live_events(draw: st.DrawFn) -> list[Any]:
+    """Report events for turn t<n> (filled in by the test): well-formed, or a field off."""
+    event: list[Any] = ["TURN", "prefill_started", 1.0, {"node": "prefill-0"}]
+    for i in draw(st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=2)):
+        event[i] = draw(st.sampled_from(EDGES) | msgpack_values)
+    return event
+
+
+@pytest.mark.fuzz_target("scheduler.report_live")
+@BUDGET
+@given(events=st.lists(live_events(), min_size=1, max_size=3))
+async def test_a_report_for_a_live_turn(scheduler: Scheduler, events: list[list[Any]]) -> None:
+    """Events reported for a turn are streamed to its client: whatever a Report carries, the
+    client's stream must go on as JSON lines (or end after a terminal event)."""
+    tried()
+    timeout = aiohttp.ClientTimeout(total=INPUT_TIMEOUT_S)
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    async with (
+        client_session(timeout=timeout) as session,
+        session.post(scheduler.http + "/v1/turns", json=TURN, headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        turn_id = json.loads(await resp.content.readline())["turn_id"]
+        for event in events:
+            event[0] = turn_id
+        await _unary(scheduler, "Report", _pack({"events": events}), True)
+        mark = [turn_id, "fuzz_mark", 2.0, {}]  # streamed after them, unless the turn ended
+        await _unary(scheduler, "Report", _pack({"events": [mark]}), True)
+        while True:
+            line = await resp.content.readline()
+            assert line, "the turn's stream ended without a terminal event"
+            ev = json.loads(line)
+            if ev["event"] in ("done", "failed", "fuzz_mark"):
+                break
     await _alive(scheduler)

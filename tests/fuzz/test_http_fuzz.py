@@ -21,6 +21,7 @@ from aiohttp import web
 from fuzzlib import (
     BUDGET,
     EDGES,
+    client_session,
     http_exchange,
     http_requests,
     json_body,
@@ -82,7 +83,7 @@ def _check(status: int | None, raw: bytes, request: Request, *, allow_501: bool 
 async def _get(url: str, *, secret: str | None = None) -> int:
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        client_session(timeout=aiohttp.ClientTimeout(total=10)) as session,
         session.get(url, headers=headers) as resp,
     ):
         await resp.read()
