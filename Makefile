@@ -6,7 +6,7 @@ CONFIG ?= examples/laptop.yaml
 OUT    ?= results/demo
 
 .PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation \
-	clean tests docker images e2e
+	clean tests fuzz fuzz-long docker images e2e
 
 # `$(T) CMD` times a step of CI (.ci/run sets DUALPATH_PHASES); nothing otherwise.
 T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
@@ -50,10 +50,20 @@ integration: venv
 privileged: system-deps venv
 	$(BIN)/pytest -q tests/privileged
 
-test: system-deps venv lint typecheck tests e2e
+test: system-deps venv lint typecheck tests fuzz e2e
 
 tests: system-deps venv
 	$(T) $(BIN)/pytest -q tests/unit tests/integration tests/privileged
+
+# The fuzz tier on live servers (tests/fuzz): the CI budget, derandomized, so every run tries
+# the same inputs; inputs tried per target go to the terminal and to results/fuzz/.
+fuzz: venv
+	$(T) env DUALPATH_FUZZ_REPORT=results/fuzz/ci.json $(BIN)/pytest -q tests/fuzz
+
+# By hand: 10x the inputs per target, random (a new sample every run); ~8 minutes on 2 cores.
+fuzz-long: venv
+	$(T) env DUALPATH_FUZZ_PROFILE=long DUALPATH_FUZZ_REPORT=results/fuzz/long.json \
+	  $(BIN)/pytest -q tests/fuzz
 
 # --- Docker: the compose backend and tests/e2e (docs/compose.md) ----------------------------
 # A Docker engine and compose: Debian's packages when missing, dockerd started when none answers.

@@ -556,7 +556,11 @@ class DataPlane:
                 s = SliceSet.from_wire(
                     frame.header, layer_groups=self.groups, max_slices=self._max_slices
                 )
-                got = self.gen.verify(s, frame.payload, int(frame.header.get("crc", -1)))
+                carried = frame.header.get("crc")
+                if not isinstance(carried, int) or isinstance(carried, bool):
+                    # int() of a float or string would take inf (OverflowError) or "7"
+                    raise KvCorruption(f"'crc' must be an integer, got {carried!r}")
+                got = self.gen.verify(s, frame.payload, carried)
             except (KvCorruption, ValueError, TypeError) as exc:
                 self._record_error(f"{kind} for turn {turn_id} from {conn.peer}: {exc}")
                 self.core.fail(turn_id, f"corrupt KV from peer: {exc}", retryable=False)

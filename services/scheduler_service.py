@@ -48,6 +48,9 @@ from services.spec import ClusterSpec, Policy, Role
 SERVICE = "dualpath.Scheduler"
 TERMINAL_EVENTS = frozenset({"done", "failed"})
 MAX_CONTEXT_TOKENS = 10_000_000
+_U32 = 1 << 32
+"""Bound of a turn's integer fields: trajectory ids are stamped as u32 into the KV bytes
+(services/kvblocks.py), and an assignment must fit msgpack's integers on its way to the engines."""
 FINISHED_RETENTION_S = 30.0
 """A finished turn is forgotten this long after it finished, once no node reports holding it
 and no client is streaming it: nodes learn of a failure through `cancelled` meanwhile."""
@@ -64,13 +67,134 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
+class _Undecodable:
+    """A request whose bytes are not msgpack: the handler refuses it as INVALID_ARGUMENT (a
+    deserializer that raised would make gRPC answer UNKNOWN, as for a crash)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 def _unpack_request(data: bytes) -> Any:
     """A request from a leader: bounded in containers as well as bytes (GRPC_LIMITS)."""
-    return unpack_bounded(data, max_containers=GRPC_LIMITS.max_header_items)
+    try:
+        return unpack_bounded(data, max_containers=GRPC_LIMITS.max_header_items)
+    except Exception as exc:  # msgpack raises several unrelated types
+        return _Undecodable(f"not msgpack: {exc}")
+
+
+def _request_map(req: Any) -> dict[str, Any]:
+    """The request as a map, or TypeError (INVALID_ARGUMENT) naming what it is instead."""
+    if isinstance(req, _Undecodable):
+        raise TypeError(req.reason)
+    if not isinstance(req, dict):
+        raise TypeError(f"the request must be a map, got {type(req).__name__}")
+    return req
 
 
 class TurnInputError(ValueError):
     """A submitted turn is malformed; the message names the field."""
+
+
+class ReportInputError(ValueError):
+    """A leader's report is malformed; the message names the event. No event was taken."""
+
+
+_EVENT_FIELDS = frozenset({"event", "turn_id", "at"})
+
+
+def _report_events(req: dict[str, Any]) -> list[tuple[str, str, float, dict[str, Any]]]:
+    """A report's events, each `[turn_id, kind, at, extra]`, checked before any is taken: an
+    event's fields are streamed to the turn's client as JSON, so anything JSON cannot carry
+    (bytes) would end that client's stream."""
+    events = req.get("events", [])
+    if not isinstance(events, list):
+        raise ReportInputError(f"events: must be a list, got {type(events).__name__}")
+    out = []
+    for i, ev in enumerate(events):
+        if not isinstance(ev, list) or len(ev) != 4:
+            raise ReportInputError(f"events[{i}]: must be [turn_id, kind, at, extra], got {ev!r}")
+        turn_id, kind, at, extra = ev
+        if not isinstance(turn_id, str) or not isinstance(kind, str):
+            raise ReportInputError(f"events[{i}]: turn_id and kind must be strings")
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            raise ReportInputError(f"events[{i}]: at must be a number, got {at!r}")
+        if not isinstance(extra, dict) or _EVENT_FIELDS & extra.keys():
+            raise ReportInputError(
+                f"events[{i}]: extra must be a map without {sorted(_EVENT_FIELDS)}"
+            )
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ReportInputError(f"events[{i}]: extra is not JSON data: {exc}") from None
+        out.append((turn_id, kind, float(at), extra))
+    return out
+
+
+class FetchInputError(ValueError):
+    """A leader's fetch is malformed; the message names the field. Nothing was changed."""
+
+
+_I64 = 1 << 63
+
+
+def _fetch_int(name: str, value: Any, *, lo: int = -_I64) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < _I64:
+        raise FetchInputError(f"{name}: must be an integer in [{lo}, 2^63), got {value!r}")
+    return value
+
+
+def _fetch_report(spec: ClusterSpec, req: dict[str, Any], now: float) -> NodeReport:
+    """The report a fetch carries, checked whole before the scheduler's state is touched: a
+    value of the wrong type would otherwise fail this fetch half-done, or be stored and break
+    every later schedule, /v1/status, /v1/cluster or /metrics."""
+    node_id = req.get("node_id")
+    if not isinstance(node_id, str):
+        raise FetchInputError(f"node_id: must be a string, got {node_id!r}")
+    node = spec.node(node_id)  # KeyError for strangers
+    if req.get("role") != node.role.value:
+        raise FetchInputError(
+            f"role: {node_id} is a {node.role.value} node, got {req.get('role')!r}"
+        )
+    boot = req.get("boot", "")
+    if not isinstance(boot, str):
+        raise FetchInputError(f"boot: must be a string, got {boot!r}")
+    engines = req.get("engines")
+    if not isinstance(engines, list) or not all(
+        isinstance(e, list) and len(e) == 4 for e in engines
+    ):
+        raise FetchInputError(
+            f"engines: must be a list of [engine, seq, tok, free], got {engines!r}"
+        )
+    loads = [
+        (
+            _fetch_int("engines[][0]", e[0], lo=0),
+            _fetch_int("engines[][1]", e[1], lo=0),
+            _fetch_int("engines[][2]", e[2], lo=0),
+            _fetch_int("engines[][3]", e[3]),
+        )
+        for e in engines
+    ]
+    turns = req.get("turns", [])
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        raise FetchInputError("turns: must be a list of turn ids")
+    counters = req.get("counters", {})
+    try:  # served as JSON by /v1/cluster: bytes (or bytes keys) anywhere in them would not be
+        json.dumps(counters)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise FetchInputError(f"counters: not JSON data: {exc}") from None
+    if not isinstance(counters, dict):
+        raise FetchInputError(f"counters: must be a map, got {type(counters).__name__}")
+    return NodeReport(
+        node_id=node_id,
+        role=node.role.value,
+        read_q_tokens=_fetch_int("read_q_tokens", req.get("read_q_tokens"), lo=0),
+        engines=loads,
+        turns=set(turns),
+        counters=counters,
+        at=now,
+        boot=boot,
+    )
 
 
 @dataclass
@@ -166,8 +290,8 @@ class SchedulerState:
         fields = {}
         for key in ("traj_id", "turn_index", "context_tokens", "append_tokens", "gen_tokens"):
             value = body.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise TurnInputError(f"{key}: must be an integer >= 0, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _U32:
+                raise TurnInputError(f"{key}: must be an integer in [0, 2^32), got {value!r}")
             fields[key] = value
         if fields["append_tokens"] < 1 or fields["gen_tokens"] < 1:
             raise TurnInputError("append_tokens and gen_tokens must be >= 1")
@@ -216,28 +340,18 @@ class SchedulerState:
 
     # -- engine leaders ---------------------------------------------------------------------
     def fetch(self, req: dict[str, Any], now: float) -> list[dict[str, Any]]:
-        node_id = str(req["node_id"])
-        self.spec.node(node_id)  # raises KeyError for strangers
-        boot = str(req.get("boot", ""))
+        report = _fetch_report(self.spec, req, now)  # FetchInputError: nothing changes
+        node_id, boot = report.node_id, report.boot
         prev = self.reports.get(node_id)
         if prev is not None and prev.boot != boot:
             # a restarted node has lost everything it held: its turns cannot finish
             self._fail_assigned(node_id, f"node {node_id} restarted", now)
             self.retired.append(prev)  # the old process's last counters still count
             del self.retired[:-MAX_RETIRED]
-        self.reports[node_id] = NodeReport(
-            node_id=node_id,
-            role=str(req["role"]),
-            read_q_tokens=int(req["read_q_tokens"]),
-            engines=[(int(e[0]), int(e[1]), int(e[2]), int(e[3])) for e in req["engines"]],
-            turns=set(req.get("turns", ())),
-            counters=dict(req.get("counters", {})),
-            at=now,
-            boot=boot,
-        )
+        self.reports[node_id] = report
         self.uncovered[node_id].difference_update(self.delivered_last[node_id])
         self.lost.discard(node_id)
-        if req["role"] == Role.PREFILL.value:
+        if report.role == Role.PREFILL.value:
             self._schedule(now)
         ids = self.outbox[node_id]
         self.outbox[node_id] = []
@@ -373,9 +487,8 @@ class SchedulerState:
             self.event(turn_id, "failed", now, node="scheduler", reason=reason, retryable=True)
 
     def report(self, req: dict[str, Any]) -> None:
-        for ev in req.get("events", ()):
-            turn_id, kind, at, extra = ev
-            self.event(str(turn_id), str(kind), float(at), **dict(extra))
+        for turn_id, kind, at, extra in _report_events(req):  # all checked before any is taken
+            self.event(turn_id, kind, at, **extra)
 
     # -- introspection ----------------------------------------------------------------------
     def status(self, now: float) -> dict[str, Any]:
@@ -443,28 +556,30 @@ class SchedulerState:
 
 
 def _grpc_handler(state: SchedulerState, clock: Callable[[], float]) -> grpc.GenericRpcHandler:
-    async def fetch(req: dict[str, Any], ctx: aio.ServicerContext) -> dict[str, Any]:
+    async def fetch(req: Any, ctx: aio.ServicerContext) -> dict[str, Any]:
         try:
+            req = _request_map(req)
             assignments = state.fetch(req, clock())
             return {"assignments": assignments, "cancel": state.cancelled(str(req["node_id"]))}
         except (KeyError, ValueError, TypeError) as exc:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad fetch: {exc}")
             raise  # unreachable: abort raises
 
-    async def report(req: dict[str, Any], ctx: aio.ServicerContext) -> dict[str, Any]:
+    async def report(req: Any, ctx: aio.ServicerContext) -> dict[str, Any]:
         try:
-            state.report(req)
+            state.report(_request_map(req))
         except (KeyError, ValueError, TypeError) as exc:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad report: {exc}")
         return {}
 
     async def pull(
-        requests: AsyncIterator[dict[str, Any]], ctx: aio.ServicerContext
+        requests: AsyncIterator[Any], ctx: aio.ServicerContext
     ) -> AsyncIterator[dict[str, Any]]:
         """Fetch as a stream: one reply per request, half the CPU of a unary call each (a
         leader pulls every pull interval: 100 times a second per node at 10 emulated ms)."""
         async for req in requests:
             try:
+                req = _request_map(req)
                 assignments = state.fetch(req, clock())
                 reply = {"assignments": assignments, "cancel": state.cancelled(str(req["node_id"]))}
             except (KeyError, ValueError, TypeError) as exc:
