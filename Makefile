@@ -6,7 +6,7 @@ CONFIG ?= examples/laptop.yaml
 OUT    ?= results/demo
 
 .PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation \
-	clean tests docker images e2e
+	clean tests docker images e2e fresh-test
 
 # `$(T) CMD` times a step of CI (.ci/run sets DUALPATH_PHASES); nothing otherwise.
 T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
@@ -69,6 +69,12 @@ images: docker venv
 # into a failure instead of a skip.
 e2e: images
 	$(T) env DUALPATH_E2E_REQUIRED=1 DUALPATH_OFFLINE=1 $(BIN)/pytest -q tests/e2e
+
+# The fresh-machine tier (.ci/fresh-test, root): this checkout's HEAD cloned into a pristine
+# Debian root (compose/build-base.sh --bare) in a privileged container, set up by the repo's
+# own `make system-deps venv`, then `make tests`; an install step missing here fails it.
+fresh-test: docker
+	$(T) .ci/fresh-test
 
 # The checked-in compose file of the laptop demo.
 compose/docker-compose.yml: examples/laptop.yaml lab/compose_render.py | venv
