@@ -11,15 +11,18 @@ OUT    ?= results/demo
 # `$(T) CMD` times a step of CI (.ci/run sets DUALPATH_PHASES); nothing otherwise.
 T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 
-# Debian/Ubuntu packages the lab and its tests use; installed only when missing.
-SYSTEM_BINS := ip:iproute2 iptables:iptables iperf3:iperf3 nft:nftables
+# Debian/Ubuntu packages the lab and its tests use (command:package); installed only when
+# missing. `make fresh-test` proves the list complete on a bare Debian root. python3-venv
+# (ensurepip, for `python3 -m venv`) is a module, not a command.
+SYSTEM_BINS := ip:iproute2 tc:iproute2 iptables:iptables iperf3:iperf3 nft:nftables sysctl:procps
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
-	if [ -n "$$missing" ]; then \
+	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then missing=$$(printf ' %s' $$(printf '%s\n' $$missing | sort -u)); \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing packages:$$missing (run as root or install them)"; exit 1; fi; \
 	  echo "installing:$$missing"; apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 $(BIN)/dualpath: PHASE_NAME = venv
