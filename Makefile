@@ -6,20 +6,23 @@ CONFIG ?= examples/laptop.yaml
 OUT    ?= results/demo
 
 .PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation \
-	clean tests fuzz fuzz-long docker images e2e
+	clean tests fuzz fuzz-long docker images e2e fresh-test
 
 # `$(T) CMD` times a step of CI (.ci/run sets DUALPATH_PHASES); nothing otherwise.
 T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 
-# Debian/Ubuntu packages the lab and its tests use; installed only when missing.
-SYSTEM_BINS := ip:iproute2 iptables:iptables iperf3:iperf3 nft:nftables
+# Debian/Ubuntu packages the lab and its tests use (command:package); installed only when
+# missing. `make fresh-test` proves the list complete on a bare Debian root. python3-venv
+# (ensurepip, for `python3 -m venv`) is a module, not a command.
+SYSTEM_BINS := ip:iproute2 tc:iproute2 iptables:iptables iperf3:iperf3 nft:nftables sysctl:procps
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
-	if [ -n "$$missing" ]; then \
+	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then missing=$$(printf ' %s' $$(printf '%s\n' $$missing | sort -u)); \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing packages:$$missing (run as root or install them)"; exit 1; fi; \
 	  echo "installing:$$missing"; apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 $(BIN)/dualpath: PHASE_NAME = venv
@@ -79,6 +82,12 @@ images: docker venv
 # into a failure instead of a skip.
 e2e: images
 	$(T) env DUALPATH_E2E_REQUIRED=1 DUALPATH_OFFLINE=1 $(BIN)/pytest -q tests/e2e
+
+# The fresh-machine tier (.ci/fresh-test, root): this checkout's HEAD cloned into a pristine
+# Debian root (compose/build-base.sh --bare) in a privileged container, set up by the repo's
+# own `make system-deps venv`, then `make tests`; an install step missing here fails it.
+fresh-test: docker
+	$(T) .ci/fresh-test
 
 # The checked-in compose file of the laptop demo.
 compose/docker-compose.yml: examples/laptop.yaml lab/compose_render.py | venv
