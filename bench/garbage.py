@@ -39,6 +39,7 @@ from lab.config import load_config, parse_settings  # noqa: E402
 from lab.garbage import Target, peak_rss_bytes  # noqa: E402
 from lab.runner import run_once  # noqa: E402
 from netem.state import default_state_dir  # noqa: E402
+from services.process import child_pids  # noqa: E402
 from services.prom import METRICS_PORT  # noqa: E402
 from services.spec import ClusterSpec, Role  # noqa: E402
 
@@ -73,14 +74,6 @@ def targets_of(spec: ClusterSpec) -> dict[str, list[Target]]:
     return out
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        raw = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in raw.split()]
-
-
 class Attacker:
     """From a thread: waits for the lab, samples each node's peak RSS, runs the attacks."""
 
@@ -113,7 +106,7 @@ class Attacker:
         if self.record is None:
             return
         for node, pid in (self.record.get("pids") or {}).items():
-            for p in [int(pid), *_children(int(pid))]:
+            for p in [int(pid), *child_pids(int(pid))]:
                 hwm, _ = peak_rss_bytes(p)
                 seen = self.hwm.setdefault(node, {})
                 if hwm:

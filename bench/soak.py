@@ -37,6 +37,7 @@ from lab.chaos import cluster_links, compile_scenario  # noqa: E402
 from lab.config import LabConfig, load_config, parse_settings  # noqa: E402
 from lab.runner import run_once  # noqa: E402
 from netem.state import default_state_dir  # noqa: E402
+from services.process import child_pids  # noqa: E402
 
 KINDS = ("flap", "rate_drop", "loss_burst", "kill_engine", "kill_storage")
 WARMUP_S = 30.0
@@ -120,14 +121,6 @@ def _proc_figures(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        raw = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in raw.split()]
-
-
 class Monitor:
     """Samples the soak lab's node processes and scheduler state from a thread."""
 
@@ -157,7 +150,7 @@ class Monitor:
         nodes: dict[str, dict[str, int]] = {}
         for name, pid in (data.get("pids") or {}).items():
             rss, fds = 0, 0
-            for p in [int(pid), *_children(int(pid))]:
+            for p in [int(pid), *child_pids(int(pid))]:
                 r, f = _proc_figures(p)
                 rss, fds = rss + r, fds + f
             nodes[name] = {"rss": rss, "fds": fds}

@@ -80,3 +80,12 @@ def data_plane_process() -> None:
     tune_allocator()
     lower_priority()
     gc.set_threshold(GC_THRESHOLD)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (its main thread's), from /proc; none if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
