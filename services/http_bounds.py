@@ -104,33 +104,37 @@ class _Gate(asyncio.Protocol):
         self._in_request = False
 
 
-class BoundedSite(web.TCPSite):
-    """A TCPSite whose connections pass a _Gate: at most limits.max_connections at once."""
+class BoundedSite(web.BaseSite):
+    """A site whose connections pass a _Gate: at most limits.max_connections at once. Built on
+    BaseSite's public contract (register in start, set `_server` for stop to close, as
+    aiohttp's own sites do) rather than on TCPSite's private fields."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limits: PortLimits) -> None:
-        super().__init__(runner, host, port, reuse_address=True)
+        super().__init__(runner)
+        self.runner = runner
+        self.host = host
+        self.port = port
         self.limits = limits
         self.num_connections = 0
         self.counters: dict[str, int] = dict.fromkeys(HTTP_COUNTERS, 0)
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     def stats(self) -> dict[str, int]:
         return {"connections": self.num_connections, **self.counters}
 
     async def start(self) -> None:
-        # BaseSite.start registers the site with its runner; TCPSite.start would also listen.
-        await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        self._server = await loop.create_server(
-            lambda: _Gate(self, server()),
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=True,
+        await super().start()  # registers the site with its runner
+        server = self.runner.server
+        if server is None:
+            raise RuntimeError("the runner is not set up: call runner.setup() first")
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Gate(self, server()), self.host, self.port, backlog=128, reuse_address=True
         )
         if self._server.sockets:
-            self._bound_port = self._server.sockets[0].getsockname()[1]
+            self.port = int(self._server.sockets[0].getsockname()[1])
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
