@@ -57,6 +57,18 @@ def presented(value: str | None, secret: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), secret.encode())
 
 
+FRAME_AUTH_FIELD = "auth"
+"""The frame header field in which a storage `seed` or `write` presents the lab's secret."""
+
+
+def frame_presents(token: object, secret: str) -> bool:
+    """Whether a frame header's FRAME_AUTH_FIELD value is `secret` (constant time; never true
+    for an empty secret or a value that is not a string)."""
+    if not isinstance(token, str) or not token or not secret:
+        return False
+    return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), secret.encode())
+
+
 REFUSAL = "the lab's secret is required (Authorization: Bearer <secret>)"
 
 Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from services.auth import FRAME_AUTH_FIELD, frame_presents
 from services.codec import Frame, Payload
 from services.health import HealthMonitor
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, block_runs, crc
@@ -77,6 +78,15 @@ class StorageIOError(StorageError):
 
 class ServerClosing(StorageError):
     code = "closing"
+
+
+class Unauthorized(StorageError):
+    code = "unauthorized"
+
+
+MUTATING_KINDS = frozenset({"write", "seed"})
+"""Requests that change what a server stores: each must present the lab's secret
+(services.auth.FRAME_AUTH_FIELD); reads, stats and health need none."""
 
 
 # -- protocol messages (pure parsing; no I/O) -------------------------------------------------
@@ -494,6 +504,10 @@ class StorageServer:
                     raise UnsupportedMessage(
                         f"{frame.kind!r} is not served here (have: {sorted(table)})"
                     )
+                if frame.kind in MUTATING_KINDS and not frame_presents(
+                    frame.header.get(FRAME_AUTH_FIELD), self.spec.secret
+                ):
+                    raise Unauthorized(f"{frame.kind!r} must present the lab's secret")
                 await handler(conn, frame)
             except (ConnectionError, TimeoutError):
                 raise  # the peer is gone or stuck: nobody to answer (both are OSErrors)

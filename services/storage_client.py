@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from services.auth import FRAME_AUTH_FIELD
 from services.codec import Frame, Payload
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec, Endpoint, NodeSpec
@@ -302,7 +303,12 @@ class StorageClient:
                 s = SliceSet(traj, tuple(blocks[i : i + per_frame]), 0, groups)
                 payload = self._gen.payload(s)
                 req = next(self._req_ids)
-                head = {"req": req, **s.to_wire(), "crc": crc(payload)}
+                head = {
+                    "req": req,
+                    **s.to_wire(),
+                    "crc": crc(payload),
+                    FRAME_AUTH_FIELD: self.spec.secret,
+                }
                 await conn.send(Frame("write", head, payload))
                 reply = await conn.recv_reply()
                 _check_reply(reply, "write_done", req)
@@ -343,7 +349,13 @@ class StorageClient:
 
     async def _seed_on(self, node: NodeSpec, traj: int, first: int, end: int) -> tuple[int, int]:
         req = next(self._req_ids)
-        head = {"req": req, "traj": traj, "first_block": first, "end_block": end}
+        head = {
+            "req": req,
+            "traj": traj,
+            "first_block": first,
+            "end_block": end,
+            FRAME_AUTH_FIELD: self.spec.secret,
+        }
         async with self._pool(node, mgmt=True).connection() as conn:
             await conn.send(Frame("seed", head))
             reply = await conn.recv_reply()

@@ -35,6 +35,7 @@ from fuzzlib import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.auth import FRAME_AUTH_FIELD
 from services.codec import Frame, encode_bytes
 from services.dataplane import DataPlane
 from services.engine import EngineNode
@@ -45,7 +46,16 @@ from services.storage import StorageServer
 from services.transport import connect
 
 STORAGE_CODES = frozenset(
-    {"bad_request", "unsupported", "missing", "io", "closing", "corrupt", "malformed"}
+    {
+        "bad_request",
+        "unsupported",
+        "missing",
+        "io",
+        "closing",
+        "corrupt",
+        "malformed",
+        "unauthorized",
+    }
 )
 DATAPLANE_CODES = frozenset({"malformed", "ValueError"})
 """The data plane refuses an unknown frame type or a bad relay group with ValueError by design
@@ -81,7 +91,10 @@ async def storage(make_spec: Callable[..., ClusterSpec]) -> AsyncIterator[Storag
     server = StorageServer(spec, "storage-0")
     await server.start()
     # Some stored blocks, so that fuzzed reads of small trajectories also find data.
-    seed = Frame("seed", {"req": 0, "traj": 1, "first_block": 0, "end_block": 16})
+    seed = Frame(
+        "seed",
+        {"req": 0, "traj": 1, "first_block": 0, "end_block": 16, FRAME_AUTH_FIELD: spec.secret},
+    )
     assert (await _ask("127.0.0.1", server.node.mgmt.port, seed)).kind == "seed_done"
     try:
         yield server
@@ -98,7 +111,8 @@ def _valid_write(spec: ClusterSpec) -> st.SearchStrategy[Frame]:
         s = SliceSet(traj, tuple(blocks), 0, p.layer_groups)
         payload = gen.payload(s)
         carried = crc(payload) ^ (1 if bad_crc else 0)
-        return Frame("write", {"req": req, **s.to_wire(), "crc": carried}, payload)
+        head = {"req": req, **s.to_wire(), "crc": carried, FRAME_AUTH_FIELD: spec.secret}
+        return Frame("write", head, payload)
 
     return st.builds(
         build,
@@ -118,14 +132,14 @@ def data_port_inputs(spec: ClusterSpec) -> st.SearchStrategy[bytes]:
                 "blocks": uint_lists,
                 "client": st.text(min_size=1, max_size=12),
             },
-            "write": {"req": reqs, **slice_fields},
+            "write": {"req": reqs, **slice_fields, FRAME_AUTH_FIELD: st.just(spec.secret)},
         }
     )
     valid_writes = _valid_write(spec).map(encode_bytes)
     return st.one_of(wire(fuzzed), valid_writes)
 
 
-def mgmt_port_inputs() -> st.SearchStrategy[bytes]:
+def mgmt_port_inputs(secret: str) -> st.SearchStrategy[bytes]:
     # Seeding is the lab's intended bulk write (up to 2^20 blocks per request): the ranges are
     # kept short so the fuzzer does not fill the disk; everything else is fuzzed freely.
     first = st.integers(min_value=0, max_value=64)
@@ -138,6 +152,7 @@ def mgmt_port_inputs() -> st.SearchStrategy[bytes]:
                 "traj": small_uints,
                 "first_block": first,
                 "end_block": st.integers(min_value=0, max_value=80),
+                FRAME_AUTH_FIELD: st.just(secret),
             },
         }
     ).filter(_short_seed)
@@ -177,9 +192,10 @@ async def test_storage_data_port(storage: StorageServer, data: st.DataObject) ->
 
 @pytest.mark.fuzz_target("storage.mgmt")
 @BUDGET
-@given(sent=mgmt_port_inputs())
-async def test_storage_mgmt_port(storage: StorageServer, sent: bytes) -> None:
+@given(data=st.data())
+async def test_storage_mgmt_port(storage: StorageServer, data: st.DataObject) -> None:
     tried()
+    sent = data.draw(mgmt_port_inputs(storage.spec.secret), label="sent")
     answer = await exchange("127.0.0.1", storage.node.mgmt.port, sent)
     check_error_codes(replies(answer), STORAGE_CODES)
     await _storage_alive(storage)
@@ -191,7 +207,10 @@ def _kv_frame(spec: ClusterSpec, kind: str, traj: int, blocks: tuple[int, ...]) 
     gen = KvGenerator(slice_bytes=p.layer_group_bytes(0), layer_groups=p.layer_groups)
     s = SliceSet(traj, blocks, 0, p.layer_groups)
     payload = gen.payload(s)
-    return Frame(kind, {"req": 7, **s.to_wire(), "crc": crc(payload)}, payload)
+    head: dict[str, Any] = {"req": 7, **s.to_wire(), "crc": crc(payload)}
+    if kind == "write":  # storage writes present the lab's secret
+        head[FRAME_AUTH_FIELD] = spec.secret
+    return Frame(kind, head, payload)
 
 
 @pytest.mark.fuzz_target("storage.edges")
@@ -205,7 +224,16 @@ async def test_storage_one_field_off(storage: StorageServer) -> None:
     mgmt = [
         Frame("stats", {"req": 1}),
         Frame("health", {"req": 1}),
-        Frame("seed", {"req": 1, "traj": 2, "first_block": 0, "end_block": 4}),
+        Frame(
+            "seed",
+            {
+                "req": 1,
+                "traj": 2,
+                "first_block": 0,
+                "end_block": 4,
+                FRAME_AUTH_FIELD: storage.spec.secret,
+            },
+        ),
     ]
     crashes: list[str] = []
     for port, baselines in ((data_port, data), (mgmt_port, mgmt)):

@@ -11,6 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from services.auth import FRAME_AUTH_FIELD
 from services.codec import Frame, FrameDecoder
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec
@@ -305,8 +306,48 @@ async def test_malformed_frame_gets_an_error_and_a_closed_connection(
     assert await client.read(8, range(4)) == 4 * spec.profile.block_bytes
 
 
-def write_frame(req: int, s: SliceSet, payload: bytes | bytearray, carried: int) -> Frame:
-    return Frame("write", {"req": req, **s.to_wire(), "crc": carried}, bytes(payload))
+def write_frame(
+    req: int, s: SliceSet, payload: bytes | bytearray, carried: int, *, secret: object
+) -> Frame:
+    """A storage write; `secret` is what its header presents (None: no auth field)."""
+    head: dict[str, Any] = {"req": req, **s.to_wire(), "crc": carried}
+    if secret is not None:
+        head[FRAME_AUTH_FIELD] = secret
+    return Frame("write", head, bytes(payload))
+
+
+async def test_writes_and_seeds_without_the_labs_secret_are_refused_and_store_nothing(
+    spec: ClusterSpec, client: StorageClient
+) -> None:
+    gen = generator(spec)
+    (b0,) = owned_by(spec, "storage-0", 11, 1)
+    s0 = SliceSet(11, (b0,), 0, spec.profile.layer_groups)
+    payload = gen.payload(s0)
+    ep = spec.node("storage-0").mgmt
+    refused: list[str] = []
+    for req, secret in enumerate((None, "", "x" * 43, spec.secret + "x", 7), start=1):
+        conn = await data_conn(spec, "storage-0")
+        mgmt = await connect(ep.host, ep.port, io_timeout_s=TIMEOUT_S)
+        seed_head: dict[str, Any] = {"req": req, "traj": 12, "first_block": 0, "end_block": 8}
+        if secret is not None:
+            seed_head[FRAME_AUTH_FIELD] = secret
+        try:
+            await conn.send(write_frame(req, s0, payload, crc(payload), secret=secret))
+            await mgmt.send(Frame("seed", seed_head))
+            for c in (conn, mgmt):
+                with pytest.raises(RemoteError) as err:
+                    await c.recv_reply()
+                refused.append(err.value.code)
+        finally:
+            await conn.close()
+            await mgmt.close()
+    assert refused == ["unauthorized"] * 10
+    stats = await client.stats("storage-0")
+    assert stats["num_blocks_stored"] == 0
+    assert not traj_file(spec, "storage-0", 11).exists()
+    assert not traj_file(spec, "storage-0", 12).exists()
+    # The lab's own client presents the secret: the same seed is taken.
+    assert await client.seed(12, 0, 8) > 0
 
 
 async def test_corrupt_write_is_rejected_and_nothing_is_stored(
@@ -322,20 +363,20 @@ async def test_corrupt_write_is_rejected_and_nothing_is_stored(
         # A flipped bit in flight.
         damaged = bytearray(payload)
         damaged[10] ^= 1
-        await conn.send(write_frame(1, s0, damaged, crc(payload)))
+        await conn.send(write_frame(1, s0, damaged, crc(payload), secret=spec.secret))
         with pytest.raises(RemoteError) as in_flight:
             await conn.recv_reply()
         assert in_flight.value.code == "corrupt"
         assert "corrupted in flight" in in_flight.value.message
         # Self-consistent but wrong: block b1's bytes with their own crc, labelled b0.
         wrong = gen.full_blocks(9, [b1])
-        await conn.send(write_frame(2, s0, wrong, crc(wrong)))
+        await conn.send(write_frame(2, s0, wrong, crc(wrong), secret=spec.secret))
         with pytest.raises(RemoteError) as wrong_content:
             await conn.recv_reply()
         assert wrong_content.value.code == "corrupt"
         assert "content is not the expected KV" in wrong_content.value.message
         # The connection stays usable after an error reply.
-        await conn.send(write_frame(3, s0, payload, crc(payload)))
+        await conn.send(write_frame(3, s0, payload, crc(payload), secret=spec.secret))
         reply = await conn.recv_reply()
         assert (reply.kind, reply.header["req"], reply.header["num_bytes"]) == (
             "write_done",
@@ -360,7 +401,7 @@ async def test_corrupt_write_creates_no_file(spec: ClusterSpec, client: StorageC
     payload = gen.payload(s)
     conn = await data_conn(spec, "storage-1")
     try:
-        await conn.send(write_frame(1, s, payload[:-1], crc(payload[:-1])))
+        await conn.send(write_frame(1, s, payload[:-1], crc(payload[:-1]), secret=spec.secret))
         with pytest.raises(RemoteError) as err:
             await conn.recv_reply()
     finally:
@@ -463,6 +504,8 @@ async def test_bad_requests_get_typed_errors_with_their_req(
     spec: ClusterSpec, servers: object, frame: Frame, code: str
 ) -> None:
     assert spec.profile.layer_groups == 5  # the write frames above are built for 5 groups
+    if frame.kind == "write":  # authorised, so that the request itself is what is judged
+        frame = Frame(frame.kind, {**frame.header, FRAME_AUTH_FIELD: spec.secret}, frame.payload)
     conn = await data_conn(spec, "storage-0")
     try:
         await conn.send(frame)
