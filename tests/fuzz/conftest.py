@@ -30,7 +30,9 @@ def _integration_conftest() -> Any:
     return module
 
 
-local_spec: Callable[..., ClusterSpec] = _integration_conftest().local_spec
+_integration = _integration_conftest()
+local_spec: Callable[..., ClusterSpec] = _integration.local_spec
+running_scheduler: Callable[[ClusterSpec], Any] = _integration.running_scheduler
 
 
 @pytest.fixture
@@ -39,6 +41,12 @@ def make_spec(tmp_path: Path) -> Callable[..., ClusterSpec]:
         return local_spec(tmp_path / "data", config, **overrides)
 
     return make
+
+
+@pytest.fixture
+def run_scheduler() -> Callable[[ClusterSpec], Any]:
+    """running_scheduler (tests/integration/conftest.py), as the integration tier has it."""
+    return running_scheduler
 
 
 def pytest_configure(config: pytest.Config) -> None:

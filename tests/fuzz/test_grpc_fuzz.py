@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.auth import GRPC_AUTH_KEY, bearer, new_secret
-from services.scheduler_service import SERVICE, serve_scheduler
+from services.scheduler_service import SERVICE
 from services.spec import ClusterSpec
 
 SECRET = new_secret()
@@ -94,26 +94,16 @@ class Scheduler:
 
 
 @pytest.fixture
-async def scheduler(make_spec: Callable[..., ClusterSpec]) -> AsyncIterator[Scheduler]:
+async def scheduler(
+    make_spec: Callable[..., ClusterSpec], run_scheduler: Callable[[ClusterSpec], Any]
+) -> AsyncIterator[Scheduler]:
     spec = make_spec(secret=SECRET)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
-    url = f"http://{spec.http.host}:{spec.http.port}/v1/status"
-    async with client_session() as session:
-        for _ in range(200):
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    channel = aio.insecure_channel(f"{spec.grpc.host}:{spec.grpc.port}")
-    try:
-        yield Scheduler(channel, f"http://{spec.http.host}:{spec.http.port}")
-    finally:
-        await channel.close()
-        stop.set()
-        await task
+    async with run_scheduler(spec):
+        channel = aio.insecure_channel(f"{spec.grpc.host}:{spec.grpc.port}")
+        try:
+            yield Scheduler(channel, f"http://{spec.http.host}:{spec.http.port}")
+        finally:
+            await channel.close()
 
 
 def _metadata(with_secret: bool) -> tuple[tuple[str, str], ...]:

@@ -9,7 +9,6 @@ then no longer answers a legitimate request.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,7 +39,6 @@ from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services.auth import new_secret
 from services.prom import METRICS_PATH, MetricsExporter
-from services.scheduler_service import serve_scheduler
 from services.spec import ClusterSpec
 
 SECRET = new_secret()
@@ -97,22 +95,12 @@ SCHEDULER_ROUTES = ["/v1/turns", "/v1/status", "/v1/cluster", "/metrics", "/v1/h
 
 
 @pytest.fixture
-async def scheduler(make_spec: Callable[..., ClusterSpec]) -> AsyncIterator[ClusterSpec]:
+async def scheduler(
+    make_spec: Callable[..., ClusterSpec], run_scheduler: Callable[[ClusterSpec], Any]
+) -> AsyncIterator[ClusterSpec]:
     spec = make_spec(secret=SECRET)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
-    url = f"http://{spec.http.host}:{spec.http.port}/v1/status"
-    for _ in range(200):
-        try:
-            if await _get(url) == 200:
-                break
-        except aiohttp.ClientError:
-            await asyncio.sleep(0.05)
-    try:
+    async with run_scheduler(spec):
         yield spec
-    finally:
-        stop.set()
-        await task
 
 
 @pytest.mark.fuzz_target("scheduler.http")

@@ -1,15 +1,20 @@
-"""Integration fixtures: a small local-backend cluster spec on free loopback ports."""
+"""Integration fixtures: a small local-backend cluster spec on free loopback ports, and a
+scheduler served on it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from lab.backends import free_port_base
 from lab.config import build_cluster_spec, parse_config
+from services.scheduler_service import serve_scheduler
 from services.spec import ClusterSpec
 
 SMALL_CONFIG: dict[str, Any] = {
@@ -40,3 +45,34 @@ def make_spec(tmp_path: Path) -> Callable[..., ClusterSpec]:
         return local_spec(tmp_path / "data", config, **overrides)
 
     return make
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(spec: ClusterSpec) -> AsyncIterator[None]:
+    """`serve_scheduler` on the spec's loopback ports, answering GET /v1/status when entered;
+    stopped on exit."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
+    url = f"http://{spec.http.host}:{spec.http.port}/v1/status"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                if task.done():
+                    task.result()  # it ended before serving: raise why
+                try:
+                    async with session.get(url) as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+@pytest.fixture
+def run_scheduler() -> Callable[[ClusterSpec], Any]:
+    """running_scheduler, for test modules (the tiers are directories without packages)."""
+    return running_scheduler

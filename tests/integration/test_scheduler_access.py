@@ -20,7 +20,7 @@ import pytest
 from grpc import aio
 
 from services.auth import new_secret
-from services.scheduler_service import SERVICE, SchedulerClient, serve_scheduler
+from services.scheduler_service import SERVICE, SchedulerClient
 from services.spec import ClusterSpec
 
 FETCH = {
@@ -41,24 +41,12 @@ def _pack(obj: Any) -> bytes:
 
 
 @pytest.fixture
-async def scheduler(make_spec: Callable[..., ClusterSpec]) -> AsyncIterator[ClusterSpec]:
+async def scheduler(
+    make_spec: Callable[..., ClusterSpec], run_scheduler: Callable[[ClusterSpec], Any]
+) -> AsyncIterator[ClusterSpec]:
     spec = make_spec()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
-    base = f"http://{spec.http.host}:{spec.http.port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(f"{base}/v1/status") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    try:
+    async with run_scheduler(spec):
         yield spec
-    finally:
-        stop.set()
-        await task
 
 
 def _authorization(value: str | None) -> dict[str, str]:

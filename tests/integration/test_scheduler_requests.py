@@ -4,7 +4,6 @@ scheduler (`serve_scheduler`) on loopback, called with the lab's secret."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from grpc import aio
 
 from services.auth import GRPC_AUTH_KEY, bearer
-from services.scheduler_service import SERVICE, serve_scheduler
+from services.scheduler_service import SERVICE
 from services.spec import ClusterSpec
 
 FETCH = {
@@ -44,23 +43,15 @@ def http(spec: ClusterSpec) -> str:
 
 
 @pytest.fixture
-async def channel(spec: ClusterSpec) -> AsyncIterator[tuple[aio.Channel, Any]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_scheduler(spec, "scheduler", stop))
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(f"http://{spec.http.host}:{spec.http.port}/v1/status"):
-                    break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    ch = aio.insecure_channel(f"{spec.grpc.host}:{spec.grpc.port}")
-    try:
-        yield ch, ((GRPC_AUTH_KEY, bearer(spec.secret)),)
-    finally:
-        await ch.close()
-        stop.set()
-        await task
+async def channel(
+    spec: ClusterSpec, run_scheduler: Callable[[ClusterSpec], Any]
+) -> AsyncIterator[tuple[aio.Channel, Any]]:
+    async with run_scheduler(spec):
+        ch = aio.insecure_channel(f"{spec.grpc.host}:{spec.grpc.port}")
+        try:
+            yield ch, ((GRPC_AUTH_KEY, bearer(spec.secret)),)
+        finally:
+            await ch.close()
 
 
 async def _call(channel: tuple[aio.Channel, Any], method: str, data: bytes) -> grpc.StatusCode:
