@@ -63,6 +63,21 @@ def swarm(compose: tuple[str, ...]) -> Iterator[None]:
                     run_cmd(["docker", "network", "rm", ident])
 
 
+def _stack_rm(stack: str, *, timeout_s: float = 120.0) -> None:
+    """`docker stack rm`, repeated while the engine still counts a stopping task on one of the
+    stack's networks (Docker 20.10 answers "network ... is in use by task" and removes the
+    rest; a second call after the task is gone removes the network)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            run_cmd(["docker", "stack", "rm", stack])
+            return
+        except ComposeError as exc:
+            if "is in use by task" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def _driver_state(stack: str) -> str:
     out = run_cmd(["docker", "service", "ps", "--format", "{{.CurrentState}}", f"{stack}_driver"])
     return out.strip().split(" ")[0] if out.strip() else ""
@@ -88,7 +103,7 @@ def test_stack_deploy_runs_the_workload(
         final = _driver_state(lab_name)
         logs = run_cmd(["docker", "service", "logs", "--raw", f"{lab_name}_driver"])
     finally:
-        run_cmd(["docker", "stack", "rm", lab_name])
+        _stack_rm(lab_name)
         deadline = time.monotonic() + 120
         left = leftovers(lab_name)
         while (left["container"] or left["network"]) and time.monotonic() < deadline:
