@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.compose_backend import run_stack  # noqa: E402
-from lab.config import load_config  # noqa: E402
-from lab.runner import compare  # noqa: E402
+from compose.backend import run_stack  # noqa: E402
+from lab.config.models import load_config  # noqa: E402
+from lab.run.runner import compare  # noqa: E402
 from services.spec import Policy  # noqa: E402
 
 

@@ -325,7 +325,7 @@ def _kv_streams(
 
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """Linear interpolation between closest ranks (as lab.metrics.percentiles)."""
+    """Linear interpolation between closest ranks (as lab.results.metrics.percentiles)."""
     if not values:
         return float("nan")
     xs = sorted(values)

@@ -2,7 +2,7 @@
 
 Every lab process (engine timeline, engine data plane, storage server, scheduler, driver) owns a
 `HealthMonitor` and reports `snapshot()` with its other stats; the lab decides from them whether
-the host kept up (lab.health). Samples are time-stamped so the lab can cut them to the measured
+the host kept up (lab.results.health). Samples are time-stamped so the lab can cut them to the measured
 window. This module measures; it never judges and never changes what it measures.
 """
 

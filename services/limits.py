@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from services.spec import ClusterSpec
 
 MAX_CONTEXT_TOKENS = 65536
-"""The longest context a lab replays (lab.config `workload.max_len`, Table 2's MaxLen): a read
+"""The longest context a lab replays (lab.config.models `workload.max_len`, Table 2's MaxLen): a read
 request lists at most this many tokens' worth of blocks."""
 
 MAX_BLOCK_ID_BYTES = 5
@@ -204,7 +204,7 @@ CONTROL_LIMITS = PortLimits(
     max_header_bytes=16 << 10,
     max_payload_bytes=64 << 10,
 )
-"""The lab's control endpoint (lab.control, a threaded HTTP/1.0 server on 127.0.0.1): one
+"""The lab's control endpoint (lab.run.control, a threaded HTTP/1.0 server on 127.0.0.1): one
 user drives the lab; a link or node change is a few hundred bytes. frame_timeout_s is the
 whole connection's deadline there (one request per connection)."""
 

@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lab.backends import free_port_base
-from lab.config import build_cluster_spec, parse_config
+from lab.config.models import build_cluster_spec, parse_config
+from lab.run.backends import free_port_base
 from services.scheduler_service import serve_scheduler
 from services.spec import ClusterSpec
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lab.compose_agent import Agent, http_app
+from compose.agent import Agent, http_app
 from netem.counters import NicCounters
 from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from lab.backends import LocalBackend, RunState, free_port_base
-from lab.config import build_cluster_spec, parse_config
-from lab.runner import run_once
+from lab.config.models import build_cluster_spec, parse_config
+from lab.run.backends import LocalBackend, RunState, free_port_base
+from lab.run.runner import run_once
 from services.codec import PREFIX_SIZE, decode_header, parse_prefix
 from services.spec import ClusterSpec
 
@@ -252,7 +252,7 @@ def test_decode_node_killed_and_restarted_mid_run_every_turn_completes(tmp_path:
     """Chaos on real processes: the decode node is SIGKILLed mid-run and restarted. Turns it
     held fail as retryable (the scheduler sees the new process), the driver resubmits them
     with backoff, and every agent's trajectory completes with every byte verified."""
-    from lab.chaos import cluster_links, compile_scenario
+    from lab.run.chaos import cluster_links, compile_scenario
 
     cfg = parse_config(
         {

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from lab.driver import gather_health
+from lab.run.driver import gather_health
 from services.health import HealthMonitor
 from services.scheduler_service import serve_scheduler
 from services.spec import ClusterSpec

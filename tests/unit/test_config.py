@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lab.config import (
+from lab.config.models import (
     ConfigError,
     LabConfig,
     build_cluster_spec,
@@ -346,7 +346,7 @@ def test_a_set_field_is_validated_like_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("isolation", [True, False])
 def test_isolation_switches_the_cnic_priority_classes(isolation: bool) -> None:
-    from lab.backends import topology_for
+    from lab.config.topology import topology_for
 
     cfg = parse_config({"network": {"isolation": isolation}})
     spec = build_cluster_spec(cfg, lab_id="u", backend="netns", data_dir=Path("/nonexistent"))

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from lab.metrics import (
+from lab.results.metrics import (
     attention_balance_summary,
     nic_utilisation,
     percentiles,

@@ -20,8 +20,8 @@ PURE = [
     "scheduler.dualpath_policy",
     "scheduler.batching",
     "netem.plan",
-    "lab.scaling",
-    "lab.health",
+    "lab.config.scaling",
+    "lab.results.health",
 ]
 FORBIDDEN = ["asyncio", "pyroute2", "grpc", "aiohttp", "uvloop", "services.transport"]
 """(Not `socket`: pydantic, which the spec models use, imports it through the email package.)"""

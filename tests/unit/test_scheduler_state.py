@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from lab.config import build_cluster_spec, parse_config
+from lab.config.models import build_cluster_spec, parse_config
 from scheduler.policies import make_policy
 from scheduler.read_side import tie_side
 from services.scheduler_service import SchedulerState, TurnInputError, policy_for

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.workload import (
+from lab.run.workload import (
     MAX_TRAJECTORY_TOKENS,
     PAPER_TABLE2,
     SUPPORTED_MAX_LENS,

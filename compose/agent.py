@@ -25,11 +25,13 @@ from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
-from lab.backends import BackendError, RunState, _ProcessHost, make_data_dir, state_dir
-from lab.compose_render import NETWORKS
-from lab.compose_stack import agent_secret
+from compose.render import NETWORKS
+from compose.stack import agent_secret
+from dualpath.errors import DualPathError
+from lab.run.backends import BackendError, ProcessHost, RunState, make_data_dir, state_dir
 from netem.container import ContainerNics, find_interfaces, has_net_admin
 from netem.counters import NicCounters
+from netem.errors import NetemError
 from netem.plan import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services import http_bounds
@@ -70,7 +72,7 @@ class Nics(Protocol):
     def close(self) -> None: ...
 
 
-class AgentError(Exception):
+class AgentError(DualPathError):
     """The agent cannot do what was asked; the message says why (HTTP 409)."""
 
 
@@ -104,7 +106,7 @@ def container_nics(
     node_id: str, args: Sequence[NicArg], *, isolation: bool, kv_min_fraction: float
 ) -> tuple[ContainerNics, dict[str, str]]:
     """The node's NICs as netem specs named after the container's interfaces, found by
-    subnet, shaped as `lab.backends.topology_for` shapes them on the netns backend; and each
+    subnet, shaped as `lab.config.topology.topology_for` shapes them on the netns backend; and each
     network's address ('198.18.0.10')."""
     found = find_interfaces({a.name: a.subnet for a in args})
     nics: dict[str, NicSpec] = {}
@@ -124,7 +126,7 @@ def container_nics(
     return ContainerNics(node_id, nics), addresses
 
 
-class _NodeProcess(_ProcessHost):
+class _NodeProcess(ProcessHost):
     """The one node process of this container for one run."""
 
     def start(self, node_id: str) -> None:
@@ -365,8 +367,6 @@ def run_agent(
     if any(a.rate_mbit for a in nics) and not has_net_admin():
         say(f"error: {net_admin_message(node_id, nics)}")
         return EXIT_NO_NET_ADMIN
-    from netem.errors import NetemError
-
     try:
         secret = agent_secret()
         shaped, addresses = container_nics(

@@ -5,7 +5,7 @@ backend). Seeds warm-start KV, starts every agent at once (offline mode) or at i
 arrival offset (online mode, Poisson arrivals), measures TTFT, TTST, TPOT and JCT from the
 client side, prints progress as JSON lines and writes a results file. At the end it gathers
 every lab process's emulation-health snapshot (services/health.py), its own included; judging
-them is lab.health's job.
+them is lab.results.health's job.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ async def gather_health(
     own: HealthMonitor,
 ) -> dict[str, list[dict[str, Any]]]:
     """{node or process name: [snapshots]} for every node, the scheduler and this driver;
-    a node that reported nothing gets [] (lab.health lists it as not reported)."""
+    a node that reported nothing gets [] (lab.results.health lists it as not reported)."""
     health = {node: _snapshot_list(st.get("health")) for node, st in engines.items()}
     for n in spec.storage_nodes:
         health[n.node_id] = await _storage_health(storage, n.node_id)
@@ -375,7 +375,7 @@ async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lab.driver", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lab.run.driver", description=__doc__)
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--plan", type=Path, required=True, help="agents to replay (JSON)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON to write")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from lab.config import ConfigError, LabConfig, build_cluster_spec
+from lab.config.models import ConfigError, LabConfig, build_cluster_spec
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 
 LAB_LABEL = "com.dualpath.lab"
@@ -29,7 +29,7 @@ IMAGE = f"{IMAGE_REPO}:latest"
 """What a rendered file runs; the CLI runs `dualpath-mesh:<source hash>` (compose_backend)."""
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 AGENT_PORT = 7500
-"""Each node container's agent (lab.compose_agent) listens here on its mgmt address."""
+"""Each node container's agent (compose.agent) listens here on its mgmt address."""
 DRIVER_HOST_OFFSET = 3
 """The driver's mgmt address (the scheduler has 2; Docker's gateway takes 1)."""
 RESULTS_MOUNT = "/results"

@@ -1,6 +1,6 @@
 """The compose image's entrypoint: `node` (the agent of one node container) or `driver` (the
 workload driver and conductor of the stack). Only parses arguments and calls
-`lab.compose_agent.run_agent` or `lab.compose_stack.conduct`.
+`compose.agent.run_agent` or `compose.conduct.conduct`.
 
     node --node prefill-0 --cnic 198.18.0.0/24@400 --snic 198.18.1.0/24@100 --mgmt 198.18.2.0/24
     driver --policies basic,dualpath,oracle [--out /results/NAME]   (config in $DUALPATH_CONFIG)
@@ -13,7 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from lab.compose_render import AGENT_PORT, ALL_POLICIES
+from compose.agent import NicArg, run_agent
+from compose.conduct import conduct
+from compose.render import AGENT_PORT, ALL_POLICIES
+from netem.spec import SpecError
 
 
 def _say(message: str) -> None:
@@ -21,7 +24,7 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lab.compose_entry", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m compose.entry", description=__doc__)
     sub = p.add_subparsers(dest="role", required=True)
     node = sub.add_parser("node", help="a node container's agent")
     node.add_argument("--node", required=True, help="node id, e.g. prefill-0")
@@ -36,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     drv.add_argument("--out", type=Path, help="output folder (default /results/<name>-...)")
     args = p.parse_args(argv)
     if args.role == "driver":
-        from lab.compose_stack import conduct
-
         config = os.environ.get("DUALPATH_CONFIG")
         if not config:
             _say("error: DUALPATH_CONFIG is empty: the driver takes its lab config from it")
@@ -53,9 +54,6 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
             scenario_text=os.environ.get("DUALPATH_SCENARIO"),
         )
-    from lab.compose_agent import NicArg, run_agent
-    from netem.spec import SpecError
-
     try:
         nics = [
             NicArg.parse(n, getattr(args, n)) for n in ("cnic", "snic", "mgmt") if getattr(args, n)

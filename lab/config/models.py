@@ -14,12 +14,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dualpath.errors import UsageError
 from scheduler.analysis import Analysis, LabAnalysis, analyze, analyze_lab
 from scheduler.costmodel import CostModel, CostModelParams
 from services.spec import ClusterSpec, Endpoint, NodeSpec, Policy, ProfileSpec, Role
 
 
-class ConfigError(Exception):
+class ConfigError(UsageError):
     """The config is invalid; the message names the field and what is allowed."""
 
 
@@ -123,7 +124,7 @@ class Scaling(_Model):
     )
     auto: tuple[Literal["bandwidth_scale", "time_dilation"], ...] = Field(
         (),
-        description="fields chosen at run time from a short host calibration (lab.scaling):"
+        description="fields chosen at run time from a short host calibration (lab.config.scaling):"
         " `scaling: auto` or a field set to auto",
     )
 

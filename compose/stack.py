@@ -1,7 +1,7 @@
 """The compose backend as seen from inside the stack: the driver container's side.
 
 `StackBackend` is the runner's Backend for `compose`: the node containers are already up and
-each runs an agent (`lab.compose_agent`) on its mgmt address, so bringing a lab up means asking
+each runs an agent (`compose.agent`) on its mgmt address, so bringing a lab up means asking
 every agent to start its node process with the run's spec, and counters, link changes and node
 actions are requests to the agents. Only the management network carries these requests.
 `conduct` is the driver container's main: wait for the agents, run each policy, compare.
@@ -13,16 +13,16 @@ import http.client
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lab.backends import BackendError, RunState
-from lab.compose_render import AGENT_PORT, AGENT_SECRET_FILE
+from compose.render import AGENT_PORT, AGENT_SECRET_FILE
+from lab.config.topology import with_addresses
+from lab.run.backends import BackendError, RunState
 from services.auth import AUTH_HEADER, SecretError, bearer, shared_secret
-from services.spec import ClusterSpec, Policy, Role
+from services.spec import ClusterSpec, Role
 
 AGENT_WAIT_S = 180.0
 REQUEST_TIMEOUT_S = 60.0
@@ -151,32 +151,6 @@ def check_agent(spec: ClusterSpec, node_id: str, info: Mapping[str, Any]) -> Non
             )
 
 
-def with_addresses(spec: ClusterSpec, found: Mapping[str, Mapping[str, str]]) -> ClusterSpec:
-    """The spec with every node's addresses as its container has them (node -> network ->
-    address). On compose they are the rendered fixed ones; swarm assigns its own."""
-    nodes = []
-    for n in spec.nodes:
-        a = found[n.node_id]
-        update: dict[str, Any] = {"mgmt": n.mgmt.model_copy(update={"host": a["mgmt"]})}
-        if n.cnic is not None:
-            update["cnic"] = n.cnic.model_copy(update={"host": a["compute"]})
-        if n.collective is not None:
-            update["collective"] = n.collective.model_copy(update={"host": a["compute"]})
-        if n.snic_host is not None:
-            update["snic_host"] = a["storage"]
-        if n.storage is not None:
-            update["storage"] = n.storage.model_copy(update={"host": a["storage"]})
-        nodes.append(n.model_copy(update=update))
-    sched = found["scheduler"]["mgmt"]
-    return spec.model_copy(
-        update={
-            "nodes": tuple(nodes),
-            "grpc": spec.grpc.model_copy(update={"host": sched}),
-            "http": spec.http.model_copy(update={"host": sched}),
-        }
-    )
-
-
 class StackBackend:
     """The runner's Backend inside a compose stack (see the module docstring)."""
 
@@ -269,63 +243,3 @@ class StackBackend:
         if errors:
             raise BackendError("; ".join(errors))
         return removed
-
-
-def _default_out(name: str, kind: str) -> Path:
-    return Path("/results") / f"{name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def conduct(
-    config_text: str,
-    *,
-    policies: Sequence[str],
-    out: Path | None,
-    scenario_text: str | None = None,
-    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
-) -> int:
-    """The driver container's main: run `policies` on the stack's nodes one after the other
-    and write summary.json per policy (and comparison.json for several). 0 when every turn
-    of every run completed and its bytes balance, 1 otherwise, 2 for a bad config or
-    scenario."""
-    import yaml
-
-    from lab.chaos import ScenarioError, cluster_links, compile_scenario
-    from lab.config import ConfigError, parse_config
-    from lab.report import comparison_table, summary_lines
-    from lab.runner import RunError, compare, run_once
-
-    try:
-        cfg = parse_config(yaml.safe_load(config_text), source="DUALPATH_CONFIG")
-        scenario = None
-        if scenario_text is not None:
-            scenario = compile_scenario(
-                yaml.safe_load(scenario_text), cluster_links(cfg), source="DUALPATH_SCENARIO"
-            )
-    except (ConfigError, ScenarioError, yaml.YAMLError) as exc:
-        say(f"error: {exc}")
-        return 2
-    chosen = [Policy(p) for p in policies]
-    try:
-        if len(chosen) == 1:
-            run_cfg = cfg.model_copy(update={"policy": chosen[0]})
-            dest = out or _default_out(cfg.name, chosen[0].value)
-            res = run_once(run_cfg, backend="compose", out_dir=dest, scenario=scenario)
-            say("\n".join(summary_lines(res.summary)))
-            say(f"summary: {dest / 'summary.json'}")
-            return _failed({"run": res.summary})
-        dest = out or _default_out(cfg.name, "compare")
-        cmp = compare(cfg, backend="compose", out_dir=dest, policies=chosen)
-    except (RunError, BackendError) as exc:
-        say(f"error: run failed: {exc}")
-        return 1
-    say(comparison_table(cmp) if "basic" in cmp["runs"] else json.dumps(cmp["jct_s"]))
-    say(f"comparison: {dest / 'comparison.json'}")
-    return _failed(cmp["runs"])
-
-
-def _failed(summaries: Mapping[str, Mapping[str, Any]]) -> int:
-    """1 when a run failed (a turn or node error, or bytes that do not balance), else 0: the
-    CLI's rule without the host-bound verdict (the stack's host is the user's to judge)."""
-    from lab.cli import EXIT_FAILED, exit_status
-
-    return EXIT_FAILED if exit_status(summaries, allow_host_bound=True) == EXIT_FAILED else 0

@@ -22,11 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from dualpath.errors import DualPathError
+from lab.config.topology import topology_for
 from netem.errors import NetemError
 from netem.state import default_state_dir, ensure_state_dir, write_record
 from services.process import node_environment
@@ -36,7 +38,11 @@ STOP_GRACE_S = 5.0
 PROCESS_MARKER = "services"
 
 
-class BackendError(Exception):
+BACKENDS = ("netns", "compose", "local")
+"""What `--backend` takes: network namespaces, a Docker Compose stack, or plain processes."""
+
+
+class BackendError(DualPathError):
     """The backend could not start or stop the lab; the message says what and why."""
 
 
@@ -242,7 +248,7 @@ def _signal_node(proc: subprocess.Popen[bytes], sig: int) -> None:
     proc.send_signal(sig)
 
 
-class _ProcessHost:
+class ProcessHost:
     """Starts node processes (through `wrap`), records them, stops them."""
 
     def __init__(self, spec: ClusterSpec, spec_path: Path, log_dir: Path, state: RunState) -> None:
@@ -320,7 +326,7 @@ class _ProcessHost:
         return removed
 
 
-class LocalBackend(_ProcessHost):
+class LocalBackend(ProcessHost):
     """Every node on 127.0.0.1, unshaped: for tests and machines without CAP_NET_ADMIN."""
 
     name = "local"
@@ -348,34 +354,7 @@ class LocalBackend(_ProcessHost):
         return removed
 
 
-def topology_for(spec: ClusterSpec, kv_min_fraction: float) -> Any:
-    """The netem topology of a cluster: which NICs each node has, their addresses and shapes."""
-    from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec
-
-    hosts = []
-    for node in spec.nodes:
-        addrs = spec.addresses(node)
-        nics = []
-        if node.cnic is not None:
-            shape = (
-                LinkShape(
-                    node.cnic_rate_mbit,
-                    priority_classes=spec.isolation,
-                    kv_min_fraction=kv_min_fraction,
-                )
-                if node.cnic_rate_mbit
-                else None
-            )
-            nics.append(NicSpec("cnic", "compute", addrs["compute"], shape))
-        if "storage" in addrs:
-            shape = LinkShape(node.snic_rate_mbit) if node.snic_rate_mbit else None
-            nics.append(NicSpec("snic", "storage", addrs["storage"], shape))
-        nics.append(NicSpec("mgmt", "mgmt", addrs["mgmt"], None))
-        hosts.append(HostSpec(node.node_id, tuple(nics)))
-    return TopologySpec(spec.lab_id, tuple(hosts))
-
-
-class NetnsBackend(_ProcessHost):
+class NetnsBackend(ProcessHost):
     """One network namespace per node, bridges in a switch namespace, HTB/IFB shaping."""
 
     name = "netns"
@@ -516,8 +495,13 @@ def stop_controller(pid: int, lab_id: str) -> bool:
     return False
 
 
-def down_recorded(lab_id: str | None = None) -> list[str]:
+def down_recorded(
+    lab_id: str | None = None,
+    *,
+    down_stack: Callable[[dict[str, Any]], list[str]] | None = None,
+) -> list[str]:
     """Stop every recorded lab's processes and remove its network (used by `dualpath down`).
+    A compose stack's record is taken down by `down_stack` (compose.backend.down_stack).
 
     A lab brought up by `dualpath up` has a controller process that owns it: it is asked to
     take its lab down first; whatever a crashed controller left is removed from the record."""
@@ -540,9 +524,7 @@ def down_recorded(lab_id: str | None = None) -> list[str]:
                     continue
                 with contextlib.suppress(OSError, json.JSONDecodeError):
                     data = json.loads(path.read_text())
-            if data.get("backend") == "compose":
-                from lab.compose_backend import down_stack
-
+            if data.get("backend") == "compose" and down_stack is not None:
                 removed += down_stack(data)
             removed += stop_pids(dict(data.get("pids", {})), str(data.get("spec")))
             removed += remove_data_dir(data)

@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from lab.metrics import Sample
+from lab.results.metrics import Sample
 
 DIRECTIONS = ("egress", "ingress")
 NIC_TOTALS = ("bytes", "packets", "drops", "overlimits")

@@ -25,8 +25,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from lab.backends import Backend
-from lab.chaos import ClusterLinks, LinkStep, NodeStep, ScenarioError, compile_scenario
+from lab.run.backends import Backend
+from lab.run.chaos import ClusterLinks, LinkStep, NodeStep, ScenarioError, compile_scenario
 from services.auth import AUTH_HEADER, presented
 from services.limits import CONTROL_LIMITS
 

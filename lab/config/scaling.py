@@ -12,7 +12,7 @@ bytes per second the data plane moves, tau how short the emulated GPU steps are.
 - k is the largest value whose aggregate KV rate (every engine storage NIC saturated, and each
   byte it reads forwarded once more over the compute network) stays within a share of the
   host's data-plane capacity, estimated from a short calibration of the lab's own transport on
-  this host (lab.calibrate) against the same measure on the machine the envelope was measured
+  this host (lab.run.calibrate) against the same measure on the machine the envelope was measured
   on. Links never go below MIN_LINK_MBIT, where shaping and packetisation stop being faithful.
 
 Explicit values in the config win over auto. Pure: a config and a calibration in, a choice out.
@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lab.config import AUTO_FIELDS, LabConfig
+from lab.config.models import AUTO_FIELDS, LabConfig
 
 MIN_STEP_MS = 50.0
 """The shortest emulated GPU step auto scaling allows: timers fire within ~1 ms and the health
@@ -50,13 +50,14 @@ REFERENCE_CAPACITY_GBIT = 3.0
 """Aggregate verified KV (emulated Gbit/s) the reference host carried within 5 % of its
 low-rate JCT (bench/invariance.py on examples/laptop.yaml; docs/design.md)."""
 REFERENCE_CPU_S_PER_GB = 0.45
-"""lab.calibrate's cost on that host (CPU seconds per GB through the lab's transport, verified)."""
+"""lab.run.calibrate's cost on that host (CPU seconds per GB through the lab's transport,
+verified)."""
 REFERENCE_CPUS = 2
 
 
 @dataclass(frozen=True)
 class HostCalibration:
-    """What lab.calibrate measured on this host."""
+    """What lab.run.calibrate measured on this host."""
 
     cpus: int
     cpu_s_per_gb: float

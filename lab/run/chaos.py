@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lab.config import LabConfig, read_yaml
+from dualpath.errors import UsageError
+from lab.config.models import LabConfig, read_yaml
 
 NodeAction = Literal["stop", "cont", "kill", "restart"]
 NODE_ACTIONS: tuple[NodeAction, ...] = ("stop", "cont", "kill", "restart")
@@ -29,7 +30,7 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|kbit|mbit|gbit)\s*$", re.IGNORECAS
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
-class ScenarioError(ValueError):
+class ScenarioError(UsageError, ValueError):
     """A scenario is invalid; the message names the path of the bad value."""
 
 

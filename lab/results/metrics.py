@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lab.ledger import account
+from lab.results.ledger import account
 
 Sample = dict[str, Any]  # {"t": float, "nodes": {node: {nic: counters}}}
 

@@ -5,7 +5,7 @@ One run is one compose project of its own, `dualpath-<lab id>`: the image is bui
 `OUT/docker-compose.yml` with every container and network labelled com.dualpath.lab=<lab id>,
 the project comes up with the compose CLI (v2 `docker compose` or v1 `docker-compose`), and the
 driver container runs the workload and collects the counters from inside the stack
-(`lab.compose_stack`) into OUT, which it has mounted. Then the project goes down and whatever
+(`compose.stack`) into OUT, which it has mounted. Then the project goes down and whatever
 still carries the lab's label is removed, by id, and nothing else.
 """
 
@@ -25,8 +25,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from lab.backends import BackendError, RunState, state_dir
-from lab.compose_render import (
+from compose.render import (
     IMAGE,
     IMAGE_REPO,
     LAB_LABEL,
@@ -35,10 +34,12 @@ from lab.compose_render import (
     render,
     to_yaml,
 )
-from lab.config import LabConfig
+from lab.config.models import LabConfig
+from lab.run.backends import BackendError, RunState, state_dir
+from lab.run.runner import RunError
 from services.spec import LAB_ID_PATTERN
 
-SOURCE_PACKAGES = ("services", "scheduler", "netem", "lab")
+SOURCE_PACKAGES = ("dualpath", "services", "scheduler", "netem", "lab", "compose")
 SOURCE_FILES = ("pyproject.toml", "compose/Dockerfile")
 COMPOSE_TIMEOUT_S = 300.0
 WATCH_INTERVAL_S = 3.0
@@ -251,8 +252,6 @@ def run_stack(
     """Run `policies` on one compose stack for `cfg`; returns summary.json for one policy,
     comparison.json for several (both also in `out_dir`). Raises RunError when the driver
     failed, ComposeError when Docker did."""
-    from lab.runner import RunError
-
     image = ensure_image(say=say)
     cli = compose_cli()
     out_dir = out_dir.resolve()

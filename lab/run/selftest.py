@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lab.config import ConfigError, LabConfig
+from lab.config.models import ConfigError, LabConfig, build_cluster_spec
+from lab.config.topology import topology_for
+from netem.spec import HostSpec, NicSpec, TopologySpec
 
 if TYPE_CHECKING:
     from netem.netns import NetnsLab
-    from netem.spec import TopologySpec
 
 ETH_HEADER = 14
 """HTB charges each frame with its Ethernet header (no FCS, preamble or gap)."""
@@ -277,10 +278,6 @@ def goodput_from_marks(
 def selftest_topology(cfg: LabConfig, lab_id: str) -> TopologySpec:
     """The run's topology for `cfg` (the same NICs, addresses and shapes) plus, per network
     with a shaped NIC, an unshaped probe host on a free address of that network."""
-    from lab.backends import topology_for
-    from lab.config import build_cluster_spec
-    from netem.spec import HostSpec, NicSpec, TopologySpec
-
     spec = build_cluster_spec(
         cfg, lab_id=lab_id, backend="netns", data_dir=Path(tempfile.gettempdir()), base_port=0
     )
@@ -486,7 +483,7 @@ def run_selftest(
     state_dir: Path | None = None,
 ) -> SelftestReport:
     """Bring the config's network up (own lab id, probes added), measure, take it down."""
-    from lab.backends import state_dir as default_state_dir
+    from lab.run.backends import state_dir as default_state_dir
     from netem.netns import NetnsLab, require_net_admin
 
     require_net_admin()

@@ -2,7 +2,7 @@
 floods of connections, each followed by a legitimate request that must still be answered.
 
 Used by tests/integration/test_garbage.py against servers on loopback and by bench/garbage.py
-inside a lab's namespaces (`python -m lab.garbage TARGETS.json`, one JSON report on stdout).
+inside a lab's namespaces (`python -m lab.run.garbage TARGETS.json`, one JSON report on stdout).
 It only opens client connections to the endpoints it is given; it never touches a process.
 """
 
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from services.codec import PREFIX, Frame
+from services.transport import RemoteError, connect
 
 Protocol = Literal["frames", "http", "grpc"]
 
@@ -76,8 +77,6 @@ async def probe(t: Target, *, timeout_s: float = 10.0) -> bool:
 
 
 async def _probe_frames(t: Target) -> bool:
-    from services.transport import RemoteError, connect
-
     conn = await connect(t.host, t.port, io_timeout_s=10.0)
     try:
         if t.probe == "collective":

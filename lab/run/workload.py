@@ -17,13 +17,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from dualpath.errors import UsageError
+
 MAX_TRAJECTORY_TOKENS = 1 << 20
 """Sanity cap on a loaded trajectory's total tokens (16x the largest Table 2 MaxLen)."""
 
 # -- data ---------------------------------------------------------------------------------------
 
 
-class TrajectoryFileError(Exception):
+class TrajectoryFileError(UsageError):
     """A trajectory file is unreadable or invalid; names the file, the line and the field."""
 
     def __init__(self, path: Path, line: int | None, field: str | None, message: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -19,30 +18,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.backends import (
-    Backend,
-    BackendError,
-    LocalBackend,
-    NetnsBackend,
-    RunState,
-    free_port_base,
-    make_data_dir,
-    stop_pids,
-)
-from lab.chaos import Scenario, cluster_links
-from lab.config import LOCAL_PORTS, LabConfig, build_cluster_spec
-from lab.control import ControlServer, apply_step, step_entry
-from lab.health import HostSample, assess, host_sample, verdict_of
-from lab.kernel_series import counter_summary, merge_rows, queue_series
-from lab.metrics import Sample, latency_series, recovery, summarize, throughput_series
-from lab.report import write_class_plot, write_plot
-from lab.selftest import SelftestOptions, run_selftest
-from lab.workload import generate, load_jsonl, plan_agents, poisson_arrivals
+from dualpath.errors import DualPathError
+from lab.config.models import LabConfig
+from lab.config.scaling import choose_scaling, resolve
+from lab.results.health import HostSample, assess, host_sample, verdict_of
+from lab.results.kernel_series import counter_summary, merge_rows, queue_series
+from lab.results.metrics import Sample, latency_series, recovery, summarize, throughput_series
+from lab.results.report import write_class_plot, write_plot
+from lab.run.backends import Backend, BackendError, stop_pids
+from lab.run.bringup import BackendFactory, Prepared, check_backend, held, make_backend, prepare
+from lab.run.calibrate import calibrate
+from lab.run.chaos import Scenario
+from lab.run.control import apply_step, step_entry
+from lab.run.selftest import SelftestOptions, run_selftest
+from lab.run.workload import generate, load_jsonl, plan_agents, poisson_arrivals
 from services.prom import exported_nodes, metrics_url
 from services.spec import ClusterSpec, Policy
 
 SAMPLE_INTERVAL_S = 0.5
-BACKENDS = ("netns", "compose", "local")
 PROC_STAT = Path("/proc/stat")
 PROC_PSI_CPU = Path("/proc/pressure/cpu")
 """Both host-wide (a container sees the host's, unless something like lxcfs masks them)."""
@@ -58,7 +51,7 @@ def _read_text(path: Path) -> str | None:
 
 
 def sample_host(now: float) -> HostSample:
-    """The host's CPU busy jiffies and CPU pressure (PSI some) at `now` (lab.health)."""
+    """The host's CPU busy jiffies and CPU pressure (PSI some) at `now` (lab.results.health)."""
     return host_sample(
         now,
         stat_text=_read_text(PROC_STAT),
@@ -67,8 +60,10 @@ def sample_host(now: float) -> HostSample:
     )
 
 
-class RunError(Exception):
+class RunError(DualPathError):
     """The run could not produce a result; the message says why."""
+
+    context = "run failed: "
 
 
 @dataclass(frozen=True)
@@ -115,22 +110,6 @@ def _agents_plan(cfg: LabConfig, block_tokens: int) -> list[dict[str, Any]]:
         for a, start in zip(agents, starts, strict=True)
         if a.turns
     ]
-
-
-def _make_backend(
-    cfg: LabConfig, spec: ClusterSpec, spec_path: Path, out: Path, state: RunState
-) -> Backend:
-    if spec.backend == "local":
-        return LocalBackend(spec, spec_path, out / "logs", state)
-    if spec.backend == "netns":
-        return NetnsBackend(
-            spec, spec_path, out / "logs", state, kv_min_fraction=cfg.network.kv_min_fraction
-        )
-    if spec.backend == "compose":  # this process is a compose stack's driver
-        from lab.compose_stack import StackBackend
-
-        return StackBackend(spec, spec_path, out / "logs", state)
-    raise RunError(f"unknown backend {spec.backend!r}; valid backends: {', '.join(BACKENDS)}")
 
 
 class _Progress:
@@ -221,127 +200,166 @@ def run_once(
     scenario: Scenario | None = None,
     selftest: SelftestOptions | None = None,
     scaling: dict[str, Any] | None = None,
+    factory: BackendFactory = make_backend,
 ) -> RunResult:
     """Run the config's workload once under cfg.policy on `backend`; write summary.json.
-    Scaling left on auto is chosen first (lab.scaling, after a host calibration); `scaling`
+    Scaling left on auto is chosen first (lab.config.scaling, after a host calibration); `scaling`
     is the record of a choice already made (compare makes it once for all its runs).
     With a chaos `scenario`, its steps run against the lab from the driver's start. With
-    `selftest`, the lab's links are measured first (lab.selftest, in a lab of their own) and
-    the run refuses to go on when one is outside tolerance, unless the options allow it."""
-    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    if backend not in BACKENDS:
-        raise RunError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    if backend == "netns":
-        from netem.netns import require_net_admin
+    `selftest`, the lab's links are measured first (lab.run.selftest, in a lab of their own) and
+    the run refuses to go on when one is outside tolerance, unless the options allow it.
+    `factory` makes the backend (the compose driver passes the stack's).
 
-        require_net_admin()  # before anything is written
+    Three steps: plan (scaling, selftest, spec and workload plan), play (the lab held up while
+    the driver replays the plan, counters sampled, chaos applied), summarize (summary.json and
+    the series and plots beside it)."""
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    check_backend(backend)  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, scaling = resolve_scaling(cfg, say, scaling)
     checked = _selftest(cfg, backend, out_dir, selftest, say) if selftest is not None else None
-    lab_id = secrets.token_hex(3)
-    base_port = free_port_base(LOCAL_PORTS) if backend == "local" else 0
-    # The data directory exists (mkdtemp, 0700) before the spec or any record names it; the
-    # spec carries the lab's fresh secret and is written 0600.
-    data_dir = make_data_dir(lab_id)
-    try:
-        spec = build_cluster_spec(
-            cfg, lab_id=lab_id, backend=backend, data_dir=data_dir.path, base_port=base_port
-        )
-        spec_path = out_dir / "spec.json"
-        spec.dump(spec_path)
-        agents = _agents_plan(cfg, spec.profile.block_tokens)
-        plan_path = out_dir / "agents.json"
+    plan = _plan(cfg, backend, out_dir)
+    played = _play(plan, factory, scenario, say, progress)
+    summary = _summarize(plan, played, scaling, checked)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(summary, out_dir)
+
+
+@dataclass
+class _Plan:
+    """A lab prepared and the workload it will replay."""
+
+    lab: Prepared
+    agents: list[dict[str, Any]]
+    plan_path: Path
+
+
+@dataclass
+class _Played:
+    """What a played run measured: the driver's record, the counters and host samples, and
+    the faults (chaos steps and changes made through the control endpoint)."""
+
+    driver: dict[str, Any]
+    samples: list[Sample]
+    host: list[HostSample]
+    chaos: _ChaosPlayer | None
+    by_hand: list[dict[str, Any]]
+
+    @property
+    def faults(self) -> list[dict[str, Any]]:
+        chaos = self.chaos.log if self.chaos is not None else []
+        return sorted([*chaos, *self.by_hand], key=lambda e: e["t"])
+
+
+def _plan(cfg: LabConfig, backend: str, out_dir: Path) -> _Plan:
+    agents: list[dict[str, Any]] = []
+    plan_path = out_dir / "agents.json"
+
+    def write_plan(spec: ClusterSpec) -> None:
+        agents.extend(_agents_plan(cfg, spec.profile.block_tokens))
         plan_path.write_text(json.dumps({"agents": agents}))
-        state = RunState(lab_id, backend, spec_path, data_dir, secret=spec.secret)
-        be = _make_backend(cfg, spec, spec_path, out_dir, state)
-    except BaseException:
-        data_dir.remove()
-        raise
+
+    lab = prepare(cfg, backend=backend, out_dir=out_dir, before_backend=write_plan)
+    return _Plan(lab, agents, plan_path)
+
+
+def _play(
+    plan: _Plan,
+    factory: BackendFactory,
+    scenario: Scenario | None,
+    say: Callable[[str], None],
+    progress: bool,
+) -> _Played:
+    lab, cfg, spec = plan.lab, plan.lab.cfg, plan.lab.spec
+    out_dir = lab.out_dir
     samples: list[Sample] = []
     host: list[HostSample] = []
     driver_out = out_dir / "driver.json"
     show = _Progress(cfg.policy.value, progress)
     say(
-        f"[{cfg.policy.value}] lab {lab_id} on {backend}: {len(agents)} agents, "
-        f"{sum(len(a['turns']) for a in agents)} turns"
+        f"[{cfg.policy.value}] lab {lab.lab_id} on {spec.backend}: {len(plan.agents)} agents, "
+        f"{sum(len(a['turns']) for a in plan.agents)} turns"
     )
     proc: subprocess.Popen[str] | None = None
     chaos: _ChaosPlayer | None = None
-    control: ControlServer | None = None
-    try:
-        be.up()
-        control = ControlServer(be, cluster_links(cfg), secret=spec.secret)
-        state.data["control_url"] = control.url
-        if exported_nodes(backend):
-            state.data["metrics_urls"] = {n.node_id: metrics_url(n.mgmt.host) for n in spec.nodes}
-        state.save()
-        say(f"[{cfg.policy.value}] control: {control.url} (dualpath link set NODE NIC key=value)")
-        argv = be.driver_argv(
-            [
-                sys.executable,
-                "-m",
-                "lab.driver",
-                "--spec",
-                str(spec_path),
-                "--plan",
-                str(plan_path),
-                "--out",
-                str(driver_out),
-            ]
-        )
-        driver_log = (out_dir / "logs" / "driver.log").open("w")
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=driver_log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        state.add_pid("driver", proc.pid)
-        fatal: list[str] = []
-        chaos = _ChaosPlayer(scenario, be, say) if scenario is not None else None
-        if chaos is not None:
-            chaos.thread.start()
 
-        def read_driver() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "started_at" in msg and chaos is not None:
-                    chaos.start_clock(float(msg["started_at"]))
-                if "progress" in msg:
-                    show.progress = msg["progress"]
-                if "fatal" in msg:
-                    fatal.append(str(msg["fatal"]))
+    def said_down(removed: list[str]) -> None:
+        say(f"[{cfg.policy.value}] lab {lab.lab_id} down: removed {len(removed)} objects")
 
-        reader = threading.Thread(target=read_driver, daemon=True)
-        reader.start()
-        while proc.poll() is None:
+    with held(lab, factory, on_down=said_down) as up:
+        be, control = up.backend, up.control
+        try:
+            if exported_nodes(spec.backend):
+                lab.state.data["metrics_urls"] = {
+                    n.node_id: metrics_url(n.mgmt.host) for n in spec.nodes
+                }
+                lab.state.save()
+            say(
+                f"[{cfg.policy.value}] control: {control.url} "
+                "(dualpath link set NODE NIC key=value)"
+            )
+            argv = be.driver_argv(
+                [
+                    sys.executable,
+                    "-m",
+                    "lab.run.driver",
+                    "--spec",
+                    str(lab.spec_path),
+                    "--plan",
+                    str(plan.plan_path),
+                    "--out",
+                    str(driver_out),
+                ]
+            )
+            driver_log = (out_dir / "logs" / "driver.log").open("w")
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=driver_log,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
+            lab.state.add_pid("driver", proc.pid)
+            fatal: list[str] = []
+            chaos = _ChaosPlayer(scenario, be, say) if scenario is not None else None
+            if chaos is not None:
+                chaos.thread.start()
+
+            def read_driver() -> None:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    try:
+                        msg = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if "started_at" in msg and chaos is not None:
+                        chaos.start_clock(float(msg["started_at"]))
+                    if "progress" in msg:
+                        show.progress = msg["progress"]
+                    if "fatal" in msg:
+                        fatal.append(str(msg["fatal"]))
+
+            reader = threading.Thread(target=read_driver, daemon=True)
+            reader.start()
+            while proc.poll() is None:
+                _sample(be, samples, host)
+                show.update(samples)
+                time.sleep(SAMPLE_INTERVAL_S)
             _sample(be, samples, host)
-            show.update(samples)
-            time.sleep(SAMPLE_INTERVAL_S)
-        _sample(be, samples, host)
-        reader.join(timeout=5)
-        if chaos is not None:
-            chaos.stop.set()
-            chaos.thread.join(timeout=30)
-        driver_log.close()
-        if proc.returncode != 0 or not driver_out.exists():
-            why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
-            raise RunError(f"{why} (logs in {out_dir / 'logs'})")
-    finally:
-        if chaos is not None:
-            chaos.stop.set()
-        if control is not None:
-            control.close()
-        if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
-            stop_pids({"driver": proc.pid}, str(spec_path))
-        removed = be.down()  # the nodes, the network, the data directory, then the record
-        say(f"[{cfg.policy.value}] lab {lab_id} down: removed {len(removed)} objects")
+            reader.join(timeout=5)
+            if chaos is not None:
+                chaos.stop.set()
+                chaos.thread.join(timeout=30)
+            driver_log.close()
+            if proc.returncode != 0 or not driver_out.exists():
+                why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
+                raise RunError(f"{why} (logs in {out_dir / 'logs'})")
+        finally:
+            if chaos is not None:
+                chaos.stop.set()
+            if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
+                stop_pids({"driver": proc.pid}, str(lab.spec_path))
     driver = json.loads(driver_out.read_text())
     # changes made through the control endpoint during the run are faults like the scenario's
     by_hand = [
@@ -349,17 +367,29 @@ def run_once(
             "t": round(e["wall"] - driver["started_at"], 3),
             **{k: v for k, v in e.items() if k != "wall"},
         }
-        for e in (control.applied if control is not None else [])
+        for e in control.applied
     ]
-    faults = sorted([*(chaos.log if chaos is not None else []), *by_hand], key=lambda e: e["t"])
+    return _Played(driver, samples, host, chaos, by_hand)
+
+
+def _summarize(
+    plan: _Plan,
+    played: _Played,
+    scaling: dict[str, Any],
+    checked: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """summary.json's content; the series, counters and plots written beside it."""
+    cfg, spec, out_dir = plan.lab.cfg, plan.lab.spec, plan.lab.out_dir
+    driver, samples, chaos, faults = played.driver, played.samples, played.chaos, played.faults
+    started, finished = driver["started_at"], driver["finished_at"]
     summary = summarize(
         policy=cfg.policy.value,
-        backend=backend,
+        backend=spec.backend,
         config_name=cfg.name,
         time_dilation=cfg.scaling.time_dilation,
         driver=driver,
         samples=samples,
-        num_agents=len(agents),
+        num_agents=len(plan.agents),
         faults_injected=bool(faults),
     )
     w = cfg.workload
@@ -367,7 +397,9 @@ def run_once(
     summary["arrival"] = {
         "mode": w.arrival,
         "agents_per_s": w.agents_per_s,  # real-equivalent (APS)
-        "last_arrival_s": round(max((float(a["start_after_s"]) for a in agents), default=0.0), 3),
+        "last_arrival_s": round(
+            max((float(a["start_after_s"]) for a in plan.agents), default=0.0), 3
+        ),
     }
     if chaos is not None:
         summary["chaos"] = {
@@ -376,50 +408,44 @@ def run_once(
             "steps_planned": len(chaos.scenario.steps),
             "events": chaos.log,
         }
-    if by_hand:
-        summary["control"] = {"events": by_hand}
+    if played.by_hand:
+        summary["control"] = {"events": played.by_hand}
+    paused = paused_intervals(faults, started, finished)
     if faults:
-        since = driver["started_at"] + float(faults[0]["t"])
-        down = paused_intervals(faults, driver["started_at"], driver["finished_at"])
-        summary["recovery"] = recovery(
-            samples, driver["turns"], since, driver["finished_at"], down=down
-        )
-    summary["kernel_counters"] = counter_summary(
-        samples, driver["started_at"], driver["finished_at"]
-    )
+        since = started + float(faults[0]["t"])
+        summary["recovery"] = recovery(samples, driver["turns"], since, finished, down=paused)
+    summary["kernel_counters"] = counter_summary(samples, started, finished)
     if checked is not None:
         summary["selftest"] = checked
     health = assess(
         driver.get("health") or {},
-        host,
-        window=(driver["started_at"], driver["finished_at"]),
+        played.host,
+        window=(started, finished),
         storage_mbit={n.node_id: n.snic_rate_mbit for n in spec.nodes if n.snic_rate_mbit},
-        paused=paused_intervals(faults, driver["started_at"], driver["finished_at"]),
+        paused=paused,
     )
     summary["emulation_health"] = health
     summary["allowed_host_bound"] = False  # `dualpath ... --allow-host-bound` sets it
-    series = throughput_series(samples, driver["started_at"])
-    series = merge_rows(series, queue_series(samples, driver["started_at"]))
+    series = throughput_series(samples, started)
+    series = merge_rows(series, queue_series(samples, started))
     (out_dir / "timeseries.json").write_text(json.dumps(series))
     (out_dir / "counters.json").write_text(json.dumps(samples))
-    (out_dir / "host.json").write_text(json.dumps(host))
-    latency = latency_series(driver["turns"], driver["started_at"])
+    (out_dir / "host.json").write_text(json.dumps(played.host))
+    latency = latency_series(driver["turns"], started)
     (out_dir / "latency.json").write_text(json.dumps(latency))
     if series:
+        title = f"{cfg.name} / {cfg.policy.value}"
         write_plot(
             series,
             out_dir / "throughput.svg",
-            title=f"{cfg.name} / {cfg.policy.value}",
+            title=title,
             events=faults,
             latency=latency,
             lateness=health["lateness_per_s"],
             lateness_threshold=health["thresholds"]["timeline_lateness_p99"],
         )
-        write_class_plot(
-            series, out_dir / "cnic_classes.svg", title=f"{cfg.name} / {cfg.policy.value}"
-        )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(summary, out_dir)
+        write_class_plot(series, out_dir / "cnic_classes.svg", title=title)
+    return summary
 
 
 def _sample(be: Backend, samples: list[Sample], host: list[HostSample]) -> None:
@@ -466,9 +492,6 @@ def resolve_scaling(
             "time_dilation": cfg.scaling.time_dilation,
         }
         return cfg, record if record is not None else {**base, "auto": []}
-    from lab.calibrate import calibrate
-    from lab.scaling import choose_scaling, resolve
-
     cal = calibrate()
     choice = choose_scaling(cfg, cal)
     say(
@@ -526,6 +549,7 @@ def compare(
     out_dir: Path,
     progress: bool = True,
     policies: Sequence[Policy] = (Policy.BASIC, Policy.DUALPATH, Policy.ORACLE),
+    factory: BackendFactory = make_backend,
 ) -> dict[str, Any]:
     """The policies (basic, dualpath and oracle) on the same seeded workload; writes
     comparison.json with the speedups between the policies that ran and each run's
@@ -541,6 +565,7 @@ def compare(
             out_dir=out_dir / policy.value,
             progress=progress,
             scaling=scaling,
+            factory=factory,
         )
         results[policy.value] = res.summary
     jct = {p: s["jct_s"] for p, s in results.items()}

@@ -1,4 +1,4 @@
-"""A short calibration of this host for `scaling: auto` (lab.scaling).
+"""A short calibration of this host for `scaling: auto` (lab.config.scaling).
 
 Two measures, about two seconds in all, in this process: the CPU cost per GB of moving KV
 frames through the lab's own transport on loopback and verifying them (what a data plane does
@@ -13,7 +13,7 @@ import asyncio
 import os
 import time
 
-from lab.scaling import HostCalibration
+from lab.config.scaling import HostCalibration
 from services.codec import Frame
 from services.kvblocks import KvGenerator, SliceSet, crc
 from services.transport import Dscp, FrameConnection, connect, serve

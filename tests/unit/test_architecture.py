@@ -1,0 +1,63 @@
+"""The layout's rules that the import contracts (pyproject [tool.importlinter], run by
+`make lint`) do not cover: no module imports the lab's own code inside a function (the way to
+dodge a cycle), and none imports another module's private names (`_x`)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("dualpath", "services", "scheduler", "netem", "lab", "compose")
+
+
+def _modules() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
+
+
+def _first_party(module: str | None) -> bool:
+    return module is not None and module.split(".")[0] in PACKAGES
+
+
+def _deferred_imports(tree: ast.Module) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and _first_party(inner.module):
+                    found.append(f"line {inner.lineno}: from {inner.module} import ...")
+                elif isinstance(inner, ast.Import):
+                    found += [
+                        f"line {inner.lineno}: import {a.name}"
+                        for a in inner.names
+                        if _first_party(a.name)
+                    ]
+    return found
+
+
+def _private_imports(tree: ast.Module) -> list[str]:
+    return [
+        f"line {node.lineno}: from {node.module} import {a.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and _first_party(node.module)
+        for a in node.names
+        if a.name.startswith("_") and not a.name.startswith("__")
+    ]
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(REPO)))
+def test_no_deferred_or_private_imports(path: Path) -> None:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = _deferred_imports(tree) + _private_imports(tree)
+    assert not bad, f"{path.relative_to(REPO)}: " + "; ".join(bad)
+
+
+def test_the_rules_find_what_they_forbid() -> None:
+    tree = ast.parse(
+        "def f():\n    from lab.run import runner\n    import netem.netns\n"
+        "from services.codec import _private\n"
+    )
+    assert len(_deferred_imports(tree)) == 2
+    assert _private_imports(tree) == ["line 4: from services.codec import _private"]
