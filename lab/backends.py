@@ -393,7 +393,8 @@ class NetnsBackend(_ProcessHost):
         """`allow_unemulated`: bring the lab up even when a link feature (e.g. delay on a
         kernel without sch_netem) cannot be emulated; otherwise `up` fails naming it."""
         super().__init__(spec, spec_path, log_dir, state)
-        from netem.netns import NetnsLab, require_net_admin
+        from netem.kernel import require_net_admin
+        from netem.netns import NetnsLab
 
         require_net_admin()
         if shutil.which("ip") is None:
@@ -548,7 +549,7 @@ def down_recorded(lab_id: str | None = None) -> list[str]:
             removed += remove_data_dir(data)
             path.unlink(missing_ok=True)
     with contextlib.suppress(ImportError):
-        from netem.netns import down_from_state, recorded_labs
+        from netem.lifecycle import down_from_state, recorded_labs
 
         if lab_id is not None:
             if lab_id in recorded_labs(sdir):

@@ -239,7 +239,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _up_detached(args)
     cfg = _load(args)
     if args.backend == "netns":
-        from netem.netns import require_net_admin
+        from netem.kernel import require_net_admin
 
         require_net_admin()  # before anything is written
     lab_id = args.lab_id or secrets.token_hex(3)
@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return EXIT_OK
     except Exception as exc:
-        from netem.netns import NetemError, NetemPermissionError
+        from netem.errors import NetemError, NetemPermissionError
 
         if isinstance(exc, NetemPermissionError):
             print(f"error: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ from lab.compose_render import NETWORKS
 from lab.compose_stack import agent_secret
 from netem.container import ContainerNics, find_interfaces, has_net_admin
 from netem.counters import NicCounters
-from netem.plan import Change
+from netem.linkchange import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services import http_bounds
 from services.auth import bearer_middleware

@@ -232,7 +232,7 @@ def run_once(
     if backend not in BACKENDS:
         raise RunError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "netns":
-        from netem.netns import require_net_admin
+        from netem.kernel import require_net_admin
 
         require_net_admin()  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)

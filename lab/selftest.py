@@ -487,7 +487,8 @@ def run_selftest(
 ) -> SelftestReport:
     """Bring the config's network up (own lab id, probes added), measure, take it down."""
     from lab.backends import state_dir as default_state_dir
-    from netem.netns import NetnsLab, require_net_admin
+    from netem.kernel import require_net_admin
+    from netem.netns import NetnsLab
 
     require_net_admin()
     started = time.monotonic()

@@ -35,7 +35,7 @@ from lab.chaos import ClusterLinks
 from lab.compose_agent import Agent, http_app
 from lab.control import ControlServer
 from netem.counters import NicCounters
-from netem.plan import Change
+from netem.linkchange import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services.auth import new_secret
 from services.prom import METRICS_PATH, MetricsExporter
