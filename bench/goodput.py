@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from netem.netns import NetnsLab, down_from_state, require_net_admin  # noqa: E402
+from netem.kernel import require_net_admin  # noqa: E402
+from netem.lifecycle import down_from_state  # noqa: E402
+from netem.netns import NetnsLab  # noqa: E402
 from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec  # noqa: E402
 
 TARGET_RATIO = 0.95

@@ -50,7 +50,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from netem.counters import NicCounters  # noqa: E402
-from netem.netns import NetnsLab, down_from_state, require_net_admin  # noqa: E402
+from netem.kernel import require_net_admin  # noqa: E402
+from netem.lifecycle import down_from_state  # noqa: E402
+from netem.netns import NetnsLab  # noqa: E402
 from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec  # noqa: E402
 
 TARGET_P99_RATIO = 1.5

@@ -32,7 +32,7 @@ from lab.run.backends import BackendError, ProcessHost, RunState, make_data_dir,
 from netem.container import ContainerNics, find_interfaces, has_net_admin
 from netem.counters import NicCounters
 from netem.errors import NetemError
-from netem.plan import Change
+from netem.linkchange import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services import http_bounds
 from services.auth import bearer_middleware

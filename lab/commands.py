@@ -37,6 +37,7 @@ from lab.run.bringup import check_backend, held, prepare
 from lab.run.chaos import cluster_links, load_scenario
 from lab.run.runner import compare, run_once
 from lab.run.selftest import SelftestOptions, run_selftest
+from netem.doctor import probe
 from scheduler.analysis import format_analysis, format_lab_analysis
 from services.auth import AUTH_HEADER, bearer
 from services.spec import Policy
@@ -271,8 +272,6 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """What this kernel/host can emulate, per link feature. Probes in a namespace of its own."""
-    from netem.doctor import probe
-
     report = probe()
     if args.json:
         data = asdict(report)

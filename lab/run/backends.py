@@ -30,6 +30,9 @@ from typing import IO, Any, Protocol
 from dualpath.errors import DualPathError
 from lab.config.topology import topology_for
 from netem.errors import NetemError
+from netem.kernel import require_net_admin
+from netem.lifecycle import down_from_state, recorded_labs
+from netem.netns import NetnsLab
 from netem.state import default_state_dir, ensure_state_dir, write_record
 from services.process import node_environment
 from services.spec import ClusterSpec, NodeSpec, Role
@@ -372,8 +375,6 @@ class NetnsBackend(ProcessHost):
         """`allow_unemulated`: bring the lab up even when a link feature (e.g. delay on a
         kernel without sch_netem) cannot be emulated; otherwise `up` fails naming it."""
         super().__init__(spec, spec_path, log_dir, state)
-        from netem.netns import NetnsLab, require_net_admin
-
         require_net_admin()
         if shutil.which("ip") is None:
             raise BackendError("the netns backend needs iproute2 ('ip'): apt-get install iproute2")
@@ -529,12 +530,9 @@ def down_recorded(
             removed += stop_pids(dict(data.get("pids", {})), str(data.get("spec")))
             removed += remove_data_dir(data)
             path.unlink(missing_ok=True)
-    with contextlib.suppress(ImportError):
-        from netem.netns import down_from_state, recorded_labs
-
-        if lab_id is not None:
-            if lab_id in recorded_labs(sdir):
-                removed += down_from_state(lab_id, state_dir=sdir)
-        elif recorded_labs(sdir):
-            removed += down_from_state(None, state_dir=sdir)
+    if lab_id is not None:
+        if lab_id in recorded_labs(sdir):
+            removed += down_from_state(lab_id, state_dir=sdir)
+    elif recorded_labs(sdir):
+        removed += down_from_state(None, state_dir=sdir)
     return removed

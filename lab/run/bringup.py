@@ -31,7 +31,7 @@ from lab.run.backends import (
 )
 from lab.run.chaos import cluster_links
 from lab.run.control import ControlServer
-from netem.netns import require_net_admin
+from netem.kernel import require_net_admin
 from services.spec import ClusterSpec
 
 BackendFactory = Callable[["Prepared"], Backend]

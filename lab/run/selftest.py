@@ -23,14 +23,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lab.config.models import ConfigError, LabConfig, build_cluster_spec
 from lab.config.topology import topology_for
+from lab.run.backends import state_dir as default_state_dir
+from netem.kernel import require_net_admin
+from netem.netns import NetnsLab
 from netem.spec import HostSpec, NicSpec, TopologySpec
-
-if TYPE_CHECKING:
-    from netem.netns import NetnsLab
 
 ETH_HEADER = 14
 """HTB charges each frame with its Ethernet header (no FCS, preamble or gap)."""
@@ -483,8 +483,6 @@ def run_selftest(
     state_dir: Path | None = None,
 ) -> SelftestReport:
     """Bring the config's network up (own lab id, probes added), measure, take it down."""
-    from lab.run.backends import state_dir as default_state_dir
-    from netem.netns import NetnsLab, require_net_admin
 
     require_net_admin()
     started = time.monotonic()

@@ -35,7 +35,7 @@ from lab.run.backends import BackendError
 from lab.run.chaos import ClusterLinks
 from lab.run.control import ControlServer
 from netem.counters import NicCounters
-from netem.plan import Change
+from netem.linkchange import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services.auth import new_secret
 from services.prom import METRICS_PATH, MetricsExporter

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from compose.agent import Agent, http_app
 from netem.counters import NicCounters
-from netem.plan import Change
+from netem.linkchange import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services.auth import new_secret
 from services.spec import ClusterSpec

@@ -20,6 +20,7 @@ PURE = [
     "scheduler.dualpath_policy",
     "scheduler.batching",
     "netem.plan",
+    "netem.linkchange",
     "lab.config.scaling",
     "lab.results.health",
 ]
