@@ -65,7 +65,7 @@ def require_json(what: str, value: Any) -> None:
 # -- Fetch / Pull ---------------------------------------------------------------------------
 
 
-class EngineLoadReport(msgspec.Struct, array_like=True, frozen=True):
+class EngineLoadReport(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     """One engine's load as its leader reports it, `[engine, seq, tok, free]` (DualPath §6)."""
 
     engine: Count
@@ -125,7 +125,7 @@ class AssignedTurn(msgspec.Struct, frozen=True):
         return TurnAssignment.from_wire(msgspec.to_builtins(self))
 
 
-class Cancellation(msgspec.Struct, array_like=True, frozen=True):
+class Cancellation(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     """A turn the node holds that failed elsewhere: drop it. `[turn_id, reason]`."""
 
     turn_id: str
@@ -140,7 +140,7 @@ class FetchReply(msgspec.Struct, frozen=True):
 # -- Report ---------------------------------------------------------------------------------
 
 
-class TurnEvent(msgspec.Struct, array_like=True, frozen=True):
+class TurnEvent(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     """One event of a turn as an engine reports it, `[turn_id, kind, at, extra]`; the
     scheduler streams it to the turn's client as `{event, turn_id, at, **extra}`."""
 

@@ -40,7 +40,7 @@ DUALPATH_SYSTEM = ("dualpath", "dualpath_split", "least_tokens", "round_robin")
 """The registry's policies of the dualpath system: the paper's selection and its baselines."""
 
 
-def make_dualpath_policy(
+def system_policy(
     name: str, *, alpha_tokens: int, beta_tokens: int, block_tokens: int = 64
 ) -> SchedulingPolicy:
     knobs = PolicyKnobs(
@@ -52,9 +52,9 @@ def make_dualpath_policy(
 def test_registry_names_and_unknown_name() -> None:
     assert sorted(POLICIES) == sorted(["basic", "oracle", *DUALPATH_SYSTEM])
     with pytest.raises(UnknownPolicyError, match="dualpath, dualpath_split, least_tokens"):
-        make_dualpath_policy("fastest", alpha_tokens=1, beta_tokens=1)
+        system_policy("fastest", alpha_tokens=1, beta_tokens=1)
     for name in DUALPATH_SYSTEM:
-        policy: SchedulingPolicy = make_dualpath_policy(name, alpha_tokens=1, beta_tokens=1)
+        policy: SchedulingPolicy = system_policy(name, alpha_tokens=1, beta_tokens=1)
         assert policy.name == name
     split = make_policy("dualpath_split", PolicyKnobs(alpha_tokens=1, beta_tokens=2))
     assert split == DualPathPolicy(alpha_tokens=1, beta_tokens=2, split_reads=True)
@@ -311,12 +311,12 @@ def test_invariants_of_every_policy(
 ) -> None:
     queue, prefill, decode = build(pspec, dspec, tspec)
     snapshot = copy.deepcopy((queue, prefill, decode))
-    policy = make_dualpath_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
+    policy = system_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
     plan = policy.schedule(queue, prefill, decode, now=0.0)
     check_invariants(plan, queue, prefill, decode, beta, 16)
     assert (queue, prefill, decode) == snapshot
     # deterministic: a fresh policy (round robin has a cursor) gives the same plan
-    again = make_dualpath_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
+    again = system_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
     assert again.schedule(queue, prefill, decode, now=5.0) == plan
 
 
