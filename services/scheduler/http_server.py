@@ -18,7 +18,7 @@ from services.auth import bearer_middleware
 from services.health import HealthMonitor
 from services.limits import HTTP_API_LIMITS
 from services.scheduler.state import TERMINAL_EVENTS, SchedulerState, TurnEventRecord
-from services.wire.rpc import MessageError, TurnSubmission, decode_as
+from services.wire.rpc import MessageError, TurnSubmission, decode_as, json_body
 
 READ_ONLY_ROUTES = frozenset({"/v1/status", "/v1/cluster", "/metrics", "/v1/health"})
 """GETs that change nothing and may be read without the secret (a Prometheus scraper, curl
@@ -89,7 +89,7 @@ class SchedulerApi:
         queue: asyncio.Queue[TurnEventRecord] = asyncio.Queue()
         for ev in turn.events:
             queue.put_nowait(ev)
-        turn.waiters.append(queue)
+        turn.listeners.append(queue.put_nowait)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         try:
             await resp.prepare(request)
@@ -99,17 +99,17 @@ class SchedulerApi:
                 if ev["event"] in TERMINAL_EVENTS:
                     break
         finally:
-            turn.waiters.remove(queue)
+            turn.listeners.remove(queue.put_nowait)
             if not turn.finished:  # the client went away (or gave up): nobody wants it now
                 self.state.cancel(turn.turn_id, "the client closed the request", self.clock())
         await resp.write_eof()
         return resp
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.state.status(self.clock()))
+        return web.json_response(json_body(self.state.status(self.clock())))
 
     async def cluster(self, request: web.Request) -> web.Response:
-        return web.json_response(self.state.cluster())
+        return web.json_response(json_body(self.state.cluster()))
 
     async def metrics(self, request: web.Request) -> web.Response:
         stats = self.port_stats() if self.port_stats is not None else None

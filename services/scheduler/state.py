@@ -9,9 +9,9 @@ tell whom, and what each node's load is until its reports catch up.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +23,14 @@ from services.spec import ClusterSpec, Role
 from services.wire.rpc import (
     AssignedTurn,
     Cancellation,
+    EngineStatus,
     FetchReply,
     FetchRequest,
+    NodeCounters,
+    NodeStatus,
     ReadRanges,
     ReportRequest,
+    SchedulerStatus,
     TurnSubmission,
 )
 
@@ -86,7 +90,8 @@ class TurnRecord:
     submitted_at: float
     assignment: Assignment | None = None
     events: list[TurnEventRecord] = field(default_factory=list)
-    waiters: list[asyncio.Queue[TurnEventRecord]] = field(default_factory=list)
+    listeners: list[Callable[[TurnEventRecord], None]] = field(default_factory=list)
+    """Who streams the turn's events (a client's request); each gets every later event."""
     finished: bool = False
 
     @property
@@ -131,6 +136,10 @@ class NodeReport:
     @property
     def node_id(self) -> str:
         return self.fetch.node_id
+
+    def counters(self, *, retired: bool = False) -> NodeCounters:
+        f = self.fetch
+        return NodeCounters(role=f.role, counters=f.counters, boot=f.boot, retired=retired)
 
 
 class SchedulerState:
@@ -184,8 +193,8 @@ class SchedulerState:
             return
         ev = {"event": kind, "turn_id": turn_id, "at": at, **extra}
         turn.events.append(ev)
-        for q in turn.waiters:
-            q.put_nowait(ev)
+        for listener in turn.listeners:
+            listener(ev)
         if kind in TERMINAL_EVENTS:
             turn.finished = True
             self.finished.append((at, turn_id))
@@ -348,7 +357,7 @@ class SchedulerState:
             turn = self.turns.get(turn_id)
             if turn is None:
                 continue
-            if turn_id in held or turn.waiters:
+            if turn_id in held or turn.listeners:
                 kept.append((at, turn_id))
                 continue
             del self.turns[turn_id]
@@ -364,48 +373,35 @@ class SchedulerState:
             self.event(turn_id, "failed", now, node="scheduler", reason=reason, retryable=True)
 
     # -- introspection ----------------------------------------------------------------------
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float) -> SchedulerStatus:
         """GET /v1/status: queue, counts, and each node's last reported loads."""
         engine_nodes = [n.node_id for n in self.spec.nodes if n.role in (Role.PREFILL, Role.DECODE)]
-        return {
-            "policy": self.policy.name,
-            "queue": len(self.queue),
-            "turns": len(self.turns),
-            "done": self.num_done,
-            "failed": self.num_failed,
-            "ready": all(n in self.reports for n in engine_nodes),
-            "nodes": {
-                r.node_id: {
-                    "role": r.fetch.role,
-                    "age_s": round(now - r.at, 3),
-                    "read_q_tokens": r.fetch.read_q_tokens,
-                    "engines": [
-                        {
-                            "engine": e.engine,
-                            "seq": e.seq,
-                            "tok": e.tok,
-                            "free_kv_tokens": e.free_kv_tokens,
-                        }
+        return SchedulerStatus(
+            policy=self.policy.name,
+            queue=len(self.queue),
+            turns=len(self.turns),
+            done=self.num_done,
+            failed=self.num_failed,
+            ready=all(n in self.reports for n in engine_nodes),
+            nodes={
+                r.node_id: NodeStatus(
+                    role=r.fetch.role,
+                    age_s=round(now - r.at, 3),
+                    read_q_tokens=r.fetch.read_q_tokens,
+                    engines=tuple(
+                        EngineStatus(e.engine, e.seq, e.tok, e.free_kv_tokens)
                         for e in r.fetch.engines
-                    ],
-                }
+                    ),
+                )
                 for r in self.reports.values()
             },
-        }
+        )
 
-    def cluster(self) -> dict[str, Any]:
+    def cluster(self) -> dict[str, NodeCounters]:
         """Each node's last counters and incarnation (`boot`); a node restarted by chaos also
         appears as `<node>@<old boot>` with the old process's last report (what it did after
         that report died with it: lab/metrics.py accounts for it per peer)."""
-        out: dict[str, dict[str, Any]] = {
-            r.node_id: {"role": r.fetch.role, "counters": r.fetch.counters, "boot": r.fetch.boot}
-            for r in self.reports.values()
-        }
+        out = {r.node_id: r.counters() for r in self.reports.values()}
         for r in self.retired:
-            out[f"{r.node_id}@{r.fetch.boot}"] = {
-                "role": r.fetch.role,
-                "counters": r.fetch.counters,
-                "boot": r.fetch.boot,
-                "retired": True,
-            }
+            out[f"{r.node_id}@{r.fetch.boot}"] = r.counters(retired=True)
         return out

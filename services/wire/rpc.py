@@ -180,6 +180,54 @@ class TurnSubmission(msgspec.Struct, frozen=True):
             raise ValueError(f"context_tokens + append_tokens exceeds {MAX_CONTEXT_TOKENS}")
 
 
+# -- HTTP: GET /v1/status, GET /v1/cluster ----------------------------------------------------
+
+
+class EngineStatus(msgspec.Struct, frozen=True):
+    """One engine's last reported load, as /v1/status shows it."""
+
+    engine: int
+    seq: int
+    tok: int
+    free_kv_tokens: int
+
+
+class NodeStatus(msgspec.Struct, frozen=True):
+    role: str
+    age_s: float
+    """Seconds since the node's last fetch."""
+    read_q_tokens: int
+    engines: tuple[EngineStatus, ...]
+
+
+class SchedulerStatus(msgspec.Struct, frozen=True):
+    """GET /v1/status: the queue, the turn table's size and outcomes, each node's loads.
+    `ready` once every engine node has reported (the driver waits for it)."""
+
+    policy: str
+    queue: int
+    turns: int
+    done: int
+    failed: int
+    ready: bool
+    nodes: dict[str, NodeStatus]
+
+
+class NodeCounters(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One process's last counters in GET /v1/cluster (keyed by node, or `node@boot` for a
+    process a restart replaced: `retired`)."""
+
+    role: str
+    counters: dict[str, Any]
+    boot: str
+    retired: bool = False
+
+
+def json_body(message: msgspec.Struct | dict[str, NodeCounters]) -> Any:
+    """A message as the JSON data an HTTP reply carries."""
+    return msgspec.to_builtins(message)
+
+
 # -- gRPC (de)serializers -------------------------------------------------------------------
 
 

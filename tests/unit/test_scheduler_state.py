@@ -3,6 +3,7 @@ deliver, report, with the typed messages of services.wire.rpc."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from services.wire.rpc import (
     TurnEvent,
     TurnSubmission,
     decode_as,
+    json_body,
 )
 
 
@@ -233,3 +235,30 @@ def test_finished_turns_are_forgotten_once_nobody_holds_them() -> None:
     assert state.prune(3.0 + FINISHED_RETENTION_S) == 1 and state.turns == {}
     state.event(ta, "done", 4.0)  # a late event of a forgotten turn changes nothing
     assert state.num_done == 1 and state.turns == {}
+
+
+def test_status_and_cluster_bodies_keep_their_json_shape() -> None:
+    state = make_state()
+    fetch(state, "decode-0")
+    fetch(state, "decode-0", boot="b2")  # restarted: the old process's counters stay
+    status = json.loads(json.dumps(json_body(state.status(0.5))))  # as served
+    assert status == {
+        "policy": "least_tokens",
+        "queue": 0,
+        "turns": 0,
+        "done": 0,
+        "failed": 0,
+        "ready": False,
+        "nodes": {
+            "decode-0": {
+                "role": "decode",
+                "age_s": 0.5,
+                "read_q_tokens": 0,
+                "engines": [{"engine": 0, "seq": 0, "tok": 0, "free_kv_tokens": 10**9}],
+            }
+        },
+    }
+    assert json_body(state.cluster()) == {
+        "decode-0": {"role": "decode", "counters": {}, "boot": "b2"},
+        "decode-0@b1": {"role": "decode", "counters": {}, "boot": "b1", "retired": True},
+    }
