@@ -120,8 +120,9 @@ class AssignedTurn(msgspec.Struct, frozen=True):
     reads: ReadRanges
 
     def turn_assignment(self) -> TurnAssignment:
-        """What the engine node works from; the same checks as any assignment
-        (services.assignment.AssignmentError when they fail)."""
+        """What the engine node works from. Built through `TurnAssignment.from_wire`, the one
+        place that checks an assignment's blocks and ranges against each other (it also reads
+        the copy the timeline hands its data plane): AssignmentError when they do not fit."""
         return TurnAssignment.from_wire(msgspec.to_builtins(self))
 
 
@@ -184,7 +185,8 @@ class TurnSubmission(msgspec.Struct, frozen=True):
 
 
 class EngineStatus(msgspec.Struct, frozen=True):
-    """One engine's last reported load, as /v1/status shows it."""
+    """One engine's last reported load, as /v1/status shows it: EngineLoadReport's fields as
+    a map (the array form is for the pull, 100 times a second per node; this is for people)."""
 
     engine: int
     seq: int
