@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 
-from services.assignment import AssignmentError, TurnAssignment
+from services.assignment import AssignmentError
 from services.codec import Frame
 from services.dataplane_core import Failed, GroupReady, KvComplete, Persisted, Released
 from services.engine_core import (
@@ -50,10 +51,11 @@ from services.ipc import (
     Stop,
 )
 from services.limits import MGMT_PORT_LIMITS, collective_limits_for
-from services.scheduler_service import SchedulerClient
+from services.scheduler.client import SchedulerClient
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.tasks import ErrorLog, TaskSet
 from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
+from services.wire.rpc import FetchRequest, ReportRequest, TurnEvent
 
 MAX_STEP_RECORDS = 20_000
 MAX_REPORT_EVENTS = 2_000
@@ -310,16 +312,16 @@ class EngineNode:
             self._health_waiters.pop(req, None)
 
     # -- scheduler ---------------------------------------------------------------------------------
-    def _report(self) -> dict[str, Any]:
+    def _report(self) -> FetchRequest:
         dps = self.dp_status
-        return {
-            "node_id": self.me.node_id,
-            "boot": self.boot,
-            "role": self.role.value,
-            "read_q_tokens": dps.read_q_tokens,
-            "engines": [list(e) for e in self.core.engine_loads()],
-            "turns": list(self.core.turns),
-            "counters": {
+        return FetchRequest(
+            node_id=self.me.node_id,
+            boot=self.boot,
+            role=self.role.value,
+            read_q_tokens=dps.read_q_tokens,
+            engines=tuple(self.core.engine_loads()),
+            turns=tuple(self.core.turns),
+            counters={
                 **dps.counters,
                 **self.core.counters,
                 **self.counters,
@@ -339,22 +341,22 @@ class EngineNode:
                 )[-5:],
                 "ledger": dps.ledger,
             },
-        }
+        )
 
     async def _pull_loop(self) -> None:
         assert self.scheduler is not None
         failures = 0
         while True:
             try:
-                assignments, cancel = await self.scheduler.fetch(self._report())
+                reply = await self.scheduler.fetch(self._report())
                 now = time.monotonic()
-                for wire in assignments:
+                for assigned in reply.assignments:
                     try:
-                        self.core.assign(TurnAssignment.from_wire(wire), now)
+                        self.core.assign(assigned.turn_assignment(), now)
                     except (AssignmentError, ValueError) as exc:
                         self._record_error(f"bad assignment from the scheduler: {exc}")
-                for turn_id, reason in cancel:
-                    self.core.cancel(turn_id, reason, now)
+                for c in reply.cancel:
+                    self.core.cancel(c.turn_id, c.reason, now)
                 self._drive()
             except asyncio.CancelledError:
                 raise
@@ -382,7 +384,7 @@ class EngineNode:
             if not batch:
                 continue
             try:
-                await self.scheduler.report(batch)
+                await self.scheduler.report(ReportRequest(tuple(TurnEvent(*e) for e in batch)))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -480,7 +482,7 @@ class EngineNode:
             "health": health,
         }
         payload = msgpack.packb(bulk, use_bin_type=True)
-        await conn.send(Frame("stats", self._report(), payload))
+        await conn.send(Frame("stats", msgspec.to_builtins(self._report()), payload))
 
 
 def _wall(monotonic_t: float) -> float:

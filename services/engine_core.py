@@ -25,6 +25,7 @@ from scheduler.batching import (
 from scheduler.costmodel import CostModel
 from services.assignment import TurnAssignment
 from services.spec import Role
+from services.wire.rpc import EngineLoadReport
 
 TIMER_SLACK_S = 0.001
 """A deadline this close counts as reached: event-loop timers have millisecond resolution, and
@@ -280,10 +281,12 @@ class EngineCore:
                 times.append(gpu.interval.deadline)
         return min(times) if times else None
 
-    def engine_loads(self) -> list[tuple[int, int, int, int]]:
-        """[engine, seq_e, tok_e, free KV tokens] for the scheduler (DualPath §6)."""
+    def engine_loads(self) -> list[EngineLoadReport]:
+        """Each engine's seq_e, tok_e and free KV tokens for the scheduler (DualPath §6)."""
         cap = self.cfg.gpu_kv_capacity_tokens
-        return [(i, e.seq, e.tok, cap - e.kv_tokens) for i, e in enumerate(self.loads)]
+        return [
+            EngineLoadReport(i, e.seq, e.tok, cap - e.kv_tokens) for i, e in enumerate(self.loads)
+        ]
 
     # -- inputs: the scheduler -----------------------------------------------------------------
     def assign(self, a: TurnAssignment, now: float) -> None:

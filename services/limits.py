@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from services.spec import ClusterSpec
 
 MAX_CONTEXT_TOKENS = 65536
-"""The longest context a lab replays (lab.config.models `workload.max_len`, Table 2's MaxLen): a read
-request lists at most this many tokens' worth of blocks."""
+"""The longest context a lab replays (lab.config.models `workload.max_len`, Table 2's MaxLen): a
+read request lists at most this many tokens' worth of blocks."""
 
 MAX_BLOCK_ID_BYTES = 5
 """A block id on the wire: a msgpack uint up to 2**32 - 1 is at most 5 bytes."""

@@ -14,7 +14,7 @@ import pytest
 
 from lab.config.models import build_cluster_spec, parse_config
 from lab.run.backends import free_port_base
-from services.scheduler_service import serve_scheduler
+from services.scheduler.service import serve_scheduler
 from services.spec import ClusterSpec
 
 SMALL_CONFIG: dict[str, Any] = {

@@ -28,7 +28,7 @@ SERVER_SCRIPT = r"""
 import asyncio, json, sys
 from services.limits import HTTP_API_LIMITS, MGMT_PORT_LIMITS, METRICS_LIMITS, kv_limits_for
 from services.prom import MetricsExporter
-from services.scheduler_service import serve_scheduler
+from services.scheduler.service import serve_scheduler
 from services.spec import ClusterSpec
 from services.storage import StorageServer
 
