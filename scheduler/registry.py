@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
+from dualpath.errors import UsageError
 from scheduler.dualpath_policy import (
     DualPathPolicy,
     LeastTokensBaseline,
@@ -41,7 +42,7 @@ class PolicyKnobs:
     """`round_robin` only: `alternate` rotates the read side as well."""
 
 
-class UnknownPolicyError(ValueError):
+class UnknownPolicyError(UsageError, ValueError):
     """A policy name the registry does not know; the message lists the valid names."""
 
     def __init__(self, name: str, *, kind: str = "policy", valid: Iterable[str] = ()) -> None:

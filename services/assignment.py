@@ -11,10 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dualpath.errors import DualPathError
 from services.spec import Role
 
 
-class AssignmentError(ValueError):
+class AssignmentError(DualPathError, ValueError):
     """An assignment from the scheduler is malformed; the message names the field."""
 
 

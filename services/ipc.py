@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 
+from dualpath.errors import DualPathError
 from services.assignment import AssignmentError, TurnAssignment
 from services.dataplane_core import Failed, GroupReady, KvComplete, Persisted, Released
 from services.engine_core import AssignKv, DropKv, Persist, PrefillDone, SendGroup
@@ -25,7 +26,7 @@ _LEN = struct.Struct("!I")
 MAX_MESSAGE_BYTES = 256 << 20
 
 
-class IpcError(Exception):
+class IpcError(DualPathError):
     """A malformed message between a node's timeline and data plane."""
 
 

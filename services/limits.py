@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from dualpath.errors import DualPathError
 from services.codec import MAX_HEADER_BYTES, MAX_WIRE_PAYLOAD_BYTES
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ gRPC's own default, made explicit. A message may hold at most max_header_items a
 maps in all (unpack_bounded): 4 MiB of empty arrays would otherwise unpack to ~256 MB."""
 
 
-class TooManyContainers(ValueError):
+class TooManyContainers(DualPathError, ValueError):
     """A msgpack message holds more arrays and maps than its port allows."""
 
 

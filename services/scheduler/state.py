@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dualpath.errors import DualPathError
 from scheduler.dualpath_policy import SplitAssignment
 from scheduler.policies import SchedulingPolicy
 from scheduler.registry import PolicyKnobs, make_policy, policy_name
@@ -45,7 +46,7 @@ TurnEventRecord = dict[str, Any]
 """A turn event as its client reads it: `{event, turn_id, at, **fields}` (one JSON line)."""
 
 
-class FetchInputError(ValueError):
+class FetchInputError(DualPathError, ValueError):
     """A fetch that decodes but does not fit the cluster (a role that is not the node's);
     the message names the field. Nothing was changed."""
 

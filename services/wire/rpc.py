@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from dualpath.errors import DualPathError
 from services.assignment import TurnAssignment
 from services.limits import GRPC_LIMITS, unpack_bounded
 
@@ -38,7 +39,7 @@ EVENT_FIELDS = frozenset({"event", "turn_id", "at"})
 """Keys of a turn event the scheduler sets itself; a reported event's extra may not hold them."""
 
 
-class MessageError(ValueError):
+class MessageError(DualPathError, ValueError):
     """A message that is not what its type says; the text names the message and the field."""
 
 
