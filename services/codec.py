@@ -1,7 +1,8 @@
 """Sans-I/O frame codec of the lab's data plane: bytes in, frames out; no sockets.
 
 A frame is a 12-byte prefix (magic, version, kind-agnostic lengths), a msgpack header (a map
-with a string "t" naming the message) and raw payload bytes. Every length is bounded so a
+with a string "t" naming the message) and raw payload bytes; the typed message each kind carries
+is services/wire/frames.py's, this layer moves any kind. Every length is bounded so a
 malformed or hostile peer costs at most one error frame and a closed connection. Payloads are
 never copied on the way out (encode() hands them back as they are) and are written in place on
 the way in (FrameReceiver hands out the buffer the next bytes belong in).
@@ -367,10 +368,3 @@ class FrameDecoder:
                 exc.frames = frames + exc.frames
                 raise
         return frames
-
-
-def error_frame(code: str, message: str, *, req: Any = None) -> Frame:
-    header: dict[str, Any] = {"code": code, "message": message}
-    if req is not None:
-        header["req"] = req
-    return Frame("error", header)

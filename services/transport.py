@@ -29,9 +29,9 @@ from services.codec import (
     OversizeFrame,
     Payload,
     encode,
-    error_frame,
 )
 from services.limits import PortLimits
+from services.wire.frames import BadMessage, ErrorReply, FrameKind, error_frame, parse
 
 RECV_QUEUE_FRAMES = 8
 RECV_QUEUE_BYTES = 16 << 20
@@ -359,8 +359,12 @@ class FrameConnection:
     async def recv_reply(self) -> Frame:
         """Like recv(), but an error frame raises RemoteError."""
         frame = await self.recv()
-        if frame.kind == "error":
-            raise RemoteError(str(frame.header.get("code")), str(frame.header.get("message")))
+        if frame.kind == FrameKind.ERROR:
+            try:
+                err = parse(frame, ErrorReply)
+            except BadMessage as exc:
+                raise RemoteError("malformed", str(exc)) from None
+            raise RemoteError(err.code, err.message)
         return frame
 
     # -- sending -----------------------------------------------------------------------------
