@@ -53,8 +53,8 @@ _BLOCK_CODE = next(c for c in "ILH" if array(c).itemsize == 4)  # u32 in the arr
 
 
 class KvCorruption(Exception):
-    """KV bytes failed verification: wrong length, payload crc or expected content (or a
-    slice set on the wire that does not parse)."""
+    """KV bytes failed verification: wrong length, payload crc or expected content. (A slice
+    set on the wire that does not parse is services.wire.frames.BadMessage.)"""
 
 
 def crc(data: bytes | bytearray | memoryview) -> int:

@@ -1,9 +1,10 @@
 """Storage server: persists Full Blocks of KV per trajectory and streams them back to engines.
 
 Speaks the storage protocol (v2) of docs/design.md (read/write on the storage endpoint,
-stats/seed/health on the mgmt endpoint). It verifies every write frame before persisting it and
-never vouches for its own disk: a read frame's crc is computed from the bytes read back. It does
-no scheduling, and it removes only the files it created.
+stats/seed/health on the mgmt endpoint), in the typed messages of services/wire/frames.py.
+It verifies every write frame before persisting it and never vouches for its own disk: a read
+frame's crc is computed from the bytes read back. It does no scheduling, and it removes only
+the files it created.
 """
 
 from __future__ import annotations
