@@ -68,20 +68,25 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 M = TypeVar("M", bound=Message)
+MAX_EXPLAIN_CHARS = 200
+"""A BadMessage quotes at most this much of what the peer sent (its kind, a bad value)."""
 
-_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
 
 
 def _explain(kind: str, exc: msgspec.ValidationError) -> str:
     """msgspec's "Expected `int` >= 0 - at `$.runs[0][1]`" as "... field 'runs[0][1]': ..."."""
-    m = _AT.match(str(exc))
-    what, path = (m.group("what"), m.group("path")) if m else (str(exc), None)
+    text = str(exc)
+    what, at, where = text.rpartition(" - at `$")
+    path = where[:-1].lstrip(".") if at and where.endswith("`") else None
+    if path is None:
+        what = text
     missing = _MISSING.match(what)
     if missing:
         name = missing.group("name")
         path = f"{path}.{name}" if path else name
         what = "missing"
+    what, path = what[:MAX_EXPLAIN_CHARS], path and path[:MAX_EXPLAIN_CHARS]
     return f"{kind} frame field {path!r}: {what}" if path else f"{kind} frame: {what}"
 
 
@@ -89,7 +94,7 @@ def parse(frame: Frame, cls: type[M]) -> M:
     """The message of `cls` that `frame` carries; BadMessage when its kind or fields are not.
     Fields the message does not know are ignored (a newer peer may add some)."""
     if frame.kind != cls.KIND:
-        raise BadMessage(f"expected a {cls.KIND} frame, got {frame.kind!r}")
+        raise BadMessage(f"expected a {cls.KIND} frame, got {frame.kind[:MAX_EXPLAIN_CHARS]!r}")
     try:
         return msgspec.convert(frame.header, cls)
     except msgspec.ValidationError as exc:
