@@ -49,8 +49,9 @@ RECEIVER_ADDR = "198.18.1.200"
 # --- the two lab roles (run inside the namespaces) ------------------------------------------
 async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
     from services.codec import Frame
-    from services.kvblocks import KvGenerator, SliceSet
+    from services.kvblocks import KvGenerator
     from services.transport import Dscp, FrameConnection, serve
+    from services.wire.frames import KvSlices, parse
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)
     done = asyncio.Event()
@@ -60,8 +61,9 @@ async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
     async def handler(conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == "kv":
             try:
-                s = SliceSet.from_wire(frame.header, layer_groups=1, max_slices=1)
-                n = gen.verify(s, frame.payload, int(frame.header["crc"]))
+                msg = parse(frame, KvSlices)
+                s = msg.slices(layer_groups=1, max_slices=1)
+                n = gen.verify(s, frame.payload, msg.crc)
             except Exception as exc:  # a KvCorruption is a result to report, not a crash
                 stats["errors"].append(str(exc))
                 raise
@@ -101,6 +103,7 @@ async def _sender(host: str, port: int, local: str, seconds: float) -> dict[str,
     from services.codec import Frame
     from services.kvblocks import KvGenerator, SliceSet, crc
     from services.transport import Dscp, connect
+    from services.wire.frames import KvSlices, to_frame
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)
     traj = 7
@@ -108,13 +111,12 @@ async def _sender(host: str, port: int, local: str, seconds: float) -> dict[str,
     for block in range(RING_BLOCKS):
         s = SliceSet(traj, (block,), 0, 1)
         payload = gen.payload(s)
-        ring.append(({**s.to_wire(), "crc": crc(payload)}, payload))
+        ring.append(to_frame(KvSlices.of("goodput", "goodput", s, crc(payload)), payload))
     conn = await connect(host, port, dscp=Dscp.KV, local_host=local)
     sent = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        header, payload = ring[sent % RING_BLOCKS]
-        await conn.send(Frame("kv", header, payload))
+        await conn.send(ring[sent % RING_BLOCKS])
         sent += 1
     await conn.send(Frame("end"))
     ack = await conn.recv_reply()

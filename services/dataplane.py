@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from services import dataplane_core as dp
 from services.assignment import TurnAssignment
+from services.blocks import chunks, per_frame
 from services.buffers import POOL
 from services.codec import Frame, Payload
 from services.engine_core import AssignKv, DropKv, Persist, PrefillDone, SendGroup
@@ -40,6 +41,18 @@ from services.storage import read_chunk_blocks
 from services.storage_client import StorageClient
 from services.tasks import ErrorLog, TaskSet
 from services.transport import ConnectionClosed, Dscp, FrameConnection, FrameServer, connect, serve
+from services.wire.frames import (
+    BadMessage,
+    FrameKind,
+    KvDone,
+    KvSlices,
+    M,
+    RelayGroupDone,
+    RelaySlices,
+    TurnFailed,
+    parse,
+    to_frame,
+)
 
 READ_CONCURRENCY = 2
 """Storage reads in flight per node; the rest wait in the node's read queue (FIFO)."""
@@ -158,8 +171,7 @@ class DataPlane:
         self._dirty = True
         self._server: FrameServer | None = None
         self._stop = asyncio.Event()
-        max_slices = max(1, spec.max_frame_bytes // self.gen.slice_bytes)
-        self._max_slices = max_slices
+        self._max_slices = per_frame(spec.max_frame_bytes, self.gen.slice_bytes)
         # the timeline reports the read queue at every pull: fresher is not needed
         self._status_interval_s = min(STATUS_INTERVAL_S, spec.pull_interval_s)
 
@@ -395,7 +407,7 @@ class DataPlane:
         """Layer group `group` of the turn's own-read KV (regrouped from whole-block storage
         chunks) and then of `extra_blocks` (generated: the new tokens' KV), in frames of about
         KV_FRAME_BYTES, each assembled with one copy."""
-        per_frame = max(1, KV_FRAME_BYTES // self.gen.slice_bytes)
+        frame_slices = per_frame(KV_FRAME_BYTES, self.gen.slice_bytes)
         blocks: list[int] = []
         parts: list[npt.NDArray[np.uint8]] = []
 
@@ -408,32 +420,36 @@ class DataPlane:
         for s, chunk in self._chunks.get(a.turn_id, []):
             blocks.extend(s.blocks)
             parts.append(self.gen.group_view(s, chunk, group))
-            if len(blocks) >= per_frame:
+            if len(blocks) >= frame_slices:
                 yield frame()
                 blocks, parts = [], []
-        for first in range(extra_blocks.start, extra_blocks.stop, per_frame):
-            ids = range(first, min(first + per_frame, extra_blocks.stop))
+        for ids in chunks(extra_blocks, frame_slices):
             blocks.extend(ids)
             parts.append(self.gen.payload_array(SliceSet(a.traj_id, tuple(ids), group, group + 1)))
-            if len(blocks) >= per_frame:
+            if len(blocks) >= frame_slices:
                 yield frame()
                 blocks, parts = [], []
         if blocks:
             yield frame()
 
     async def _send_frames(
-        self, node_id: str, kind: str, turn_id: str, frames: Iterator[tuple[SliceSet, memoryview]]
+        self,
+        node_id: str,
+        message: type[KvSlices],
+        turn_id: str,
+        frames: Iterator[tuple[SliceSet, memoryview]],
     ) -> int:
-        """Send KV frames; each frame counts (bytes_pd_sent or bytes_relay_sent) once sent, so
-        the byte accounting holds even when a later frame fails."""
-        key = "bytes_pd_sent" if kind == "kv" else "bytes_relay_sent"
+        """Send KV frames (kv or relay); each frame counts (bytes_pd_sent or bytes_relay_sent)
+        once sent, so the byte accounting holds even when a later frame fails."""
+        kind = message.KIND
+        key = "bytes_pd_sent" if kind is FrameKind.KV else "bytes_relay_sent"
         sent = 0
         for s, payload in frames:
-            header = {"turn": turn_id, "src": self.incarnation, **s.to_wire(), "crc": crc(payload)}
+            msg = message.of(turn_id, self.incarnation, s, crc(payload))
             nbytes = payload.nbytes
             self._sending_bytes += nbytes
             try:
-                await self._send(node_id, Frame(kind, header, payload))
+                await self._send(node_id, to_frame(msg, payload))
             finally:
                 self._sending_bytes -= nbytes
             sent += nbytes
@@ -471,7 +487,7 @@ class DataPlane:
                 if isinstance(job, dp.SendKv):
                     await self._send_kv(t.a, job.group)
                 elif isinstance(job, dp.SendKvDone):
-                    await self._send(peer, Frame("kv_done", {"turn": job.turn_id}))
+                    await self._send(peer, to_frame(KvDone(turn=job.turn_id)))
                 else:
                     await self._relay(t.a)
             except asyncio.CancelledError:
@@ -493,24 +509,23 @@ class DataPlane:
         """Layer group `group` of this turn's KV to its decode node: the hit KV this node read
         and the new tokens' KV (DualPath §4: the DE-read path returns only the new tokens)."""
         frames = self._group_frames(a, group, range(a.hit_blocks, a.prompt_blocks))
-        await self._send_frames(a.decode_node, "kv", a.turn_id, frames)
+        await self._send_frames(a.decode_node, KvSlices, a.turn_id, frames)
 
     async def _relay(self, a: TurnAssignment) -> None:
         """DE read path: hit KV read through this node's snic goes to the PE per layer group."""
         for g in range(self.groups):
             frames = self._group_frames(a, g, range(0))
-            await self._send_frames(a.prefill_node, "relay", a.turn_id, frames)
-            await self._send(
-                a.prefill_node, Frame("relay_group_done", {"turn": a.turn_id, "group": g})
-            )
+            await self._send_frames(a.prefill_node, RelaySlices, a.turn_id, frames)
+            done = RelayGroupDone(turn=a.turn_id, group=g)
+            await self._send(a.prefill_node, to_frame(done))
             if a.turn_id not in self.core.turns:
                 return
 
     async def _tell_peer(self, action: dp.TellPeer) -> None:
         """Best effort: let the other node of the turn stop waiting for it."""
         with contextlib.suppress(Exception):
-            header = {"turn": action.turn_id, "reason": action.reason}
-            await self._send(action.node_id, Frame("turn_failed", header), Dscp.CONTROL)
+            failed = TurnFailed(turn=action.turn_id, reason=action.reason)
+            await self._send(action.node_id, to_frame(failed), Dscp.CONTROL)
 
     async def _peer(self, node_id: str, dscp: Dscp) -> FrameConnection:
         key = (node_id, dscp)
@@ -548,46 +563,53 @@ class DataPlane:
         """Every frame is handled without waiting on anything: a frame for a turn this node
         does not hold yet is parked by the core, never blocks the connection."""
         self._inbound.add(conn)
-        turn_id = str(frame.header.get("turn"))
         now = time.monotonic()
         kind = frame.kind
-        if kind in ("kv", "relay"):
-            try:
-                s = SliceSet.from_wire(
-                    frame.header, layer_groups=self.groups, max_slices=self._max_slices
-                )
-                carried = frame.header.get("crc")
-                if not isinstance(carried, int) or isinstance(carried, bool):
-                    # int() of a float or string would take inf (OverflowError) or "7"
-                    raise KvCorruption(f"'crc' must be an integer, got {carried!r}")
-                got = self.gen.verify(s, frame.payload, carried)
-            except (KvCorruption, ValueError, TypeError) as exc:
-                self._record_error(f"{kind} for turn {turn_id} from {conn.peer}: {exc}")
-                self.core.fail(turn_id, f"corrupt KV from peer: {exc}", retryable=False)
-                self._run()
-                return
-            self.counters["bytes_verified"] += got
-            key = "bytes_pd_received" if kind == "kv" else "bytes_relay_received"
-            self.counters[key] += got
-            src = frame.header.get("src")
-            self._count(f"{kind}<{src if isinstance(src, str) and len(src) <= 128 else '?'}", got)
-            self._dirty = True
-            if kind == "kv":
-                self.core.on_kv(turn_id, s, now)
-            else:
-                self.core.on_relay(turn_id, s, now)
-        elif kind == "relay_group_done":
-            group = frame.header.get("group")
-            if not isinstance(group, int) or isinstance(group, bool):
-                raise ValueError(f"relay_group_done with group {group!r}")
-            self.core.on_relay_group_done(turn_id, group, now)
-        elif kind == "kv_done":
-            self.core.on_kv_done(turn_id, now)
-        elif kind == "turn_failed":
-            self.core.on_peer_failed(turn_id, str(frame.header.get("reason")), now)
+        if kind in (FrameKind.KV, FrameKind.RELAY):
+            self._on_kv(conn, frame, now)
+        elif kind == FrameKind.RELAY_GROUP_DONE:
+            done = _control(frame, RelayGroupDone)
+            self.core.on_relay_group_done(done.turn, done.group, now)
+        elif kind == FrameKind.KV_DONE:
+            self.core.on_kv_done(_control(frame, KvDone).turn, now)
+        elif kind == FrameKind.TURN_FAILED:
+            failed = _control(frame, TurnFailed)
+            self.core.on_peer_failed(failed.turn, failed.reason, now)
         else:
             raise ValueError(f"unexpected frame type {kind!r} on the KV port")
         self._run()
+
+    def _on_kv(self, conn: FrameConnection, frame: Frame, now: float) -> None:
+        """A kv or relay frame: verified whole before the core sees it; a frame that does not
+        parse or verify fails its turn (corrupt KV), it is not answered."""
+        message = KvSlices if frame.kind == FrameKind.KV else RelaySlices
+        try:
+            msg = parse(frame, message)
+        except BadMessage as exc:
+            turn = frame.header.get("turn")  # the turn it names, if any, fails
+            turn_id = turn if isinstance(turn, str) else str(turn)
+            self._corrupt(conn, frame.kind, turn_id, exc)
+            return
+        try:
+            s = msg.slices(layer_groups=self.groups, max_slices=self._max_slices)
+            got = self.gen.verify(s, frame.payload, msg.crc)
+        except (KvCorruption, ValueError, TypeError) as exc:
+            self._corrupt(conn, frame.kind, msg.turn, exc)
+            return
+        self.counters["bytes_verified"] += got
+        key = "bytes_pd_received" if msg.KIND is FrameKind.KV else "bytes_relay_received"
+        self.counters[key] += got
+        src = msg.src if len(msg.src) <= 128 else "?"
+        self._count(f"{msg.KIND}<{src}", got)
+        self._dirty = True
+        if msg.KIND is FrameKind.KV:
+            self.core.on_kv(msg.turn, s, now)
+        else:
+            self.core.on_relay(msg.turn, s, now)
+
+    def _corrupt(self, conn: FrameConnection, kind: str, turn_id: str, exc: Exception) -> None:
+        self._record_error(f"{kind} for turn {turn_id} from {conn.peer}: {exc}")
+        self.core.fail(turn_id, f"corrupt KV from peer: {exc}", retryable=False)
 
     # -- health gauges ----------------------------------------------------------------------------
     def _recv_backlog(self) -> float:
@@ -604,6 +626,15 @@ class DataPlane:
         for conn in list(self._peers.values()):
             total += conn.send_backlog_bytes()
         return float(total)
+
+
+def _control(frame: Frame, cls: type[M]) -> M:
+    """A control frame's message; one that does not parse is refused (ValueError, answered
+    with an error frame by the transport), as an unexpected frame type is."""
+    try:
+        return parse(frame, cls)
+    except BadMessage as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _job_name(job: dp.SendKv | dp.SendKvDone | dp.Relay) -> str:

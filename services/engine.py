@@ -55,6 +55,7 @@ from services.scheduler.client import SchedulerClient
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.tasks import ErrorLog, TaskSet
 from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
+from services.wire.frames import CollectiveAck, CollectiveBurst, FrameKind, StatsRequest, to_frame
 from services.wire.rpc import FetchRequest, ReportRequest, TurnEvent
 
 MAX_STEP_RECORDS = 20_000
@@ -450,7 +451,7 @@ class EngineNode:
                         max_payload_bytes=self.spec.max_frame_bytes,
                     )
                     self._coll_conns[peer] = conn
-                await conn.send(Frame("collective", {}, self._payload))
+                await conn.send(to_frame(CollectiveBurst(), self._payload))
                 await conn.recv_reply()
             except BaseException:
                 dead = self._coll_conns.pop(peer, None)
@@ -459,18 +460,18 @@ class EngineNode:
                 raise
 
     async def _on_collective(self, conn: FrameConnection, frame: Frame) -> None:
-        if frame.kind != "collective":
+        if frame.kind != FrameKind.COLLECTIVE:
             raise ValueError(f"unexpected frame type {frame.kind!r} on the collective port")
         # The ack, and the TCP ACKs of the burst, go back in the collective class: in a kv
         # class they would wait behind KV traffic (DualPath §5).
         conn.mark(Dscp.COLLECTIVE)
-        await conn.send(Frame("collective_ack", {"n": len(frame.payload)}))
+        await conn.send(to_frame(CollectiveAck(n=len(frame.payload))))
 
     # -- management --------------------------------------------------------------------------------
     async def _on_mgmt(self, conn: FrameConnection, frame: Frame) -> None:
         """Management port: `stats` answers with this node's report (loads and counters) in the
         header, and its step history and health (large) msgpack-encoded in the payload."""
-        if frame.kind != "stats":
+        if frame.kind != FrameKind.STATS:
             raise ValueError(f"unexpected frame type {frame.kind!r} on the management port")
         health = [self.health.snapshot()]
         dp_health = await self._data_plane_health()
@@ -482,7 +483,7 @@ class EngineNode:
             "health": health,
         }
         payload = msgpack.packb(bulk, use_bin_type=True)
-        await conn.send(Frame("stats", msgspec.to_builtins(self._report()), payload))
+        await conn.send(Frame(FrameKind.STATS, msgspec.to_builtins(self._report()), payload))
 
 
 def _wall(monotonic_t: float) -> float:
@@ -495,11 +496,11 @@ async def engine_stats(spec: ClusterSpec, node_id: str) -> dict[str, Any]:
     ep = spec.node(node_id).mgmt
     conn = await connect(ep.host, ep.port, dscp=Dscp.CONTROL, io_timeout_s=spec.request_timeout_s)
     try:
-        await conn.send(Frame("stats", {}))
+        await conn.send(to_frame(StatsRequest()))
         reply = await conn.recv_reply()
     finally:
         await conn.close()
-    if reply.kind != "stats":
+    if reply.kind != FrameKind.STATS:
         raise ValueError(f"{node_id} answered stats with {reply.kind!r}")
     out = dict(reply.header)
     if reply.payload:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Any, cast
 
+from dualpath.errors import DualPathError
 from services.codec import (
     DEFAULT_MAX_HEADER_ITEMS,
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -29,9 +30,9 @@ from services.codec import (
     OversizeFrame,
     Payload,
     encode,
-    error_frame,
 )
 from services.limits import PortLimits
+from services.wire.frames import BadMessage, ErrorReply, FrameKind, error_frame, parse
 
 RECV_QUEUE_FRAMES = 8
 RECV_QUEUE_BYTES = 16 << 20
@@ -60,16 +61,16 @@ class Dscp(IntEnum):
         return int(self) << 2
 
 
-class ConnectionClosed(Exception):
+class ConnectionClosed(DualPathError):
     """The peer closed the connection (cleanly or not) before a whole frame arrived."""
 
 
-class FrameTimeout(TimeoutError):
+class FrameTimeout(DualPathError, TimeoutError):
     """A frame whose first bytes arrived was not complete within the port's frame timeout:
     the peer sends too slowly (or trickles on purpose)."""
 
 
-class RemoteError(Exception):
+class RemoteError(DualPathError):
     """The peer answered with an error frame."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -359,8 +360,12 @@ class FrameConnection:
     async def recv_reply(self) -> Frame:
         """Like recv(), but an error frame raises RemoteError."""
         frame = await self.recv()
-        if frame.kind == "error":
-            raise RemoteError(str(frame.header.get("code")), str(frame.header.get("message")))
+        if frame.kind == FrameKind.ERROR:
+            try:
+                err = parse(frame, ErrorReply)
+            except BadMessage as exc:
+                raise RemoteError("malformed", str(exc)) from None
+            raise RemoteError(err.code, err.message)
         return frame
 
     # -- sending -----------------------------------------------------------------------------

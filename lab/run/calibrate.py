@@ -17,6 +17,7 @@ from lab.config.scaling import HostCalibration
 from services.codec import Frame
 from services.kvblocks import KvGenerator, SliceSet, crc
 from services.transport import Dscp, FrameConnection, connect, serve
+from services.wire.frames import KvSlices, parse, to_frame
 
 SLICE_BYTES = 8192
 FRAME_SLICES = 128
@@ -40,7 +41,7 @@ async def _transfer(seconds: float) -> float:
     for i in range(8):
         s = SliceSet(1, tuple(range(i * FRAME_SLICES, (i + 1) * FRAME_SLICES)), 0, 1)
         payload = gen.payload(s)
-        ring.append(({**s.to_wire(), "crc": crc(payload)}, payload))
+        ring.append(to_frame(KvSlices.of("calibrate", "calibrate", s, crc(payload)), payload))
     got = 0
     done = asyncio.Event()
 
@@ -49,8 +50,9 @@ async def _transfer(seconds: float) -> float:
         if frame.kind == "end":
             done.set()
             return
-        s = SliceSet.from_wire(frame.header, layer_groups=1, max_slices=FRAME_SLICES)
-        got += gen.verify(s, frame.payload, int(frame.header["crc"]))
+        msg = parse(frame, KvSlices)
+        s = msg.slices(layer_groups=1, max_slices=FRAME_SLICES)
+        got += gen.verify(s, frame.payload, msg.crc)
 
     server = await serve("127.0.0.1", 0, handler, dscp=Dscp.KV)
     port = server.sockets[0].getsockname()[1]
@@ -59,8 +61,7 @@ async def _transfer(seconds: float) -> float:
         cpu0, t0 = time.process_time(), time.monotonic()
         i = 0
         while time.monotonic() - t0 < seconds:
-            header, payload = ring[i % len(ring)]
-            await conn.send(Frame("kv", header, payload))
+            await conn.send(ring[i % len(ring)])
             i += 1
         await conn.send(Frame("end"))
         async with asyncio.timeout(30):

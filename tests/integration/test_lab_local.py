@@ -25,6 +25,7 @@ from lab.run.backends import LocalBackend, RunState, free_port_base
 from lab.run.runner import run_once
 from services.codec import PREFIX_SIZE, decode_header, parse_prefix
 from services.spec import ClusterSpec
+from services.wire.frames import slice_fields
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -151,7 +152,7 @@ def test_corrupt_kv_frame_is_detected_and_reported(local_lab: ClusterSpec) -> No
     payload = kv.payload(slices)
     bad = bytearray(payload)
     bad[100] ^= 0xFF
-    header = {"turn": "t-none", **slices.to_wire(), "crc": crc(payload)}
+    header = {"turn": "t-none", **slice_fields(slices), "crc": crc(payload)}
     frame = Frame("kv", header, bytes(bad))
     with socket.create_connection((decode.cnic.host, decode.cnic.port), timeout=5) as s:
         s.sendall(encode_bytes(frame))

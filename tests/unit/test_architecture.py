@@ -5,9 +5,13 @@ dodge a cycle), and none imports another module's private names (`_x`)."""
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 from pathlib import Path
 
 import pytest
+
+from dualpath.errors import DualPathError
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("dualpath", "services", "scheduler", "netem", "lab", "compose")
@@ -68,3 +72,27 @@ def test_the_rules_find_what_they_forbid() -> None:
     )
     assert len(_deferred_imports(tree)) == 2
     assert _private_imports(tree) == ["line 4: from services.codec import _private"]
+
+
+SIGNALS = {"lab.cli.Terminated"}
+"""Not errors: SIGTERM raised as KeyboardInterrupt so that every `finally` runs."""
+
+
+def test_every_error_class_derives_from_the_one_base() -> None:
+    strays = []
+    for path in _modules():
+        rel = path.relative_to(REPO).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if name == "services.__main__":
+            continue
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == name
+                and not issubclass(obj, DualPathError)
+                and f"{name}.{attr}" not in SIGNALS
+            ):
+                strays.append(f"{name}.{attr}")
+    assert not strays, f"not derived from dualpath.errors.DualPathError: {strays}"
