@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,3 +46,23 @@ def describe(blocks: Sequence[int]) -> str:
     if len(blocks) <= 4:
         return str(list(blocks))
     return f"[{blocks[0]}, {blocks[1]}, ..., {blocks[-1]}] ({len(blocks)})"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnBlocks:
+    """A turn's tokens in blocks of `block_tokens` (docs/design.md, "Data plane")."""
+
+    hit: int
+    """Blocks read from storage: only full blocks are persisted, the tail is recomputed."""
+    prompt: int
+    """Blocks the prompt spans (the last one may be partial)."""
+    persist_end: int
+    """After the turn, blocks [0, persist_end) are full and persisted by the decode node."""
+
+    @classmethod
+    def of(cls, context: int, prompt: int, gen: int, block_tokens: int) -> TurnBlocks:
+        """`context` tokens before the turn, `prompt` = context + appended, `gen` generated."""
+        if block_tokens <= 0:
+            raise ValueError(f"block_tokens must be positive, got {block_tokens}")
+        bt = block_tokens
+        return cls(context // bt, -(-prompt // bt), (prompt + gen) // bt)

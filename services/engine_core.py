@@ -179,7 +179,9 @@ class TurnPhase(Enum):
 
 
 @dataclass
-class _Turn:
+class _TimelineTurn:
+    """A turn on this node's GPU timeline: its assignment, phase and progress."""
+
     a: TurnAssignment
     phase: TurnPhase
     ready: list[bool]
@@ -220,8 +222,8 @@ class _Interval:
 @dataclass
 class _PrefillStep:
     seq: int
-    packed: list[tuple[PrefillBatch, list[_Turn]]]
-    turns: list[_Turn]
+    packed: list[tuple[PrefillBatch, list[_TimelineTurn]]]
+    turns: list[_TimelineTurn]
     done: set[str]
     compute_s: float
     started: float
@@ -235,8 +237,8 @@ class _PrefillStep:
 
 @dataclass
 class _DecodeGpu:
-    active: list[_Turn] = field(default_factory=list)
-    batch: list[_Turn] = field(default_factory=list)
+    active: list[_TimelineTurn] = field(default_factory=list)
+    batch: list[_TimelineTurn] = field(default_factory=list)
     phase: _Phase | None = None
     interval: _Interval | None = None
     steps: int = 0
@@ -253,7 +255,7 @@ class EngineCore:
     def __init__(self, cfg: TimelineConfig) -> None:
         self.cfg = cfg
         self.role = cfg.role
-        self.turns: dict[str, _Turn] = {}
+        self.turns: dict[str, _TimelineTurn] = {}
         self.loads = [EngineLoad() for _ in range(cfg.num_gpus)]
         self.counters: dict[str, int] = {"turns_prefilled": 0, "turns_decoded": 0}
         self._actions: list[Action] = []
@@ -302,11 +304,11 @@ class EngineCore:
         eng = self.loads[a.engine(self.role)]
         eng.seq += 1
         if self.role is Role.PREFILL:
-            t = _Turn(a, TurnPhase.QUEUED, [False] * groups)
+            t = _TimelineTurn(a, TurnPhase.QUEUED, [False] * groups)
             eng.tok += a.prompt_tokens
             eng.queue.append(a.turn_id)
         else:
-            t = _Turn(a, TurnPhase.WAITING_KV, [False] * groups)
+            t = _TimelineTurn(a, TurnPhase.WAITING_KV, [False] * groups)
             eng.tok += a.kv_tokens
             eng.kv_tokens += a.kv_tokens
         self.turns[a.turn_id] = t
@@ -438,7 +440,7 @@ class EngineCore:
         if advance:
             self._advance(now)
 
-    def _release(self, t: _Turn) -> None:
+    def _release(self, t: _TimelineTurn) -> None:
         """The turn no longer loads its engine (DualPath §6: seq_e, tok_e)."""
         if self.turns.pop(t.a.turn_id, None) is None:
             return
@@ -483,10 +485,10 @@ class EngineCore:
                 continue
             self._start_prefill_interval(st, now)
 
-    def _ready(self, t: _Turn) -> bool:
+    def _ready(self, t: _TimelineTurn) -> bool:
         return t.ready[0] if self.cfg.layerwise else all(t.ready)
 
-    def _pack(self, gpu: int) -> tuple[PrefillBatch, list[_Turn]]:
+    def _pack(self, gpu: int) -> tuple[PrefillBatch, list[_TimelineTurn]]:
         """The next step of one GPU from the ready turns of its FIFO queue (DualPath §6:
         quota packing with a chunked cut, or the head request whole without a quota)."""
         ready = [
@@ -609,7 +611,7 @@ class EngineCore:
                 self._actions.append(PrefillDone(t.a.turn_id))
 
     # -- decode ------------------------------------------------------------------------------------
-    def _persist(self, t: _Turn) -> None:
+    def _persist(self, t: _TimelineTurn) -> None:
         t.phase = TurnPhase.PERSISTING
         self._actions.append(Persist(t.a.turn_id))
 

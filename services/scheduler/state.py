@@ -20,6 +20,7 @@ from scheduler.dualpath_policy import SplitAssignment
 from scheduler.policies import SchedulingPolicy
 from scheduler.registry import PolicyKnobs, make_policy, policy_name
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
+from services.blocks import TurnBlocks
 from services.spec import ClusterSpec, Role
 from services.wire.rpc import (
     AssignedTurn,
@@ -99,14 +100,17 @@ class TurnRecord:
     def turn_id(self) -> str:
         return self.pending.turn_id
 
-    def hit_blocks(self, block_tokens: int) -> int:
-        return self.submission.context_tokens // block_tokens
+    def blocks(self, block_tokens: int) -> TurnBlocks:
+        s = self.submission
+        prompt = s.context_tokens + s.append_tokens
+        return TurnBlocks.of(s.context_tokens, prompt, s.gen_tokens, block_tokens)
 
     def assigned(self, block_tokens: int) -> AssignedTurn:
         """The turn as its nodes receive it (it must have been assigned)."""
         a, s = self.assignment, self.submission
         assert a is not None
         prompt = s.context_tokens + s.append_tokens
+        blocks = self.blocks(block_tokens)
         return AssignedTurn(
             turn_id=self.turn_id,
             traj_id=s.traj_id,
@@ -114,15 +118,15 @@ class TurnRecord:
             context_tokens=s.context_tokens,
             prompt_tokens=prompt,
             gen_tokens=s.gen_tokens,
-            hit_blocks=self.hit_blocks(block_tokens),
-            prompt_blocks=-(-prompt // block_tokens),
-            persist_end_block=(prompt + s.gen_tokens) // block_tokens,
+            hit_blocks=blocks.hit,
+            prompt_blocks=blocks.prompt,
+            persist_end_block=blocks.persist_end,
             prefill_node=a.prefill_node,
             prefill_engine=a.prefill_engine,
             decode_node=a.decode_node,
             decode_engine=a.decode_engine,
             read_side=a.read_side.value,
-            reads=read_ranges(a, self.hit_blocks(block_tokens)),
+            reads=read_ranges(a, blocks.hit),
         )
 
 
@@ -284,7 +288,7 @@ class SchedulerState:
                 if turn is None or a is None or turn.finished or turn_id in rep.held:
                     continue
                 p = turn.pending
-                reads = read_ranges(a, turn.hit_blocks(bt))
+                reads = read_ranges(a, turn.blocks(bt).hit)
                 if a.prefill_node == node.node_id:
                     tok[a.prefill_engine] = tok.get(a.prefill_engine, 0) + p.prompt_tokens
                     seq[a.prefill_engine] = seq.get(a.prefill_engine, 0) + 1
@@ -317,7 +321,7 @@ class SchedulerState:
             for node_id in (a.prefill_node, a.decode_node):
                 self.outbox[node_id].append(a.turn_id)
                 self.uncovered[node_id].add(a.turn_id)
-            reads = read_ranges(a, turn.hit_blocks(bt))
+            reads = read_ranges(a, turn.blocks(bt).hit)
             self.read_total[a.prefill_node] += _span(reads.prefill) * bt
             self.read_total[a.decode_node] += _span(reads.decode) * bt
             self.event(
