@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from dualpath.errors import UsageError
+import msgspec
+
+from dualpath.errors import DualPathError, UsageError
 
 MAX_TRAJECTORY_TOKENS = 1 << 20
 """Sanity cap on a loaded trajectory's total tokens (16x the largest Table 2 MaxLen)."""
@@ -358,16 +360,19 @@ def _check_block_tokens(block_tokens: int) -> None:
         raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
 
 
-@dataclass(frozen=True, slots=True)
-class TurnPlan:
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class TurnPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One request of the replay: `context_tokens` are in storage (as far as full blocks go),
     `append_tokens` are new, then `gen_tokens` are decoded (design.md, "Tokens and blocks")."""
 
-    traj_id: int
-    turn_index: int
-    context_tokens: int
-    append_tokens: int
-    gen_tokens: int
+    traj_id: NonNegativeInt
+    turn_index: NonNegativeInt
+    context_tokens: NonNegativeInt
+    append_tokens: PositiveInt
+    gen_tokens: PositiveInt
 
     @property
     def prompt_tokens(self) -> int:
@@ -389,13 +394,49 @@ class TurnPlan:
         return (self.prompt_tokens + self.gen_tokens) // block_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class AgentPlan:
-    traj_id: int
-    seed_blocks: int
+class AgentPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    traj_id: NonNegativeInt
+    seed_blocks: NonNegativeInt
     """Blocks [0, seed_blocks) are written to storage before the run (warm start); 0 when the
     agent starts at turn 0."""
     turns: tuple[TurnPlan, ...]
+    start_after_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    """Emulated seconds after the driver's start when the agent arrives (online mode: its
+    real arrival offset x tau); 0 when every agent starts at once (offline mode)."""
+
+    def __post_init__(self) -> None:
+        for turn in self.turns:
+            if turn.traj_id != self.traj_id:
+                raise ValueError(
+                    f"agent {self.traj_id}: turn {turn.turn_index} is planned for "
+                    f"trajectory {turn.traj_id}"
+                )
+
+
+class ReplayPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the driver replays (agents.json): the runner encodes it, the driver decodes it
+    with every field's type and range checked."""
+
+    agents: tuple[AgentPlan, ...]
+
+    @property
+    def num_turns(self) -> int:
+        return sum(len(a.turns) for a in self.agents)
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes, *, source: str) -> ReplayPlan:
+        """The plan in `data`; PlanFileError naming `source` and the field when it is invalid."""
+        try:
+            return msgspec.json.decode(data, type=cls)
+        except msgspec.DecodeError as exc:
+            raise PlanFileError(f"{source}: not a replay plan: {exc}") from None
+
+
+class PlanFileError(DualPathError):
+    """A replay plan file (agents.json) that does not decode or validate."""
 
 
 def plan_agents(
