@@ -1,4 +1,5 @@
-"""The workload driver: replays agent turns against the scheduler's HTTP API.
+"""The workload driver: replays agent turns (lab.run.workload.ReplayPlan, decoded and checked
+from the runner's agents.json) against the scheduler's HTTP API.
 
 Runs as its own process on the management network (in the scheduler's namespace on the netns
 backend). Seeds warm-start KV, starts every agent at once (offline mode) or at its planned

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from lab.config.models import ConfigError, LabConfig, build_cluster_spec
 from lab.config.topology import topology_for
+from lab.run.backends import state_dir as default_state_dir
 from netem.spec import HostSpec, NicSpec, TopologySpec
 
 if TYPE_CHECKING:
@@ -490,7 +491,6 @@ def run_selftest(
     state_dir: Path | None = None,
 ) -> SelftestReport:
     """Bring the config's network up (own lab id, probes added), measure, take it down."""
-    from lab.run.backends import state_dir as default_state_dir
     from netem.netns import NetnsLab, require_net_admin
 
     require_net_admin()
