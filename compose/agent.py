@@ -258,79 +258,90 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
     return web.json_response(body, status=status)
 
 
+async def _call(fn: Callable[[], Any]) -> web.Response:
+    """Run an agent method off the event loop: its result as 200, a bad value as 400, a
+    refusal as 409."""
+    try:
+        result = await asyncio.to_thread(fn)
+    except (SpecError, KeyError, ValueError, TypeError) as exc:
+        return _json(400, {"error": f"{type(exc).__name__}: {exc}"})
+    except (AgentError, BackendError, Exception) as exc:
+        return _json(409, {"error": f"{type(exc).__name__}: {exc}"})
+    return _json(200, result if isinstance(result, dict) else {"result": result})
+
+
+async def _body(request: web.Request) -> Any:
+    """The request's JSON body ({} when empty); a body that is not JSON is 400."""
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"body is not JSON: {exc}"}),
+            content_type="application/json",
+        ) from None
+
+
+class _Routes:
+    """The agent's HTTP handlers, one per route of http_app."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def info(self, request: web.Request) -> web.Response:
+        return await _call(self.agent.info)
+
+    async def poll(self, request: web.Request) -> web.Response:
+        return await _call(self.agent.poll)
+
+    async def counters(self, request: web.Request) -> web.Response:
+        return await _call(self.agent.counters)
+
+    async def log(self, request: web.Request) -> web.Response:
+        try:
+            data = await asyncio.to_thread(self.agent.log, request.match_info["lab"])
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
+        return web.Response(body=data, content_type="text/plain")
+
+    async def start(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        if not isinstance(data, dict):
+            return _json(400, {"error": 'body must be a JSON object {"spec": ...}'})
+        spec = data.get("spec")
+        return await _call(lambda: self.agent.start(spec))
+
+    async def stop(self, request: web.Request) -> web.Response:
+        return await _call(self.agent.stop)
+
+    async def link(self, request: web.Request) -> web.Response:
+        changes = await _body(request)
+        if not isinstance(changes, dict):
+            return _json(400, {"error": "body must be a JSON object"})
+        return await _call(lambda: self.agent.set_link(request.match_info["nic"], changes))
+
+    async def node(self, request: web.Request) -> web.Response:
+        return await _call(lambda: self.agent.node_action(request.match_info["action"]))
+
+
 def http_app(agent: Agent) -> web.Application:
     """GET /v1/info, /v1/poll, /v1/counters, /v1/log/{lab}; POST /v1/start {spec}, /v1/stop,
     /v1/links/{nic} {changes}, /v1/nodes/{action}. Every route requires the agent's secret
     (401 otherwise); a bad value is 400 naming it, a refused request 409; nothing is changed
     in any of these cases."""
-
-    async def call(fn: Callable[[], Any]) -> web.Response:
-        try:
-            result = await asyncio.to_thread(fn)
-        except (SpecError, KeyError, ValueError, TypeError) as exc:
-            return _json(400, {"error": f"{type(exc).__name__}: {exc}"})
-        except (AgentError, BackendError, Exception) as exc:
-            return _json(409, {"error": f"{type(exc).__name__}: {exc}"})
-        return _json(200, result if isinstance(result, dict) else {"result": result})
-
-    async def body(request: web.Request) -> Any:
-        """The request's JSON body ({} when empty); a body that is not JSON is 400."""
-        raw = await request.read()
-        try:
-            return json.loads(raw) if raw else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise web.HTTPBadRequest(
-                text=json.dumps({"error": f"body is not JSON: {exc}"}),
-                content_type="application/json",
-            ) from None
-
-    async def info(request: web.Request) -> web.Response:
-        return await call(agent.info)
-
-    async def poll(request: web.Request) -> web.Response:
-        return await call(agent.poll)
-
-    async def counters(request: web.Request) -> web.Response:
-        return await call(agent.counters)
-
-    async def log(request: web.Request) -> web.Response:
-        try:
-            data = await asyncio.to_thread(agent.log, request.match_info["lab"])
-        except ValueError as exc:
-            return _json(400, {"error": str(exc)})
-        return web.Response(body=data, content_type="text/plain")
-
-    async def start(request: web.Request) -> web.Response:
-        data = await body(request)
-        if not isinstance(data, dict):
-            return _json(400, {"error": 'body must be a JSON object {"spec": ...}'})
-        spec = data.get("spec")
-        return await call(lambda: agent.start(spec))
-
-    async def stop(request: web.Request) -> web.Response:
-        return await call(agent.stop)
-
-    async def link(request: web.Request) -> web.Response:
-        changes = await body(request)
-        if not isinstance(changes, dict):
-            return _json(400, {"error": "body must be a JSON object"})
-        return await call(lambda: agent.set_link(request.match_info["nic"], changes))
-
-    async def node(request: web.Request) -> web.Response:
-        return await call(lambda: agent.node_action(request.match_info["action"]))
-
+    routes = _Routes(agent)
     app = web.Application(
         client_max_size=AGENT_LIMITS.max_payload_bytes,
         middlewares=[http_bounds.middleware, bearer_middleware(agent.secret)],
     )
-    app.router.add_get("/v1/info", info)
-    app.router.add_get("/v1/poll", poll)
-    app.router.add_get("/v1/counters", counters)
-    app.router.add_get("/v1/log/{lab}", log)
-    app.router.add_post("/v1/start", start)
-    app.router.add_post("/v1/stop", stop)
-    app.router.add_post("/v1/links/{nic}", link)
-    app.router.add_post("/v1/nodes/{action}", node)
+    app.router.add_get("/v1/info", routes.info)
+    app.router.add_get("/v1/poll", routes.poll)
+    app.router.add_get("/v1/counters", routes.counters)
+    app.router.add_get("/v1/log/{lab}", routes.log)
+    app.router.add_post("/v1/start", routes.start)
+    app.router.add_post("/v1/stop", routes.stop)
+    app.router.add_post("/v1/links/{nic}", routes.link)
+    app.router.add_post("/v1/nodes/{action}", routes.node)
     return app
 
 

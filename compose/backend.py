@@ -259,55 +259,80 @@ def run_stack(
     (out_dir / "logs").mkdir(exist_ok=True)
     lab_id = secrets.token_hex(3)
     project = f"dualpath-{lab_id}"
-    doc = render(
-        cfg,
-        RenderOptions(
-            lab=lab_id,
-            image=image,
-            results=str(out_dir),
-            policies=tuple(policies),
-            out="",
-            scenario=scenario_text,
-        ),
+    options = RenderOptions(
+        lab=lab_id,
+        image=image,
+        results=str(out_dir),
+        policies=tuple(policies),
+        out="",
+        scenario=scenario_text,
     )
     file = out_dir / "docker-compose.yml"
-    file.write_text(to_yaml(doc, [f"compose project {project}: dualpath {cfg.name}, lab {lab_id}"]))
+    file.write_text(
+        to_yaml(
+            render(cfg, options), [f"compose project {project}: dualpath {cfg.name}, lab {lab_id}"]
+        )
+    )
     state = RunState(lab_id, "compose", file, None)  # no data directory on the host
     state.data["compose"] = {"project": project, "file": str(file), "cli": list(cli)}
     state.save()
     say(f"[compose] lab {lab_id}: {project} up ({' '.join(cli)}), results in {out_dir}")
     status: int | None = None
     try:
-        try:
-            run_cmd([*cli, "-p", project, "-f", str(file), "up", "-d", "--no-build"])
-        except ComposeError as exc:
-            if "overlaps" not in str(exc):
-                raise
-            n = cfg.network
-            raise ComposeError(
-                f"another Docker network already uses a subnet of this config "
-                f"(network.compute_subnet {n.compute_subnet}, network.storage_subnet "
-                f"{n.storage_subnet}, network.mgmt_subnet {n.mgmt_subnet}): take that stack "
-                "down, or give this run other subnets with --set network.<name>_subnet=..."
-            ) from exc
+        _compose_up(cfg, [*cli, "-p", project, "-f", str(file), "up", "-d", "--no-build"])
         ids = _containers(lab_id)
         state.data["compose"]["containers"] = ids
         state.save()
         status = _follow(ids, out_dir / "logs" / "driver.container.log", progress=progress)
     finally:
-        for node, cid in _containers(lab_id).items():
-            with contextlib.suppress(ComposeError):
-                log = subprocess.run(
-                    ["docker", "logs", cid], capture_output=True, timeout=60, check=False
-                )
-                (out_dir / "logs" / f"{node}.container.log").write_bytes(log.stdout + log.stderr)
-        removed = down_stack(state.data)
-        left = leftovers(lab_id)
-        state.remove()
-        say(f"[compose] lab {lab_id} down: removed {len(removed)} objects")
-        if any(left.values()):
-            raise ComposeError(f"lab {lab_id} left {left} behind after down")
-    result = out_dir / ("summary.json" if len(policies) == 1 else "comparison.json")
+        _save_container_logs(lab_id, out_dir / "logs")
+        _take_down(state, say)
+    return _stack_result(
+        out_dir, "summary.json" if len(policies) == 1 else "comparison.json", status
+    )
+
+
+def _compose_up(cfg: LabConfig, argv: list[str]) -> None:
+    """`compose up`; a subnet another Docker network already uses is named with its setting."""
+    try:
+        run_cmd(argv)
+    except ComposeError as exc:
+        if "overlaps" not in str(exc):
+            raise
+        n = cfg.network
+        raise ComposeError(
+            f"another Docker network already uses a subnet of this config "
+            f"(network.compute_subnet {n.compute_subnet}, network.storage_subnet "
+            f"{n.storage_subnet}, network.mgmt_subnet {n.mgmt_subnet}): take that stack "
+            "down, or give this run other subnets with --set network.<name>_subnet=..."
+        ) from exc
+
+
+def _save_container_logs(lab_id: str, logs: Path) -> None:
+    """Every container's output to logs/NODE.container.log (a container gone is skipped)."""
+    for node, cid in _containers(lab_id).items():
+        with contextlib.suppress(ComposeError):
+            log = subprocess.run(
+                ["docker", "logs", cid], capture_output=True, timeout=60, check=False
+            )
+            (logs / f"{node}.container.log").write_bytes(log.stdout + log.stderr)
+
+
+def _take_down(state: RunState, say: Say) -> None:
+    """Remove the stack and the lab's record; ComposeError when something of it is left."""
+    lab_id = str(state.data["lab_id"])
+    removed = down_stack(state.data)
+    left = leftovers(lab_id)
+    state.remove()
+    say(f"[compose] lab {lab_id} down: removed {len(removed)} objects")
+    if any(left.values()):
+        raise ComposeError(f"lab {lab_id} left {left} behind after down")
+
+
+def _stack_result(out_dir: Path, name: str, status: int | None) -> dict[str, Any]:
+    """The driver container's result file `name`; RunError with its last words when it
+    failed or wrote none."""
+    result = out_dir / name
     if status != 0 or not result.exists():
         why = _tail(out_dir / "logs" / "driver.container.log")
         raise RunError(

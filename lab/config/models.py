@@ -438,6 +438,101 @@ def _host(subnet: str, offset: int) -> str:
     return str(ipaddress.IPv4Network(subnet)[offset])
 
 
+class _Addresser:
+    """Hands out endpoints: one address per node per network with fixed ports, or (local)
+    127.0.0.1 with consecutive ports from `base_port`, in the order they are asked for."""
+
+    def __init__(self, *, local: bool, base_port: int) -> None:
+        self.local = local
+        self.next_port = base_port
+
+    def ports(self, n: int) -> list[int]:
+        """The next `n` local ports (all 0 on a shaped backend, where ports are fixed)."""
+        if not self.local:
+            return [0] * n
+        got = list(range(self.next_port, self.next_port + n))
+        self.next_port += n
+        return got
+
+    def endpoint(self, subnet: str, offset: int, port: int, local_port: int) -> Endpoint:
+        if self.local:
+            return Endpoint(host="127.0.0.1", port=local_port)
+        return Endpoint(host=_host(subnet, offset), port=port)
+
+
+def _check_backend(backend: str, base_port: int) -> None:
+    if backend not in ("netns", "compose", "local"):
+        raise ConfigError(f"unknown backend {backend!r}; valid backends: netns, compose, local")
+    if backend == "local" and base_port < 1024:
+        raise ConfigError(f"the local backend needs base_port >= 1024, got {base_port}")
+
+
+def _engine_nodes(cfg: LabConfig, addr: _Addresser) -> list[NodeSpec]:
+    """The prefill then decode nodes, host offsets from 10 in that order."""
+    net, c, s = cfg.network, cfg.cluster, cfg.scaling
+    local = addr.local
+    gpu_kv_tokens = int(c.gpu_kv_capacity_gb * 1e9 / cfg.model.kv_bytes_per_token)
+    nodes: list[NodeSpec] = []
+    host_offset = 10
+    for role, count in [(Role.PREFILL, c.prefill_nodes), (Role.DECODE, c.decode_nodes)]:
+        for i in range(count):
+            p_data, p_coll, p_mgmt = addr.ports(3)
+            nodes.append(
+                NodeSpec(
+                    node_id=f"{role.value}-{i}",
+                    role=role,
+                    index=i,
+                    num_gpus=c.gpus_per_node,
+                    mgmt=addr.endpoint(net.mgmt_subnet, host_offset, PORT_MGMT, p_mgmt),
+                    cnic=addr.endpoint(net.compute_subnet, host_offset, PORT_DATA, p_data),
+                    collective=addr.endpoint(
+                        net.compute_subnet, host_offset, PORT_COLLECTIVE, p_coll
+                    ),
+                    snic_host="127.0.0.1" if local else _host(net.storage_subnet, host_offset),
+                    cnic_rate_mbit=None if local else cfg.cnic_rate_mbit,
+                    snic_rate_mbit=None if local else cfg.snic_rate_mbit,
+                    dram_buffer_bytes=int(
+                        c.dram_buffer_gb * 1e9 * s.bandwidth_scale * s.time_dilation
+                    ),
+                    gpu_kv_capacity_tokens=gpu_kv_tokens,
+                )
+            )
+            host_offset += 1
+    return nodes
+
+
+def _storage_nodes(cfg: LabConfig, addr: _Addresser) -> list[NodeSpec]:
+    """The storage servers, host offsets from 100."""
+    net = cfg.network
+    nodes: list[NodeSpec] = []
+    for i in range(cfg.cluster.storage_servers):
+        p_store, p_mgmt = addr.ports(2)
+        offset = 100 + i
+        nodes.append(
+            NodeSpec(
+                node_id=f"storage-{i}",
+                role=Role.STORAGE,
+                index=i,
+                mgmt=addr.endpoint(net.mgmt_subnet, offset, PORT_MGMT, p_mgmt),
+                storage=addr.endpoint(net.storage_subnet, offset, PORT_STORAGE, p_store),
+            )
+        )
+    return nodes
+
+
+def _profile(cfg: LabConfig) -> ProfileSpec:
+    """The emulated model: its layers, block size, KV bytes per token and cost model."""
+    return ProfileSpec(
+        name=cfg.model.name,
+        num_layers=cfg.model.num_layers,
+        layer_groups=cfg.model.layer_groups,
+        block_tokens=cfg.model.block_tokens,
+        kv_bytes_per_token=cfg.emulated_kv_bytes_per_token,
+        cost=cfg.model.cost_params(),
+        time_dilation=cfg.scaling.time_dilation,
+    )
+
+
 def build_cluster_spec(
     cfg: LabConfig, *, lab_id: str, backend: str, data_dir: Path, base_port: int = 0
 ) -> ClusterSpec:
@@ -446,101 +541,36 @@ def build_cluster_spec(
     `netns`/`compose`: one address per node per network, fixed ports. `local`: everything on
     127.0.0.1 with per-node ports starting at `base_port`, no shaping (for tests).
     """
-    if backend not in ("netns", "compose", "local"):
-        raise ConfigError(f"unknown backend {backend!r}; valid backends: netns, compose, local")
+    _check_backend(backend, base_port)
     local = backend == "local"
-    if local and base_port < 1024:
-        raise ConfigError(f"the local backend needs base_port >= 1024, got {base_port}")
-    net = cfg.network
-    c = cfg.cluster
-    s = cfg.scaling
-    dil_bytes = s.bandwidth_scale * s.time_dilation
-    kv_tok = cfg.emulated_kv_bytes_per_token
-    nodes: list[NodeSpec] = []
-    next_port = base_port
-
-    def ports(n: int) -> list[int]:
-        nonlocal next_port
-        got = list(range(next_port, next_port + n))
-        next_port += n
-        return got
-
-    def ep(subnet: str, offset: int, port: int, local_port: int) -> Endpoint:
-        if local:
-            return Endpoint(host="127.0.0.1", port=local_port)
-        return Endpoint(host=_host(subnet, offset), port=port)
-
-    gpu_kv_tokens = int(c.gpu_kv_capacity_gb * 1e9 / cfg.model.kv_bytes_per_token)
-    engine_roles = [(Role.PREFILL, c.prefill_nodes), (Role.DECODE, c.decode_nodes)]
-    host_offset = 10
-    for role, count in engine_roles:
-        for i in range(count):
-            p_data, p_coll, p_mgmt = ports(3) if local else (0, 0, 0)
-            nodes.append(
-                NodeSpec(
-                    node_id=f"{role.value}-{i}",
-                    role=role,
-                    index=i,
-                    num_gpus=c.gpus_per_node,
-                    mgmt=ep(net.mgmt_subnet, host_offset, PORT_MGMT, p_mgmt),
-                    cnic=ep(net.compute_subnet, host_offset, PORT_DATA, p_data),
-                    collective=ep(net.compute_subnet, host_offset, PORT_COLLECTIVE, p_coll),
-                    snic_host="127.0.0.1" if local else _host(net.storage_subnet, host_offset),
-                    cnic_rate_mbit=None if local else cfg.cnic_rate_mbit,
-                    snic_rate_mbit=None if local else cfg.snic_rate_mbit,
-                    dram_buffer_bytes=int(c.dram_buffer_gb * 1e9 * dil_bytes),
-                    gpu_kv_capacity_tokens=gpu_kv_tokens,
-                )
-            )
-            host_offset += 1
-    for i in range(c.storage_servers):
-        p_store, p_mgmt = ports(2) if local else (0, 0)
-        offset = 100 + i
-        nodes.append(
-            NodeSpec(
-                node_id=f"storage-{i}",
-                role=Role.STORAGE,
-                index=i,
-                mgmt=ep(net.mgmt_subnet, offset, PORT_MGMT, p_mgmt),
-                storage=ep(net.storage_subnet, offset, PORT_STORAGE, p_store),
-            )
-        )
-    p_grpc, p_http, p_mgmt = ports(3) if local else (0, 0, 0)
-    sched_mgmt = ep(net.mgmt_subnet, 2, PORT_MGMT, p_mgmt)
+    addr = _Addresser(local=local, base_port=base_port)
+    net, s, sched = cfg.network, cfg.scaling, cfg.scheduling
+    nodes = [*_engine_nodes(cfg, addr), *_storage_nodes(cfg, addr)]
+    p_grpc, p_http, p_mgmt = addr.ports(3)
+    sched_mgmt = addr.endpoint(net.mgmt_subnet, 2, PORT_MGMT, p_mgmt)
     nodes.append(NodeSpec(node_id="scheduler", role=Role.SCHEDULER, index=0, mgmt=sched_mgmt))
-    profile = ProfileSpec(
-        name=cfg.model.name,
-        num_layers=cfg.model.num_layers,
-        layer_groups=cfg.model.layer_groups,
-        block_tokens=cfg.model.block_tokens,
-        kv_bytes_per_token=kv_tok,
-        cost=cfg.model.cost_params(),
-        time_dilation=s.time_dilation,
-    )
     return ClusterSpec(
         lab_id=lab_id,
         backend=backend,
         policy=cfg.policy,
         bandwidth_scale=s.bandwidth_scale,
         time_dilation=s.time_dilation,
-        profile=profile,
+        profile=_profile(cfg),
         nodes=tuple(nodes),
-        grpc=ep(net.mgmt_subnet, 2, PORT_GRPC, p_grpc),
-        http=ep(net.mgmt_subnet, 2, PORT_HTTP, p_http),
-        pull_interval_s=cfg.scheduling.pull_interval_ms / 1000.0 * s.time_dilation,
+        grpc=addr.endpoint(net.mgmt_subnet, 2, PORT_GRPC, p_grpc),
+        http=addr.endpoint(net.mgmt_subnet, 2, PORT_HTTP, p_http),
+        pull_interval_s=sched.pull_interval_ms / 1000.0 * s.time_dilation,
         alpha_tokens=cfg.derived_alpha_tokens(),
         beta_tokens=cfg.derived_beta_tokens(),
-        collective_bytes_per_step=int(cfg.scheduling.collective_kbytes_per_step * 1024),
-        selector=cfg.scheduling.selector,
-        split_reads=cfg.scheduling.split_reads,
-        baseline_read_side=cfg.scheduling.baseline_read_side,
-        node_timeout_s=cfg.scheduling.node_timeout_s,
-        isolation=cfg.network.isolation,
+        collective_bytes_per_step=int(sched.collective_kbytes_per_step * 1024),
+        selector=sched.selector,
+        split_reads=sched.split_reads,
+        baseline_read_side=sched.baseline_read_side,
+        node_timeout_s=sched.node_timeout_s,
+        isolation=net.isolation,
         turn_retries=cfg.workload.turn_retries,
         retry_backoff_s=cfg.workload.retry_backoff_s,
-        compute_quota_s=None
-        if cfg.scheduling.compute_quota_ms is None
-        else cfg.scheduling.compute_quota_ms / 1000.0,
+        compute_quota_s=None if sched.compute_quota_ms is None else sched.compute_quota_ms / 1000.0,
         data_dir=str(data_dir),
         subnets={}
         if local

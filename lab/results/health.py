@@ -376,46 +376,10 @@ def assess(
     reason), else "unknown" when no timeline reported a step in the window (lateness, the
     figure that matters most, was not measured), else "healthy"."""
     start, end = window
-    processes: dict[str, dict[str, Any]] = {}
-    not_reported = []
-    all_steps: list[list[float]] = []
-    for name, value in sorted(health_by_process.items()):
-        snaps = _snapshots(value)
-        if not snaps:
-            not_reported.append(str(name))
-        for snap in snaps:
-            node_paused = (paused or {}).get(str(snap.get("process", name)), ())
-            entry = _process_entry(
-                {"process": name, **snap},
-                start,
-                end,
-                thresholds.timer_allowance_ms,
-                thresholds.timeline_lateness_p99,
-                node_paused,
-            )
-            key = entry["process"]
-            if entry["part"] and entry["part"] != key:
-                key = f"{key}/{entry['part']}"
-            if key in processes:  # a restarted process: tell the two apart by pid
-                key = f"{key}@{entry['pid']}"
-            processes[key] = entry
-            if _is_timeline(entry):
-                all_steps += _outside(
-                    _rows(snap.get("steps"), 4, start, end),
-                    node_paused,
-                    lambda r: (r[0], r[0] + r[2] / 1e3),
-                )
-    host = host_health(host_samples, start, end)
-    rates = dict(storage_mbit or {})
-    fastest = max(rates.values(), default=None)
-
-    def rate(entry: Mapping[str, Any]) -> float | None:
-        # a storage server serves every engine node: the fastest storage NIC is its bound
-        return fastest if entry["part"] == "storage" else rates.get(entry["process"])
-
-    reasons = [
-        r for key, entry in processes.items() for r in _judge(key, entry, thresholds, rate(entry))
-    ]
+    processes, not_reported, all_steps = _collect(
+        health_by_process, start, end, thresholds, paused or {}
+    )
+    reasons = _reasons(processes, thresholds, storage_mbit or {})
     timelines = {k: e for k, e in processes.items() if _is_timeline(e)}
     measured = {k: e for k, e in timelines.items() if e["steps"]["num_steps"]}
     verdict: Verdict = HOST_BOUND if reasons else (HEALTHY if measured else UNKNOWN)
@@ -424,14 +388,6 @@ def assess(
             "no timeline process reported an emulated GPU step in the measured window: "
             "step lateness was not measured"
         )
-    worst: dict[str, Any] = {"process": None, "rel_late_p99": None, "loop_lag_p99_ms": None}
-    ranked = [(e["steps"]["rel_late"]["p99"], k) for k, e in measured.items()]
-    ranked = [(v, k) for v, k in ranked if v is not None]
-    if ranked:
-        worst["rel_late_p99"], worst["process"] = max(ranked)
-    lags = [e["loop_lag_ms"]["p99"] for e in timelines.values()]
-    lags = [v for v in lags if v is not None]
-    worst["loop_lag_p99_ms"] = max(lags) if lags else None
     return {
         "verdict": verdict,
         "reasons": reasons,
@@ -441,12 +397,91 @@ def assess(
             "finished_at": end,
             "duration_s": round(end - start, 3),
         },
-        "worst": worst,
-        "host": host,
+        "worst": _worst(timelines, measured),
+        "host": host_health(host_samples, start, end),
         "processes": processes,
         "not_reported": not_reported,
         "lateness_per_s": lateness_per_s(all_steps, start),
     }
+
+
+def _collect(
+    health_by_process: Mapping[str, Any],
+    start: float,
+    end: float,
+    thresholds: Thresholds,
+    paused: Mapping[str, Sequence[tuple[float, float]]],
+) -> tuple[dict[str, dict[str, Any]], list[str], list[list[float]]]:
+    """Every snapshot's entry (keyed process[/part][@pid]), the processes that reported
+    nothing, and the timelines' step rows in the window outside their node's pauses."""
+    processes: dict[str, dict[str, Any]] = {}
+    not_reported = []
+    all_steps: list[list[float]] = []
+    for name, value in sorted(health_by_process.items()):
+        snaps = _snapshots(value)
+        if not snaps:
+            not_reported.append(str(name))
+        for snap in snaps:
+            node_paused = paused.get(str(snap.get("process", name)), ())
+            entry = _process_entry(
+                {"process": name, **snap},
+                start,
+                end,
+                thresholds.timer_allowance_ms,
+                thresholds.timeline_lateness_p99,
+                node_paused,
+            )
+            processes[_entry_key(entry, processes)] = entry
+            if _is_timeline(entry):
+                all_steps += _outside(
+                    _rows(snap.get("steps"), 4, start, end),
+                    node_paused,
+                    lambda r: (r[0], r[0] + r[2] / 1e3),
+                )
+    return processes, not_reported, all_steps
+
+
+def _entry_key(entry: Mapping[str, Any], taken: Mapping[str, Any]) -> str:
+    """process, process/part when the part is not the whole process, and @pid for a
+    restarted process (a key already `taken`)."""
+    key = str(entry["process"])
+    if entry["part"] and entry["part"] != key:
+        key = f"{key}/{entry['part']}"
+    if key in taken:  # a restarted process: tell the two apart by pid
+        key = f"{key}@{entry['pid']}"
+    return key
+
+
+def _reasons(
+    processes: Mapping[str, Mapping[str, Any]],
+    thresholds: Thresholds,
+    storage_mbit: Mapping[str, float],
+) -> list[str]:
+    """Every measure above its threshold, each process judged against its storage NIC rate."""
+    fastest = max(storage_mbit.values(), default=None)
+
+    def rate(entry: Mapping[str, Any]) -> float | None:
+        # a storage server serves every engine node: the fastest storage NIC is its bound
+        return fastest if entry["part"] == "storage" else storage_mbit.get(entry["process"])
+
+    return [
+        r for key, entry in processes.items() for r in _judge(key, entry, thresholds, rate(entry))
+    ]
+
+
+def _worst(
+    timelines: Mapping[str, Mapping[str, Any]], measured: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The timeline process with the highest p99 relative lateness, and the highest loop lag."""
+    worst: dict[str, Any] = {"process": None, "rel_late_p99": None, "loop_lag_p99_ms": None}
+    ranked = [(e["steps"]["rel_late"]["p99"], k) for k, e in measured.items()]
+    ranked = [(v, k) for v, k in ranked if v is not None]
+    if ranked:
+        worst["rel_late_p99"], worst["process"] = max(ranked)
+    lags = [e["loop_lag_ms"]["p99"] for e in timelines.values()]
+    lags = [v for v in lags if v is not None]
+    worst["loop_lag_p99_ms"] = max(lags) if lags else None
+    return worst
 
 
 def verdict_of(summary: Mapping[str, Any]) -> Verdict:

@@ -117,51 +117,8 @@ def account(
     without a known sender; the pairs that do not balance, and the bytes lost to faults."""
     incs = incarnations(cluster_before, cluster_after)
     reads, restarted = storage_reads(storage_before, storage_after)
-    pairs: list[_Pair] = []
-    unmatched: list[dict[str, Any]] = []
-
-    for node, by_client in reads.items():
-        for client, n in by_client.items():
-            if client not in incs:
-                unmatched.append({"kind": "storage", "from": node, "to": client, "bytes": n})
-    for storage in sorted(
-        set(reads) | {k[8:] for i in incs.values() for k in i.ledger if k.startswith("storage<")}
-    ):
-        for inc in incs.values():
-            got = inc.ledger.get(f"storage<{storage}", 0)
-            served = reads.get(storage, {}).get(inc.name, 0)
-            if got or served:
-                whole = inc.whole and storage not in restarted
-                pairs.append(_Pair("storage", storage, inc.name, served, got, whole))
-
-    for inc in incs.values():
-        for key, n in inc.ledger.items():
-            for kind in KV_KINDS:
-                if key.startswith(f"{kind}<") and key[len(kind) + 1 :] not in incs:
-                    unmatched.append(
-                        {"kind": kind, "from": key[len(kind) + 1 :], "to": inc.name, "bytes": n}
-                    )
-    for sender in incs.values():
-        receivers = {
-            (kind, key[len(kind) + 1 :])
-            for key in sender.ledger
-            for kind in KV_KINDS
-            if key.startswith(f"{kind}>")
-        }
-        receivers |= {
-            (kind, r.node)
-            for r in incs.values()
-            for kind in KV_KINDS
-            if f"{kind}<{sender.name}" in r.ledger
-        }
-        for kind, node in sorted(receivers):
-            received = sum(
-                r.ledger.get(f"{kind}<{sender.name}", 0) for r in incs.values() if r.node == node
-            )
-            whole = sender.whole and _stable(node, incs.values())
-            sent = sender.ledger.get(f"{kind}>{node}", 0)
-            pairs.append(_Pair(kind, sender.name, node, sent, received, whole))
-
+    pairs = [*_storage_pairs(incs, reads, restarted), *_kv_pairs(incs)]
+    unmatched = [*_unknown_storage_clients(incs, reads), *_unknown_kv_senders(incs)]
     mismatched = [p for p in pairs if p.whole and p.sent != p.received]
     faulted = [p for p in pairs if not p.whole]
     return {
@@ -175,3 +132,80 @@ def account(
         "fault_pairs": [p.wire() for p in faulted][:MAX_LISTED_PAIRS],
         "restarted": sorted({i.node for i in incs.values() if not i.whole} | restarted),
     }
+
+
+def _unknown_storage_clients(
+    incs: Mapping[str, Incarnation], reads: Mapping[str, Mapping[str, int]]
+) -> list[dict[str, Any]]:
+    """Bytes a storage server sent to a client incarnation the scheduler never heard from."""
+    return [
+        {"kind": "storage", "from": node, "to": client, "bytes": n}
+        for node, by_client in reads.items()
+        for client, n in by_client.items()
+        if client not in incs
+    ]
+
+
+def _unknown_kv_senders(incs: Mapping[str, Incarnation]) -> list[dict[str, Any]]:
+    """KV bytes an engine verified from a sender incarnation nobody knows."""
+    out = []
+    for inc in incs.values():
+        for key, n in inc.ledger.items():
+            for kind in KV_KINDS:
+                if key.startswith(f"{kind}<") and key[len(kind) + 1 :] not in incs:
+                    out.append(
+                        {"kind": kind, "from": key[len(kind) + 1 :], "to": inc.name, "bytes": n}
+                    )
+    return out
+
+
+def _storage_pairs(
+    incs: Mapping[str, Incarnation],
+    reads: Mapping[str, Mapping[str, int]],
+    restarted: set[str],
+) -> list[_Pair]:
+    """(storage server, engine incarnation) pairs: bytes the server's reads sent against the
+    bytes the engine verified from it."""
+    pairs = []
+    for storage in sorted(
+        set(reads) | {k[8:] for i in incs.values() for k in i.ledger if k.startswith("storage<")}
+    ):
+        for inc in incs.values():
+            got = inc.ledger.get(f"storage<{storage}", 0)
+            served = reads.get(storage, {}).get(inc.name, 0)
+            if got or served:
+                whole = inc.whole and storage not in restarted
+                pairs.append(_Pair("storage", storage, inc.name, served, got, whole))
+    return pairs
+
+
+def _receivers(sender: Incarnation, incs: Mapping[str, Incarnation]) -> set[tuple[str, str]]:
+    """(kind, node) the sender says it sent to, or that say they received from it."""
+    receivers = {
+        (kind, key[len(kind) + 1 :])
+        for key in sender.ledger
+        for kind in KV_KINDS
+        if key.startswith(f"{kind}>")
+    }
+    receivers |= {
+        (kind, r.node)
+        for r in incs.values()
+        for kind in KV_KINDS
+        if f"{kind}<{sender.name}" in r.ledger
+    }
+    return receivers
+
+
+def _kv_pairs(incs: Mapping[str, Incarnation]) -> list[_Pair]:
+    """(sender incarnation, receiving node) pairs of KV and relay bytes: sent against the
+    bytes every incarnation of the receiver verified from that sender."""
+    pairs = []
+    for sender in incs.values():
+        for kind, node in sorted(_receivers(sender, incs)):
+            received = sum(
+                r.ledger.get(f"{kind}<{sender.name}", 0) for r in incs.values() if r.node == node
+            )
+            whole = sender.whole and _stable(node, incs.values())
+            sent = sender.ledger.get(f"{kind}>{node}", 0)
+            pairs.append(_Pair(kind, sender.name, node, sent, received, whole))
+    return pairs

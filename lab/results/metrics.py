@@ -159,6 +159,22 @@ def _busy_end(curve: Sequence[tuple[float, list[int]]], fraction: float) -> floa
     return curve[-1][0]
 
 
+def _no_snic_balance(window_s: float, busy_fraction: float) -> dict[str, Any]:
+    """snic_balance's answer before anything is measured: every figure None."""
+    return {
+        "whole_run": None,
+        "mean_interval": None,
+        "mean_window": None,
+        "max_window": None,
+        "busy": None,
+        "num_windows": 0,
+        "window_s": window_s,
+        "busy_fraction": busy_fraction,
+        "busy_s": None,
+        "num_nodes": 0,
+    }
+
+
 def snic_balance(
     samples: Sequence[Sample],
     start: float,
@@ -196,18 +212,7 @@ def snic_balance(
     if not 0 < busy_fraction <= 1:
         raise ValueError(f"busy_fraction must be in (0, 1], got {busy_fraction}")
     inside = [s for s in samples if start <= s["t"] <= end]
-    out: dict[str, Any] = {
-        "whole_run": None,
-        "mean_interval": None,
-        "mean_window": None,
-        "max_window": None,
-        "busy": None,
-        "num_windows": 0,
-        "window_s": window_s,
-        "busy_fraction": busy_fraction,
-        "busy_s": None,
-        "num_nodes": 0,
-    }
+    out = _no_snic_balance(window_s, busy_fraction)
     if len(inside) < 2:
         return out
     first, last = _engine_reads(inside[0]), _engine_reads(inside[-1])
@@ -217,31 +222,49 @@ def snic_balance(
         return out
     whole = _max_over_avg([last[n] - first[n] for n in nodes])
     out["whole_run"] = None if whole is None else round(whole, 4)
+    out["mean_interval"] = _mean_interval_balance(inside, nodes)
+    curve = _read_curve(inside, nodes)
+    if len(curve) < 2 or whole is None:
+        return out
+    out.update(_busy_balance(curve, window_s, busy_fraction))
+    return out
+
+
+def _mean_interval_balance(inside: Sequence[Sample], nodes: Sequence[str]) -> float | None:
+    """snic_balance's `mean_interval`: max/avg per pair of consecutive samples, averaged."""
     per_interval = []
     for a, b in itertools.pairwise(inside):
         ra, rb = _engine_reads(a), _engine_reads(b)
         r = _max_over_avg([rb[n] - ra[n] for n in nodes if n in ra and n in rb])
         if r is not None:
             per_interval.append(r)
-    if per_interval:
-        out["mean_interval"] = round(sum(per_interval) / len(per_interval), 4)
-    curve = _read_curve(inside, nodes)
-    if len(curve) < 2 or whole is None:
-        return out
-    t0 = curve[0][0]
-    t_end = _busy_end(curve, busy_fraction)
-    out["busy_s"] = round(t_end - t0, 3)
-    busy = _max_over_avg(
-        [b - a for a, b in zip(_interp(curve, t0), _interp(curve, t_end), strict=True)]
-    )
-    out["busy"] = None if busy is None else round(busy, 4)
+    return round(sum(per_interval) / len(per_interval), 4) if per_interval else None
+
+
+def _window_edges(t0: float, t_end: float, window_s: float) -> list[float]:
+    """Window edges from `t0` every `window_s` up to `t_end`; a last partial window is kept
+    when it is at least half as long."""
     edges = [t0]
     while edges[-1] + window_s <= t_end + 1e-9:
         edges.append(edges[-1] + window_s)
     if t_end - edges[-1] >= window_s / 2:
         edges.append(t_end)
+    return edges
+
+
+def _busy_balance(
+    curve: Sequence[tuple[float, list[int]]], window_s: float, busy_fraction: float
+) -> dict[str, Any]:
+    """snic_balance's busy-part figures: `busy_s`, `busy`, and the per-window ones."""
+    t0 = curve[0][0]
+    t_end = _busy_end(curve, busy_fraction)
+    out: dict[str, Any] = {"busy_s": round(t_end - t0, 3)}
+    busy = _max_over_avg(
+        [b - a for a, b in zip(_interp(curve, t0), _interp(curve, t_end), strict=True)]
+    )
+    out["busy"] = None if busy is None else round(busy, 4)
     ratios = []
-    for lo, hi in itertools.pairwise(edges):
+    for lo, hi in itertools.pairwise(_window_edges(t0, t_end, window_s)):
         va, vb = _interp(curve, lo), _interp(curve, hi)
         r = _max_over_avg([y - x for x, y in zip(va, vb, strict=True)])
         if r is not None:
@@ -492,9 +515,65 @@ def summarize(
     their retries and bytes that do not balance are."""
     turns = driver["turns"]
     ok = [t for t in turns if t["error"] is None and t["done_at"] is not None]
-    errors = [
-        f"traj {t['traj_id']} turn {t['turn_index']}: {t['error']}" for t in turns if t["error"]
-    ]
+    started, finished = driver["started_at"], driver["finished_at"]
+    cluster = driver.get("cluster", {})
+    node_counters = {n: v.get("counters", {}) for n, v in cluster.items()}
+    return {
+        "config": config_name,
+        "policy": policy,
+        "backend": backend,
+        "num_agents": num_agents,
+        **_turn_counts(turns, ok),
+        **_speed(ok, float(driver["jct_s"]), time_dilation),
+        **_latencies(ok, len(turns), time_dilation),
+        "nics": nic_utilisation(samples, started, finished),
+        "snic_balance": snic_balance(samples, started, finished),
+        "collective_latency_ms": {
+            node: percentiles(ms) for node, ms in driver.get("collective_ms", {}).items() if ms
+        },
+        "attention_balance": attention_balance_summary(
+            driver.get("prefill_steps", {}), started, finished
+        ),
+        **_bytes_moved(driver, node_counters),
+        "node_restarts": sum(1 for v in cluster.values() if v.get("retired")),
+        "bytes_written": _total(node_counters, "bytes_written"),
+        "read_sides": _read_sides(ok),
+        "engine_busy_s": {n: c.get("engine_busy_s") for n, c in node_counters.items()},
+        **_error_report(turns, node_counters, faults_injected=faults_injected),
+    }
+
+
+def _total(node_counters: dict[str, dict[str, Any]], key: str) -> int:
+    """One counter summed over the nodes."""
+    return int(sum(int(c.get(key, 0)) for c in node_counters.values()))
+
+
+def _turn_counts(turns: Sequence[dict[str, Any]], ok: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Turns done and failed, and what their retries took."""
+    return {
+        "turns_done": len(ok),
+        "turns_failed": len(turns) - len(ok),
+        "turns_retried": sum(int(t.get("attempts", 1)) > 1 for t in turns),
+        "retries": sum(int(t.get("attempts", 1)) - 1 for t in turns),
+        "attempts_timed_out": sum(int(t.get("timed_out", 0)) for t in turns),
+    }
+
+
+def _speed(ok: Sequence[dict[str, Any]], jct: float, time_dilation: float) -> dict[str, float]:
+    """JCT (emulated and real) and the token throughput of the finished turns."""
+    tokens = sum(t["prompt_tokens"] + t["gen_tokens"] for t in ok)
+    return {
+        "jct_s": round(jct, 3),
+        "real_jct_s": round(jct / time_dilation, 6),
+        "time_dilation": time_dilation,
+        "throughput_tokens_per_s": round(tokens / jct, 1) if jct > 0 else 0.0,
+    }
+
+
+def _latencies(
+    ok: Sequence[dict[str, Any]], num_turns: int, time_dilation: float
+) -> dict[str, Any]:
+    """TTFT (and its breakdown), TTST and TPOT percentiles, and the SLO attainment."""
     ttft = [t["first_token_at"] - t["submitted_at"] for t in ok if t["first_token_at"]]
     ttst = [
         t["second_token_at"] - t["first_token_at"]
@@ -506,17 +585,19 @@ def summarize(
         for t in ok
         if t["second_token_at"] and t["gen_tokens"] > 2
     ]
-    jct = float(driver["jct_s"])
-    tokens = sum(t["prompt_tokens"] + t["gen_tokens"] for t in ok)
-    cluster = driver.get("cluster", {})
-    node_counters = {n: v.get("counters", {}) for n, v in cluster.items()}
+    return {
+        "ttft_s": percentiles(ttft),
+        "ttft_breakdown": ttft_breakdown(ok),
+        "ttst_s": percentiles(ttst),
+        "tpot_ms": percentiles(tpot),
+        "slo": slo_attainment(ok, num_turns, time_dilation),
+    }
 
-    def total(key: str) -> int:
-        return int(sum(int(c.get(key, 0)) for c in node_counters.values()))
 
-    before = driver.get("storage_before", {})
-    after = driver.get("storage_after", {})
-    storage_read = sum(
+def _storage_bytes_read(before: dict[str, Any], after: dict[str, Any]) -> int:
+    """Bytes the storage servers read during the run; a server that restarted (another
+    `boot`) counts from zero."""
+    return sum(
         int(after[n]["bytes_read"])
         - (
             int(before[n]["bytes_read"])
@@ -525,12 +606,51 @@ def summarize(
         )
         for n in after
     )
-    ledger = account(driver.get("cluster_before", {}), cluster, before, after)
+
+
+def _bytes_moved(
+    driver: dict[str, Any], node_counters: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Bytes read, relayed and verified, and whether they balance (the byte ledger)."""
+    before = driver.get("storage_before", {})
+    after = driver.get("storage_after", {})
+    storage_read = _storage_bytes_read(before, after)
+    ledger = account(driver.get("cluster_before", {}), driver.get("cluster", {}), before, after)
     faulted = bool(ledger["restarted"])
-    bytes_verified = total("bytes_verified")
-    relayed = total("bytes_relay_sent") + total("bytes_pd_sent")
-    node_errors = total("errors")
-    transient = total("errors_transient")
+    bytes_verified = _total(node_counters, "bytes_verified")
+    relayed = _total(node_counters, "bytes_relay_sent") + _total(node_counters, "bytes_pd_sent")
+    return {
+        "bytes_storage_read": storage_read,
+        "bytes_relayed": relayed,
+        "bytes_verified": bytes_verified,
+        "bytes_accounted": ledger["balanced"]
+        and (faulted or bytes_verified == storage_read + relayed),
+        "byte_ledger": ledger,
+    }
+
+
+def _read_sides(ok: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Finished turns per read side (prefill, decode, split, None)."""
+    read_sides: dict[str, int] = {}
+    for t in ok:
+        side = str(t.get("read_side"))
+        read_sides[side] = read_sides.get(side, 0) + 1
+    return read_sides
+
+
+def _error_report(
+    turns: Sequence[dict[str, Any]],
+    node_counters: dict[str, dict[str, Any]],
+    *,
+    faults_injected: bool,
+) -> dict[str, Any]:
+    """The turns' and nodes' errors; a node's transient errors (a lost peer) are failures
+    unless faults were injected, when they are reported apart as `fault_errors`."""
+    errors = [
+        f"traj {t['traj_id']} turn {t['turn_index']}: {t['error']}" for t in turns if t["error"]
+    ]
+    node_errors = _total(node_counters, "errors")
+    transient = _total(node_counters, "errors_transient")
     fault_errors: list[str] = []
     for node, c in node_counters.items():
         errors += [f"{node}: {e}" for e in c.get("last_errors", [])]
@@ -539,48 +659,7 @@ def summarize(
         errors += fault_errors
         node_errors += transient
         fault_errors, transient = [], 0
-    read_sides: dict[str, int] = {}
-    for t in ok:
-        side = str(t.get("read_side"))
-        read_sides[side] = read_sides.get(side, 0) + 1
-    util = nic_utilisation(samples, driver["started_at"], driver["finished_at"])
     return {
-        "config": config_name,
-        "policy": policy,
-        "backend": backend,
-        "num_agents": num_agents,
-        "turns_done": len(ok),
-        "turns_failed": len(turns) - len(ok),
-        "turns_retried": sum(int(t.get("attempts", 1)) > 1 for t in turns),
-        "retries": sum(int(t.get("attempts", 1)) - 1 for t in turns),
-        "attempts_timed_out": sum(int(t.get("timed_out", 0)) for t in turns),
-        "jct_s": round(jct, 3),
-        "real_jct_s": round(jct / time_dilation, 6),
-        "time_dilation": time_dilation,
-        "throughput_tokens_per_s": round(tokens / jct, 1) if jct > 0 else 0.0,
-        "ttft_s": percentiles(ttft),
-        "ttft_breakdown": ttft_breakdown(ok),
-        "ttst_s": percentiles(ttst),
-        "tpot_ms": percentiles(tpot),
-        "slo": slo_attainment(ok, len(turns), time_dilation),
-        "nics": util,
-        "snic_balance": snic_balance(samples, driver["started_at"], driver["finished_at"]),
-        "collective_latency_ms": {
-            node: percentiles(ms) for node, ms in driver.get("collective_ms", {}).items() if ms
-        },
-        "attention_balance": attention_balance_summary(
-            driver.get("prefill_steps", {}), driver["started_at"], driver["finished_at"]
-        ),
-        "bytes_storage_read": storage_read,
-        "bytes_relayed": relayed,
-        "bytes_verified": bytes_verified,
-        "bytes_accounted": ledger["balanced"]
-        and (faulted or bytes_verified == storage_read + relayed),
-        "byte_ledger": ledger,
-        "node_restarts": sum(1 for v in cluster.values() if v.get("retired")),
-        "bytes_written": total("bytes_written"),
-        "read_sides": read_sides,
-        "engine_busy_s": {n: c.get("engine_busy_s") for n, c in node_counters.items()},
         "node_errors": node_errors,
         "errors": errors[:100],
         "fault_errors": {"count": transient, "recent": fault_errors[:100]},

@@ -144,6 +144,15 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"({'all accounted' if s['bytes_accounted'] else 'MISMATCH'})",
         *_fault_lines(s),
     ]
+    lines += [*_balance_lines(s), *_nic_lines(s), *health_lines(s)]
+    if s["errors"]:
+        lines.append(f"  errors ({len(s['errors'])}): {s['errors'][0]}")
+    return lines
+
+
+def _balance_lines(s: dict[str, Any]) -> list[str]:
+    """The storage-NIC read balance and the prefill attention balance, when measured."""
+    lines = []
     bal = s.get("snic_balance", {})
     if bal.get("whole_run") is not None:
         lines.append(
@@ -166,6 +175,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
             f"{_fmt(att.get('early_all_busy_p50'))}) / {_fmt(att['early_mean'])} "
             f"(all steps), whole run {_fmt(att['all_busy_mean'])} / {_fmt(att['mean'])}"
         )
+    return lines
+
+
+def _nic_lines(s: dict[str, Any]) -> list[str]:
+    """Each engine node's shaped NICs' utilisation, in and out."""
+    lines = []
     for node in engine_nodes(s):
         nics = s["nics"][node]
         parts = []
@@ -178,9 +193,6 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                 )
         if parts:
             lines.append(f"  {node:10s} " + "   ".join(parts))
-    lines += health_lines(s)
-    if s["errors"]:
-        lines.append(f"  errors ({len(s['errors'])}): {s['errors'][0]}")
     return lines
 
 

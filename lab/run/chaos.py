@@ -208,52 +208,75 @@ class _Compiler:
             return
         body = _mapping(body, w)
         if kind == "node":
-            _only(body, ("id", "action"), w)
-            node, action = body.get("id"), body.get("action")
-            known = set(self.links.rates_mbit) | self.links.other_nodes
-            if node not in known:
-                raise ScenarioError(f"{w}.id: {node!r} is not a node ({', '.join(sorted(known))})")
-            if action not in NODE_ACTIONS:
-                raise ScenarioError(
-                    f"{w}.action: {action!r} is invalid ({', '.join(NODE_ACTIONS)})"
-                )
-            self._emit(NodeStep(at, str(node), action, src))
+            self._node_event(body, at, w, src)
             return
         node, nic, rate = self._nic(body, w)
         if kind == "set":
             _only(body, ("node", "nic", *_SET_KEYS), w)
             self._emit(LinkStep(at, node, nic, self._changes(body, rate, w), src))
         elif kind == "loss_burst":
-            _only(body, ("node", "nic", "loss", "for"), w)
-            if "loss" not in body:
-                raise ScenarioError(f"{w}.loss: required")
-            loss = parse_percent(body["loss"], f"{w}.loss")
-            length = parse_duration(body.get("for"), f"{w}.for")
-            self._emit(LinkStep(at, node, nic, {"loss_pct": loss}, src))
-            self._emit(LinkStep(at + length, node, nic, {"loss_pct": 0.0}, src))
+            self._loss_burst(body, at, (node, nic), w, src)
         elif kind == "flap":
-            _only(body, ("node", "nic", "down_for", "times", "every"), w)
-            down = parse_duration(body.get("down_for"), f"{w}.down_for")
-            times = _int(body.get("times", 1), f"{w}.times", 1)
-            every = parse_duration(body.get("every", 0), f"{w}.every")
-            if times > 1 and every <= down:
-                raise ScenarioError(f"{w}.every: must be longer than down_for when times > 1")
-            for i in range(times):
-                start = at + i * every
-                self._emit(LinkStep(start, node, nic, {"up": False}, src))
-                self._emit(LinkStep(start + down, node, nic, {"up": True}, src))
-        else:  # ramp
-            _only(body, ("node", "nic", "rate", "over", "steps"), w)
-            rates = _mapping(body.get("rate"), f"{w}.rate")
-            _only(rates, ("from", "to"), f"{w}.rate")
-            first = parse_rate(rates.get("from"), rate, f"{w}.rate.from")
-            last = parse_rate(rates.get("to"), rate, f"{w}.rate.to")
-            over = parse_duration(body.get("over"), f"{w}.over")
-            steps = _int(body.get("steps", 5), f"{w}.steps", 1)
-            for i in range(steps + 1):
-                frac = i / steps
-                value = first + (last - first) * frac
-                self._emit(LinkStep(at + over * frac, node, nic, {"rate_mbit": value}, src))
+            self._flap(body, at, (node, nic), w, src)
+        else:
+            self._ramp(body, at, (node, nic, rate), w, src)
+
+    def _node_event(self, body: dict[str, Any], at: float, w: str, src: str) -> None:
+        """`node: {id, action}`: stop, cont, kill or restart a node's process."""
+        _only(body, ("id", "action"), w)
+        node, action = body.get("id"), body.get("action")
+        known = set(self.links.rates_mbit) | self.links.other_nodes
+        if node not in known:
+            raise ScenarioError(f"{w}.id: {node!r} is not a node ({', '.join(sorted(known))})")
+        if action not in NODE_ACTIONS:
+            raise ScenarioError(f"{w}.action: {action!r} is invalid ({', '.join(NODE_ACTIONS)})")
+        self._emit(NodeStep(at, str(node), action, src))
+
+    def _loss_burst(
+        self, body: dict[str, Any], at: float, link: tuple[str, str], w: str, src: str
+    ) -> None:
+        """`loss_burst: {loss, for}`: the loss from `at`, back to 0 after `for`."""
+        node, nic = link
+        _only(body, ("node", "nic", "loss", "for"), w)
+        if "loss" not in body:
+            raise ScenarioError(f"{w}.loss: required")
+        loss = parse_percent(body["loss"], f"{w}.loss")
+        length = parse_duration(body.get("for"), f"{w}.for")
+        self._emit(LinkStep(at, node, nic, {"loss_pct": loss}, src))
+        self._emit(LinkStep(at + length, node, nic, {"loss_pct": 0.0}, src))
+
+    def _flap(
+        self, body: dict[str, Any], at: float, link: tuple[str, str], w: str, src: str
+    ) -> None:
+        """`flap: {down_for, times, every}`: the link down then up again, `times` times."""
+        node, nic = link
+        _only(body, ("node", "nic", "down_for", "times", "every"), w)
+        down = parse_duration(body.get("down_for"), f"{w}.down_for")
+        times = _int(body.get("times", 1), f"{w}.times", 1)
+        every = parse_duration(body.get("every", 0), f"{w}.every")
+        if times > 1 and every <= down:
+            raise ScenarioError(f"{w}.every: must be longer than down_for when times > 1")
+        for i in range(times):
+            start = at + i * every
+            self._emit(LinkStep(start, node, nic, {"up": False}, src))
+            self._emit(LinkStep(start + down, node, nic, {"up": True}, src))
+
+    def _ramp(
+        self, body: dict[str, Any], at: float, link: tuple[str, str, float], w: str, src: str
+    ) -> None:
+        """`ramp: {rate: {from, to}, over, steps}`: the rate moved in `steps` equal steps."""
+        node, nic, rate = link
+        _only(body, ("node", "nic", "rate", "over", "steps"), w)
+        rates = _mapping(body.get("rate"), f"{w}.rate")
+        _only(rates, ("from", "to"), f"{w}.rate")
+        first = parse_rate(rates.get("from"), rate, f"{w}.rate.from")
+        last = parse_rate(rates.get("to"), rate, f"{w}.rate.to")
+        over = parse_duration(body.get("over"), f"{w}.over")
+        steps = _int(body.get("steps", 5), f"{w}.steps", 1)
+        for i in range(steps + 1):
+            frac = i / steps
+            value = first + (last - first) * frac
+            self._emit(LinkStep(at + over * frac, node, nic, {"rate_mbit": value}, src))
 
     def _repeat(self, body: dict[str, Any], at: float, where: str) -> None:
         _only(body, ("every", "times", "events"), where)

@@ -158,76 +158,92 @@ def _content_length(value: str | None) -> tuple[int, HTTPStatus | None, str]:
     return length, None, ""
 
 
-def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        timeout = IO_TIMEOUT_S  # socket timeout for every read and write of the connection
+class _ControlHandler(BaseHTTPRequestHandler):
+    """GET /v1/links and POST /v1/... for `control` (bound by _handler); every request
+    needs the lab's secret, a body is read only up to its announced Content-Length."""
 
-        def _reply(self, status: HTTPStatus, body: dict[str, Any], *, close: bool = False) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if status is HTTPStatus.UNAUTHORIZED:
-                self.send_header("WWW-Authenticate", 'Bearer realm="dualpath"')
-            if close:  # the unread body (if any) must not be taken for the next request
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(data)
+    control: ControlServer
+    timeout = IO_TIMEOUT_S  # socket timeout for every read and write of the connection
 
-        def _authorized(self) -> bool:
-            if presented(self.headers.get(AUTH_HEADER), server.secret):
-                return True
+    def _reply(self, status: HTTPStatus, body: dict[str, Any], *, close: bool = False) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status is HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="dualpath"')
+        if close:  # the unread body (if any) must not be taken for the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        if presented(self.headers.get(AUTH_HEADER), self.control.secret):
+            return True
+        self._reply(
+            HTTPStatus.UNAUTHORIZED,
+            {"error": "the lab's secret is required (Authorization: Bearer ...)"},
+            close=True,
+        )
+        return False
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return
+        if self.path.rstrip("/") != "/v1/links":
+            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.path}"})
+            return
+        links = {n: dict(nics) for n, nics in self.control.links.rates_mbit.items()}
+        self._reply(HTTPStatus.OK, {"configured_rates_mbit": links})
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            return
+        raw = self._read_body()
+        if raw is None:
+            return
+        try:
+            body = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._reply(HTTPStatus.BAD_REQUEST, {"error": f"body is not JSON: {exc}"})
+            return
+        self._reply(*self.control.apply(self.path, body))
+
+    def _read_body(self) -> bytes | None:
+        """The request's body, exactly Content-Length bytes; None when it was refused (the
+        reply is sent) or the sender went silent."""
+        if self.headers.get("Transfer-Encoding"):
             self._reply(
-                HTTPStatus.UNAUTHORIZED,
-                {"error": "the lab's secret is required (Authorization: Bearer ...)"},
+                HTTPStatus.LENGTH_REQUIRED,
+                {"error": "Transfer-Encoding is not accepted: send Content-Length"},
                 close=True,
             )
-            return False
+            return None
+        length, refusal, why = _content_length(self.headers.get("Content-Length"))
+        if refusal is not None:
+            self._reply(refusal, {"error": why}, close=True)
+            return None
+        try:
+            raw = self.rfile.read(length) if length else b"{}"
+        except OSError:  # a timeout included
+            self.close_connection = True
+            return None  # the sender went silent: nothing was changed
+        if len(raw) < length:
+            self._reply(
+                HTTPStatus.BAD_REQUEST, {"error": "body shorter than Content-Length"}, close=True
+            )
+            return None
+        return raw
 
-        def do_GET(self) -> None:
-            if not self._authorized():
-                return
-            if self.path.rstrip("/") != "/v1/links":
-                self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.path}"})
-                return
-            links = {n: dict(nics) for n, nics in server.links.rates_mbit.items()}
-            self._reply(HTTPStatus.OK, {"configured_rates_mbit": links})
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the runner's progress lines are the log
 
-        def do_POST(self) -> None:
-            if not self._authorized():
-                return
-            if self.headers.get("Transfer-Encoding"):
-                self._reply(
-                    HTTPStatus.LENGTH_REQUIRED,
-                    {"error": "Transfer-Encoding is not accepted: send Content-Length"},
-                    close=True,
-                )
-                return
-            length, refusal, why = _content_length(self.headers.get("Content-Length"))
-            if refusal is not None:
-                self._reply(refusal, {"error": why}, close=True)
-                return
-            try:
-                raw = self.rfile.read(length) if length else b"{}"
-            except OSError:  # a timeout included
-                self.close_connection = True
-                return  # the sender went silent: nothing was changed
-            if len(raw) < length:
-                self._reply(
-                    HTTPStatus.BAD_REQUEST,
-                    {"error": "body shorter than Content-Length"},
-                    close=True,
-                )
-                return
-            try:
-                body = json.loads(raw or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                self._reply(HTTPStatus.BAD_REQUEST, {"error": f"body is not JSON: {exc}"})
-                return
-            self._reply(*server.apply(self.path, body))
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # the runner's progress lines are the log
+def _handler(server: ControlServer) -> type[BaseHTTPRequestHandler]:
+    """The handler class of `server`'s HTTP endpoint."""
+
+    class Handler(_ControlHandler):
+        control = server
 
     return Handler

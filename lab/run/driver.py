@@ -1,4 +1,5 @@
-"""The workload driver: replays agent turns against the scheduler's HTTP API.
+"""The workload driver: replays agent turns (lab.run.workload.ReplayPlan, decoded and checked
+from the runner's agents.json) against the scheduler's HTTP API.
 
 Runs as its own process on the management network (in the scheduler's namespace on the netns
 backend). Seeds warm-start KV, starts every agent at once (offline mode) or at its planned
@@ -23,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from lab.run.workload import AgentPlan, PlanFileError, ReplayPlan, TurnPlan
 from services.auth import AUTH_HEADER, bearer
 from services.engine import engine_stats
 from services.health import HealthMonitor
@@ -102,21 +104,22 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str) -> None:
 
 
 async def _run_turn(
-    session: aiohttp.ClientSession, base: str, traj_id: int, turn: dict[str, Any], timeout_s: float
+    session: aiohttp.ClientSession, base: str, turn: TurnPlan, timeout_s: float
 ) -> TurnResult:
-    prompt = int(turn["context_tokens"]) + int(turn["append_tokens"])
+    """Submit one turn and follow its event stream to its end, its timeout or an error."""
     res = TurnResult(
-        traj_id=traj_id,
-        turn_index=int(turn["turn_index"]),
-        prompt_tokens=prompt,
-        gen_tokens=int(turn["gen_tokens"]),
+        traj_id=turn.traj_id,
+        turn_index=turn.turn_index,
+        prompt_tokens=turn.prompt_tokens,
+        gen_tokens=turn.gen_tokens,
         submitted_at=time.time(),
     )
     body = {
-        "traj_id": traj_id,
-        **{
-            k: int(turn[k]) for k in ("turn_index", "context_tokens", "append_tokens", "gen_tokens")
-        },
+        "traj_id": turn.traj_id,
+        "turn_index": turn.turn_index,
+        "context_tokens": turn.context_tokens,
+        "append_tokens": turn.append_tokens,
+        "gen_tokens": turn.gen_tokens,
     }
     try:
         async with asyncio.timeout(timeout_s):
@@ -125,35 +128,7 @@ async def _run_turn(
                     res.error = f"HTTP {resp.status}: {await resp.text()}"
                     return res
                 async for line in resp.content:
-                    if not line.strip():
-                        continue
-                    ev = json.loads(line)
-                    now = time.time()
-                    kind = ev.get("event")
-                    if kind == "assigned":
-                        res.assigned_at = now
-                        res.read_side = ev.get("read_side")
-                        ranges = (ev.get("reads") or {}).values()
-                        if len(ranges) == 2 and all(end > first for first, end in ranges):
-                            res.read_side = "split"
-                        res.prefill = ev.get("prefill")
-                        res.decode = ev.get("decode")
-                    elif kind == "read_started" and res.read_started_at is None:
-                        res.read_started_at = now
-                    elif kind == "prefill_started" and res.prefill_started_at is None:
-                        res.prefill_started_at = now
-                    elif kind == "first_token":
-                        res.first_token_at = now
-                    elif kind == "second_token":
-                        res.second_token_at = now
-                    elif kind == "last_token":
-                        res.last_token_at = now
-                    elif kind == "done":
-                        res.done_at = now
-                        return res
-                    elif kind == "failed":
-                        res.error = f"{ev.get('node')}: {ev.get('reason')}"
-                        res.retryable = bool(ev.get("retryable"))
+                    if line.strip() and _record_event(res, json.loads(line), time.time()):
                         return res
                 res.error = "event stream ended before the turn finished"
     except TimeoutError:
@@ -164,10 +139,42 @@ async def _run_turn(
     return res
 
 
+def _record_event(res: TurnResult, ev: dict[str, Any], now: float) -> bool:
+    """Record one event of the turn's stream at `now`; True when it ends the turn (done or
+    failed)."""
+    kind = ev.get("event")
+    if kind == "assigned":
+        res.assigned_at = now
+        res.read_side = ev.get("read_side")
+        ranges = (ev.get("reads") or {}).values()
+        if len(ranges) == 2 and all(end > first for first, end in ranges):
+            res.read_side = "split"
+        res.prefill = ev.get("prefill")
+        res.decode = ev.get("decode")
+    elif kind == "read_started" and res.read_started_at is None:
+        res.read_started_at = now
+    elif kind == "prefill_started" and res.prefill_started_at is None:
+        res.prefill_started_at = now
+    elif kind == "first_token":
+        res.first_token_at = now
+    elif kind == "second_token":
+        res.second_token_at = now
+    elif kind == "last_token":
+        res.last_token_at = now
+    elif kind == "done":
+        res.done_at = now
+        return True
+    elif kind == "failed":
+        res.error = f"{ev.get('node')}: {ev.get('reason')}"
+        res.retryable = bool(ev.get("retryable"))
+        return True
+    return False
+
+
 async def _agent(
     session: aiohttp.ClientSession,
     base: str,
-    agent: dict[str, Any],
+    agent: AgentPlan,
     progress: DriverProgress,
     timeout_s: float,
     *,
@@ -176,33 +183,48 @@ async def _agent(
     started: float,
 ) -> None:
     # online mode: the agent arrives start_after_s after the run starts (0 when offline)
-    delay = started + float(agent.get("start_after_s", 0.0)) - time.time()
+    delay = started + agent.start_after_s - time.time()
     if delay > 0:
         await asyncio.sleep(delay)
-    for turn in agent["turns"]:
-        attempt, timed_out = 0, 0
-        why: list[str] = []
-        while True:
-            res = await _run_turn(session, base, int(agent["traj_id"]), turn, timeout_s)
-            timed_out += res.error is not None and res.error.startswith(TIMEOUT_ERROR)
-            res.attempts, res.timed_out, res.retried_for = attempt + 1, timed_out, why
-            if res.error is None or not res.retryable or attempt >= retries:
-                break
-            why = [*why, res.error][:MAX_RETRY_REASONS]
-            # a lost node or link: back off (full jitter, so the turns a fault failed together
-            # do not come back together), then submit the same turn again (its KV is
-            # deterministic, so a late first attempt writing the same blocks is harmless)
-            await asyncio.sleep(random.uniform(0.0, backoff_s * 2 ** min(attempt, 3)))
-            attempt += 1
+    for i, turn in enumerate(agent.turns):
+        res = await _turn_with_retries(
+            session, base, turn, timeout_s, retries=retries, backoff_s=backoff_s
+        )
         progress.results.append(res)
         if res.error is not None:
             progress.turns_failed += 1
             # the rest of this trajectory depends on this turn's KV: stop the agent
-            progress.turns_failed += len(agent["turns"]) - 1 - agent["turns"].index(turn)
+            progress.turns_failed += len(agent.turns) - 1 - i
             break
         progress.turns_done += 1
         progress.tokens_done += res.prompt_tokens + res.gen_tokens
     progress.agents_done += 1
+
+
+async def _turn_with_retries(
+    session: aiohttp.ClientSession,
+    base: str,
+    turn: TurnPlan,
+    timeout_s: float,
+    *,
+    retries: int,
+    backoff_s: float,
+) -> TurnResult:
+    """The turn's last attempt: a retryable failure is submitted again, up to `retries` times."""
+    attempt, timed_out = 0, 0
+    why: list[str] = []
+    while True:
+        res = await _run_turn(session, base, turn, timeout_s)
+        timed_out += res.error is not None and res.error.startswith(TIMEOUT_ERROR)
+        res.attempts, res.timed_out, res.retried_for = attempt + 1, timed_out, why
+        if res.error is None or not res.retryable or attempt >= retries:
+            return res
+        why = [*why, res.error][:MAX_RETRY_REASONS]
+        # a lost node or link: back off (full jitter, so the turns a fault failed together
+        # do not come back together), then submit the same turn again (its KV is
+        # deterministic, so a late first attempt writing the same blocks is harmless)
+        await asyncio.sleep(random.uniform(0.0, backoff_s * 2 ** min(attempt, 3)))
+        attempt += 1
 
 
 async def _scheduler_sampler(
@@ -287,7 +309,7 @@ async def gather_health(
     return health
 
 
-async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
+async def drive(spec: ClusterSpec, plan: ReplayPlan) -> dict[str, Any]:
     monitor = HealthMonitor("driver", "driver")
     monitor.start()
     try:
@@ -296,81 +318,124 @@ async def drive(spec: ClusterSpec, plan: dict[str, Any]) -> dict[str, Any]:
         await monitor.stop()
 
 
-async def _drive(spec: ClusterSpec, plan: dict[str, Any], monitor: HealthMonitor) -> dict[str, Any]:
+async def _drive(spec: ClusterSpec, plan: ReplayPlan, monitor: HealthMonitor) -> dict[str, Any]:
+    """Wait for the cluster, seed, replay every agent, then gather the counters, the engines'
+    step records and every process's health: the results file's content."""
     base = f"http://{spec.http.host}:{spec.http.port}"
-    agents: list[dict[str, Any]] = plan["agents"]
     storage = StorageClient(spec)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    connector = aiohttp.TCPConnector(limit=0)
     # every request presents the lab's secret: the scheduler refuses a turn without it
-    headers = {AUTH_HEADER: bearer(spec.secret)}
     async with aiohttp.ClientSession(
-        timeout=timeout, connector=connector, headers=headers
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        connector=aiohttp.TCPConnector(limit=0),
+        headers={AUTH_HEADER: bearer(spec.secret)},
     ) as session:
         await _wait_ready(session, base)
-        sem = asyncio.Semaphore(SEED_CONCURRENCY)
-
-        async def seed(agent: dict[str, Any]) -> int:
-            async with sem:
-                return await storage.seed(int(agent["traj_id"]), 0, int(agent["seed_blocks"]))
-
-        seeded = sum(await asyncio.gather(*(seed(a) for a in agents if int(a["seed_blocks"]) > 0)))
-        storage_before = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
-        async with session.get(f"{base}/v1/cluster", timeout=GET_TIMEOUT) as resp:
-            cluster_before = await resp.json()
-        progress = DriverProgress(turns_total=sum(len(a["turns"]) for a in agents))
-        started = time.time()
-        print(json.dumps({"started_at": started}), flush=True)
-        stop = asyncio.Event()
-        printer = asyncio.create_task(_progress_printer(progress, started, stop))
-        sched_samples: list[dict[str, Any]] = []
-        sampler = asyncio.create_task(_scheduler_sampler(session, base, sched_samples, stop))
-        await asyncio.gather(
-            *(
-                _agent(
-                    session,
-                    base,
-                    a,
-                    progress,
-                    spec.request_timeout_s * 4,
-                    retries=spec.turn_retries,
-                    backoff_s=spec.retry_backoff_s,
-                    started=started,
-                )
-                for a in agents
-            )
-        )
-        finished = time.time()
-        stop.set()
-        await printer
-        await sampler
+        seeded = await _seed(storage, plan)
+        storage_before = await _storage_stats(spec, storage)
+        cluster_before = await _get_json(session, f"{base}/v1/cluster")
+        replayed = await _replay(session, base, spec, plan)
         # Let every node's next pull carry its final counters to the scheduler.
         await asyncio.sleep(spec.pull_interval_s * 3 + 0.3)
-        async with session.get(f"{base}/v1/cluster", timeout=GET_TIMEOUT) as resp:
-            cluster = await resp.json()
-        storage_after = {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
-        engines = [*spec.by_role(Role.PREFILL), *spec.by_role(Role.DECODE)]
-        stats = {n.node_id: await engine_stats(spec, n.node_id) for n in engines}
-        prefill_steps = {
-            n.node_id: stats[n.node_id].get("prefill_steps", []) for n in spec.by_role(Role.PREFILL)
-        }
-        collective_ms = {node: st.get("collective_ms", []) for node, st in stats.items()}
-        health = await gather_health(spec, stats, storage, session, base, monitor)
+        cluster = await _get_json(session, f"{base}/v1/cluster")
+        storage_after = await _storage_stats(spec, storage)
+        engines = await _engine_records(spec, storage, session, base, monitor)
     await storage.close()
+    started, finished = replayed.started_at, replayed.finished_at
     return {
         "started_at": started,
         "finished_at": finished,
         "jct_s": finished - started,
         "seeded_bytes": seeded,
-        "turns": [asdict(r) for r in progress.results],
+        "turns": [asdict(r) for r in replayed.progress.results],
         "cluster": cluster,
         "cluster_before": cluster_before,
-        "scheduler_samples": sched_samples,
+        "scheduler_samples": replayed.scheduler_samples,
         "storage_before": storage_before,
         "storage_after": storage_after,
-        "prefill_steps": prefill_steps,
-        "collective_ms": collective_ms,
-        "health": health,
+        **engines,
+    }
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url, timeout=GET_TIMEOUT) as resp:
+        return await resp.json()
+
+
+async def _seed(storage: StorageClient, plan: ReplayPlan) -> int:
+    """Write every warm-starting agent's seed blocks to storage (SEED_CONCURRENCY at a time);
+    the bytes written."""
+    sem = asyncio.Semaphore(SEED_CONCURRENCY)
+
+    async def seed(agent: AgentPlan) -> int:
+        async with sem:
+            return await storage.seed(agent.traj_id, 0, agent.seed_blocks)
+
+    return sum(await asyncio.gather(*(seed(a) for a in plan.agents if a.seed_blocks > 0)))
+
+
+async def _storage_stats(spec: ClusterSpec, storage: StorageClient) -> dict[str, Any]:
+    return {n.node_id: await storage.stats(n.node_id) for n in spec.storage_nodes}
+
+
+@dataclass
+class _Replayed:
+    started_at: float
+    finished_at: float
+    progress: DriverProgress
+    scheduler_samples: list[dict[str, Any]]
+
+
+async def _replay(
+    session: aiohttp.ClientSession, base: str, spec: ClusterSpec, plan: ReplayPlan
+) -> _Replayed:
+    """Every agent's turns, all at once or at their arrival offsets, with the progress lines
+    and the scheduler's state sampled while they run."""
+    progress = DriverProgress(turns_total=plan.num_turns)
+    started = time.time()
+    print(json.dumps({"started_at": started}), flush=True)
+    stop = asyncio.Event()
+    printer = asyncio.create_task(_progress_printer(progress, started, stop))
+    sched_samples: list[dict[str, Any]] = []
+    sampler = asyncio.create_task(_scheduler_sampler(session, base, sched_samples, stop))
+    await asyncio.gather(
+        *(
+            _agent(
+                session,
+                base,
+                a,
+                progress,
+                spec.request_timeout_s * 4,
+                retries=spec.turn_retries,
+                backoff_s=spec.retry_backoff_s,
+                started=started,
+            )
+            for a in plan.agents
+        )
+    )
+    finished = time.time()
+    stop.set()
+    await printer
+    await sampler
+    return _Replayed(started, finished, progress, sched_samples)
+
+
+async def _engine_records(
+    spec: ClusterSpec,
+    storage: StorageClient,
+    session: aiohttp.ClientSession,
+    base: str,
+    monitor: HealthMonitor,
+) -> dict[str, Any]:
+    """The prefill nodes' step records, every engine's collective latencies, and the health
+    snapshots of every process."""
+    engines = [*spec.by_role(Role.PREFILL), *spec.by_role(Role.DECODE)]
+    stats = {n.node_id: await engine_stats(spec, n.node_id) for n in engines}
+    return {
+        "prefill_steps": {
+            n.node_id: stats[n.node_id].get("prefill_steps", []) for n in spec.by_role(Role.PREFILL)
+        },
+        "collective_ms": {node: st.get("collective_ms", []) for node, st in stats.items()},
+        "health": await gather_health(spec, stats, storage, session, base, monitor),
     }
 
 
@@ -381,12 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="results JSON to write")
     args = parser.parse_args(argv)
     spec = ClusterSpec.load(args.spec)
-    plan = json.loads(args.plan.read_text())
     import uvloop
 
     try:
+        plan = ReplayPlan.decode(args.plan.read_bytes(), source=str(args.plan))
         result = uvloop.run(drive(spec, plan))
-    except TimeoutError as exc:
+    except (PlanFileError, TimeoutError) as exc:
         print(json.dumps({"fatal": str(exc)}), flush=True)
         return 1
     args.out.write_text(json.dumps(result))

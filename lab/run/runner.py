@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import msgspec
 
 from dualpath.errors import DualPathError
 from lab.config.models import LabConfig
@@ -31,11 +33,13 @@ from lab.run.calibrate import calibrate
 from lab.run.chaos import Scenario
 from lab.run.control import apply_step, step_entry
 from lab.run.selftest import SelftestOptions, run_selftest
-from lab.run.workload import generate, load_jsonl, plan_agents, poisson_arrivals
+from lab.run.workload import ReplayPlan, generate, load_jsonl, plan_agents, poisson_arrivals
 from services.prom import exported_nodes, metrics_url
 from services.spec import ClusterSpec, Policy
 
 SAMPLE_INTERVAL_S = 0.5
+DRIVER_RESULTS = "driver.json"
+"""The driver's results file, in the run directory."""
 PROC_STAT = Path("/proc/stat")
 PROC_PSI_CPU = Path("/proc/pressure/cpu")
 """Both host-wide (a container sees the host's, unless something like lxcfs masks them)."""
@@ -72,7 +76,9 @@ class RunResult:
     out_dir: Path
 
 
-def _agents_plan(cfg: LabConfig, block_tokens: int) -> list[dict[str, Any]]:
+def _replay_plan(cfg: LabConfig, block_tokens: int) -> ReplayPlan:
+    """The agents the driver replays: the config's trajectories (loaded or generated) planned
+    into turns, each agent with its arrival offset; agents left without a turn are dropped."""
     w = cfg.workload
     if w.trajectories_file:
         trajs = load_jsonl(Path(w.trajectories_file))[: w.num_agents]
@@ -91,25 +97,14 @@ def _agents_plan(cfg: LabConfig, block_tokens: int) -> list[dict[str, Any]]:
         if w.arrival == "poisson" and w.agents_per_s is not None
         else [0.0] * len(agents)
     )
-    return [
-        {
-            "traj_id": a.traj_id,
-            "seed_blocks": a.seed_blocks,
+    return ReplayPlan(
+        tuple(
             # emulated seconds after the driver's start: real arrival offsets x tau
-            "start_after_s": start * cfg.scaling.time_dilation,
-            "turns": [
-                {
-                    "turn_index": t.turn_index,
-                    "context_tokens": t.context_tokens,
-                    "append_tokens": t.append_tokens,
-                    "gen_tokens": t.gen_tokens,
-                }
-                for t in a.turns
-            ],
-        }
-        for a, start in zip(agents, starts, strict=True)
-        if a.turns
-    ]
+            msgspec.structs.replace(a, start_after_s=start * cfg.scaling.time_dilation)
+            for a, start in zip(agents, starts, strict=True)
+            if a.turns
+        )
+    )
 
 
 class _Progress:
@@ -227,10 +222,10 @@ def run_once(
 
 @dataclass
 class _Plan:
-    """A lab prepared and the workload it will replay."""
+    """A lab prepared and the workload it will replay (written to `plan_path`)."""
 
     lab: Prepared
-    agents: list[dict[str, Any]]
+    replay: ReplayPlan
     plan_path: Path
 
 
@@ -252,15 +247,17 @@ class _Played:
 
 
 def _plan(cfg: LabConfig, backend: str, out_dir: Path) -> _Plan:
-    agents: list[dict[str, Any]] = []
+    """Prepare the lab; the replay plan is written to agents.json before any backend starts
+    (it needs the spec's block size)."""
+    plans: list[ReplayPlan] = []
     plan_path = out_dir / "agents.json"
 
     def write_plan(spec: ClusterSpec) -> None:
-        agents.extend(_agents_plan(cfg, spec.profile.block_tokens))
-        plan_path.write_text(json.dumps({"agents": agents}))
+        plans.append(_replay_plan(cfg, spec.profile.block_tokens))
+        plan_path.write_bytes(plans[0].encode())
 
     lab = prepare(cfg, backend=backend, out_dir=out_dir, before_backend=write_plan)
-    return _Plan(lab, agents, plan_path)
+    return _Plan(lab, plans[0], plan_path)
 
 
 def _play(
@@ -270,77 +267,51 @@ def _play(
     say: Callable[[str], None],
     progress: bool,
 ) -> _Played:
-    lab, cfg, spec = plan.lab, plan.lab.cfg, plan.lab.spec
-    out_dir = lab.out_dir
-    samples: list[Sample] = []
-    host: list[HostSample] = []
-    driver_out = out_dir / "driver.json"
-    show = _Progress(cfg.policy.value, progress)
+    """Hold the lab up while the driver replays the plan (counters and host sampled, the
+    scenario's steps applied); the lab comes down whatever happens."""
+    lab, policy = plan.lab, plan.lab.cfg.policy.value
     say(
-        f"[{cfg.policy.value}] lab {lab.lab_id} on {spec.backend}: {len(plan.agents)} agents, "
-        f"{sum(len(a['turns']) for a in plan.agents)} turns"
+        f"[{policy}] lab {lab.lab_id} on {lab.spec.backend}: {len(plan.replay.agents)} agents, "
+        f"{plan.replay.num_turns} turns"
     )
-    proc: subprocess.Popen[str] | None = None
-    chaos: _ChaosPlayer | None = None
 
     def said_down(removed: list[str]) -> None:
-        say(f"[{cfg.policy.value}] lab {lab.lab_id} down: removed {len(removed)} objects")
+        say(f"[{policy}] lab {lab.lab_id} down: removed {len(removed)} objects")
 
     with held(lab, factory, on_down=said_down) as up:
-        be, control = up.backend, up.control
-        try:
-            if exported_nodes(spec.backend):
-                lab.state.data["metrics_urls"] = {
-                    n.node_id: metrics_url(n.mgmt.host) for n in spec.nodes
-                }
-                lab.state.save()
-            say(
-                f"[{cfg.policy.value}] control: {control.url} "
-                "(dualpath link set NODE NIC key=value)"
-            )
-            argv = be.driver_argv(
-                [
-                    sys.executable,
-                    "-m",
-                    "lab.run.driver",
-                    "--spec",
-                    str(lab.spec_path),
-                    "--plan",
-                    str(plan.plan_path),
-                    "--out",
-                    str(driver_out),
-                ]
-            )
-            driver_log = (out_dir / "logs" / "driver.log").open("w")
-            proc = subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=driver_log,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-            )
-            lab.state.add_pid("driver", proc.pid)
-            fatal: list[str] = []
-            chaos = _ChaosPlayer(scenario, be, say) if scenario is not None else None
+        _record_metrics_urls(lab)
+        say(f"[{policy}] control: {up.control.url} (dualpath link set NODE NIC key=value)")
+        chaos = _ChaosPlayer(scenario, up.backend, say) if scenario is not None else None
+        samples, host = _replay(plan, up.backend, chaos, _Progress(policy, progress))
+    driver = json.loads((lab.out_dir / DRIVER_RESULTS).read_text())
+    by_hand = _by_hand(up.control.applied, float(driver["started_at"]))
+    return _Played(driver, samples, host, chaos, by_hand)
+
+
+def _record_metrics_urls(lab: Prepared) -> None:
+    """Record every node's Prometheus URL in the lab's state when the backend exports them."""
+    spec = lab.spec
+    if exported_nodes(spec.backend):
+        lab.state.data["metrics_urls"] = {n.node_id: metrics_url(n.mgmt.host) for n in spec.nodes}
+        lab.state.save()
+
+
+def _replay(
+    plan: _Plan, be: Backend, chaos: _ChaosPlayer | None, show: _Progress
+) -> tuple[list[Sample], list[HostSample]]:
+    """Run the driver to its end, sampling counters and host while it runs, the chaos steps
+    played beside it; RunError when it fails. Interrupted, the driver is stopped first."""
+    out_dir = plan.lab.out_dir
+    samples: list[Sample] = []
+    host: list[HostSample] = []
+    proc: subprocess.Popen[str] | None = None
+    fatal: list[str] = []
+    try:
+        with (out_dir / "logs" / "driver.log").open("w") as driver_log:
+            proc = _start_driver(plan, be, driver_log)
             if chaos is not None:
                 chaos.thread.start()
-
-            def read_driver() -> None:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    try:
-                        msg = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if "started_at" in msg and chaos is not None:
-                        chaos.start_clock(float(msg["started_at"]))
-                    if "progress" in msg:
-                        show.progress = msg["progress"]
-                    if "fatal" in msg:
-                        fatal.append(str(msg["fatal"]))
-
-            reader = threading.Thread(target=read_driver, daemon=True)
+            reader = threading.Thread(target=_listen, args=(proc, show, chaos, fatal), daemon=True)
             reader.start()
             while proc.poll() is None:
                 _sample(be, samples, host)
@@ -351,25 +322,72 @@ def _play(
             if chaos is not None:
                 chaos.stop.set()
                 chaos.thread.join(timeout=30)
-            driver_log.close()
-            if proc.returncode != 0 or not driver_out.exists():
-                why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
-                raise RunError(f"{why} (logs in {out_dir / 'logs'})")
-        finally:
-            if chaos is not None:
-                chaos.stop.set()
-            if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
-                stop_pids({"driver": proc.pid}, str(lab.spec_path))
-    driver = json.loads(driver_out.read_text())
-    # changes made through the control endpoint during the run are faults like the scenario's
-    by_hand = [
-        {
-            "t": round(e["wall"] - driver["started_at"], 3),
-            **{k: v for k, v in e.items() if k != "wall"},
-        }
-        for e in control.applied
+        if proc.returncode != 0 or not (out_dir / DRIVER_RESULTS).exists():
+            why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
+            raise RunError(f"{why} (logs in {out_dir / 'logs'})")
+    finally:
+        if chaos is not None:
+            chaos.stop.set()
+        if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
+            stop_pids({"driver": proc.pid}, str(plan.lab.spec_path))
+    return samples, host
+
+
+def _start_driver(plan: _Plan, be: Backend, log: IO[str]) -> subprocess.Popen[str]:
+    """Start the driver process (where the backend runs it), its pid recorded in the lab's
+    state; its stdout is the JSON-lines channel `_listen` reads, its stderr goes to `log`."""
+    lab = plan.lab
+    argv = be.driver_argv(
+        [
+            sys.executable,
+            "-m",
+            "lab.run.driver",
+            "--spec",
+            str(lab.spec_path),
+            "--plan",
+            str(plan.plan_path),
+            "--out",
+            str(lab.out_dir / DRIVER_RESULTS),
+        ]
+    )
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    lab.state.add_pid("driver", proc.pid)
+    return proc
+
+
+def _listen(
+    proc: subprocess.Popen[str], show: _Progress, chaos: _ChaosPlayer | None, fatal: list[str]
+) -> None:
+    """Read the driver's JSON lines: its start starts the chaos clock, its progress feeds the
+    status line, a fatal error is kept for the RunError."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "started_at" in msg and chaos is not None:
+            chaos.start_clock(float(msg["started_at"]))
+        if "progress" in msg:
+            show.progress = msg["progress"]
+        if "fatal" in msg:
+            fatal.append(str(msg["fatal"]))
+
+
+def _by_hand(applied: Sequence[dict[str, Any]], started_at: float) -> list[dict[str, Any]]:
+    """Changes made through the control endpoint during the run: faults like the scenario's,
+    their wall-clock time made relative to the driver's start."""
+    return [
+        {"t": round(e["wall"] - started_at, 3), **{k: v for k, v in e.items() if k != "wall"}}
+        for e in applied
     ]
-    return _Played(driver, samples, host, chaos, by_hand)
 
 
 def _summarize(
@@ -379,8 +397,8 @@ def _summarize(
     checked: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """summary.json's content; the series, counters and plots written beside it."""
-    cfg, spec, out_dir = plan.lab.cfg, plan.lab.spec, plan.lab.out_dir
-    driver, samples, chaos, faults = played.driver, played.samples, played.chaos, played.faults
+    cfg, spec = plan.lab.cfg, plan.lab.spec
+    driver, samples, faults = played.driver, played.samples, played.faults
     started, finished = driver["started_at"], driver["finished_at"]
     summary = summarize(
         policy=cfg.policy.value,
@@ -389,27 +407,12 @@ def _summarize(
         time_dilation=cfg.scaling.time_dilation,
         driver=driver,
         samples=samples,
-        num_agents=len(plan.agents),
+        num_agents=len(plan.replay.agents),
         faults_injected=bool(faults),
     )
-    w = cfg.workload
     summary["scaling"] = scaling
-    summary["arrival"] = {
-        "mode": w.arrival,
-        "agents_per_s": w.agents_per_s,  # real-equivalent (APS)
-        "last_arrival_s": round(
-            max((float(a["start_after_s"]) for a in plan.agents), default=0.0), 3
-        ),
-    }
-    if chaos is not None:
-        summary["chaos"] = {
-            "scenario": chaos.scenario.name,
-            "description": chaos.scenario.description,
-            "steps_planned": len(chaos.scenario.steps),
-            "events": chaos.log,
-        }
-    if played.by_hand:
-        summary["control"] = {"events": played.by_hand}
+    summary["arrival"] = _arrival(plan)
+    summary.update(_fault_records(played))
     paused = paused_intervals(faults, started, finished)
     if faults:
         since = started + float(faults[0]["t"])
@@ -426,12 +429,47 @@ def _summarize(
     )
     summary["emulation_health"] = health
     summary["allowed_host_bound"] = False  # `dualpath ... --allow-host-bound` sets it
+    _write_series(plan, played, health)
+    return summary
+
+
+def _arrival(plan: _Plan) -> dict[str, Any]:
+    """summary.json `arrival`: the arrival mode, its rate and the last agent's arrival."""
+    w = plan.lab.cfg.workload
+    return {
+        "mode": w.arrival,
+        "agents_per_s": w.agents_per_s,  # real-equivalent (APS)
+        "last_arrival_s": round(max((a.start_after_s for a in plan.replay.agents), default=0.0), 3),
+    }
+
+
+def _fault_records(played: _Played) -> dict[str, Any]:
+    """summary.json `chaos` (the scenario and its steps' outcomes) and `control` (changes
+    made by hand), each only when there was one."""
+    out: dict[str, Any] = {}
+    chaos = played.chaos
+    if chaos is not None:
+        out["chaos"] = {
+            "scenario": chaos.scenario.name,
+            "description": chaos.scenario.description,
+            "steps_planned": len(chaos.scenario.steps),
+            "events": chaos.log,
+        }
+    if played.by_hand:
+        out["control"] = {"events": played.by_hand}
+    return out
+
+
+def _write_series(plan: _Plan, played: _Played, health: dict[str, Any]) -> None:
+    """timeseries, counters, host and latency JSON beside summary.json, and the plots."""
+    cfg, out_dir = plan.lab.cfg, plan.lab.out_dir
+    samples, started = played.samples, played.driver["started_at"]
     series = throughput_series(samples, started)
     series = merge_rows(series, queue_series(samples, started))
     (out_dir / "timeseries.json").write_text(json.dumps(series))
     (out_dir / "counters.json").write_text(json.dumps(samples))
     (out_dir / "host.json").write_text(json.dumps(played.host))
-    latency = latency_series(driver["turns"], started)
+    latency = latency_series(played.driver["turns"], started)
     (out_dir / "latency.json").write_text(json.dumps(latency))
     if series:
         title = f"{cfg.name} / {cfg.policy.value}"
@@ -439,13 +477,12 @@ def _summarize(
             series,
             out_dir / "throughput.svg",
             title=title,
-            events=faults,
+            events=played.faults,
             latency=latency,
             lateness=health["lateness_per_s"],
             lateness_threshold=health["thresholds"]["timeline_lateness_p99"],
         )
         write_class_plot(series, out_dir / "cnic_classes.svg", title=title)
-    return summary
 
 
 def _sample(be: Backend, samples: list[Sample], host: list[HostSample]) -> None:

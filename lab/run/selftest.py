@@ -424,32 +424,8 @@ def measure(
     flows: dict[str, _Flow] = {}
     for i, r in enumerate(rounds):
         log(f"round {i + 1}/{len(rounds)}: {', '.join(x.name for x in r)}")
-        batch = [_Flow(link) for link in r]
-        threads = [
-            threading.Thread(
-                target=_run_flow, args=(lab, f, options.warmup_s + options.seconds + 0.2)
-            )
-            for f in batch
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for f in batch:
-            if f.error is not None:
-                raise RuntimeError(f"selftest flow failed: {f.error}")
-            flows[f.link.name] = f
-    nics = sorted({(x.node, x.nic, x.probe) for x in links})
-    rtts: dict[tuple[str, str], float] = {}
-
-    def one(node: str, nic: str, probe: str) -> None:
-        rtts[(node, nic)] = _rtt(lab, node, nic, probe)
-
-    threads = [threading.Thread(target=one, args=n) for n in nics]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        flows.update(_flow_round(lab, r, options.warmup_s + options.seconds + 0.2))
+    rtts = _round_trips(lab, sorted({(x.node, x.nic, x.probe) for x in links}))
     unemulated = {(u.node_id, u.nic): u.reason for u in lab.unemulated if u.feature == "delay"}
     results = []
     for link in links:
@@ -473,6 +449,37 @@ def measure(
             )
         )
     return results, len(rounds)
+
+
+def _flow_round(lab: NetnsLab, links: Sequence[LinkUnderTest], seconds: float) -> dict[str, _Flow]:
+    """One round: a flow on each link at once for `seconds`; RuntimeError when one failed."""
+    batch = [_Flow(link) for link in links]
+    threads = [threading.Thread(target=_run_flow, args=(lab, f, seconds)) for f in batch]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for f in batch:
+        if f.error is not None:
+            raise RuntimeError(f"selftest flow failed: {f.error}")
+    return {f.link.name: f for f in batch}
+
+
+def _round_trips(
+    lab: NetnsLab, nics: Sequence[tuple[str, str, str]]
+) -> dict[tuple[str, str], float]:
+    """The round trip of every (node, nic) through its probe address, all at once."""
+    rtts: dict[tuple[str, str], float] = {}
+
+    def one(node: str, nic: str, probe: str) -> None:
+        rtts[(node, nic)] = _rtt(lab, node, nic, probe)
+
+    threads = [threading.Thread(target=one, args=n) for n in nics]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return rtts
 
 
 def run_selftest(

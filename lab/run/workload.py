@@ -1,5 +1,6 @@
 """Agent trajectories: a generator calibrated to DualPath Table 2, JSONL load/dump, and the
-replay plan (tokens and KV blocks of every turn) the driver executes.
+replay plan (tokens and KV blocks of every turn) the driver executes: `ReplayPlan`, one typed
+form (msgspec structs) that the runner encodes to agents.json and the driver decodes, checked.
 
 Pure except `load_jsonl`/`dump_jsonl`; randomness comes only from `random.Random(seed)`, never
 from numpy or the global generator, so a seed gives the same trajectories everywhere.
@@ -15,9 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from dualpath.errors import UsageError
+import msgspec
+
+from dualpath.errors import DualPathError, UsageError
 
 MAX_TRAJECTORY_TOKENS = 1 << 20
 """Sanity cap on a loaded trajectory's total tokens (16x the largest Table 2 MaxLen)."""
@@ -358,16 +361,19 @@ def _check_block_tokens(block_tokens: int) -> None:
         raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
 
 
-@dataclass(frozen=True, slots=True)
-class TurnPlan:
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class TurnPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One request of the replay: `context_tokens` are in storage (as far as full blocks go),
     `append_tokens` are new, then `gen_tokens` are decoded (design.md, "Tokens and blocks")."""
 
-    traj_id: int
-    turn_index: int
-    context_tokens: int
-    append_tokens: int
-    gen_tokens: int
+    traj_id: NonNegativeInt
+    turn_index: NonNegativeInt
+    context_tokens: NonNegativeInt
+    append_tokens: PositiveInt
+    gen_tokens: PositiveInt
 
     @property
     def prompt_tokens(self) -> int:
@@ -389,13 +395,49 @@ class TurnPlan:
         return (self.prompt_tokens + self.gen_tokens) // block_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class AgentPlan:
-    traj_id: int
-    seed_blocks: int
+class AgentPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    traj_id: NonNegativeInt
+    seed_blocks: NonNegativeInt
     """Blocks [0, seed_blocks) are written to storage before the run (warm start); 0 when the
     agent starts at turn 0."""
     turns: tuple[TurnPlan, ...]
+    start_after_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    """Emulated seconds after the driver's start when the agent arrives (online mode: its
+    real arrival offset x tau); 0 when every agent starts at once (offline mode)."""
+
+    def __post_init__(self) -> None:
+        for turn in self.turns:
+            if turn.traj_id != self.traj_id:
+                raise ValueError(
+                    f"agent {self.traj_id}: turn {turn.turn_index} is planned for "
+                    f"trajectory {turn.traj_id}"
+                )
+
+
+class ReplayPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the driver replays (agents.json): the runner encodes it, the driver decodes it
+    with every field's type and range checked."""
+
+    agents: tuple[AgentPlan, ...]
+
+    @property
+    def num_turns(self) -> int:
+        return sum(len(a.turns) for a in self.agents)
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes, *, source: str) -> ReplayPlan:
+        """The plan in `data`; PlanFileError naming `source` and the field when it is invalid."""
+        try:
+            return msgspec.json.decode(data, type=cls)
+        except msgspec.DecodeError as exc:
+            raise PlanFileError(f"{source}: not a replay plan: {exc}") from None
+
+
+class PlanFileError(DualPathError):
+    """A replay plan file (agents.json) that does not decode or validate."""
 
 
 def plan_agents(
@@ -422,15 +464,9 @@ def plan_agents(
     turn i+1's context = turn i's prompt + turn i's *scaled* gen, so every hit block was
     persisted by an earlier replayed turn or by the seeding.
     """
-    _check_block_tokens(block_tokens)
-    if not 0.0 <= start_turn_fraction < 1.0:
-        raise ValueError(f"start_turn_fraction must be in [0, 1), got {start_turn_fraction}")
-    if max_turns is not None and max_turns < 1:
-        raise ValueError(f"max_turns must be >= 1 or None, got {max_turns}")
-    if not (gen_token_scale > 0.0 and math.isfinite(gen_token_scale)):
-        raise ValueError(f"gen_token_scale must be a finite number > 0, got {gen_token_scale}")
-    if max_gen_tokens is not None and max_gen_tokens < 1:
-        raise ValueError(f"max_gen_tokens must be >= 1 or None, got {max_gen_tokens}")
+    _check_plan_arguments(
+        block_tokens, start_turn_fraction, max_turns, gen_token_scale, max_gen_tokens
+    )
     fraction = Fraction(repr(float(start_turn_fraction)))
     seen: set[int] = set()
     plans = []
@@ -441,19 +477,57 @@ def plan_agents(
         num_turns = len(traj.turns)
         start = math.floor(num_turns * fraction)
         end = num_turns if max_turns is None else min(num_turns, start + max_turns)
-        context = traj.context_before(start)
-        seed_blocks = context // block_tokens
-        turns = []
-        for i in range(start, end):
-            turn = traj.turns[i]
-            gen = max(1, round(turn.gen_tokens * gen_token_scale))
-            if max_gen_tokens is not None:
-                gen = min(gen, max_gen_tokens)
-            plan = TurnPlan(traj.traj_id, i, context, turn.append_tokens, gen)
-            turns.append(plan)
-            context = plan.prompt_tokens + gen
-        plans.append(AgentPlan(traj.traj_id, seed_blocks, tuple(turns)))
+        plans.append(
+            _plan_agent(
+                traj,
+                range(start, end),
+                block_tokens=block_tokens,
+                gen_token_scale=gen_token_scale,
+                max_gen_tokens=max_gen_tokens,
+            )
+        )
     return plans
+
+
+def _check_plan_arguments(
+    block_tokens: int,
+    start_turn_fraction: float,
+    max_turns: int | None,
+    gen_token_scale: float,
+    max_gen_tokens: int | None,
+) -> None:
+    _check_block_tokens(block_tokens)
+    if not 0.0 <= start_turn_fraction < 1.0:
+        raise ValueError(f"start_turn_fraction must be in [0, 1), got {start_turn_fraction}")
+    if max_turns is not None and max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1 or None, got {max_turns}")
+    if not (gen_token_scale > 0.0 and math.isfinite(gen_token_scale)):
+        raise ValueError(f"gen_token_scale must be a finite number > 0, got {gen_token_scale}")
+    if max_gen_tokens is not None and max_gen_tokens < 1:
+        raise ValueError(f"max_gen_tokens must be >= 1 or None, got {max_gen_tokens}")
+
+
+def _plan_agent(
+    traj: Trajectory,
+    replayed: range,
+    *,
+    block_tokens: int,
+    gen_token_scale: float,
+    max_gen_tokens: int | None,
+) -> AgentPlan:
+    """One agent replaying turns `replayed` of `traj`, seeded with the history before them."""
+    context = traj.context_before(replayed.start)
+    seed_blocks = context // block_tokens
+    turns = []
+    for i in replayed:
+        turn = traj.turns[i]
+        gen = max(1, round(turn.gen_tokens * gen_token_scale))
+        if max_gen_tokens is not None:
+            gen = min(gen, max_gen_tokens)
+        plan = TurnPlan(traj.traj_id, i, context, turn.append_tokens, gen)
+        turns.append(plan)
+        context = plan.prompt_tokens + gen
+    return AgentPlan(traj.traj_id, seed_blocks, tuple(turns))
 
 
 def poisson_arrivals(num_agents: int, *, agents_per_s: float, seed: int) -> list[float]:
