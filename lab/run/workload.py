@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import msgspec
 
 from dualpath.errors import DualPathError, UsageError
+from services.blocks import TurnBlocks
 
 MAX_TRAJECTORY_TOKENS = 1 << 20
 """Sanity cap on a loaded trajectory's total tokens (16x the largest Table 2 MaxLen)."""
@@ -42,7 +43,7 @@ class TrajectoryFileError(UsageError):
 
 
 @dataclass(frozen=True, slots=True)
-class Turn:
+class TrajectoryTurn:
     """One agent turn: `append_tokens` join the context (tool output), then `gen_tokens` are
     generated. Both are >= 1: every turn has a prompt to prefill and a first token to emit."""
 
@@ -57,7 +58,7 @@ class Turn:
 @dataclass(frozen=True, slots=True)
 class Trajectory:
     traj_id: int
-    turns: tuple[Turn, ...]
+    turns: tuple[TrajectoryTurn, ...]
 
     def __post_init__(self) -> None:
         if self.traj_id < 0:
@@ -220,7 +221,9 @@ def _trajectory(
         total - first - gen_total, [_log_logistic(rng, _APPEND_TAIL) for _ in range(num_turns)]
     )
     appends[0] += first
-    return Trajectory(traj_id, tuple(Turn(a, g) for a, g in zip(appends, gens, strict=True)))
+    return Trajectory(
+        traj_id, tuple(TrajectoryTurn(a, g) for a, g in zip(appends, gens, strict=True))
+    )
 
 
 def _generate(num_agents: int, max_len: int, seed: int, shape: _Shape) -> list[Trajectory]:
@@ -298,7 +301,7 @@ def _parse_line(obj: Any, path: Path, line: int) -> Trajectory:
             raise TrajectoryFileError(
                 path, line, "turns", f"total tokens exceed the cap of {MAX_TRAJECTORY_TOKENS}"
             )
-        turns.append(Turn(append, gen))
+        turns.append(TrajectoryTurn(append, gen))
     return Trajectory(traj_id, tuple(turns))
 
 
@@ -379,20 +382,21 @@ class TurnPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def prompt_tokens(self) -> int:
         return self.context_tokens + self.append_tokens
 
+    def blocks(self, block_tokens: int) -> TurnBlocks:
+        """The turn's tokens in blocks (services.blocks, as the scheduler counts them)."""
+        return TurnBlocks.of(self.context_tokens, self.prompt_tokens, self.gen_tokens, block_tokens)
+
     def hit_blocks(self, block_tokens: int) -> int:
         """Blocks read from storage: only full blocks are persisted, the tail is recomputed."""
-        _check_block_tokens(block_tokens)
-        return self.context_tokens // block_tokens
+        return self.blocks(block_tokens).hit
 
     def prompt_blocks(self, block_tokens: int) -> int:
         """Blocks the prompt spans (the last one may be partial)."""
-        _check_block_tokens(block_tokens)
-        return -(-self.prompt_tokens // block_tokens)
+        return self.blocks(block_tokens).prompt
 
     def persist_end_block(self, block_tokens: int) -> int:
         """After the turn, blocks [0, this) are full and persisted by the decode node."""
-        _check_block_tokens(block_tokens)
-        return (self.prompt_tokens + self.gen_tokens) // block_tokens
+        return self.blocks(block_tokens).persist_end
 
 
 class AgentPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -14,12 +14,12 @@ from lab.run.workload import (
     PlanFileError,
     ReplayPlan,
     Trajectory,
-    Turn,
+    TrajectoryTurn,
     TurnPlan,
     plan_agents,
 )
 
-TRAJ = Trajectory(7, (Turn(100, 20), Turn(50, 10), Turn(200, 30)))
+TRAJ = Trajectory(7, (TrajectoryTurn(100, 20), TrajectoryTurn(50, 10), TrajectoryTurn(200, 30)))
 
 
 def _plan() -> ReplayPlan:
