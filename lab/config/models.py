@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dualpath.errors import UsageError
 from scheduler.analysis import Analysis, LabAnalysis, analyze, analyze_lab
 from scheduler.costmodel import CostModel, CostModelParams
+from scheduler.registry import SELECTORS
 from services.spec import ClusterSpec, Endpoint, NodeSpec, Policy, ProfileSpec, Role
 
 
@@ -258,10 +259,10 @@ class Scheduling(_Model):
     collective_kbytes_per_step: float = Field(
         64, ge=0, description="emulated all-to-all bytes per prefill step to each group peer"
     )
-    selector: Literal["dualpath", "round_robin", "least_tokens"] = Field(
+    selector: str = Field(
         "dualpath",
         description="engine selection under policy dualpath: the paper's (Algorithm 1 + two-level"
-        " DE selection), round_robin or least_tokens",
+        " DE selection) or a baseline of scheduler.registry.SELECTORS (round_robin, least_tokens)",
     )
     node_timeout_s: float = Field(
         5.0,
@@ -288,6 +289,13 @@ class Scheduling(_Model):
         description="read side under the round_robin selector: the paper's shorter-queue rule,"
         " or alternate (prefill, decode, ...) so that no decision of the baseline sees load",
     )
+
+    @field_validator("selector")
+    @classmethod
+    def _known_selector(cls, value: str) -> str:
+        if value not in SELECTORS:
+            raise ValueError(f"{value!r}: valid selectors are {', '.join(SELECTORS)}")
+        return value
 
     @model_validator(mode="after")
     def _selector_options(self) -> Scheduling:
