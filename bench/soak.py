@@ -50,9 +50,8 @@ def fault_schedule(cfg: LabConfig, duration_s: float, seed: int) -> dict[str, An
     one of each kind in a random order, the rest drawn at random. Pure."""
     rng = random.Random(seed)
     c = cfg.cluster
-    engines = [f"prefill-{i}" for i in range(c.prefill_nodes)]
-    engines += [f"decode-{i}" for i in range(c.decode_nodes)]
-    storages = [f"storage-{i}" for i in range(c.storage_servers)]
+    engines = c.engine_ids()
+    storages = c.storage_ids()
     first = list(KINDS)
     rng.shuffle(first)
     events: list[dict[str, Any]] = []

@@ -90,6 +90,26 @@ class ClusterShape(_Model):
             )
         return self
 
+    def engines(self) -> list[tuple[str, Role, int]]:
+        """The engine nodes (id, role, index within the role), prefill then decode: the cluster
+        spec, the chaos links and every other view of the cluster take them from here."""
+        return [
+            (f"{role}-{i}", role, i)
+            for role, count in (
+                (Role.PREFILL, self.prefill_nodes),
+                (Role.DECODE, self.decode_nodes),
+            )
+            for i in range(count)
+        ]
+
+    def engine_ids(self) -> list[str]:
+        """The engine nodes' ids, prefill then decode."""
+        return [node_id for node_id, _, _ in self.engines()]
+
+    def storage_ids(self) -> list[str]:
+        """The storage servers' ids."""
+        return [f"{Role.STORAGE}-{i}" for i in range(self.storage_servers)]
+
     def analysis(self) -> Analysis:
         """DualPath §4.2 for this cluster's real hardware figures."""
         return analyze(
@@ -482,30 +502,25 @@ def _engine_nodes(cfg: LabConfig, addr: _Addresser) -> list[NodeSpec]:
     gpu_kv_tokens = int(c.gpu_kv_capacity_gb * 1e9 / cfg.model.kv_bytes_per_token)
     nodes: list[NodeSpec] = []
     host_offset = 10
-    for role, count in [(Role.PREFILL, c.prefill_nodes), (Role.DECODE, c.decode_nodes)]:
-        for i in range(count):
-            p_data, p_coll, p_mgmt = addr.ports(3)
-            nodes.append(
-                NodeSpec(
-                    node_id=f"{role.value}-{i}",
-                    role=role,
-                    index=i,
-                    num_gpus=c.gpus_per_node,
-                    mgmt=addr.endpoint(net.mgmt_subnet, host_offset, PORT_MGMT, p_mgmt),
-                    cnic=addr.endpoint(net.compute_subnet, host_offset, PORT_DATA, p_data),
-                    collective=addr.endpoint(
-                        net.compute_subnet, host_offset, PORT_COLLECTIVE, p_coll
-                    ),
-                    snic_host="127.0.0.1" if local else _host(net.storage_subnet, host_offset),
-                    cnic_rate_mbit=None if local else cfg.cnic_rate_mbit,
-                    snic_rate_mbit=None if local else cfg.snic_rate_mbit,
-                    dram_buffer_bytes=int(
-                        c.dram_buffer_gb * 1e9 * s.bandwidth_scale * s.time_dilation
-                    ),
-                    gpu_kv_capacity_tokens=gpu_kv_tokens,
-                )
+    for node_id, role, i in c.engines():
+        p_data, p_coll, p_mgmt = addr.ports(3)
+        nodes.append(
+            NodeSpec(
+                node_id=node_id,
+                role=role,
+                index=i,
+                num_gpus=c.gpus_per_node,
+                mgmt=addr.endpoint(net.mgmt_subnet, host_offset, PORT_MGMT, p_mgmt),
+                cnic=addr.endpoint(net.compute_subnet, host_offset, PORT_DATA, p_data),
+                collective=addr.endpoint(net.compute_subnet, host_offset, PORT_COLLECTIVE, p_coll),
+                snic_host="127.0.0.1" if local else _host(net.storage_subnet, host_offset),
+                cnic_rate_mbit=None if local else cfg.cnic_rate_mbit,
+                snic_rate_mbit=None if local else cfg.snic_rate_mbit,
+                dram_buffer_bytes=int(c.dram_buffer_gb * 1e9 * s.bandwidth_scale * s.time_dilation),
+                gpu_kv_capacity_tokens=gpu_kv_tokens,
             )
-            host_offset += 1
+        )
+        host_offset += 1
     return nodes
 
 
@@ -513,12 +528,12 @@ def _storage_nodes(cfg: LabConfig, addr: _Addresser) -> list[NodeSpec]:
     """The storage servers, host offsets from 100."""
     net = cfg.network
     nodes: list[NodeSpec] = []
-    for i in range(cfg.cluster.storage_servers):
+    for i, node_id in enumerate(cfg.cluster.storage_ids()):
         p_store, p_mgmt = addr.ports(2)
         offset = 100 + i
         nodes.append(
             NodeSpec(
-                node_id=f"storage-{i}",
+                node_id=node_id,
                 role=Role.STORAGE,
                 index=i,
                 mgmt=addr.endpoint(net.mgmt_subnet, offset, PORT_MGMT, p_mgmt),

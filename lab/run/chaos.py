@@ -321,7 +321,5 @@ def cluster_links(cfg: LabConfig) -> ClusterLinks:
     """The engine nodes of a config with their emulated cnic/snic rates, and its other nodes."""
     c = cfg.cluster
     rates = {"cnic": cfg.cnic_rate_mbit, "snic": cfg.snic_rate_mbit}
-    engines = [f"prefill-{i}" for i in range(c.prefill_nodes)]
-    engines += [f"decode-{i}" for i in range(c.decode_nodes)]
-    storage = frozenset(f"storage-{i}" for i in range(c.storage_servers))
-    return ClusterLinks({n: dict(rates) for n in engines}, storage)
+    storage = frozenset(c.storage_ids())
+    return ClusterLinks({n: dict(rates) for n in c.engine_ids()}, storage)
