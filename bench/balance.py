@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
 
 from lab.config.models import load_config, parse_settings  # noqa: E402
 from lab.results.health import verdict_of  # noqa: E402
-from lab.results.metrics import (  # noqa: E402
+from lab.results.balance import (  # noqa: E402
     SNIC_BALANCE_BUSY_FRACTION,
     SNIC_BALANCE_WINDOW_S,
     snic_balance,

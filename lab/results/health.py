@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from lab.results.metrics import percentiles
+from lab.results.stats import percentiles
 
 Verdict = Literal["healthy", "host-bound", "unknown"]
 HEALTHY: Verdict = "healthy"

@@ -8,7 +8,6 @@ replays the workload.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import msgspec
 from dualpath.errors import DualPathError
 from lab.config.models import LabConfig
 from lab.config.scaling import choose_scaling, resolve
-from lab.results.health import HostSample, assess, host_sample, verdict_of
+from lab.results.health import HostSample, assess, verdict_of
 from lab.results.kernel_series import counter_summary, merge_rows, queue_series
 from lab.results.metrics import Sample, latency_series, recovery, summarize, throughput_series
 from lab.results.report import write_class_plot, write_plot
@@ -31,7 +30,9 @@ from lab.run.backends import Backend, BackendError, stop_pids
 from lab.run.bringup import BackendFactory, Prepared, check_backend, held, make_backend, prepare
 from lab.run.calibrate import calibrate
 from lab.run.chaos import Scenario
-from lab.run.control import apply_step, step_entry
+from lab.run.player import ChaosPlayer
+from lab.run.progress import Progress
+from lab.run.sampling import sample
 from lab.run.selftest import SelftestOptions, run_selftest
 from lab.run.workload import ReplayPlan, generate, load_jsonl, plan_agents, poisson_arrivals
 from services.prom import exported_nodes, metrics_url
@@ -40,28 +41,6 @@ from services.spec import ClusterSpec, Policy
 SAMPLE_INTERVAL_S = 0.5
 DRIVER_RESULTS = "driver.json"
 """The driver's results file, in the run directory."""
-PROC_STAT = Path("/proc/stat")
-PROC_PSI_CPU = Path("/proc/pressure/cpu")
-"""Both host-wide (a container sees the host's, unless something like lxcfs masks them)."""
-
-
-def _read_text(path: Path) -> str | None:
-    """A /proc file's text, None when the kernel has no such file (no PSI before 4.20, or
-    psi=0) or it cannot be read: host figures are then missing, never an error."""
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def sample_host(now: float) -> HostSample:
-    """The host's CPU busy jiffies and CPU pressure (PSI some) at `now` (lab.results.health)."""
-    return host_sample(
-        now,
-        stat_text=_read_text(PROC_STAT),
-        psi_text=_read_text(PROC_PSI_CPU),
-        num_cpus=os.cpu_count(),
-    )
 
 
 class RunError(DualPathError):
@@ -105,84 +84,6 @@ def _replay_plan(cfg: LabConfig, block_tokens: int) -> ReplayPlan:
             if a.turns
         )
     )
-
-
-class _Progress:
-    """Prints one status line every ~2 s: turns, agents, tokens/s, storage NIC use."""
-
-    def __init__(self, policy: str, enabled: bool) -> None:
-        self.policy = policy
-        self.enabled = enabled
-        self.last_print = 0.0
-        self.progress: dict[str, Any] = {}
-
-    def update(self, samples: list[Sample]) -> None:
-        if not self.enabled or time.monotonic() - self.last_print < 2.0 or not self.progress:
-            return
-        self.last_print = time.monotonic()
-        p = self.progress
-        tok_s = p["tokens_done"] / max(p["elapsed_s"], 1e-9)
-        nic = ""
-        if len(samples) >= 2:
-            a, b = samples[-2], samples[-1]
-            dt = max(b["t"] - a["t"], 1e-9)
-            parts = []
-            for node, nics in sorted(b["nodes"].items()):
-                c = nics.get("snic")
-                prev = a["nodes"].get(node, {}).get("snic")
-                if c is None or prev is None or not c.get("rate_mbit"):
-                    continue
-                if not node.startswith(("prefill", "decode")):
-                    continue
-                mbit = (c["ingress_bytes"] - prev["ingress_bytes"]) * 8 / dt / 1e6
-                parts.append(f"{node} snic {100 * mbit / c['rate_mbit']:3.0f}%")
-            nic = "  " + "  ".join(parts)
-        line = (
-            f"[{self.policy}] {p['elapsed_s']:6.1f}s  turns {p['turns_done']}/{p['turns_total']}"
-            f"  agents {p['agents_done']}  {tok_s / 1000:7.1f}k tok/s{nic}"
-        )
-        if p.get("turns_failed"):
-            line += f"  FAILED {p['turns_failed']}"
-        print(line, file=sys.stderr, flush=True)
-
-
-class _ChaosPlayer:
-    """Plays a scenario's steps against the backend while the driver runs, from the driver's
-    start; every step's outcome (or error) is recorded with its planned and actual time."""
-
-    def __init__(self, scenario: Scenario, be: Backend, say: Callable[[str], None]) -> None:
-        self.scenario = scenario
-        self.be = be
-        self.say = say
-        self.started = threading.Event()
-        self.stop = threading.Event()
-        self.started_at = 0.0
-        self.log: list[dict[str, Any]] = []
-        self.thread = threading.Thread(target=self._run, name="chaos", daemon=True)
-
-    def start_clock(self, started_at: float) -> None:
-        self.started_at = started_at
-        self.started.set()
-
-    def _run(self) -> None:
-        while not self.started.wait(0.1):
-            if self.stop.is_set():
-                return
-        for step in self.scenario.steps:
-            delay = self.started_at + step.at_s - time.time()
-            if delay > 0 and self.stop.wait(delay):
-                return
-            entry: dict[str, Any] = {
-                "at_s": step.at_s,
-                "t": round(time.time() - self.started_at, 3),
-                **step_entry(step),
-            }
-            try:
-                entry["result"] = apply_step(self.be, step)
-            except Exception as exc:  # recorded and reported; the run goes on
-                entry["error"] = f"{type(exc).__name__}: {exc}"
-            self.log.append(entry)
-            self.say(f"[chaos] t={entry['t']:.1f}s {entry.get('result') or entry.get('error')}")
 
 
 def run_once(
@@ -237,7 +138,7 @@ class _Played:
     driver: dict[str, Any]
     samples: list[Sample]
     host: list[HostSample]
-    chaos: _ChaosPlayer | None
+    chaos: ChaosPlayer | None
     by_hand: list[dict[str, Any]]
 
     @property
@@ -281,8 +182,8 @@ def _play(
     with held(lab, factory, on_down=said_down) as up:
         _record_metrics_urls(lab)
         say(f"[{policy}] control: {up.control.url} (dualpath link set NODE NIC key=value)")
-        chaos = _ChaosPlayer(scenario, up.backend, say) if scenario is not None else None
-        samples, host = _replay(plan, up.backend, chaos, _Progress(policy, progress))
+        chaos = ChaosPlayer(scenario, up.backend, say) if scenario is not None else None
+        samples, host = _replay(plan, up.backend, chaos, Progress(policy, progress))
     driver = json.loads((lab.out_dir / DRIVER_RESULTS).read_text())
     by_hand = _by_hand(up.control.applied, float(driver["started_at"]))
     return _Played(driver, samples, host, chaos, by_hand)
@@ -297,7 +198,7 @@ def _record_metrics_urls(lab: Prepared) -> None:
 
 
 def _replay(
-    plan: _Plan, be: Backend, chaos: _ChaosPlayer | None, show: _Progress
+    plan: _Plan, be: Backend, chaos: ChaosPlayer | None, show: Progress
 ) -> tuple[list[Sample], list[HostSample]]:
     """Run the driver to its end, sampling counters and host while it runs, the chaos steps
     played beside it; RunError when it fails. Interrupted, the driver is stopped first."""
@@ -314,10 +215,10 @@ def _replay(
             reader = threading.Thread(target=_listen, args=(proc, show, chaos, fatal), daemon=True)
             reader.start()
             while proc.poll() is None:
-                _sample(be, samples, host)
+                sample(be, samples, host)
                 show.update(samples)
                 time.sleep(SAMPLE_INTERVAL_S)
-            _sample(be, samples, host)
+            sample(be, samples, host)
             reader.join(timeout=5)
             if chaos is not None:
                 chaos.stop.set()
@@ -363,7 +264,7 @@ def _start_driver(plan: _Plan, be: Backend, log: IO[str]) -> subprocess.Popen[st
 
 
 def _listen(
-    proc: subprocess.Popen[str], show: _Progress, chaos: _ChaosPlayer | None, fatal: list[str]
+    proc: subprocess.Popen[str], show: Progress, chaos: ChaosPlayer | None, fatal: list[str]
 ) -> None:
     """Read the driver's JSON lines: its start starts the chaos clock, its progress feeds the
     status line, a fatal error is kept for the RunError."""
@@ -483,16 +384,6 @@ def _write_series(plan: _Plan, played: _Played, health: dict[str, Any]) -> None:
             lateness_threshold=health["thresholds"]["timeline_lateness_p99"],
         )
         write_class_plot(series, out_dir / "cnic_classes.svg", title=title)
-
-
-def _sample(be: Backend, samples: list[Sample], host: list[HostSample]) -> None:
-    """One tick: every node's kernel counters (when the backend has them) and the host's CPU
-    figures (always), at the same moment."""
-    counters = be.counters()
-    now = time.time()
-    if counters is not None:
-        samples.append({"t": now, "nodes": counters})
-    host.append(sample_host(now))
 
 
 def paused_intervals(
