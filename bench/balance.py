@@ -32,12 +32,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lab.config.models import load_config, parse_settings  # noqa: E402
-from lab.results.health import verdict_of  # noqa: E402
 from lab.results.balance import (  # noqa: E402
     SNIC_BALANCE_BUSY_FRACTION,
     SNIC_BALANCE_WINDOW_S,
     snic_balance,
 )
+from lab.results.health import verdict_of  # noqa: E402
 from lab.run.runner import run_once  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
