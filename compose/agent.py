@@ -4,7 +4,7 @@ At start it finds the container's NICs by subnet (never by interface order) and 
 with the netns backend's plan (`netem.container`); then it serves the driver on its mgmt
 address: start and stop the node process of one run, NIC counters, link changes, node actions
 and the node's log. It acts only inside its own container and starts no process but the node.
-Every request must present the stack's agent secret (`compose_stack.agent_secret`, shared by the
+Every request must present the stack's agent secret (`compose.stack.agent_secret`, shared by the
 stack's services through a volume; services.auth); a lab id must be one (ClusterSpec), and the
 only directory `/v1/stop` deletes is the data directory the agent itself made for the run.
 """

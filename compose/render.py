@@ -26,7 +26,7 @@ LAB_LABEL = "com.dualpath.lab"
 NODE_LABEL = "com.dualpath.node"
 IMAGE_REPO = "dualpath-mesh"
 IMAGE = f"{IMAGE_REPO}:latest"
-"""What a rendered file runs; the CLI runs `dualpath-mesh:<source hash>` (compose_backend)."""
+"""What a rendered file runs; the CLI runs `dualpath-mesh:<source hash>` (compose.backend)."""
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 AGENT_PORT = 7500
 """Each node container's agent (compose.agent) listens here on its mgmt address."""
