@@ -4,7 +4,9 @@ Speaks the storage protocol (v2) of docs/design.md (read/write on the storage en
 stats/seed/health on the mgmt endpoint), in the typed messages of services/wire/frames.py.
 It verifies every write frame before persisting it and never vouches for its own disk: a read
 frame's crc is computed from the bytes read back. It does no scheduling, and it removes only
-the files it created.
+the files it created. This module is the server: its ports, dispatch, handlers and counters;
+the request checks and error codes are services/storage_protocol.py (pure), the files on disk
+services/storage_files.py.
 """
 
 from __future__ import annotations
