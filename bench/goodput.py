@@ -2,9 +2,9 @@
 
 Across one shaped snic (100 Mbit/s and 1 Gbit/s, egress of the sender) it measures, in one
 run, iperf3's receiver-side goodput and the goodput of a bulk sender/receiver pair built from
-the lab's own transport (services.transport connect/serve, codec Frames carrying 1 MiB
-KvGenerator slices that the receiver verifies), and prints the ratio lab/iperf3 (target
->= 0.95). Needs root; writes results/bench/goodput.json.
+the lab's own transport (services.transport.connect, services.transport_server.serve,
+codec Frames carrying 1 MiB KvGenerator slices that the receiver verifies), and prints the
+ratio lab/iperf3 (target >= 0.95). Needs root; writes results/bench/goodput.json.
 
     .venv/bin/python bench/goodput.py [--seconds 5] [--rates 100,1000] [--out results/bench]
 """
@@ -50,7 +50,9 @@ RECEIVER_ADDR = "198.18.1.200"
 async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
     from services.codec import Frame
     from services.kvblocks import KvGenerator
-    from services.transport import Dscp, FrameConnection, serve
+    from services.sockopts import Dscp
+    from services.transport import FrameConnection
+    from services.transport_server import serve
     from services.wire.frames import KvSlices, parse
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)
@@ -102,7 +104,8 @@ async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
 async def _sender(host: str, port: int, local: str, seconds: float) -> dict[str, Any]:
     from services.codec import Frame
     from services.kvblocks import KvGenerator, SliceSet, crc
-    from services.transport import Dscp, connect
+    from services.sockopts import Dscp
+    from services.transport import connect
     from services.wire.frames import KvSlices, to_frame
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)

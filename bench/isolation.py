@@ -113,7 +113,9 @@ def _source(host: str, port: int, bind: str, dscp: int) -> int:
 async def _echo(bind: str, port: int) -> None:
     """Answer collective frames the way an engine node's cnic server does."""
     from services.codec import Frame
-    from services.transport import Dscp, FrameConnection, serve
+    from services.sockopts import Dscp
+    from services.transport import FrameConnection
+    from services.transport_server import serve
 
     async def handler(conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == "collective":
@@ -134,7 +136,8 @@ async def _ping(
     """Collective bursts of `size` bytes, one at a time, each awaiting its ack; prints the
     round trips (ms) as JSON."""
     from services.codec import Frame
-    from services.transport import Dscp, connect
+    from services.sockopts import Dscp
+    from services.transport import connect
 
     conn = await connect(host, port, dscp=Dscp.COLLECTIVE, local_host=bind, io_timeout_s=30)
     payload = bytes(size)

@@ -64,7 +64,7 @@ CLASS_IDS: dict[str, int] = {
 """Leaf classes under 1:1 with `priority_classes` (architecture: collective > control > kv)."""
 
 CLASS_DSCP: dict[str, int] = {"collective": 46, "control": 24, "kv": 8}
-"""DSCP of each class; the same values as services.transport.Dscp."""
+"""DSCP of each class; the same values as services.sockopts.Dscp."""
 
 CLASS_PRIO: dict[str, int] = {"collective": 0, "control": 1, "kv": 2}
 """HTB prio (0 = served first, also when borrowing spare link rate)."""

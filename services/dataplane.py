@@ -36,11 +36,13 @@ from services.ipc import DpEvent, DpStatus, HealthReport, HealthRequest, IpcChan
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.limits import kv_limits_for
 from services.process import data_plane_process, die_with_parent
+from services.sockopts import Dscp
 from services.spec import ClusterSpec, Policy, Role
-from services.storage import read_chunk_blocks
 from services.storage_client import StorageClient
+from services.storage_protocol import read_chunk_blocks
 from services.tasks import ErrorLog, TaskSet
-from services.transport import ConnectionClosed, Dscp, FrameConnection, FrameServer, connect, serve
+from services.transport import ConnectionClosed, FrameConnection, connect
+from services.transport_server import FrameServer, serve
 from services.wire.frames import (
     BadMessage,
     FrameKind,

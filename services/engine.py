@@ -52,9 +52,11 @@ from services.ipc import (
 )
 from services.limits import MGMT_PORT_LIMITS, collective_limits_for
 from services.scheduler.client import SchedulerClient
+from services.sockopts import Dscp
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.tasks import ErrorLog, TaskSet
-from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
+from services.transport import FrameConnection, connect
+from services.transport_server import FrameServer, serve
 from services.wire.frames import CollectiveAck, CollectiveBurst, FrameKind, StatsRequest, to_frame
 from services.wire.rpc import FetchRequest, ReportRequest, TurnEvent
 

@@ -4,7 +4,9 @@ Speaks the storage protocol (v2) of docs/design.md (read/write on the storage en
 stats/seed/health on the mgmt endpoint), in the typed messages of services/wire/frames.py.
 It verifies every write frame before persisting it and never vouches for its own disk: a read
 frame's crc is computed from the bytes read back. It does no scheduling, and it removes only
-the files it created.
+the files it created. This module is the server: its ports, dispatch, handlers and counters;
+the request checks and error codes are services/storage_protocol.py (pure), the files on disk
+services/storage_files.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import functools
 import os
 import secrets
 import weakref
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,22 +25,41 @@ from typing import Any, TypeVar
 import msgpack
 import msgspec
 
-from dualpath.errors import DualPathError
 from services.auth import FRAME_AUTH_FIELD, frame_presents
-from services.blocks import block_runs, chunks, per_frame
-from services.codec import Frame, Payload
+from services.blocks import chunks, per_frame
+from services.codec import Frame
 from services.health import HealthMonitor
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.limits import MGMT_PORT_LIMITS, PortLimits, kv_limits_for
-from services.spec import ClusterSpec, Role
-from services.transport import Dscp, FrameConnection, FrameServer, serve
+from services.sockopts import Dscp
+from services.spec import ClusterSpec, NodeSpec, Role
+from services.storage_files import (
+    CATALOG_NAME,
+    TrajectoryFiles,
+    catalog_record,
+    read_blocks,
+    read_catalog,
+    write_blocks,
+)
+from services.storage_protocol import (
+    MUTATING_KINDS,
+    MissingBlocks,
+    ServerClosing,
+    StorageError,
+    Unauthorized,
+    UnsupportedMessage,
+    parse_request,
+    read_chunk_blocks,
+    seed_range,
+    write_slices,
+)
+from services.transport import FrameConnection
+from services.transport_server import FrameServer, Handler, serve
 from services.wire.frames import (
-    BadMessage,
     BlocksChunk,
     ErrorReply,
     FrameKind,
     Health,
-    M,
     ReadDone,
     ReadRequest,
     SeedDone,
@@ -48,232 +68,31 @@ from services.wire.frames import (
     StorageStats,
     WriteDone,
     WriteRequest,
-    parse,
     to_frame,
 )
 
-CATALOG_NAME = "catalog.msgpack"
-"""Per server directory: one msgpack record [traj, [[first, count], ...]] per stored write, so a
-restarted server knows what its files hold."""
-READ_CHUNK_BYTES = 2 << 20
-"""Target payload of one `blocks` frame (whole blocks, so at least one block)."""
 SEED_CHUNK_BYTES = 4 << 20
 """Seeding generates and writes this much at a time."""
 INLINE_IO_BYTES = 256 << 10
 """Disk I/O up to this size runs on the event loop (page-cache speed); larger goes to a thread."""
-MAX_OPEN_FILES = 256
-"""Cached trajectory fds; the least recently used unpinned one is closed beyond this."""
-MAX_SEED_BLOCKS = 1 << 20
 MAX_CLIENTS = 1024
 """Clients counted apart in `read_by`; the rest are pooled under `?`."""
 
 T = TypeVar("T")
 
 
-# -- errors: each maps to one protocol error code --------------------------------------------
-
-
-class StorageError(DualPathError):
-    """A request failed; `code` is the protocol error code sent back to the client."""
-
-    code = "storage"
-
-
-class BadRequest(StorageError):
-    code = "bad_request"
-
-
-class UnsupportedMessage(StorageError):
-    code = "unsupported"
-
-
-class MissingBlocks(StorageError):
-    code = "missing"
-
-
-class StorageIOError(StorageError):
-    code = "io"
-
-
-class ServerClosing(StorageError):
-    code = "closing"
-
-
-class Unauthorized(StorageError):
-    code = "unauthorized"
-
-
-MUTATING_KINDS = frozenset({FrameKind.WRITE, FrameKind.SEED})
-"""Requests that change what a server stores: each must present the lab's secret
-(services.auth.FRAME_AUTH_FIELD); reads, stats and health need none."""
-
-
-# -- protocol messages (pure checks; no I/O) ------------------------------------------------
-
-
-def parse_request(frame: Frame, cls: type[M]) -> M:
-    """The request `frame` carries (services/wire/frames.py); BadRequest names a bad field."""
-    try:
-        return parse(frame, cls)
-    except BadMessage as exc:
-        raise BadRequest(str(exc)) from None
-
-
-def write_slices(req: WriteRequest, *, layer_groups: int, max_slices: int) -> SliceSet:
-    """The whole blocks a write carries (all layer groups), bounded; BadRequest if not."""
-    try:
-        slices = req.slices(layer_groups=layer_groups, max_slices=max_slices)
-    except BadMessage as exc:
-        raise BadRequest(str(exc)) from None
-    if (slices.g0, slices.g1) != (0, layer_groups):
-        raise BadRequest(
-            f"groups [{slices.g0}, {slices.g1}): writes carry whole blocks, "
-            f"all {layer_groups} groups"
+def storage_node(spec: ClusterSpec, node_id: str) -> NodeSpec:
+    """`node_id`'s spec; ValueError unless it is a storage server whose block fits a frame."""
+    node = spec.node(node_id)
+    if node.role != Role.STORAGE or node.storage is None:
+        raise ValueError(f"{node_id} is not a storage server (role {node.role})")
+    block_bytes = spec.profile.block_bytes
+    if block_bytes > spec.max_frame_bytes:
+        raise ValueError(
+            f"a block of {block_bytes} bytes does not fit a frame of "
+            f"{spec.max_frame_bytes} (max_frame_bytes)"
         )
-    return slices
-
-
-def seed_range(req: SeedRequest) -> range:
-    """The blocks a seed asks for: at most MAX_SEED_BLOCKS, in order; BadRequest if not."""
-    first, end = req.first_block, req.end_block
-    if end < first or end - first > MAX_SEED_BLOCKS:
-        raise BadRequest(f"seed range [{first}, {end}) is empty-reversed or over {MAX_SEED_BLOCKS}")
-    return range(first, end)
-
-
-def read_chunk_blocks(block_bytes: int) -> int:
-    """Whole blocks per `blocks` frame of a read: READ_CHUNK_BYTES of them, at least one."""
-    return per_frame(READ_CHUNK_BYTES, block_bytes)
-
-
-# -- files ----------------------------------------------------------------------------------
-
-
-def _pread_exact(fd: int, offset: int, size: int) -> bytes:
-    parts: list[bytes] = []
-    got = 0
-    while got < size:
-        part = os.pread(fd, size - got, offset + got)
-        if not part:
-            raise StorageIOError(f"short read at offset {offset + got}: file truncated?")
-        parts.append(part)
-        got += len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _pwrite_all(fd: int, offset: int, data: memoryview) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-def read_catalog(data: bytes) -> list[tuple[int, list[tuple[int, int]]]]:
-    """The (trajectory, [(first block, count), ...]) records of a catalogue, in order. A torn
-    last record (the server was killed while appending it) and anything malformed after the
-    last good record are ignored: those blocks count as not stored."""
-    out: list[tuple[int, list[tuple[int, int]]]] = []
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
-    unpacker.feed(data)
-    try:
-        for rec in unpacker:
-            traj, runs = rec
-            parsed = [(int(f), int(c)) for f, c in runs]
-            if not isinstance(traj, int) or any(f < 0 or c < 0 for f, c in parsed):
-                break
-            out.append((traj, parsed))
-    except (ValueError, TypeError):  # msgpack's format errors are ValueErrors
-        pass
-    return out
-
-
-def _no_readahead(fd: int) -> None:
-    """Reads name exact block ranges of a sparse file: read-ahead would only zero-fill the holes
-    past them (measured: 7 % of a storage server's CPU in memset under page_cache_ra)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-
-
-class TrajectoryFiles:
-    """One sparse file per trajectory under `directory`: a bounded LRU of open fds, pinned
-    while in use, and a record of which files this server created (only those are removed)."""
-
-    def __init__(self, directory: Path, *, max_open: int = MAX_OPEN_FILES) -> None:
-        self.directory = directory
-        self._max_open = max_open
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pins: dict[int, int] = {}
-        self._created: set[Path] = set()
-
-    def path(self, traj: int) -> Path:
-        return self.directory / f"traj-{traj}.kv"
-
-    def _open(self, traj: int, *, create: bool) -> int:
-        path = self.path(traj)
-        fd = -1
-        if create:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                self._created.add(path)
-        if fd < 0:
-            fd = os.open(path, os.O_RDWR)
-        _no_readahead(fd)
-        return fd
-
-    @contextlib.contextmanager
-    def pinned(self, traj: int, *, create: bool) -> Iterator[int]:
-        """The trajectory's fd, kept open until the block exits."""
-        fd = self._fds.get(traj)
-        if fd is None:
-            fd = self._open(traj, create=create)
-            self._fds[traj] = fd
-        self._fds.move_to_end(traj)
-        self._pins[traj] = self._pins.get(traj, 0) + 1
-        try:
-            yield fd
-        finally:
-            self._pins[traj] -= 1
-            if not self._pins[traj]:
-                del self._pins[traj]
-            self._evict()
-
-    def _evict(self) -> None:
-        for traj in list(self._fds):
-            if len(self._fds) <= self._max_open:
-                return
-            if traj not in self._pins:
-                os.close(self._fds.pop(traj))
-
-    def close_all(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._pins.clear()
-
-    def adopt(self, path: Path) -> None:
-        """Count a file an earlier run of this server created (a restart after a crash) as
-        created here, so a clean stop removes it too."""
-        self._created.add(path)
-
-    def remove_created(self, root: Path) -> list[Path]:
-        """Unlink the files this object created, if they lie under `root`."""
-        removed: list[Path] = []
-        root = root.resolve()
-        for path in sorted(self._created):
-            if path.resolve().is_relative_to(root):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                removed.append(path)
-        self._created.clear()
-        return removed
-
-
-# -- the server -----------------------------------------------------------------------------
-
-Handler = Callable[[FrameConnection, Frame], Awaitable[None]]
+    return node
 
 
 class StorageServer:
@@ -290,51 +109,49 @@ class StorageServer:
     ) -> None:
         """`kv_limits`/`mgmt_limits`: the data and management ports' (services.limits);
         the data port's default follows the spec (kv_limits_for)."""
-        node = spec.node(node_id)
-        if node.role != Role.STORAGE or node.storage is None:
-            raise ValueError(f"{node_id} is not a storage server (role {node.role})")
-        profile = spec.profile
-        self.block_bytes = profile.block_bytes
-        if self.block_bytes > spec.max_frame_bytes:
-            raise ValueError(
-                f"a block of {self.block_bytes} bytes does not fit a frame of "
-                f"{spec.max_frame_bytes} (max_frame_bytes)"
-            )
         self.spec = spec
-        self.node = node
+        self.node = storage_node(spec, node_id)
         self.node_id = node_id
+        self.block_bytes = spec.profile.block_bytes
         self._log = log
         self._kv_limits = kv_limits or kv_limits_for(spec)
         self._mgmt_limits = mgmt_limits
         self._gen = KvGenerator(
-            slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
+            slice_bytes=spec.profile.layer_group_bytes(0), layer_groups=spec.profile.layer_groups
         )
         self._blocks_per_chunk = read_chunk_blocks(self.block_bytes)
         self._max_slices = per_frame(spec.max_frame_bytes, self._gen.slice_bytes)
-        self._root = Path(spec.data_dir)
-        self.directory = self._root / node_id
-        self._files = TrajectoryFiles(self.directory)
-        self._index: dict[int, set[int]] = {}
-        self._catalog_path = self.directory / CATALOG_NAME
-        self._catalog_fd = -1
+        self._init_disk(Path(spec.data_dir))
         self._servers: list[FrameServer] = []
         self._executor: ThreadPoolExecutor | None = None
         self._conns: weakref.WeakSet[FrameConnection] = weakref.WeakSet()
         self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
-        self._created_dirs: list[Path] = []
         self._closing = False
         self._started = False
-        # counters
+        self._init_counters()
+        self.health = HealthMonitor(node_id, "storage")
+        self.health.gauge("read_queue_bytes", lambda: float(self._rq_bytes))
+
+    def _init_disk(self, root: Path) -> None:
+        """Where this server's files go; nothing is created before start()."""
+        self._root = root
+        self.directory = root / self.node_id
+        self._files = TrajectoryFiles(self.directory)
+        self._index: dict[int, set[int]] = {}
+        self._catalog_path = self.directory / CATALOG_NAME
+        self._catalog_fd = -1
+        self._created_dirs: list[Path] = []
+
+    def _init_counters(self) -> None:
+        """The figures of StorageStats, from zero, under a fresh boot id."""
+        self.boot = secrets.token_hex(8)
         self._rq_blocks = 0
         self._rq_bytes = 0
         self._bytes_read = 0
         self._read_by: dict[str, int] = {}
-        self.boot = secrets.token_hex(8)
         self._bytes_written = 0
         self._num_blocks = 0
         self._num_errors = 0
-        self.health = HealthMonitor(node_id, "storage")
-        self.health.gauge("read_queue_bytes", lambda: float(self._rq_bytes))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -491,23 +308,10 @@ class StorageServer:
             await asyncio.wait([job])
             raise
 
-    def _read_blocks(self, fd: int, blocks: Sequence[int]) -> bytes:
-        bb = self.block_bytes
-        parts = [_pread_exact(fd, first * bb, n * bb) for first, n in block_runs(blocks)]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
     def _read_frame(self, fd: int, blocks: Sequence[int]) -> tuple[bytes, int]:
         # The crc is of the bytes as read back, so the receiver catches a bad disk.
-        payload = self._read_blocks(fd, blocks)
+        payload = read_blocks(fd, blocks, self.block_bytes)
         return payload, crc(payload)
-
-    def _write_blocks(self, fd: int, blocks: Sequence[int], payload: Payload) -> None:
-        bb = self.block_bytes
-        view = memoryview(payload)
-        pos = 0
-        for first, n in block_runs(blocks):
-            _pwrite_all(fd, first * bb, view[pos : pos + n * bb])
-            pos += n * bb
 
     def _stored(self, traj: int, blocks: Sequence[int], *, record: bool = True) -> None:
         present = self._index.setdefault(traj, set())
@@ -516,7 +320,7 @@ class StorageServer:
         self._num_blocks += len(present) - before
         if record and blocks and self._catalog_fd >= 0:
             # After the data (its pwrite has returned): a record names only blocks on disk.
-            os.write(self._catalog_fd, msgpack.packb([traj, block_runs(blocks)]))
+            os.write(self._catalog_fd, catalog_record(traj, blocks))
 
     def _open_catalog(self) -> None:
         """Load what an earlier run of this server stored (a restart after a kill: the files
@@ -585,7 +389,8 @@ class StorageServer:
         if blocks:
             with self._files.pinned(slices.traj, create=True) as fd:
                 await self._io(
-                    num_bytes, functools.partial(self._write_blocks, fd, blocks, payload)
+                    num_bytes,
+                    functools.partial(write_blocks, fd, blocks, payload, self.block_bytes),
                 )
         self._stored(slices.traj, blocks)
         self._bytes_written += num_bytes
@@ -600,7 +405,7 @@ class StorageServer:
 
         def write_all(fd: int) -> None:
             for chunk in chunks(owned, per_chunk):
-                self._write_blocks(fd, chunk, gen.full_blocks(req.traj, chunk))
+                write_blocks(fd, chunk, gen.full_blocks(req.traj, chunk), self.block_bytes)
 
         if owned:
             with self._files.pinned(req.traj, create=True) as fd:

@@ -21,8 +21,9 @@ from dualpath.errors import DualPathError
 from services.blocks import chunks, describe, per_frame
 from services.codec import Frame, Payload
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
+from services.sockopts import Dscp
 from services.spec import ClusterSpec, Endpoint, NodeSpec
-from services.transport import Dscp, FrameConnection, connect
+from services.transport import FrameConnection, connect
 from services.wire.frames import (
     BadMessage,
     BlocksChunk,

@@ -16,7 +16,9 @@ import time
 from lab.config.scaling import HostCalibration
 from services.codec import Frame
 from services.kvblocks import KvGenerator, SliceSet, crc
-from services.transport import Dscp, FrameConnection, connect, serve
+from services.sockopts import Dscp
+from services.transport import FrameConnection, connect
+from services.transport_server import serve
 from services.wire.frames import KvSlices, parse, to_frame
 
 SLICE_BYTES = 8192

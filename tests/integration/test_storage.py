@@ -15,15 +15,12 @@ from services.auth import FRAME_AUTH_FIELD
 from services.codec import Frame, FrameDecoder
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec
-from services.storage import (
-    CATALOG_NAME,
-    READ_CHUNK_BYTES,
-    StorageServer,
-    read_catalog,
-    serve_storage,
-)
+from services.storage import StorageServer, serve_storage
 from services.storage_client import StorageClient, StorageProtocolError
-from services.transport import ConnectionClosed, FrameConnection, RemoteError, connect, serve
+from services.storage_files import CATALOG_NAME, read_catalog
+from services.storage_protocol import READ_CHUNK_BYTES
+from services.transport import ConnectionClosed, FrameConnection, RemoteError, connect
+from services.transport_server import serve
 from services.wire.frames import BlocksChunk, parse, slice_fields
 
 TIMEOUT_S = 30.0  # a guard against hangs, not a timing assertion

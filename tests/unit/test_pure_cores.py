@@ -18,6 +18,7 @@ PURE = [
     "services.kvblocks",
     "services.buffers",
     "services.wire.rpc",
+    "services.storage_protocol",
     "services.scheduler.state",
     "scheduler.dualpath_policy",
     "scheduler.registry",
