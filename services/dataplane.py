@@ -32,7 +32,6 @@ from services.blocks import per_frame
 from services.buffers import POOL
 from services.codec import Frame
 from services.dataplane_stats import DataPlaneStats
-from services.engine_core import AssignKv, DropKv, Persist, PrefillDone, SendGroup
 from services.health import HealthMonitor
 from services.ipc import DpEvent, DpStatus, HealthReport, HealthRequest, IpcChannel, Stop
 from services.kv_reads import READ_CONCURRENCY, StorageIo
@@ -44,6 +43,7 @@ from services.spec import ClusterSpec, Policy, Role
 from services.storage import read_chunk_blocks
 from services.storage_client import StorageClient
 from services.tasks import TaskSet
+from services.timeline import AssignKv, DropKv, Persist, PrefillDone, SendGroup
 from services.transport import ConnectionClosed, Dscp, FrameConnection, FrameServer, serve
 from services.wire.frames import (
     BadMessage,

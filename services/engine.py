@@ -28,19 +28,7 @@ import msgspec
 from services.assignment import AssignmentError
 from services.codec import Frame
 from services.dataplane_core import Failed, GroupReady, KvComplete, Persisted, Released
-from services.engine_core import (
-    AssignKv,
-    Collective,
-    DropKv,
-    Emit,
-    EngineCore,
-    Persist,
-    PrefillDone,
-    PrefillStepStats,
-    SendGroup,
-    StepTimed,
-    TimelineConfig,
-)
+from services.engine_core import EngineCore
 from services.health import HealthMonitor
 from services.ipc import (
     DpEvent,
@@ -54,6 +42,18 @@ from services.limits import MGMT_PORT_LIMITS, collective_limits_for
 from services.scheduler.client import SchedulerClient
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.tasks import ErrorLog, TaskSet
+from services.timeline import (
+    AssignKv,
+    Collective,
+    DropKv,
+    Emit,
+    Persist,
+    PrefillDone,
+    PrefillStepStats,
+    SendGroup,
+    StepTimed,
+    TimelineConfig,
+)
 from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
 from services.wire.frames import CollectiveAck, CollectiveBurst, FrameKind, StatsRequest, to_frame
 from services.wire.rpc import FetchRequest, ReportRequest, TurnEvent

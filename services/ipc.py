@@ -20,7 +20,7 @@ import msgpack
 from dualpath.errors import DualPathError
 from services.assignment import AssignmentError, TurnAssignment
 from services.dataplane_core import Failed, GroupReady, KvComplete, Persisted, Released
-from services.engine_core import AssignKv, DropKv, Persist, PrefillDone, SendGroup
+from services.timeline import AssignKv, DropKv, Persist, PrefillDone, SendGroup
 
 _LEN = struct.Struct("!I")
 MAX_MESSAGE_BYTES = 256 << 20
