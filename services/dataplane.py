@@ -101,8 +101,17 @@ class DataPlane:
         self.incarnation = f"{node_id}@{boot}"
         self.storage = StorageClient(spec, local_host=self.me.snic_host, client_id=self.incarnation)
         self._tasks = TaskSet()
-        self.reads = StorageIo(
-            spec,
+        self.reads, self.links, self.senders = self._parts()
+        self._inbound: set[FrameConnection] = set()
+        self._server: FrameServer | None = None
+        self._max_slices = per_frame(spec.max_frame_bytes, self.gen.slice_bytes)
+        # the timeline reports the read queue at every pull: fresher is not needed
+        self._status_interval_s = min(STATUS_INTERVAL_S, spec.pull_interval_s)
+
+    def _parts(self) -> tuple[StorageIo, PeerLinks, KvSenders]:
+        """The storage side, the peer connections and the KV senders, all feeding the core."""
+        reads = StorageIo(
+            self.spec,
             self.core,
             self.storage,
             self.stats,
@@ -111,23 +120,19 @@ class DataPlane:
             fail=self._fail,
             event=self._event,
         )
-        self.links = PeerLinks(spec)
-        self.senders = KvSenders(
+        links = PeerLinks(self.spec)
+        senders = KvSenders(
             self.core,
-            self.links,
+            links,
             self.gen,
-            self.reads.chunks,
+            reads.chunks,
             self.stats,
             incarnation=self.incarnation,
             after=self._run,
             fail=self._fail,
             spawn=self._tasks.spawn,
         )
-        self._inbound: set[FrameConnection] = set()
-        self._server: FrameServer | None = None
-        self._max_slices = per_frame(spec.max_frame_bytes, self.gen.slice_bytes)
-        # the timeline reports the read queue at every pull: fresher is not needed
-        self._status_interval_s = min(STATUS_INTERVAL_S, spec.pull_interval_s)
+        return reads, links, senders
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> None:
