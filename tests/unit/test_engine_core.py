@@ -10,13 +10,14 @@ import pytest
 
 from scheduler.costmodel import CostModel, CostModelParams
 from services.assignment import TurnAssignment
-from services.engine_core import (
+from services.engine_core import EngineCore
+from services.spec import Role
+from services.timeline import (
     Action,
     AssignKv,
     Collective,
     DropKv,
     Emit,
-    EngineCore,
     Persist,
     PrefillDone,
     PrefillStepStats,
@@ -24,7 +25,6 @@ from services.engine_core import (
     StepTimed,
     TimelineConfig,
 )
-from services.spec import Role
 from services.wire.rpc import EngineLoadReport
 
 G = 3

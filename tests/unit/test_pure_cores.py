@@ -13,6 +13,9 @@ import pytest
 
 PURE = [
     "services.engine_core",
+    "services.prefill_core",
+    "services.decode_core",
+    "services.timeline",
     "services.dataplane_core",
     "services.assignment",
     "services.kvblocks",
