@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from lab.config.models import ConfigError, LabConfig, build_cluster_spec
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import ConfigError, LabConfig
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 
 LAB_LABEL = "com.dualpath.lab"

@@ -1,4 +1,4 @@
-"""Views of one cluster spec (lab.config.models.build_cluster_spec builds it once from a config):
+"""Views of one cluster spec (lab.config.cluster.build_cluster_spec builds it once from a config):
 the netem topology the netns backend and the selftest build (`topology_for`), and the spec with
 the addresses a compose stack's containers really have (`with_addresses`). Pure."""
 

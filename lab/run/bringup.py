@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.config.models import LOCAL_PORTS, LabConfig, build_cluster_spec
+from lab.config.cluster import LOCAL_PORTS, build_cluster_spec
+from lab.config.models import LabConfig
 from lab.run.backends import (
     BACKENDS,
     Backend,

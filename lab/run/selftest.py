@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.config.models import ConfigError, LabConfig, build_cluster_spec
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import ConfigError, LabConfig
 from lab.config.topology import topology_for
 from lab.run.backends import state_dir as default_state_dir
 from netem.kernel import require_net_admin

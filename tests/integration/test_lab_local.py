@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from lab.config.models import build_cluster_spec, parse_config
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import parse_config
 from lab.run.backends import LocalBackend, RunState, free_port_base
 from lab.run.runner import run_once
 from services.codec import PREFIX_SIZE, decode_header, parse_prefix

@@ -24,7 +24,8 @@ from compose.render import (
     render_text,
 )
 from compose.stack import check_agent
-from lab.config.models import build_cluster_spec, load_config, parse_config
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import load_config, parse_config
 from lab.config.topology import with_addresses
 from lab.run.backends import BackendError
 from netem.spec import SpecError

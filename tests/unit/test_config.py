@@ -9,14 +9,8 @@ from typing import Any
 
 import pytest
 
-from lab.config.models import (
-    ConfigError,
-    LabConfig,
-    build_cluster_spec,
-    load_config,
-    parse_config,
-    parse_settings,
-)
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import ConfigError, LabConfig, load_config, parse_config, parse_settings
 from services.spec import ClusterSpec, Policy, Role
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

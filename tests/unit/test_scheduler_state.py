@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from lab.config.models import build_cluster_spec, parse_config
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import parse_config
 from scheduler.read_side import tie_side
 from scheduler.registry import PolicyKnobs, make_policy
 from services.scheduler.state import FINISHED_RETENTION_S, SchedulerState, policy_for

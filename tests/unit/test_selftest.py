@@ -26,7 +26,7 @@ def _cfg() -> LabConfig:
 
 
 def test_topology_is_the_runs_plus_one_unshaped_probe_per_shaped_network() -> None:
-    from lab.config.models import build_cluster_spec
+    from lab.config.cluster import build_cluster_spec
     from lab.config.topology import topology_for
 
     cfg = _cfg()
