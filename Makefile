@@ -38,8 +38,9 @@ demo: system-deps venv
 	$(BIN)/dualpath compare -c $(CONFIG) --out $(OUT)
 
 lint: venv
-	$(T) $(BIN)/ruff check services scheduler netem lab tests bench
-	$(T) $(BIN)/ruff format --check services scheduler netem lab tests bench
+	$(T) $(BIN)/ruff check dualpath services scheduler netem lab compose tests bench
+	$(T) $(BIN)/ruff format --check dualpath services scheduler netem lab compose tests bench
+	$(T) $(BIN)/lint-imports --no-cache
 
 typecheck: venv
 	$(T) $(BIN)/mypy
@@ -90,7 +91,7 @@ fresh-test: docker
 	$(T) .ci/fresh-test
 
 # The checked-in compose file of the laptop demo.
-compose/docker-compose.yml: examples/laptop.yaml lab/compose_render.py | venv
+compose/docker-compose.yml: examples/laptop.yaml compose/render.py | venv
 	$(BIN)/dualpath compose render -c examples/laptop.yaml -o $@
 
 bench: system-deps venv

@@ -31,14 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.config import load_config, parse_settings  # noqa: E402
-from lab.health import verdict_of  # noqa: E402
-from lab.metrics import (  # noqa: E402
+from lab.config.models import load_config, parse_settings  # noqa: E402
+from lab.results.balance import (  # noqa: E402
     SNIC_BALANCE_BUSY_FRACTION,
     SNIC_BALANCE_WINDOW_S,
     snic_balance,
 )
-from lab.runner import run_once  # noqa: E402
+from lab.results.health import verdict_of  # noqa: E402
+from lab.run.runner import run_once  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "round_robin": {"selector": "round_robin", "baseline_read_side": "shorter_queue"},

@@ -1,7 +1,7 @@
 """Bench: the same config on the netns and compose backends, alternating, repeated.
 
 Each repeat runs the policies on netns (`runner.compare`) and then on one compose stack
-(`compose_backend.run_stack`), so both see the same machine within minutes of each other. The
+(`compose.backend.run_stack`), so both see the same machine within minutes of each other. The
 table gives each run's JCT, the compose/netns ratio per policy and DualPath's speedup on each
 backend, plus the 1-minute load average before and after each run: on a shared machine a run
 that started or ended under load from elsewhere is visible as such. Needs root and a Docker
@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.compose_backend import run_stack  # noqa: E402
-from lab.config import load_config  # noqa: E402
-from lab.runner import compare  # noqa: E402
+from compose.backend import run_stack  # noqa: E402
+from lab.config.models import load_config  # noqa: E402
+from lab.run.runner import compare  # noqa: E402
 from services.spec import Policy  # noqa: E402
 
 

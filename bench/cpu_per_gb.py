@@ -64,7 +64,7 @@ def _role(pid: int) -> str:
         node = args[args.index("--node") + 1]
         part = "/dataplane" if "services.dataplane" in args else ""
         return node.split("-")[0] + part  # prefill, decode, storage, scheduler
-    if "lab.driver" in args:
+    if "lab.run.driver" in args:
         return "driver"
     if "lab.cli" in args:
         return "runner"

@@ -1,7 +1,7 @@
 """Bench: garbage on every listening port of a running lab, while its workload runs.
 
 Brings up a lab (netns backend, default examples/laptop.yaml with more turns per agent so the
-workload outlasts the attacks) and, once the driver runs, throws lab.garbage at every port of
+workload outlasts the attacks) and, once the driver runs, throws lab.run.garbage at every port of
 every node from inside the node's own namespace: random bytes, oversize length prefixes, a
 slow sender (a byte a second, until the port's frame timeout cuts it), 2,000 connections at
 once, then a legitimate request. The ports: engine nodes' KV (data plane), collective and
@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.config import load_config, parse_settings  # noqa: E402
-from lab.garbage import Target, peak_rss_bytes  # noqa: E402
-from lab.runner import run_once  # noqa: E402
+from lab.config.models import load_config, parse_settings  # noqa: E402
+from lab.run.garbage import Target, peak_rss_bytes  # noqa: E402
+from lab.run.runner import run_once  # noqa: E402
 from netem.state import default_state_dir  # noqa: E402
 from services.process import child_pids  # noqa: E402
 from services.prom import METRICS_PORT  # noqa: E402
@@ -147,7 +147,7 @@ class Attacker:
         for node, ts in targets_of(spec).items():
             path = self.out / f"targets-{node}.json"
             path.write_text(json.dumps([asdict(t) for t in ts]))
-            argv = [sys.executable, "-m", "lab.garbage", str(path)]
+            argv = [sys.executable, "-m", "lab.run.garbage", str(path)]
             argv += ["--connections", str(self.connections), "--slow-max-s", str(self.slow_max_s)]
             procs[node] = subprocess.Popen(
                 ["ip", "netns", "exec", f"dp-{lab_id}-{node}", *argv],
@@ -161,7 +161,7 @@ class Attacker:
             t = Target("runner", "control", u.hostname or "127.0.0.1", int(u.port or 0), "http")
             path = self.out / "targets-runner.json"
             path.write_text(json.dumps([asdict(t) | {"probe": "/v1/links"}]))
-            argv = [sys.executable, "-m", "lab.garbage", str(path)]
+            argv = [sys.executable, "-m", "lab.run.garbage", str(path)]
             argv += ["--connections", str(self.connections), "--slow-max-s", str(self.slow_max_s)]
             procs["runner"] = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
         for node, proc in procs.items():

@@ -2,9 +2,9 @@
 
 Across one shaped snic (100 Mbit/s and 1 Gbit/s, egress of the sender) it measures, in one
 run, iperf3's receiver-side goodput and the goodput of a bulk sender/receiver pair built from
-the lab's own transport (services.transport connect/serve, codec Frames carrying 1 MiB
-KvGenerator slices that the receiver verifies), and prints the ratio lab/iperf3 (target
->= 0.95). Needs root; writes results/bench/goodput.json.
+the lab's own transport (services.transport.connect, services.transport_server.serve,
+codec Frames carrying 1 MiB KvGenerator slices that the receiver verifies), and prints the
+ratio lab/iperf3 (target >= 0.95). Needs root; writes results/bench/goodput.json.
 
     .venv/bin/python bench/goodput.py [--seconds 5] [--rates 100,1000] [--out results/bench]
 """
@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from netem.netns import NetnsLab, down_from_state, require_net_admin  # noqa: E402
+from netem.kernel import require_net_admin  # noqa: E402
+from netem.lifecycle import down_from_state  # noqa: E402
+from netem.netns import NetnsLab  # noqa: E402
 from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec  # noqa: E402
 
 TARGET_RATIO = 0.95
@@ -47,8 +49,11 @@ RECEIVER_ADDR = "198.18.1.200"
 # --- the two lab roles (run inside the namespaces) ------------------------------------------
 async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
     from services.codec import Frame
-    from services.kvblocks import KvGenerator, SliceSet
-    from services.transport import Dscp, FrameConnection, serve
+    from services.kvblocks import KvGenerator
+    from services.sockopts import Dscp
+    from services.transport import FrameConnection
+    from services.transport_server import serve
+    from services.wire.frames import KvSlices, parse
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)
     done = asyncio.Event()
@@ -58,8 +63,9 @@ async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
     async def handler(conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == "kv":
             try:
-                s = SliceSet.from_wire(frame.header, layer_groups=1, max_slices=1)
-                n = gen.verify(s, frame.payload, int(frame.header["crc"]))
+                msg = parse(frame, KvSlices)
+                s = msg.slices(layer_groups=1, max_slices=1)
+                n = gen.verify(s, frame.payload, msg.crc)
             except Exception as exc:  # a KvCorruption is a result to report, not a crash
                 stats["errors"].append(str(exc))
                 raise
@@ -98,7 +104,9 @@ async def _receiver(bind: str, port: int, warmup_s: float) -> dict[str, Any]:
 async def _sender(host: str, port: int, local: str, seconds: float) -> dict[str, Any]:
     from services.codec import Frame
     from services.kvblocks import KvGenerator, SliceSet, crc
-    from services.transport import Dscp, connect
+    from services.sockopts import Dscp
+    from services.transport import connect
+    from services.wire.frames import KvSlices, to_frame
 
     gen = KvGenerator(slice_bytes=SLICE_BYTES, layer_groups=1)
     traj = 7
@@ -106,13 +114,12 @@ async def _sender(host: str, port: int, local: str, seconds: float) -> dict[str,
     for block in range(RING_BLOCKS):
         s = SliceSet(traj, (block,), 0, 1)
         payload = gen.payload(s)
-        ring.append(({**s.to_wire(), "crc": crc(payload)}, payload))
+        ring.append(to_frame(KvSlices.of("goodput", "goodput", s, crc(payload)), payload))
     conn = await connect(host, port, dscp=Dscp.KV, local_host=local)
     sent = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        header, payload = ring[sent % RING_BLOCKS]
-        await conn.send(Frame("kv", header, payload))
+        await conn.send(ring[sent % RING_BLOCKS])
         sent += 1
     await conn.send(Frame("end"))
     ack = await conn.recv_reply()

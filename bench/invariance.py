@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.config import ConfigError, LabConfig, load_config, parse_settings  # noqa: E402
-from lab.runner import BACKENDS, run_once  # noqa: E402
+from lab.config.models import ConfigError, LabConfig, load_config, parse_settings  # noqa: E402
+from lab.run.runner import BACKENDS, run_once  # noqa: E402
 from services.spec import Policy  # noqa: E402
 
 

@@ -50,7 +50,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from netem.counters import NicCounters  # noqa: E402
-from netem.netns import NetnsLab, down_from_state, require_net_admin  # noqa: E402
+from netem.kernel import require_net_admin  # noqa: E402
+from netem.lifecycle import down_from_state  # noqa: E402
+from netem.netns import NetnsLab  # noqa: E402
 from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec  # noqa: E402
 
 TARGET_P99_RATIO = 1.5
@@ -111,7 +113,9 @@ def _source(host: str, port: int, bind: str, dscp: int) -> int:
 async def _echo(bind: str, port: int) -> None:
     """Answer collective frames the way an engine node's cnic server does."""
     from services.codec import Frame
-    from services.transport import Dscp, FrameConnection, serve
+    from services.sockopts import Dscp
+    from services.transport import FrameConnection
+    from services.transport_server import serve
 
     async def handler(conn: FrameConnection, frame: Frame) -> None:
         if frame.kind == "collective":
@@ -132,7 +136,8 @@ async def _ping(
     """Collective bursts of `size` bytes, one at a time, each awaiting its ack; prints the
     round trips (ms) as JSON."""
     from services.codec import Frame
-    from services.transport import Dscp, connect
+    from services.sockopts import Dscp
+    from services.transport import connect
 
     conn = await connect(host, port, dscp=Dscp.COLLECTIVE, local_host=bind, io_timeout_s=30)
     payload = bytes(size)
@@ -325,7 +330,7 @@ def _kv_streams(
 
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """Linear interpolation between closest ranks (as lab.metrics.percentiles)."""
+    """Linear interpolation between closest ranks (as lab.results.metrics.percentiles)."""
     if not values:
         return float("nan")
     xs = sorted(values)

@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.chaos import cluster_links, compile_scenario  # noqa: E402
-from lab.config import LabConfig, load_config, parse_settings  # noqa: E402
-from lab.runner import run_once  # noqa: E402
+from lab.config.models import LabConfig, load_config, parse_settings  # noqa: E402
+from lab.run.chaos import cluster_links, compile_scenario  # noqa: E402
+from lab.run.runner import run_once  # noqa: E402
 from netem.state import default_state_dir  # noqa: E402
 from services.process import child_pids  # noqa: E402
 
@@ -50,9 +50,8 @@ def fault_schedule(cfg: LabConfig, duration_s: float, seed: int) -> dict[str, An
     one of each kind in a random order, the rest drawn at random. Pure."""
     rng = random.Random(seed)
     c = cfg.cluster
-    engines = [f"prefill-{i}" for i in range(c.prefill_nodes)]
-    engines += [f"decode-{i}" for i in range(c.decode_nodes)]
-    storages = [f"storage-{i}" for i in range(c.storage_servers)]
+    engines = c.engine_ids()
+    storages = c.storage_ids()
     first = list(KINDS)
     rng.shuffle(first)
     events: list[dict[str, Any]] = []

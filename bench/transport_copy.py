@@ -1,8 +1,8 @@
 """Bench: goodput and CPU per GB of the frame transport on loopback, in one process.
 
 Sends --mib MiB of frames (payloads cycling 256 KiB, 512 KiB, 1 MiB, 2 MiB, 4 MiB) from
-services.transport.connect() to services.transport.serve() over 127.0.0.1 and reports MB/s
-and CPU seconds per GB (time.process_time: sender and receiver together, they share the
+services.transport.connect() to services.transport_server.serve() over 127.0.0.1 and reports
+MB/s and CPU seconds per GB (time.process_time: sender and receiver together, they share the
 process). Unless --no-baseline, the same frames also go through the receive path the
 transport had before (asyncio streams, StreamReader.readexactly), side by side in the same
 run, so the ratio is what to read, not the absolute numbers. Reports; asserts nothing. A few
@@ -36,7 +36,8 @@ from services.codec import (  # noqa: E402
     encode,
     parse_prefix,
 )
-from services.transport import FrameConnection, connect, serve  # noqa: E402
+from services.transport import FrameConnection, connect  # noqa: E402
+from services.transport_server import serve  # noqa: E402
 
 HOST = "127.0.0.1"
 FRAME_KIB = (256, 512, 1024, 2048, 4096)

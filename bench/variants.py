@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.config import ConfigError, load_config, parse_settings  # noqa: E402
-from lab.health import HOST_BOUND, verdict_of  # noqa: E402
-from lab.runner import BACKENDS, run_once  # noqa: E402
+from lab.config.models import ConfigError, load_config, parse_settings  # noqa: E402
+from lab.results.health import HOST_BOUND, verdict_of  # noqa: E402
+from lab.run.runner import BACKENDS, run_once  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -30,9 +30,9 @@ esac
 
 say() { echo "[build-image] $*" >&2; }
 
-# Must match lab.compose_backend.source_hash (a unit test checks that it does).
+# Must match compose.backend.source_hash (a unit test checks that it does).
 source_hash() {
-  { find services scheduler netem lab -name '*.py' -type f; echo pyproject.toml; echo compose/Dockerfile; } \
+  { find dualpath services scheduler netem lab compose -name '*.py' -type f; echo pyproject.toml; echo compose/Dockerfile; } \
     | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
 }
 

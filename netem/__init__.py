@@ -1,6 +1,7 @@
-"""The emulated network: topology specs, pure shaping plans, and the netns applier.
+"""The emulated network: topology specs, pure shaping and set-link plans, and their appliers.
 
-`spec`, `plan` and `capabilities` are pure (no pyroute2, no I/O); `netns`, `doctor`,
-`counters` and `state` do the I/O.
-Import the applier from `netem.netns` so that pure users never load pyroute2.
+`spec`, `plan`, `linkchange` and `capabilities` are pure (no pyroute2, no I/O); `kernel`,
+`tc`, `nft`, `lifecycle`, `netns`, `container`, `doctor`, `counters` and `state` do the I/O.
+Import the appliers from `netem.netns` / `netem.container` so that pure users never load
+pyroute2.
 """

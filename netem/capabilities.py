@@ -1,12 +1,17 @@
-"""What a host's kernel can emulate, as plain data: the planner's input (`KernelCaps`) and the
-doctor's report (`DoctorReport`, `FeatureSupport`). Pure: the probes that fill these in live
-in `netem.doctor`; nothing here imports pyroute2 or runs a command.
+"""What a host's kernel can emulate, as plain data: the planner's input (`KernelCaps`), what a
+plan could not emulate (`Unemulated`), whether a spec depends on the kernel at all
+(`needs_caps`), and the doctor's report (`DoctorReport`, `FeatureSupport`). Pure: the probes
+that fill these in live in `netem.doctor`; nothing here imports pyroute2 or runs a command.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from netem.errors import NetemError
+from netem.spec import DIRECTIONS, TopologySpec
 
 Probe = Literal["yes", "no", "unknown"]
 
@@ -32,6 +37,47 @@ class KernelCaps:
     def without_netem(cls) -> KernelCaps:
         """The CI machines: no sch_netem, nftables present."""
         return cls(netem=False, nft_numgen=True)
+
+
+def needs_caps(spec: TopologySpec) -> bool:
+    """Whether the plan depends on the kernel (impairments or queue limits somewhere); a spec
+    without them plans the same everywhere and is never probed."""
+    for host in spec.hosts:
+        for nic in host.nics:
+            if nic.shape is None:
+                continue
+            for direction in DIRECTIONS:
+                d = nic.shape.direction(direction)
+                if d.impairments() or d.queue_limit_packets is not None:
+                    return True
+    return False
+
+
+@dataclass(frozen=True)
+class Unemulated:
+    """A feature of a NIC direction this kernel cannot emulate; the caller decides whether
+    that is an error (`NetnsLab(..., allow_unemulated=True)` accepts it)."""
+
+    node_id: str
+    nic: str
+    direction: str
+    feature: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.node_id}.{self.nic}" if self.node_id else self.nic
+        return f"{where} {self.direction} {self.feature}: {self.reason}"
+
+
+def unemulated_error(missing: Sequence[Unemulated], operation: str) -> NetemError:
+    """The error raised, before anything changes, for features this kernel cannot emulate."""
+    return NetemError(
+        "this kernel cannot emulate "
+        + "; ".join(str(m) for m in missing)
+        + " (see `dualpath doctor`; pass allow_unemulated=True / --allow-unemulated to "
+        "run without them)",
+        operation=operation,
+    )
 
 
 @dataclass(frozen=True)

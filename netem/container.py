@@ -6,54 +6,31 @@ planned IFBs and qdiscs there, and needs CAP_NET_ADMIN only (no CAP_SYS_ADMIN, n
 
 from __future__ import annotations
 
-import array
-import dataclasses
-import fcntl
 import ipaddress
 import socket
-import struct
 import threading
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 from pyroute2 import IPRoute
 
-from netem.capabilities import KernelCaps
-from netem.counters import NicCounters, read_nics
+from netem.capabilities import KernelCaps, needs_caps
+from netem.counters import NicCounters, nic_sources, read_nics
 from netem.errors import NetemError
-from netem.netns import (
-    CAP_NET_ADMIN,
-    ETHTOOL_SGSO,
-    ETHTOOL_STSO,
-    SIOCETHTOOL,
-    _apply_tc_change,
-    _check_ours,
-    _effective_caps,
-    _needs_caps,
-    _NetlinkThread,
-    _nic_sources,
-    _unemulated_error,
-    _wrap,
-    apply_shaping,
-)
-from netem.plan import (
-    PER_PACKET_IMPAIRMENTS,
-    Change,
-    LinkStateOp,
-    TcChange,
-    plan_change,
-    plan_topology,
-    shape_nic,
-)
-from netem.spec import DIRECTIONS, DirectionSpec, HostSpec, NicSpec, SpecError, TopologySpec
+from netem.kernel import CAP_NET_ADMIN, NetlinkThread, has_cap, offloads_off, wrap
+from netem.linkchange import Change, Direction, changed_nic, check_request, plan_link_change
+from netem.netns import apply_shaping
+from netem.plan import has_per_packet_impairments, plan_topology, shape_nic
+from netem.spec import HostSpec, NicSpec, SpecError, TopologySpec
+from netem.tc import apply_tc_changes, check_ours
 
 WHERE = "this container"
 
 
 def has_net_admin() -> bool:
     """Whether this process may shape its NICs (a container needs `cap_add: [NET_ADMIN]`)."""
-    return bool(_effective_caps() >> CAP_NET_ADMIN & 1)
+    return has_cap(CAP_NET_ADMIN)
 
 
 def find_interfaces(subnets: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -99,19 +76,6 @@ def probe_netem_here() -> bool:
             ipr.link("del", ifname="dpprobe0")
 
 
-def _offloads_off(ifname: str) -> None:
-    """TSO and GSO off on `ifname` (see netem.plan.PER_PACKET_IMPAIRMENTS), by the legacy
-    ethtool ioctls on a socket of this namespace."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for cmd in (ETHTOOL_STSO, ETHTOOL_SGSO):
-            value = array.array("I", [cmd, 0])
-            fcntl.ioctl(
-                sock.fileno(),
-                SIOCETHTOOL,
-                struct.pack("16sP", ifname.encode(), value.buffer_info()[0]),
-            )
-
-
 class ContainerNics:
     """The NICs of one node in its own namespace, by their lab names (`cnic`, `snic`, `mgmt`).
 
@@ -133,7 +97,7 @@ class ContainerNics:
         self.allow_unemulated = allow_unemulated
         self._caps = caps
         self._lock = threading.Lock()
-        self._thread: _NetlinkThread | None = None
+        self._thread: NetlinkThread | None = None
         self._ipr: Any = None
         self._offloaded: set[str] = set()
 
@@ -142,7 +106,7 @@ class ContainerNics:
 
     def _resolve_caps(self, nics: tuple[NicSpec, ...]) -> KernelCaps:
         """The caps the plan needs: probed here only when some NIC has impairments."""
-        if self._caps is None and _needs_caps(TopologySpec("c", (HostSpec("c", nics),))):
+        if self._caps is None and needs_caps(TopologySpec("c", (HostSpec("c", nics),))):
             self._caps = KernelCaps(netem=probe_netem_here(), nft_numgen=False)
         return self._caps or KernelCaps.with_netem()
 
@@ -155,10 +119,10 @@ class ContainerNics:
             if nic.shape is None:
                 continue
             ops = apply_shaping(nic, caps=caps, allow_unemulated=self.allow_unemulated)
-            if self._per_packet(nic):
+            if has_per_packet_impairments(nic):
                 self._offloads(nic.name)
             done.append(f"{name} ({nic.name}): {len(ops)} tc operations")
-        self._thread = _NetlinkThread(f"netem-{self.node_id}")
+        self._thread = NetlinkThread(f"netem-{self.node_id}")
         self._ipr = self._thread.call(IPRoute)
         return done
 
@@ -177,7 +141,7 @@ class ContainerNics:
     def counters(self) -> dict[str, NicCounters]:
         """Lab NIC name -> cumulative counters, as NetnsLab.counters gives them per node."""
         host = plan_topology(TopologySpec("c", (self._host(),))).host(self.node_id)
-        sources = _nic_sources(host)
+        sources = nic_sources(host)
         raw = self._call("read counters", lambda: read_nics(self._ipr, WHERE, sources))
         return {name: raw[nic.name] for name, nic in self.nics.items()}
 
@@ -189,80 +153,43 @@ class ContainerNics:
             )
         return nic
 
-    @staticmethod
-    def _per_packet(nic: NicSpec) -> bool:
-        if nic.shape is None:
-            return False
-        used = (f for d in DIRECTIONS for f in nic.shape.direction(d).impairments())
-        return any(f in PER_PACKET_IMPAIRMENTS for f in used)
-
     def _offloads(self, ifname: str) -> None:
         if ifname not in self._offloaded:
-            _wrap(f"ethtool -K {ifname} tso off gso off ({WHERE})", partial(_offloads_off, ifname))
+            wrap(f"ethtool -K {ifname} tso off gso off ({WHERE})", partial(offloads_off, ifname))
             self._offloaded.add(ifname)
 
     def set_link(
         self,
         name: str,
         *,
-        direction: Literal["egress", "ingress", "both"] = "both",
+        direction: Direction = "both",
         up: bool | None = None,
         **values: float,
     ) -> tuple[Change, ...]:
         """Change NIC `name` in place, as NetnsLab.set_link does (same values, same checks,
         nothing changed on any error). Loss needs sch_netem here: a container has no lab
         switch to drop on."""
-        if direction not in ("egress", "ingress", "both"):
-            raise SpecError(f"direction: {direction!r} is invalid (egress, ingress or both)")
+        check_request(direction, up)
         with self._lock:
             old = self._nic(name)
-            new = _changed(old, f"{self.node_id}.{name}", direction, values) if values else old
+            new = changed_nic(old, f"{self.node_id}.{name}", direction, values) if values else old
             caps = self._resolve_caps((new,))
-            before, after = shape_nic(old, caps), shape_nic(new, caps)
-            added = [u for u in after.unemulated if u not in before.unemulated]
-            if added and not self.allow_unemulated:
-                raise _unemulated_error(added, f"set_link {self.node_id} {name}")
-            try:
-                planned = plan_change(before, after)
-            except ValueError as exc:
-                raise NetemError(f"{self.node_id}.{name}: {exc}", operation="set_link") from exc
-            state = () if up is None else (LinkStateOp(old.name, up),)
-            changes: tuple[Change, ...] = (*planned, *state)
+            link = plan_link_change(
+                shape_nic(old, caps),
+                shape_nic(new, caps),
+                node_id=self.node_id,
+                nic=name,
+                dev=old.name,
+                up=up,
+                allow_unemulated=self.allow_unemulated,
+            )
 
             def apply() -> None:
-                _check_ours(self._ipr, WHERE, before.ops)
-                if self._per_packet(new):
+                check_ours(self._ipr, WHERE, link.before.ops)
+                if has_per_packet_impairments(new):
                     self._offloads(new.name)
-                for change in changes:
-                    if isinstance(change, TcChange | LinkStateOp):
-                        _apply_tc_change(self._ipr, WHERE, change)
+                apply_tc_changes(self._ipr, WHERE, link.tc_changes, link.undo)
 
             self._call("set_link", apply)
             self.nics[name] = new
-            return changes
-
-
-def _changed(nic: NicSpec, where: str, direction: str, values: Mapping[str, float]) -> NicSpec:
-    """`nic` with `values` (DirectionSpec fields) set on `direction`; SpecError names
-    `<where>.<direction>.<field>`."""
-    shape = nic.shape
-    if shape is None:
-        raise SpecError(f"{where}: unshaped, so only up/down can change in place")
-    dirs: dict[str, DirectionSpec] = {}
-    for name in DIRECTIONS:
-        current = shape.direction(name)
-        if direction not in (name, "both"):
-            dirs[name] = current
-            continue
-        fields = dict(values)
-        if "rate_mbit" in fields and "ceil_mbit" not in fields and current.ceil_mbit is not None:
-            fields["ceil_mbit"] = min(current.ceil_mbit, fields["rate_mbit"])
-        try:
-            dirs[name] = dataclasses.replace(current, **fields)  # type: ignore[arg-type]
-        except (SpecError, TypeError) as exc:
-            raise SpecError(f"{where}.{name}.{exc}") from None
-    try:
-        new_shape = dataclasses.replace(shape, rate_mbit=None, **dirs)  # type: ignore[arg-type]
-    except SpecError as exc:
-        raise SpecError(f"{where}.{exc}") from None
-    return dataclasses.replace(nic, shape=new_shape)
+            return link.changes

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netem.errors import NetemError
-from netem.plan import CLASS_IDS, LINK_CLASS, ROOT_QDISC, TC_H_ROOT, ifb_name
+from netem.plan import CLASS_IDS, LINK_CLASS, ROOT_QDISC, TC_H_ROOT, HostPlan, ifb_name
 from netem.spec import IFB_PREFIX
 
 # Byte accounting: counts include the 14-byte Ethernet header of every frame and nothing below
@@ -83,6 +83,30 @@ class NicSource:
     """(class name, classid) of the leaf classes, both trees."""
     ingress_rate_mbit: float | None = None
     """None: the same as `rate_mbit`."""
+
+
+def nic_sources(host: HostPlan) -> list[NicSource]:
+    """Where the counters of each NIC of `host` live, as its plan shapes it."""
+    sources: list[NicSource] = []
+    for nic_plan in host.nics:
+        nic = nic_plan.nic
+        shape = nic.shape
+        if shape is None:
+            sources.append(NicSource(name=nic.name, ifb=None, rate_mbit=None))
+            continue
+        egress = shape.direction("egress").rate_mbit
+        ingress = shape.direction("ingress").rate_mbit
+        classes = tuple(CLASS_IDS.items()) if shape.priority_classes else ()
+        sources.append(
+            NicSource(
+                name=nic.name,
+                ifb=ifb_name(nic.name),
+                rate_mbit=egress,
+                classes=classes,
+                ingress_rate_mbit=None if ingress == egress else ingress,
+            )
+        )
+    return sources
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from errno import errorcode
 
+from dualpath.errors import EXIT_USAGE, DualPathError
 
-class NetemError(Exception):
+
+class NetemError(DualPathError):
     """A netem operation failed. `operation` says what was being done, `errno` why (or None)."""
+
+    context = "network setup failed: "
 
     def __init__(self, message: str, *, operation: str = "", errno: int | None = None) -> None:
         super().__init__(message)
@@ -27,3 +31,6 @@ class NetemError(Exception):
 
 class NetemPermissionError(NetemError):
     """The netns backend needs root or CAP_NET_ADMIN."""
+
+    exit_status = EXIT_USAGE
+    context = ""

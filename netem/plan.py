@@ -1,6 +1,8 @@
 """Pure planner: a TopologySpec becomes namespace, bridge and veth names and, per NIC, the exact
-qdisc/class/filter operations that shape it. The applier (`netem.netns`) runs these in order
-and nothing else, so every kernel object the lab makes is golden-tested here. No I/O, no pyroute2.
+qdisc/class/filter operations and switch loss rules that shape it. The appliers run these in
+order (`netem.tc`, `netem.nft`) and nothing else, so every kernel object the lab makes is
+golden-tested here; in-place changes are planned from two of these in `netem.linkchange`.
+No I/O, no pyroute2.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from netem.capabilities import KernelCaps
+from netem.capabilities import KernelCaps, Unemulated
 from netem.spec import (
     BRIDGE_PREFIX,
     DIRECTIONS,
@@ -62,7 +64,7 @@ CLASS_IDS: dict[str, int] = {
 """Leaf classes under 1:1 with `priority_classes` (architecture: collective > control > kv)."""
 
 CLASS_DSCP: dict[str, int] = {"collective": 46, "control": 24, "kv": 8}
-"""DSCP of each class; the same values as services.transport.Dscp."""
+"""DSCP of each class; the same values as services.sockopts.Dscp."""
 
 CLASS_PRIO: dict[str, int] = {"collective": 0, "control": 1, "kv": 2}
 """HTB prio (0 = served first, also when borrowing spare link rate)."""
@@ -70,11 +72,6 @@ CLASS_PRIO: dict[str, int] = {"collective": 0, "control": 1, "kv": 2}
 LEAF_QDISC_MAJOR_BASE = 0x100
 """Leaf qdiscs (netem, or pfifo for a queue limit without netem) have handle
 `<0x100 + leaf minor>:` — 101: under 1:1, 110:/120:/130: under 1:10/1:20/1:30."""
-
-NFT_FAMILY = "bridge"
-NFT_TABLE = "dualpath"
-NFT_CHAIN = "forward"
-"""The lab's nftables table in its switch namespace, made when some NIC has random loss."""
 
 NUMGEN_MOD = 1_000_000
 """Loss rules draw `numgen random mod 1000000`: loss is resolved to 1 ppm (0.0001 %)."""
@@ -234,22 +231,6 @@ class LossRuleOp:
     """Drop when `numgen random mod NUMGEN_MOD` < threshold (loss in ppm)."""
     comment: str
     """`<node_id>/<nic>/<direction>`: names the rule, so set_link can find and replace it."""
-
-
-@dataclass(frozen=True)
-class Unemulated:
-    """A feature of a NIC direction this kernel cannot emulate; the caller decides whether
-    that is an error (`NetnsLab(..., allow_unemulated=True)` accepts it)."""
-
-    node_id: str
-    nic: str
-    direction: str
-    feature: str
-    reason: str
-
-    def __str__(self) -> str:
-        where = f"{self.node_id}.{self.nic}" if self.node_id else self.nic
-        return f"{where} {self.direction} {self.feature}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -495,99 +476,6 @@ def plan_nic(nic: NicSpec, caps: KernelCaps | None = None) -> tuple[Op, ...]:
     return shape_nic(nic, caps or KernelCaps.with_netem()).ops
 
 
-# --- in-place changes ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class TcChange:
-    """Change a class or leaf qdisc in place: `change` (same object, new parameters),
-    `replace` (graft a leaf qdisc under an existing class) or `delete` (a leaf qdisc; the
-    class gets the kernel's default pfifo back). The HTB root and classes are never deleted."""
-
-    verb: Literal["change", "replace", "delete"]
-    op: ClassOp | QdiscOp
-
-
-@dataclass(frozen=True)
-class RuleChange:
-    verb: Literal["add", "replace", "delete"]
-    rule: LossRuleOp
-
-
-@dataclass(frozen=True)
-class LinkStateOp:
-    """Set a NIC administratively up or down (its veth peer loses carrier)."""
-
-    dev: str
-    up: bool
-
-
-Change = TcChange | RuleChange | LinkStateOp
-
-
-def _key(op: Op) -> tuple[object, ...]:
-    if isinstance(op, LinkOp):
-        return ("link", op.ifname)
-    if isinstance(op, ClassOp):
-        return ("class", op.dev, op.classid)
-    if isinstance(op, QdiscOp):
-        return ("qdisc", op.dev, op.parent) if op.is_leaf else ("qdisc", op.dev, op.handle)
-    return ("filter", op.dev, op.parent, op.prio)
-
-
-def _switches_off_sticky(before: QdiscOp, after: QdiscOp) -> bool:
-    """netem options a `change` cannot reset to 0 (their attributes are only sent when set)."""
-    if before.netem is None or after.netem is None:
-        return False
-    old, new = before.netem, after.netem
-    return (old.corrupt_pct > 0 and new.corrupt_pct == 0) or (
-        old.reorder_pct > 0 and new.reorder_pct == 0
-    )
-
-
-def plan_change(old: NicShaping, new: NicShaping) -> tuple[Change, ...]:
-    """The in-place changes that turn a NIC shaped by `old` into one shaped by `new`.
-
-    Only class parameters, leaf qdiscs and loss rules may differ; anything else (another
-    tree, other classes or filters) raises ValueError: that is a rebuild, not a change."""
-    old_ops = {_key(op): op for op in old.ops}
-    new_ops = {_key(op): op for op in new.ops}
-    changes: list[Change] = []
-    for key, op in new_ops.items():
-        before = old_ops.get(key)
-        if before == op:
-            continue
-        if isinstance(op, ClassOp) and isinstance(before, ClassOp):
-            changes.append(TcChange("change", op))
-        elif isinstance(op, QdiscOp) and op.is_leaf:
-            if before is None:
-                changes.append(TcChange("replace", op))
-            elif isinstance(before, QdiscOp) and _switches_off_sticky(before, op):
-                # The kernel keeps an omitted corrupt/reorder on `change` (tc behaves the
-                # same), so turning one off swaps the leaf qdisc; the HTB class stays.
-                changes += [TcChange("delete", before), TcChange("replace", op)]
-            elif isinstance(before, QdiscOp) and before.kind == op.kind:
-                changes.append(TcChange("change", op))
-            else:
-                raise ValueError(f"cannot change {before} into {op} in place")
-        else:
-            raise ValueError(f"cannot change {before} into {op} in place")
-    for key, op in old_ops.items():
-        if key in new_ops:
-            continue
-        if isinstance(op, QdiscOp) and op.is_leaf:
-            changes.append(TcChange("delete", op))
-        else:
-            raise ValueError(f"cannot remove {op} in place")
-    old_rules = {r.comment: r for r in old.loss_rules}
-    new_rules = {r.comment: r for r in new.loss_rules}
-    for comment, rule in new_rules.items():
-        if comment not in old_rules:
-            changes.append(RuleChange("add", rule))
-        elif old_rules[comment] != rule:
-            changes.append(RuleChange("replace", rule))
-    changes += [RuleChange("delete", r) for c, r in old_rules.items() if c not in new_rules]
-    return tuple(changes)
-
-
 def expected_qdiscs(ops: tuple[Op, ...]) -> dict[str, set[tuple[str, int, int]]]:
     """dev -> {(kind, parent, handle)} of every qdisc the plan creates: exactly what a
     qdisc dump of a lab NIC and its IFB must show (the kernel's default leaf pfifos are
@@ -607,57 +495,6 @@ def expected_classes(ops: tuple[Op, ...]) -> dict[str, set[int]]:
         if isinstance(op, ClassOp):
             out.setdefault(op.dev, set()).add(op.classid)
     return out
-
-
-# --- nftables documents (`nft -j -f -` input; data, never a command string) -----------------
-def nft_setup() -> list[dict[str, object]]:
-    """Create the lab's table and chain. `create` fails if the table exists, so a table the
-    lab did not make is never adopted."""
-    return [
-        {"create": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}},
-        {
-            "create": {
-                "chain": {
-                    "family": NFT_FAMILY,
-                    "table": NFT_TABLE,
-                    "name": NFT_CHAIN,
-                    "type": "filter",
-                    "hook": "forward",
-                    "prio": 0,
-                    "policy": "accept",
-                }
-            }
-        },
-    ]
-
-
-def nft_rule(rule: LossRuleOp, *, handle: int | None = None) -> dict[str, object]:
-    """The rule object: `<match> "<port>" numgen random mod 1000000 < threshold counter drop`."""
-    body: dict[str, object] = {
-        "family": NFT_FAMILY,
-        "table": NFT_TABLE,
-        "chain": NFT_CHAIN,
-        "comment": rule.comment,
-        "expr": [
-            {"match": {"op": "==", "left": {"meta": {"key": rule.match}}, "right": rule.port}},
-            {
-                "match": {
-                    "op": "<",
-                    "left": {"numgen": {"mode": "random", "mod": NUMGEN_MOD, "offset": 0}},
-                    "right": rule.threshold,
-                }
-            },
-            {"counter": None},
-            {"drop": None},
-        ],
-    }
-    if handle is not None:
-        body["handle"] = handle
-    return {"rule": body}
-
-
-def nft_batch(commands: list[dict[str, object]]) -> dict[str, object]:
-    return {"nftables": commands}
 
 
 # --- topology ------------------------------------------------------------------------------
@@ -733,18 +570,19 @@ PER_PACKET_IMPAIRMENTS = ("loss", "duplicate", "corrupt", "reorder")
 1,400 frames). On a network with any of these, senders emit one frame per skb."""
 
 
+def has_per_packet_impairments(nic: NicSpec) -> bool:
+    """Whether some direction of `nic` has a per-packet impairment."""
+    if nic.shape is None:
+        return False
+    used = (f for d in DIRECTIONS for f in nic.shape.direction(d).impairments())
+    return any(f in PER_PACKET_IMPAIRMENTS for f in used)
+
+
 def impaired_networks(spec: TopologySpec) -> frozenset[str]:
     """Networks where some NIC direction has a per-packet impairment."""
-    out: set[str] = set()
-    for host in spec.hosts:
-        for nic in host.nics:
-            if nic.shape is None:
-                continue
-            for direction in DIRECTIONS:
-                used = nic.shape.direction(direction).impairments()
-                if any(f in PER_PACKET_IMPAIRMENTS for f in used):
-                    out.add(nic.network)
-    return frozenset(out)
+    return frozenset(
+        nic.network for host in spec.hosts for nic in host.nics if has_per_packet_impairments(nic)
+    )
 
 
 def plan_topology(spec: TopologySpec, caps: KernelCaps | None = None) -> TopologyPlan:

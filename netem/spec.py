@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from dualpath.errors import UsageError
+
 IFNAMSIZ = 15
 """Longest Linux interface name (IFNAMSIZ - 1 for the trailing NUL)."""
 
@@ -36,7 +38,7 @@ _IFNAME = re.compile(r"[a-z][a-z0-9]*")
 _NETWORK = re.compile(r"[a-z][a-z0-9]*")
 
 
-class SpecError(ValueError):
+class SpecError(UsageError, ValueError):
     """A topology spec value is out of range; the message names the field."""
 
 

@@ -23,18 +23,16 @@ How the steps compose (decisions where the paper is silent):
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
 from scheduler.de_selection import Z_SLACK, select_decode
 from scheduler.pe_selection import select_prefill
-from scheduler.policies import SchedulingPolicy, UnknownPolicyError
 from scheduler.read_side import BlockRange, choose_read_side, split_read, tie_side
 from scheduler.views import Assignment, NodeView, PendingTurn, ReadSide, SchedulePlan
 
@@ -399,47 +397,3 @@ class LeastTokensBaseline:
             side = _baseline_side(self.read_rule, turn, pc.node_id, de_node, loads)
             out.append(Assignment(turn.turn_id, pc.node_id, pc.engine, de_node, de_engine, side))
         return SchedulePlan(tuple(out))
-
-
-# --- registry --------------------------------------------------------------------------------
-class UnknownDualPathPolicyError(UnknownPolicyError):
-    """Unknown name in DUALPATH_POLICIES; lists the valid names."""
-
-    def __init__(self, name: str) -> None:
-        ValueError.__init__(
-            self,
-            f"unknown policy {name!r}; valid policies: {', '.join(sorted(DUALPATH_POLICIES))}",
-        )
-
-
-DUALPATH_POLICIES: dict[str, Callable[..., SchedulingPolicy]] = {
-    "dualpath": DualPathPolicy,
-    "dualpath_split": functools.partial(DualPathPolicy, split_reads=True),
-    "round_robin": RoundRobinPolicy,
-    "least_tokens": LeastTokensBaseline,
-}
-"""Constructors by name. Keyword arguments: dualpath/dualpath_split take alpha_tokens,
-beta_tokens and the DualPathPolicy options; round_robin and least_tokens take beta_tokens
-(and read_rule). `make_dualpath_policy` builds any of them from the same knobs."""
-
-
-def make_dualpath_policy(
-    name: str,
-    *,
-    alpha_tokens: int,
-    beta_tokens: int,
-    block_tokens: int = 64,
-    snic_tokens_per_s: float = 1.0,
-) -> SchedulingPolicy:
-    """Build a policy by name from the config's knobs; each policy takes what it uses."""
-    if name not in DUALPATH_POLICIES:
-        raise UnknownDualPathPolicyError(name)
-    if name in ("dualpath", "dualpath_split"):
-        return DualPathPolicy(
-            alpha_tokens=alpha_tokens,
-            beta_tokens=beta_tokens,
-            split_reads=name == "dualpath_split",
-            block_tokens=block_tokens,
-            snic_tokens_per_s=snic_tokens_per_s,
-        )
-    return DUALPATH_POLICIES[name](beta_tokens=beta_tokens)

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from dualpath.errors import DualPathError
 from scheduler.views import NodeView, PendingTurn
 
 ALPHA_WINDOW_S = 3.0
@@ -44,7 +45,7 @@ BETA_WINDOW_S = 5.0
 """DualPath §6: beta = tokens one GPU processes in 5 s."""
 
 
-class UnknownGroupError(ValueError):
+class UnknownGroupError(DualPathError, ValueError):
     """`groups` named a node that is not among the prefill views."""
 
     def __init__(self, missing: Iterable[str], known: Iterable[str]) -> None:

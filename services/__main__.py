@@ -51,7 +51,7 @@ async def _serve_role(
 
         await serve_storage(spec, node_id, stop)
     elif role is Role.SCHEDULER:
-        from services.scheduler_service import serve_scheduler
+        from services.scheduler.service import serve_scheduler
 
         await serve_scheduler(spec, node_id, stop)
     else:

@@ -1,7 +1,8 @@
 """One turn as the scheduler assigned it: which nodes and engines, which blocks each side reads.
 
-The scheduler sends it as a msgpack map (`TurnState.wire`); engine nodes parse it once, here,
-and both halves of a node (timeline and data plane) work from the frozen result. Pure: no I/O.
+The scheduler sends it as an `AssignedTurn` (services/wire/rpc.py); engine nodes check it
+here, and both halves of a node (timeline and data plane) work from the frozen result.
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dualpath.errors import DualPathError
 from services.spec import Role
 
 
-class AssignmentError(ValueError):
+class AssignmentError(DualPathError, ValueError):
     """An assignment from the scheduler is malformed; the message names the field."""
 
 

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dualpath.errors import DualPathError
+
 if TYPE_CHECKING:  # aiohttp only where a server uses the middleware: the pure cores import
     from aiohttp import web  # this module through services.spec
     from aiohttp.typedefs import Middleware
@@ -33,7 +35,7 @@ GRPC_AUTH_KEY = "authorization"
 FILE_MODE = 0o600
 
 
-class SecretError(Exception):
+class SecretError(DualPathError):
     """A secret file cannot be made, read or trusted; the message names the file and why."""
 
 

@@ -1,7 +1,8 @@
 """Sans-I/O frame codec of the lab's data plane: bytes in, frames out; no sockets.
 
 A frame is a 12-byte prefix (magic, version, kind-agnostic lengths), a msgpack header (a map
-with a string "t" naming the message) and raw payload bytes. Every length is bounded so a
+with a string "t" naming the message) and raw payload bytes; the typed message each kind carries
+is services/wire/frames.py's, this layer moves any kind. Every length is bounded so a
 malformed or hostile peer costs at most one error frame and a closed connection. Payloads are
 never copied on the way out (encode() hands them back as they are) and are written in place on
 the way in (FrameReceiver hands out the buffer the next bytes belong in).
@@ -15,6 +16,7 @@ from typing import Any, TypeAlias
 
 import msgpack
 
+from dualpath.errors import DualPathError
 from services.buffers import POOL
 
 MAGIC = b"DP"
@@ -33,7 +35,7 @@ Payload: TypeAlias = bytes | bytearray | memoryview
 """What a frame carries: anything bytes-like and contiguous; never copied by the codec."""
 
 
-class FrameError(Exception):
+class FrameError(DualPathError):
     """The peer sent bytes that are not a valid frame; the connection must be closed.
 
     `frames` holds the whole, valid frames that came before the garbage in the same buffer
@@ -367,10 +369,3 @@ class FrameDecoder:
                 exc.frames = frames + exc.frames
                 raise
         return frames
-
-
-def error_frame(code: str, message: str, *, req: Any = None) -> Frame:
-    header: dict[str, Any] = {"code": code, "message": message}
-    if req is not None:
-        header["req"] = req
-    return Frame("error", header)

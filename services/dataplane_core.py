@@ -13,9 +13,12 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from dualpath.errors import DualPathError
 from services.assignment import TurnAssignment
+from services.blocks import describe
 from services.kvblocks import SliceSet
 from services.spec import Role
+from services.wire.frames import FrameKind
 
 RECENT_TURNS = 4096
 """Finished or dropped turn ids remembered, so their late frames are dropped, not parked."""
@@ -161,7 +164,7 @@ Action = (
 )
 
 
-class FrameMismatch(Exception):
+class FrameMismatch(DualPathError):
     """An inbound frame does not belong to its turn (wrong trajectory, block or group)."""
 
 
@@ -190,7 +193,7 @@ class _KvTurn:
 class _Parked:
     turn_id: str
     at: float
-    kind: str
+    kind: FrameKind
     slices: SliceSet | None = None
     group: int = 0
     reason: str = ""
@@ -326,20 +329,20 @@ class DataPlaneCore:
     # -- inbound frames from the peer's data plane (already verified) ------------------------
     def on_kv(self, turn_id: str, slices: SliceSet, now: float) -> None:
         """Decode: KV of the prompt from the prefill node (hit KV it read + new tokens)."""
-        self._inbound(turn_id, _Parked(turn_id, now, "kv", slices), now)
+        self._inbound(turn_id, _Parked(turn_id, now, FrameKind.KV, slices), now)
 
     def on_relay(self, turn_id: str, slices: SliceSet, now: float) -> None:
         """Prefill: hit KV the decode node read, relayed for computing."""
-        self._inbound(turn_id, _Parked(turn_id, now, "relay", slices), now)
+        self._inbound(turn_id, _Parked(turn_id, now, FrameKind.RELAY, slices), now)
 
     def on_relay_group_done(self, turn_id: str, group: int, now: float) -> None:
-        self._inbound(turn_id, _Parked(turn_id, now, "relay_group_done", group=group), now)
+        self._inbound(turn_id, _Parked(turn_id, now, FrameKind.RELAY_GROUP_DONE, group=group), now)
 
     def on_kv_done(self, turn_id: str, now: float) -> None:
-        self._inbound(turn_id, _Parked(turn_id, now, "kv_done"), now)
+        self._inbound(turn_id, _Parked(turn_id, now, FrameKind.KV_DONE), now)
 
     def on_peer_failed(self, turn_id: str, reason: str, now: float) -> None:
-        self._inbound(turn_id, _Parked(turn_id, now, "turn_failed", reason=reason), now)
+        self._inbound(turn_id, _Parked(turn_id, now, FrameKind.TURN_FAILED, reason=reason), now)
 
     def tick(self, now: float) -> None:
         """Frames parked longer than park_timeout_s are dropped: their turn never came."""
@@ -369,15 +372,15 @@ class DataPlaneCore:
         if t is None:
             return
         try:
-            if p.kind == "turn_failed":
+            if p.kind is FrameKind.TURN_FAILED:
                 self._peer_failed(t, p.reason)
-            elif p.kind == "kv":
+            elif p.kind is FrameKind.KV:
                 self._got_kv(t, p)
-            elif p.kind == "relay":
+            elif p.kind is FrameKind.RELAY:
                 self._got_relay(t, p)
-            elif p.kind == "relay_group_done":
+            elif p.kind is FrameKind.RELAY_GROUP_DONE:
                 self._got_relay_group_done(t, p.group)
-            elif p.kind == "kv_done":
+            elif p.kind is FrameKind.KV_DONE:
                 self._got_kv_done(t)
         except FrameMismatch as exc:
             self.fail(
@@ -395,7 +398,7 @@ class DataPlaneCore:
             raise FrameMismatch(f"layer groups [{s.g0}, {s.g1}): one group per frame")
         if not _blocks_within(s.blocks, allowed):
             want = ", ".join(f"[{r.start}, {r.stop})" for r in allowed if r)
-            raise FrameMismatch(f"blocks {_show(s.blocks)} outside the turn's {want or 'none'}")
+            raise FrameMismatch(f"blocks {describe(s.blocks)} outside the turn's {want or 'none'}")
         return s
 
     def _got_kv(self, t: _KvTurn, p: _Parked) -> None:
@@ -408,7 +411,7 @@ class DataPlaneCore:
         before = len(present)
         present.update(s.blocks)
         if len(present) - before != len(s.blocks):
-            raise FrameMismatch(f"layer group {s.g0}: blocks {_show(s.blocks)} sent twice")
+            raise FrameMismatch(f"layer group {s.g0}: blocks {describe(s.blocks)} sent twice")
 
     def _got_relay(self, t: _KvTurn, p: _Parked) -> None:
         s = self._check(t, p, Role.PREFILL, [range(*t.a.decode_read)])
@@ -418,7 +421,7 @@ class DataPlaneCore:
         before = len(got)
         got.update(s.blocks)
         if len(got) - before != len(s.blocks):
-            raise FrameMismatch(f"layer group {s.g0}: blocks {_show(s.blocks)} relayed twice")
+            raise FrameMismatch(f"layer group {s.g0}: blocks {describe(s.blocks)} relayed twice")
 
     def _got_relay_group_done(self, t: _KvTurn, group: int) -> None:
         if self.role is not Role.PREFILL or not 0 <= group < self.cfg.layer_groups:
@@ -493,9 +496,3 @@ def _blocks_within(blocks: tuple[int, ...], allowed: Iterable[range]) -> bool:
     for r in ranges:
         ok.update(r)
     return ok.issuperset(blocks)
-
-
-def _show(blocks: tuple[int, ...]) -> str:
-    if len(blocks) <= 4:
-        return str(list(blocks))
-    return f"[{blocks[0]}, {blocks[1]}, ..., {blocks[-1]}] ({len(blocks)})"

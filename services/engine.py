@@ -23,23 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 
-from services.assignment import AssignmentError, TurnAssignment
+from services.assignment import AssignmentError
 from services.codec import Frame
 from services.dataplane_core import Failed, GroupReady, KvComplete, Persisted, Released
-from services.engine_core import (
-    AssignKv,
-    Collective,
-    DropKv,
-    Emit,
-    EngineCore,
-    Persist,
-    PrefillDone,
-    PrefillStepStats,
-    SendGroup,
-    StepTimed,
-    TimelineConfig,
-)
+from services.engine_core import EngineCore
 from services.health import HealthMonitor
 from services.ipc import (
     DpEvent,
@@ -50,10 +39,26 @@ from services.ipc import (
     Stop,
 )
 from services.limits import MGMT_PORT_LIMITS, collective_limits_for
-from services.scheduler_service import SchedulerClient
+from services.scheduler.client import SchedulerClient
+from services.sockopts import Dscp
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
 from services.tasks import ErrorLog, TaskSet
-from services.transport import Dscp, FrameConnection, FrameServer, connect, serve
+from services.timeline import (
+    AssignKv,
+    Collective,
+    DropKv,
+    Emit,
+    Persist,
+    PrefillDone,
+    PrefillStepStats,
+    SendGroup,
+    StepTimed,
+    TimelineConfig,
+)
+from services.transport import FrameConnection, connect
+from services.transport_server import FrameServer, serve
+from services.wire.frames import CollectiveAck, CollectiveBurst, FrameKind, StatsRequest, to_frame
+from services.wire.rpc import FetchRequest, ReportRequest, TurnEvent
 
 MAX_STEP_RECORDS = 20_000
 MAX_REPORT_EVENTS = 2_000
@@ -76,29 +81,10 @@ class EngineNode:
     ) -> None:
         self.spec = spec
         self.spec_path = spec_path
-        self.me: NodeSpec = spec.node(node_id)
-        if self.me.role not in (Role.PREFILL, Role.DECODE):
-            raise ValueError(f"{node_id} is a {self.me.role} node, not an engine node")
-        if self.me.collective is None or self.me.cnic is None:
-            raise ValueError(f"{node_id} has no cnic or collective endpoint")
+        self.me: NodeSpec = engine_node_spec(spec, node_id)
         self.role = self.me.role
         self.peers = [n for n in spec.by_role(self.role) if n.node_id != node_id]
-        self.core = EngineCore(
-            TimelineConfig(
-                node_id=node_id,
-                role=self.role,
-                num_gpus=self.me.num_gpus,
-                layer_groups=spec.profile.layer_groups,
-                block_tokens=spec.profile.block_tokens,
-                time_dilation=spec.time_dilation,
-                layerwise=spec.policy is not Policy.BASIC,
-                compute_quota_s=spec.compute_quota_s,
-                layer_timeout_s=spec.layer_timeout_s,
-                gpu_kv_capacity_tokens=self.me.gpu_kv_capacity_tokens,
-                collectives=bool(self.peers) and spec.collective_bytes_per_step > 0,
-                cost=spec.profile.cost_model(),
-            )
-        )
+        self.core = EngineCore(timeline_config(spec, self.me, has_peers=bool(self.peers)))
         self.log = log or (lambda msg: None)
         self.boot = secrets.token_hex(8)
         self.health = HealthMonitor(node_id, "timeline")
@@ -132,9 +118,26 @@ class EngineNode:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        assert self.me.collective is not None
         self.channel = await self._start_data_plane()
         self.scheduler = SchedulerClient(self.spec)
+        self._servers = await self._serve_ports()
+        self.health.start()
+        ipc = self._spawn(self._ipc_loop())
+        await self._await_data_plane()
+        self._spawn(self._pull_loop())
+        self._spawn(self._event_flusher())
+        try:
+            await asyncio.wait(
+                [asyncio.ensure_future(stop.wait()), ipc], return_when=asyncio.FIRST_COMPLETED
+            )
+            if ipc.done() and not stop.is_set():
+                self._record_error("the data plane exited; the node stops")
+        finally:
+            await self._shut_down()
+
+    async def _serve_ports(self) -> tuple[FrameServer, ...]:
+        """The collective port (same-role peers' bursts) and the management port."""
+        assert self.me.collective is not None
         coll_server = await serve(
             self.me.collective.host,
             self.me.collective.port,
@@ -151,38 +154,33 @@ class EngineNode:
             limits=MGMT_PORT_LIMITS,
             on_error=self._record_error,
         )
-        self._servers = (coll_server, mgmt_server)
-        self.health.start()
-        ipc = self._spawn(self._ipc_loop())
-        # No work before the data plane listens: a peer would find its KV port closed.
+        return (coll_server, mgmt_server)
+
+    async def _await_data_plane(self) -> None:
+        """No work before the data plane listens: a peer would find its KV port closed."""
         try:
             async with asyncio.timeout(DATA_PLANE_START_S):
                 await self._dp_ready.wait()
         except TimeoutError:
             self._record_error(f"the data plane did not start within {DATA_PLANE_START_S:g} s")
-        self._spawn(self._pull_loop())
-        self._spawn(self._event_flusher())
-        try:
-            await asyncio.wait(
-                [asyncio.ensure_future(stop.wait()), ipc], return_when=asyncio.FIRST_COMPLETED
-            )
-            if ipc.done() and not stop.is_set():
-                self._record_error("the data plane exited; the node stops")
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-            self.channel.send(Stop())
-            with contextlib.suppress(Exception):
-                await self.channel.drain()
-            await self._tasks.cancel_all()
-            await self.health.stop()
-            await coll_server.close()
-            await mgmt_server.close()
-            for conn in self._coll_conns.values():
-                await conn.close()
-            await self.scheduler.close()
-            await self.channel.close()
-            await asyncio.to_thread(self._reap_data_plane)
+
+    async def _shut_down(self) -> None:
+        """Stop the data plane, the tasks, the ports and the connections, then reap it."""
+        assert self.channel is not None and self.scheduler is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self.channel.send(Stop())
+        with contextlib.suppress(Exception):
+            await self.channel.drain()
+        await self._tasks.cancel_all()
+        await self.health.stop()
+        for server in self._servers:
+            await server.close()
+        for conn in self._coll_conns.values():
+            await conn.close()
+        await self.scheduler.close()
+        await self.channel.close()
+        await asyncio.to_thread(self._reap_data_plane)
 
     async def _start_data_plane(self) -> IpcChannel:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -310,16 +308,16 @@ class EngineNode:
             self._health_waiters.pop(req, None)
 
     # -- scheduler ---------------------------------------------------------------------------------
-    def _report(self) -> dict[str, Any]:
+    def _report(self) -> FetchRequest:
         dps = self.dp_status
-        return {
-            "node_id": self.me.node_id,
-            "boot": self.boot,
-            "role": self.role.value,
-            "read_q_tokens": dps.read_q_tokens,
-            "engines": [list(e) for e in self.core.engine_loads()],
-            "turns": list(self.core.turns),
-            "counters": {
+        return FetchRequest(
+            node_id=self.me.node_id,
+            boot=self.boot,
+            role=self.role.value,
+            read_q_tokens=dps.read_q_tokens,
+            engines=tuple(self.core.engine_loads()),
+            turns=tuple(self.core.turns),
+            counters={
                 **dps.counters,
                 **self.core.counters,
                 **self.counters,
@@ -339,22 +337,22 @@ class EngineNode:
                 )[-5:],
                 "ledger": dps.ledger,
             },
-        }
+        )
 
     async def _pull_loop(self) -> None:
         assert self.scheduler is not None
         failures = 0
         while True:
             try:
-                assignments, cancel = await self.scheduler.fetch(self._report())
+                reply = await self.scheduler.fetch(self._report())
                 now = time.monotonic()
-                for wire in assignments:
+                for assigned in reply.assignments:
                     try:
-                        self.core.assign(TurnAssignment.from_wire(wire), now)
+                        self.core.assign(assigned.turn_assignment(), now)
                     except (AssignmentError, ValueError) as exc:
                         self._record_error(f"bad assignment from the scheduler: {exc}")
-                for turn_id, reason in cancel:
-                    self.core.cancel(turn_id, reason, now)
+                for c in reply.cancel:
+                    self.core.cancel(c.turn_id, c.reason, now)
                 self._drive()
             except asyncio.CancelledError:
                 raise
@@ -382,7 +380,7 @@ class EngineNode:
             if not batch:
                 continue
             try:
-                await self.scheduler.report(batch)
+                await self.scheduler.report(ReportRequest(tuple(TurnEvent(*e) for e in batch)))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -448,7 +446,7 @@ class EngineNode:
                         max_payload_bytes=self.spec.max_frame_bytes,
                     )
                     self._coll_conns[peer] = conn
-                await conn.send(Frame("collective", {}, self._payload))
+                await conn.send(to_frame(CollectiveBurst(), self._payload))
                 await conn.recv_reply()
             except BaseException:
                 dead = self._coll_conns.pop(peer, None)
@@ -457,18 +455,18 @@ class EngineNode:
                 raise
 
     async def _on_collective(self, conn: FrameConnection, frame: Frame) -> None:
-        if frame.kind != "collective":
+        if frame.kind != FrameKind.COLLECTIVE:
             raise ValueError(f"unexpected frame type {frame.kind!r} on the collective port")
         # The ack, and the TCP ACKs of the burst, go back in the collective class: in a kv
         # class they would wait behind KV traffic (DualPath §5).
         conn.mark(Dscp.COLLECTIVE)
-        await conn.send(Frame("collective_ack", {"n": len(frame.payload)}))
+        await conn.send(to_frame(CollectiveAck(n=len(frame.payload))))
 
     # -- management --------------------------------------------------------------------------------
     async def _on_mgmt(self, conn: FrameConnection, frame: Frame) -> None:
         """Management port: `stats` answers with this node's report (loads and counters) in the
         header, and its step history and health (large) msgpack-encoded in the payload."""
-        if frame.kind != "stats":
+        if frame.kind != FrameKind.STATS:
             raise ValueError(f"unexpected frame type {frame.kind!r} on the management port")
         health = [self.health.snapshot()]
         dp_health = await self._data_plane_health()
@@ -480,7 +478,35 @@ class EngineNode:
             "health": health,
         }
         payload = msgpack.packb(bulk, use_bin_type=True)
-        await conn.send(Frame("stats", self._report(), payload))
+        await conn.send(Frame(FrameKind.STATS, msgspec.to_builtins(self._report()), payload))
+
+
+def engine_node_spec(spec: ClusterSpec, node_id: str) -> NodeSpec:
+    """`node_id`'s spec, checked to be an engine node with a cnic and a collective port."""
+    me = spec.node(node_id)
+    if me.role not in (Role.PREFILL, Role.DECODE):
+        raise ValueError(f"{node_id} is a {me.role} node, not an engine node")
+    if me.collective is None or me.cnic is None:
+        raise ValueError(f"{node_id} has no cnic or collective endpoint")
+    return me
+
+
+def timeline_config(spec: ClusterSpec, me: NodeSpec, *, has_peers: bool) -> TimelineConfig:
+    """The timeline of engine node `me` as the cluster spec sets it."""
+    return TimelineConfig(
+        node_id=me.node_id,
+        role=me.role,
+        num_gpus=me.num_gpus,
+        layer_groups=spec.profile.layer_groups,
+        block_tokens=spec.profile.block_tokens,
+        time_dilation=spec.time_dilation,
+        layerwise=spec.policy is not Policy.BASIC,
+        compute_quota_s=spec.compute_quota_s,
+        layer_timeout_s=spec.layer_timeout_s,
+        gpu_kv_capacity_tokens=me.gpu_kv_capacity_tokens,
+        collectives=has_peers and spec.collective_bytes_per_step > 0,
+        cost=spec.profile.cost_model(),
+    )
 
 
 def _wall(monotonic_t: float) -> float:
@@ -493,11 +519,11 @@ async def engine_stats(spec: ClusterSpec, node_id: str) -> dict[str, Any]:
     ep = spec.node(node_id).mgmt
     conn = await connect(ep.host, ep.port, dscp=Dscp.CONTROL, io_timeout_s=spec.request_timeout_s)
     try:
-        await conn.send(Frame("stats", {}))
+        await conn.send(to_frame(StatsRequest()))
         reply = await conn.recv_reply()
     finally:
         await conn.close()
-    if reply.kind != "stats":
+    if reply.kind != FrameKind.STATS:
         raise ValueError(f"{node_id} answered stats with {reply.kind!r}")
     out = dict(reply.header)
     if reply.payload:

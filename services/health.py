@@ -2,8 +2,8 @@
 
 Every lab process (engine timeline, engine data plane, storage server, scheduler, driver) owns a
 `HealthMonitor` and reports `snapshot()` with its other stats; the lab decides from them whether
-the host kept up (lab.health). Samples are time-stamped so the lab can cut them to the measured
-window. This module measures; it never judges and never changes what it measures.
+the host kept up (lab.results.health). Samples are time-stamped so the lab can cut them to the
+measured window. This module measures; it never judges and never changes what it measures.
 """
 
 from __future__ import annotations

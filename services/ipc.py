@@ -1,6 +1,6 @@
 """The channel between an engine node's two processes: its timeline and its data plane.
 
-Messages are the cores' own action dataclasses (engine_core → data plane, dataplane_core →
+Messages are the cores' own action dataclasses (services.timeline → data plane, dataplane_core →
 timeline) plus a few of the shells' (status, events, health), as msgpack maps tagged with the
 class name, each behind a 4-byte length on a Unix socket pair. Only this module knows the
 encoding; a message of an unknown kind or with bad fields raises IpcError.
@@ -17,15 +17,16 @@ from typing import Any
 
 import msgpack
 
+from dualpath.errors import DualPathError
 from services.assignment import AssignmentError, TurnAssignment
 from services.dataplane_core import Failed, GroupReady, KvComplete, Persisted, Released
-from services.engine_core import AssignKv, DropKv, Persist, PrefillDone, SendGroup
+from services.timeline import AssignKv, DropKv, Persist, PrefillDone, SendGroup
 
 _LEN = struct.Struct("!I")
 MAX_MESSAGE_BYTES = 256 << 20
 
 
-class IpcError(Exception):
+class IpcError(DualPathError):
     """A malformed message between a node's timeline and data plane."""
 
 

@@ -8,19 +8,21 @@ the frame must match both the payload and an expectation *derived* from the slic
 
 from __future__ import annotations
 
-import itertools
 import random
 import struct
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import crc32c as _crc32c
 import numpy as np
 import numpy.typing as npt
+
+from dualpath.errors import DualPathError
+from services.blocks import describe
 
 U32Array = npt.NDArray[np.uint32]
 
@@ -51,9 +53,9 @@ _LANE_BASE = (np.arange(4) * 256).astype(np.uint16)  # flat table index of byte 
 _BLOCK_CODE = next(c for c in "ILH" if array(c).itemsize == 4)  # u32 in the array module
 
 
-class KvCorruption(Exception):
-    """KV bytes failed verification: wrong length, payload crc or expected content (or a
-    slice set on the wire that does not parse)."""
+class KvCorruption(DualPathError):
+    """KV bytes failed verification: wrong length, payload crc or expected content. (A slice
+    set on the wire that does not parse is services.wire.frames.BadMessage.)"""
 
 
 def crc(data: bytes | bytearray | memoryview) -> int:
@@ -163,26 +165,6 @@ def _body_indices(
     return index
 
 
-def block_runs(blocks: Sequence[int]) -> list[list[int]]:
-    """[[first, count], ...] runs of consecutive ids (numpy: no per-block Python work)."""
-    if not blocks:
-        return []
-    ids = np.asarray(blocks, dtype=np.int64)
-    starts = np.flatnonzero(np.diff(ids) != 1) + 1
-    starts = np.concatenate(([0], starts))
-    counts = np.diff(np.concatenate((starts, [len(ids)])))
-    runs: list[list[int]] = np.stack((ids[starts], counts), axis=1).tolist()
-    return runs
-
-
-def _wire_uint(name: str, value: object, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
-        raise KvCorruption(
-            f"slice set field {name!r} must be an integer in [0, {hi}], got {value!r}"
-        )
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class SliceSet:
     """The slices of one frame, in payload order: `for b in blocks: for g in range(g0, g1)`."""
@@ -195,41 +177,6 @@ class SliceSet:
     @property
     def num_slices(self) -> int:
         return len(self.blocks) * (self.g1 - self.g0)
-
-    def to_wire(self) -> dict[str, Any]:
-        """Header fields: {"traj", "runs": [[first, count], ...], "g0", "g1"}."""
-        return {"traj": self.traj, "runs": block_runs(self.blocks), "g0": self.g0, "g1": self.g1}
-
-    @classmethod
-    def from_wire(
-        cls, header: Mapping[str, Any], *, layer_groups: int, max_slices: int
-    ) -> SliceSet:
-        """Parse and bound the fields of `to_wire`; KvCorruption names the bad field."""
-        traj = _wire_uint("traj", header.get("traj"), _U32_LIMIT - 1)
-        g0 = _wire_uint("g0", header.get("g0"), layer_groups - 1)
-        g1 = _wire_uint("g1", header.get("g1"), layer_groups)
-        if g1 <= g0:
-            raise KvCorruption(f"slice set field 'g1' must be > g0 = {g0}, got {g1}")
-        runs = header.get("runs")
-        if not isinstance(runs, list | tuple):
-            raise KvCorruption(
-                f"slice set field 'runs' must be a list of [first, count], got {runs!r}"
-            )
-        width = g1 - g0
-        num_blocks = 0
-        for i, run in enumerate(runs):
-            if not isinstance(run, list | tuple) or len(run) != 2:
-                raise KvCorruption(f"slice set field 'runs[{i}]' is not [first, count]: {run!r}")
-            first = _wire_uint(f"runs[{i}][0]", run[0], _U32_LIMIT - 1)
-            count = _wire_uint(f"runs[{i}][1]", run[1], _U32_LIMIT - first)
-            num_blocks += count
-            if num_blocks * width > max_slices:
-                raise KvCorruption(
-                    f"slice set field 'runs[{i}][1]' brings the frame to {num_blocks * width} "
-                    f"slices, over the limit of {max_slices}"
-                )
-        blocks = tuple(itertools.chain.from_iterable(range(f, f + c) for f, c in runs))
-        return cls(traj, blocks, g0, g1)
 
 
 # -- per slice size tables ---------------------------------------------------------------------
@@ -469,7 +416,7 @@ class KvGenerator:
         n = self.slice_bytes
         m = s.num_slices
         size = memoryview(payload).nbytes
-        where = f"traj {s.traj} blocks {_describe(s.blocks)} groups [{s.g0}, {s.g1})"
+        where = f"traj {s.traj} blocks {describe(s.blocks)} groups [{s.g0}, {s.g1})"
         if size != m * n:
             raise KvCorruption(f"{where}: payload of {size} bytes for {m} slices of {n}")
         got = crc(payload)
@@ -503,9 +450,3 @@ class KvGenerator:
             )
         frame = np.frombuffer(payload, dtype=np.uint8).reshape(len(s.blocks), groups, n)
         return frame[:, g, :]
-
-
-def _describe(blocks: tuple[int, ...]) -> str:
-    if len(blocks) <= 4:
-        return str(list(blocks))
-    return f"[{blocks[0]}, {blocks[1]}, ..., {blocks[-1]}] ({len(blocks)})"

@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from dualpath.errors import DualPathError
 from services.codec import MAX_HEADER_BYTES, MAX_WIRE_PAYLOAD_BYTES
 
 if TYPE_CHECKING:
     from services.spec import ClusterSpec
 
 MAX_CONTEXT_TOKENS = 65536
-"""The longest context a lab replays (lab.config `workload.max_len`, Table 2's MaxLen): a read
-request lists at most this many tokens' worth of blocks."""
+"""The longest context a lab replays (lab.config.models `workload.max_len`, Table 2's MaxLen): a
+read request lists at most this many tokens' worth of blocks."""
 
 MAX_BLOCK_ID_BYTES = 5
 """A block id on the wire: a msgpack uint up to 2**32 - 1 is at most 5 bytes."""
@@ -204,7 +205,7 @@ CONTROL_LIMITS = PortLimits(
     max_header_bytes=16 << 10,
     max_payload_bytes=64 << 10,
 )
-"""The lab's control endpoint (lab.control, a threaded HTTP/1.0 server on 127.0.0.1): one
+"""The lab's control endpoint (lab.run.control, a threaded HTTP/1.0 server on 127.0.0.1): one
 user drives the lab; a link or node change is a few hundred bytes. frame_timeout_s is the
 whole connection's deadline there (one request per connection)."""
 
@@ -223,7 +224,7 @@ gRPC's own default, made explicit. A message may hold at most max_header_items a
 maps in all (unpack_bounded): 4 MiB of empty arrays would otherwise unpack to ~256 MB."""
 
 
-class TooManyContainers(ValueError):
+class TooManyContainers(DualPathError, ValueError):
     """A msgpack message holds more arrays and maps than its port allows."""
 
 

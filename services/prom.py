@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from netem.counters import ClassCounters, NicCounters
+from netem.counters import ClassCounters, NicCounters, discover_sources, read_nics
 from services import http_bounds
 from services.limits import METRICS_LIMITS, PortLimits
 
@@ -182,8 +182,6 @@ class KernelCounterReader:
 
     def _read(self) -> dict[str, NicCounters]:
         from pyroute2 import IPRoute
-
-        from netem.counters import discover_sources, read_nics
 
         if self._ipr is None:
             self._ipr = IPRoute()

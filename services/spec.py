@@ -1,6 +1,6 @@
 """The resolved cluster spec every lab process is started with.
 
-`lab.config` turns a user's YAML into one `ClusterSpec` (emulated units already applied:
+`lab.config.models` turns a user's YAML into one `ClusterSpec` (emulated units already applied:
 bytes, bit rates and dilated times); every node process reads the same JSON file. It holds
 addresses and sizes only, never behaviour, and the lab's secret: the file is written 0600.
 """

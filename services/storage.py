@@ -1,9 +1,12 @@
 """Storage server: persists Full Blocks of KV per trajectory and streams them back to engines.
 
 Speaks the storage protocol (v2) of docs/design.md (read/write on the storage endpoint,
-stats/seed/health on the mgmt endpoint). It verifies every write frame before persisting it and
-never vouches for its own disk: a read frame's crc is computed from the bytes read back. It does
-no scheduling, and it removes only the files it created.
+stats/seed/health on the mgmt endpoint), in the typed messages of services/wire/frames.py.
+It verifies every write frame before persisting it and never vouches for its own disk: a read
+frame's crc is computed from the bytes read back. It does no scheduling, and it removes only
+the files it created. This module is the server: its ports, dispatch, handlers and counters;
+the request checks and error codes are services/storage_protocol.py (pure), the files on disk
+services/storage_files.py.
 """
 
 from __future__ import annotations
@@ -14,319 +17,82 @@ import functools
 import os
 import secrets
 import weakref
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgpack
+import msgspec
 
 from services.auth import FRAME_AUTH_FIELD, frame_presents
-from services.codec import Frame, Payload
+from services.blocks import chunks, per_frame
+from services.codec import Frame
 from services.health import HealthMonitor
-from services.kvblocks import KvCorruption, KvGenerator, SliceSet, block_runs, crc
+from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.limits import MGMT_PORT_LIMITS, PortLimits, kv_limits_for
-from services.spec import ClusterSpec, Role
-from services.transport import Dscp, FrameConnection, FrameServer, serve
+from services.sockopts import Dscp
+from services.spec import ClusterSpec, NodeSpec, Role
+from services.storage_files import (
+    CATALOG_NAME,
+    TrajectoryFiles,
+    catalog_record,
+    read_blocks,
+    read_catalog,
+    write_blocks,
+)
+from services.storage_protocol import (
+    MUTATING_KINDS,
+    MissingBlocks,
+    ServerClosing,
+    StorageError,
+    Unauthorized,
+    UnsupportedMessage,
+    parse_request,
+    read_chunk_blocks,
+    seed_range,
+    write_slices,
+)
+from services.transport import FrameConnection
+from services.transport_server import FrameServer, Handler, serve
+from services.wire.frames import (
+    BlocksChunk,
+    ErrorReply,
+    FrameKind,
+    Health,
+    ReadDone,
+    ReadRequest,
+    SeedDone,
+    SeedRequest,
+    StatsRequest,
+    StorageStats,
+    WriteDone,
+    WriteRequest,
+    to_frame,
+)
 
-CATALOG_NAME = "catalog.msgpack"
-"""Per server directory: one msgpack record [traj, [[first, count], ...]] per stored write, so a
-restarted server knows what its files hold."""
-READ_CHUNK_BYTES = 2 << 20
-"""Target payload of one `blocks` frame (whole blocks, so at least one block)."""
 SEED_CHUNK_BYTES = 4 << 20
 """Seeding generates and writes this much at a time."""
 INLINE_IO_BYTES = 256 << 10
 """Disk I/O up to this size runs on the event loop (page-cache speed); larger goes to a thread."""
-MAX_OPEN_FILES = 256
-"""Cached trajectory fds; the least recently used unpinned one is closed beyond this."""
-MAX_SEED_BLOCKS = 1 << 20
-_U32 = 1 << 32  # trajectory and block ids are stamped as u32 into the KV bytes
-MAX_CLIENT_ID = 128
 MAX_CLIENTS = 1024
 """Clients counted apart in `read_by`; the rest are pooled under `?`."""
 
 T = TypeVar("T")
 
 
-# -- errors: each maps to one protocol error code --------------------------------------------
-
-
-class StorageError(Exception):
-    """A request failed; `code` is the protocol error code sent back to the client."""
-
-    code = "storage"
-
-
-class BadRequest(StorageError):
-    code = "bad_request"
-
-
-class UnsupportedMessage(StorageError):
-    code = "unsupported"
-
-
-class MissingBlocks(StorageError):
-    code = "missing"
-
-
-class StorageIOError(StorageError):
-    code = "io"
-
-
-class ServerClosing(StorageError):
-    code = "closing"
-
-
-class Unauthorized(StorageError):
-    code = "unauthorized"
-
-
-MUTATING_KINDS = frozenset({"write", "seed"})
-"""Requests that change what a server stores: each must present the lab's secret
-(services.auth.FRAME_AUTH_FIELD); reads, stats and health need none."""
-
-
-# -- protocol messages (pure parsing; no I/O) -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StorageStats:
-    boot: str
-    """This server process's incarnation: a restarted server has a new one."""
-    read_queue_blocks: int
-    read_queue_bytes: int
-    bytes_read: int
-    bytes_written: int
-    num_blocks_stored: int
-    num_errors: int
-    read_by: dict[str, int]
-    """Bytes sent by reads, per client incarnation (the read request's `client`)."""
-    transport: dict[str, int]
-    """Per listening port (`kv_`, `mgmt_`): live connections and what its limits refused or
-    cut off (transport.SERVER_COUNTERS), e.g. `kv_refused`, `mgmt_timed_out`."""
-
-
-def _int_field(header: dict[str, Any], name: str, *, hi: int = _U32) -> int:
-    value = header.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < hi:
-        raise BadRequest(f"{name!r} must be an integer in [0, {hi}), got {value!r}")
-    return value
-
-
-def _req(header: dict[str, Any]) -> int | str | None:
-    req = header.get("req")
-    if req is None or (isinstance(req, int | str) and not isinstance(req, bool)):
-        return req
-    raise BadRequest(f"'req' must be an integer or a string, got {type(req).__name__}")
-
-
-@dataclass(frozen=True, slots=True)
-class ReadRequest:
-    req: int | str | None
-    traj: int
-    blocks: tuple[int, ...]
-    client: str = "?"
-    """Who reads (`node@boot`), for the per-client byte accounting; `?` when not given."""
-
-    @classmethod
-    def parse(cls, header: dict[str, Any]) -> ReadRequest:
-        blocks = header.get("blocks")
-        if not isinstance(blocks, list):
-            raise BadRequest("'blocks' must be a list of block ids")
-        for b in blocks:
-            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < _U32:
-                raise BadRequest(f"block id {b!r} is not an integer in [0, {_U32})")
-        client = header.get("client", "?")
-        if not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_ID:
-            raise BadRequest(f"'client' must be a string of 1-{MAX_CLIENT_ID} characters")
-        return cls(_req(header), _int_field(header, "traj"), tuple(blocks), client)
-
-
-@dataclass(frozen=True, slots=True)
-class WriteRequest:
-    req: int | str | None
-    slices: SliceSet
-    """Whole blocks (all layer groups), in payload order."""
-    crc: int
-
-    @classmethod
-    def parse(cls, header: dict[str, Any], *, layer_groups: int, max_slices: int) -> WriteRequest:
-        try:
-            slices = SliceSet.from_wire(header, layer_groups=layer_groups, max_slices=max_slices)
-        except KvCorruption as exc:  # a header that does not parse is a bad request
-            raise BadRequest(str(exc)) from None
-        if (slices.g0, slices.g1) != (0, layer_groups):
-            raise BadRequest(
-                f"groups [{slices.g0}, {slices.g1}): writes carry whole blocks, "
-                f"all {layer_groups} groups"
-            )
-        return cls(_req(header), slices, _int_field(header, "crc"))
-
-
-@dataclass(frozen=True, slots=True)
-class SeedRequest:
-    req: int | str | None
-    traj: int
-    first_block: int
-    end_block: int
-
-    @classmethod
-    def parse(cls, header: dict[str, Any]) -> SeedRequest:
-        first = _int_field(header, "first_block")
-        end = _int_field(header, "end_block", hi=_U32 + 1)
-        if end < first or end - first > MAX_SEED_BLOCKS:
-            raise BadRequest(
-                f"seed range [{first}, {end}) is empty-reversed or over {MAX_SEED_BLOCKS}"
-            )
-        return cls(_req(header), _int_field(header, "traj"), first, end)
-
-
-def read_chunk_blocks(block_bytes: int) -> int:
-    """Whole blocks per `blocks` frame of a read: READ_CHUNK_BYTES of them, at least one."""
-    return max(1, READ_CHUNK_BYTES // block_bytes)
-
-
-def plan_read_chunks(blocks: Sequence[int], blocks_per_chunk: int) -> list[Sequence[int]]:
-    """Split a read into `blocks` frames of whole blocks, in request order."""
-    return [blocks[i : i + blocks_per_chunk] for i in range(0, len(blocks), blocks_per_chunk)]
-
-
-def contiguous_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
-    """(first block, count) runs of consecutive ids, so each run is one pread/pwrite."""
-    return [(first, count) for first, count in block_runs(blocks)]
-
-
-# -- files ----------------------------------------------------------------------------------
-
-
-def _pread_exact(fd: int, offset: int, size: int) -> bytes:
-    parts: list[bytes] = []
-    got = 0
-    while got < size:
-        part = os.pread(fd, size - got, offset + got)
-        if not part:
-            raise StorageIOError(f"short read at offset {offset + got}: file truncated?")
-        parts.append(part)
-        got += len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _pwrite_all(fd: int, offset: int, data: memoryview) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-def read_catalog(data: bytes) -> list[tuple[int, list[tuple[int, int]]]]:
-    """The (trajectory, [(first block, count), ...]) records of a catalogue, in order. A torn
-    last record (the server was killed while appending it) and anything malformed after the
-    last good record are ignored: those blocks count as not stored."""
-    out: list[tuple[int, list[tuple[int, int]]]] = []
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
-    unpacker.feed(data)
-    try:
-        for rec in unpacker:
-            traj, runs = rec
-            parsed = [(int(f), int(c)) for f, c in runs]
-            if not isinstance(traj, int) or any(f < 0 or c < 0 for f, c in parsed):
-                break
-            out.append((traj, parsed))
-    except (ValueError, TypeError):  # msgpack's format errors are ValueErrors
-        pass
-    return out
-
-
-def _no_readahead(fd: int) -> None:
-    """Reads name exact block ranges of a sparse file: read-ahead would only zero-fill the holes
-    past them (measured: 7 % of a storage server's CPU in memset under page_cache_ra)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-
-
-class TrajectoryFiles:
-    """One sparse file per trajectory under `directory`: a bounded LRU of open fds, pinned
-    while in use, and a record of which files this server created (only those are removed)."""
-
-    def __init__(self, directory: Path, *, max_open: int = MAX_OPEN_FILES) -> None:
-        self.directory = directory
-        self._max_open = max_open
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pins: dict[int, int] = {}
-        self._created: set[Path] = set()
-
-    def path(self, traj: int) -> Path:
-        return self.directory / f"traj-{traj}.kv"
-
-    def _open(self, traj: int, *, create: bool) -> int:
-        path = self.path(traj)
-        fd = -1
-        if create:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                self._created.add(path)
-        if fd < 0:
-            fd = os.open(path, os.O_RDWR)
-        _no_readahead(fd)
-        return fd
-
-    @contextlib.contextmanager
-    def pinned(self, traj: int, *, create: bool) -> Iterator[int]:
-        """The trajectory's fd, kept open until the block exits."""
-        fd = self._fds.get(traj)
-        if fd is None:
-            fd = self._open(traj, create=create)
-            self._fds[traj] = fd
-        self._fds.move_to_end(traj)
-        self._pins[traj] = self._pins.get(traj, 0) + 1
-        try:
-            yield fd
-        finally:
-            self._pins[traj] -= 1
-            if not self._pins[traj]:
-                del self._pins[traj]
-            self._evict()
-
-    def _evict(self) -> None:
-        for traj in list(self._fds):
-            if len(self._fds) <= self._max_open:
-                return
-            if traj not in self._pins:
-                os.close(self._fds.pop(traj))
-
-    def close_all(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._pins.clear()
-
-    def adopt(self, path: Path) -> None:
-        """Count a file an earlier run of this server created (a restart after a crash) as
-        created here, so a clean stop removes it too."""
-        self._created.add(path)
-
-    def remove_created(self, root: Path) -> list[Path]:
-        """Unlink the files this object created, if they lie under `root`."""
-        removed: list[Path] = []
-        root = root.resolve()
-        for path in sorted(self._created):
-            if path.resolve().is_relative_to(root):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                removed.append(path)
-        self._created.clear()
-        return removed
-
-
-# -- the server -----------------------------------------------------------------------------
-
-Handler = Callable[[FrameConnection, Frame], Awaitable[None]]
+def storage_node(spec: ClusterSpec, node_id: str) -> NodeSpec:
+    """`node_id`'s spec; ValueError unless it is a storage server whose block fits a frame."""
+    node = spec.node(node_id)
+    if node.role != Role.STORAGE or node.storage is None:
+        raise ValueError(f"{node_id} is not a storage server (role {node.role})")
+    block_bytes = spec.profile.block_bytes
+    if block_bytes > spec.max_frame_bytes:
+        raise ValueError(
+            f"a block of {block_bytes} bytes does not fit a frame of "
+            f"{spec.max_frame_bytes} (max_frame_bytes)"
+        )
+    return node
 
 
 class StorageServer:
@@ -343,51 +109,49 @@ class StorageServer:
     ) -> None:
         """`kv_limits`/`mgmt_limits`: the data and management ports' (services.limits);
         the data port's default follows the spec (kv_limits_for)."""
-        node = spec.node(node_id)
-        if node.role != Role.STORAGE or node.storage is None:
-            raise ValueError(f"{node_id} is not a storage server (role {node.role})")
-        profile = spec.profile
-        self.block_bytes = profile.block_bytes
-        if self.block_bytes > spec.max_frame_bytes:
-            raise ValueError(
-                f"a block of {self.block_bytes} bytes does not fit a frame of "
-                f"{spec.max_frame_bytes} (max_frame_bytes)"
-            )
         self.spec = spec
-        self.node = node
+        self.node = storage_node(spec, node_id)
         self.node_id = node_id
+        self.block_bytes = spec.profile.block_bytes
         self._log = log
         self._kv_limits = kv_limits or kv_limits_for(spec)
         self._mgmt_limits = mgmt_limits
         self._gen = KvGenerator(
-            slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
+            slice_bytes=spec.profile.layer_group_bytes(0), layer_groups=spec.profile.layer_groups
         )
         self._blocks_per_chunk = read_chunk_blocks(self.block_bytes)
-        self._max_slices = max(1, spec.max_frame_bytes // self._gen.slice_bytes)
-        self._root = Path(spec.data_dir)
-        self.directory = self._root / node_id
-        self._files = TrajectoryFiles(self.directory)
-        self._index: dict[int, set[int]] = {}
-        self._catalog_path = self.directory / CATALOG_NAME
-        self._catalog_fd = -1
+        self._max_slices = per_frame(spec.max_frame_bytes, self._gen.slice_bytes)
+        self._init_disk(Path(spec.data_dir))
         self._servers: list[FrameServer] = []
         self._executor: ThreadPoolExecutor | None = None
         self._conns: weakref.WeakSet[FrameConnection] = weakref.WeakSet()
         self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
-        self._created_dirs: list[Path] = []
         self._closing = False
         self._started = False
-        # counters
+        self._init_counters()
+        self.health = HealthMonitor(node_id, "storage")
+        self.health.gauge("read_queue_bytes", lambda: float(self._rq_bytes))
+
+    def _init_disk(self, root: Path) -> None:
+        """Where this server's files go; nothing is created before start()."""
+        self._root = root
+        self.directory = root / self.node_id
+        self._files = TrajectoryFiles(self.directory)
+        self._index: dict[int, set[int]] = {}
+        self._catalog_path = self.directory / CATALOG_NAME
+        self._catalog_fd = -1
+        self._created_dirs: list[Path] = []
+
+    def _init_counters(self) -> None:
+        """The figures of StorageStats, from zero, under a fresh boot id."""
+        self.boot = secrets.token_hex(8)
         self._rq_blocks = 0
         self._rq_bytes = 0
         self._bytes_read = 0
         self._read_by: dict[str, int] = {}
-        self.boot = secrets.token_hex(8)
         self._bytes_written = 0
         self._num_blocks = 0
         self._num_errors = 0
-        self.health = HealthMonitor(node_id, "storage")
-        self.health.gauge("read_queue_bytes", lambda: float(self._rq_bytes))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -401,11 +165,14 @@ class StorageServer:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{self.node_id}-io")
         storage, mgmt = self.node.storage, self.node.mgmt
         assert storage is not None  # checked in __init__
-        data_handlers: dict[str, Handler] = {"read": self._on_read, "write": self._on_write}
+        data_handlers: dict[str, Handler] = {
+            FrameKind.READ: self._on_read,
+            FrameKind.WRITE: self._on_write,
+        }
         mgmt_handlers: dict[str, Handler] = {
-            "stats": self._on_stats,
-            "seed": self._on_seed,
-            "health": self._on_health,
+            FrameKind.STATS: self._on_stats,
+            FrameKind.SEED: self._on_seed,
+            FrameKind.HEALTH: self._on_health,
         }
         ports = (
             (storage, data_handlers, self._kv_limits),
@@ -502,7 +269,7 @@ class StorageServer:
                 handler = table.get(frame.kind)
                 if handler is None:
                     raise UnsupportedMessage(
-                        f"{frame.kind!r} is not served here (have: {sorted(table)})"
+                        f"{frame.kind!r} is not served here (have: {sorted(map(str, table))})"
                     )
                 if frame.kind in MUTATING_KINDS and not frame_presents(
                     frame.header.get(FRAME_AUTH_FIELD), self.spec.secret
@@ -524,9 +291,9 @@ class StorageServer:
         else:
             code = "io"
         self._num_errors += 1
-        req = frame.header.get("req")
+        req = frame.header.get("req")  # echoed as it came, whatever the request's type
         self._emit(f"{frame.kind} req={req!r} from {conn.peer}: {code}: {exc}")
-        await conn.send(Frame("error", {"code": code, "message": str(exc), "req": req}))
+        await conn.send(to_frame(ErrorReply(code=code, message=str(exc), req=req)))
 
     # -- disk -------------------------------------------------------------------------------
 
@@ -541,23 +308,10 @@ class StorageServer:
             await asyncio.wait([job])
             raise
 
-    def _read_blocks(self, fd: int, blocks: Sequence[int]) -> bytes:
-        bb = self.block_bytes
-        parts = [_pread_exact(fd, first * bb, n * bb) for first, n in contiguous_runs(blocks)]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
     def _read_frame(self, fd: int, blocks: Sequence[int]) -> tuple[bytes, int]:
         # The crc is of the bytes as read back, so the receiver catches a bad disk.
-        payload = self._read_blocks(fd, blocks)
+        payload = read_blocks(fd, blocks, self.block_bytes)
         return payload, crc(payload)
-
-    def _write_blocks(self, fd: int, blocks: Sequence[int], payload: Payload) -> None:
-        bb = self.block_bytes
-        view = memoryview(payload)
-        pos = 0
-        for first, n in contiguous_runs(blocks):
-            _pwrite_all(fd, first * bb, view[pos : pos + n * bb])
-            pos += n * bb
 
     def _stored(self, traj: int, blocks: Sequence[int], *, record: bool = True) -> None:
         present = self._index.setdefault(traj, set())
@@ -566,7 +320,7 @@ class StorageServer:
         self._num_blocks += len(present) - before
         if record and blocks and self._catalog_fd >= 0:
             # After the data (its pwrite has returned): a record names only blocks on disk.
-            os.write(self._catalog_fd, msgpack.packb([traj, block_runs(blocks)]))
+            os.write(self._catalog_fd, catalog_record(traj, blocks))
 
     def _open_catalog(self) -> None:
         """Load what an earlier run of this server stored (a restart after a kill: the files
@@ -585,7 +339,7 @@ class StorageServer:
     # -- handlers ---------------------------------------------------------------------------
 
     async def _on_read(self, conn: FrameConnection, frame: Frame) -> None:
-        req = ReadRequest.parse(frame.header)
+        req = parse_request(frame, ReadRequest)
         present = self._index.get(req.traj, set())
         missing = [b for b in req.blocks if b not in present]
         if missing:
@@ -605,16 +359,12 @@ class StorageServer:
         try:
             if req.blocks:
                 with self._files.pinned(req.traj, create=False) as fd:
-                    for chunk in plan_read_chunks(req.blocks, self._blocks_per_chunk):
+                    for chunk in chunks(req.blocks, self._blocks_per_chunk):
                         payload, payload_crc = await self._io(
                             len(chunk) * bb, functools.partial(self._read_frame, fd, chunk)
                         )
-                        head = {
-                            "req": req.req,
-                            **SliceSet(req.traj, tuple(chunk), 0, groups).to_wire(),
-                            "crc": payload_crc,
-                        }
-                        await conn.send(Frame("blocks", head, payload))
+                        s = SliceSet(req.traj, tuple(chunk), 0, groups)
+                        await conn.send(to_frame(BlocksChunk.of(req.req, s, payload_crc), payload))
                         remaining -= len(chunk)
                         self._rq_blocks -= len(chunk)
                         self._rq_bytes -= len(chunk) * bb
@@ -623,39 +373,39 @@ class StorageServer:
         finally:
             self._rq_blocks -= remaining
             self._rq_bytes -= remaining * bb
-        num_bytes = len(req.blocks) * bb
-        done = {"req": req.req, "num_blocks": len(req.blocks), "num_bytes": num_bytes}
-        await conn.send(Frame("read_done", done))
+        done = ReadDone(req=req.req, num_blocks=len(req.blocks), num_bytes=len(req.blocks) * bb)
+        await conn.send(to_frame(done))
 
     async def _on_write(self, conn: FrameConnection, frame: Frame) -> None:
         gen = self._gen
-        req = WriteRequest.parse(
-            frame.header, layer_groups=gen.layer_groups, max_slices=self._max_slices
-        )
+        req = parse_request(frame, WriteRequest)
+        slices = write_slices(req, layer_groups=gen.layer_groups, max_slices=self._max_slices)
         payload = frame.payload
         # Verified before any file is touched: a corrupt write leaves no trace (KvCorruption).
         num_bytes = await self._io(
-            len(payload), functools.partial(gen.verify, req.slices, payload, req.crc)
+            len(payload), functools.partial(gen.verify, slices, payload, req.crc)
         )
-        blocks = req.slices.blocks
+        blocks = slices.blocks
         if blocks:
-            with self._files.pinned(req.slices.traj, create=True) as fd:
+            with self._files.pinned(slices.traj, create=True) as fd:
                 await self._io(
-                    num_bytes, functools.partial(self._write_blocks, fd, blocks, payload)
+                    num_bytes,
+                    functools.partial(write_blocks, fd, blocks, payload, self.block_bytes),
                 )
-        self._stored(req.slices.traj, blocks)
+        self._stored(slices.traj, blocks)
         self._bytes_written += num_bytes
-        await conn.send(Frame("write_done", {"req": req.req, "num_bytes": num_bytes}))
+        await conn.send(to_frame(WriteDone(req=req.req, num_bytes=num_bytes)))
 
     async def _on_seed(self, conn: FrameConnection, frame: Frame) -> None:
-        req = SeedRequest.parse(frame.header)
-        owned = self._owned_blocks(req.traj, req.first_block, req.end_block)
+        req = parse_request(frame, SeedRequest)
+        wanted = seed_range(req)
+        owned = self._owned_blocks(req.traj, wanted.start, wanted.stop)
         gen = self._gen
-        per_chunk = max(1, SEED_CHUNK_BYTES // self.block_bytes)
+        per_chunk = per_frame(SEED_CHUNK_BYTES, self.block_bytes)
 
         def write_all(fd: int) -> None:
-            for chunk in plan_read_chunks(owned, per_chunk):
-                self._write_blocks(fd, chunk, gen.full_blocks(req.traj, chunk))
+            for chunk in chunks(owned, per_chunk):
+                write_blocks(fd, chunk, gen.full_blocks(req.traj, chunk), self.block_bytes)
 
         if owned:
             with self._files.pinned(req.traj, create=True) as fd:
@@ -663,8 +413,7 @@ class StorageServer:
         # Seeding is the warm cache set up before the measured run: it is not in bytes_written.
         self._stored(req.traj, owned)
         num_bytes = len(owned) * self.block_bytes
-        reply = {"req": req.req, "num_blocks": len(owned), "num_bytes": num_bytes}
-        await conn.send(Frame("seed_done", reply))
+        await conn.send(to_frame(SeedDone(req=req.req, num_blocks=len(owned), num_bytes=num_bytes)))
 
     def _owned_blocks(self, traj: int, first: int, end: int) -> list[int]:
         # Striping is periodic in the number of servers (spec.storage_server_for): find which of
@@ -678,15 +427,14 @@ class StorageServer:
         return sorted(b for s in starts for b in range(s, end, period))
 
     async def _on_stats(self, conn: FrameConnection, frame: Frame) -> None:
-        reply: dict[str, Any] = asdict(self.stats)
-        if "req" in frame.header:
-            reply["req"] = frame.header["req"]
-        await conn.send(Frame("stats", reply))
+        req = parse_request(frame, StatsRequest)
+        await conn.send(to_frame(msgspec.structs.replace(self.stats, req=req.req)))
 
     async def _on_health(self, conn: FrameConnection, frame: Frame) -> None:
+        req = parse_request(frame, Health)
         # The snapshot's series can outgrow the 1 MiB header limit: it travels as the payload.
         snapshot = msgpack.packb(self.health.snapshot(), use_bin_type=True)
-        await conn.send(Frame("health", {"req": _req(frame.header)}, snapshot))
+        await conn.send(to_frame(Health(req=req.req), snapshot))
 
 
 async def serve_storage(

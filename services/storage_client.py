@@ -15,12 +15,32 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import msgpack
+import msgspec
 
-from services.auth import FRAME_AUTH_FIELD
+from dualpath.errors import DualPathError
+from services.blocks import chunks, describe, per_frame
 from services.codec import Frame, Payload
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
+from services.sockopts import Dscp
 from services.spec import ClusterSpec, Endpoint, NodeSpec
-from services.transport import Dscp, FrameConnection, connect
+from services.transport import FrameConnection, connect
+from services.wire.frames import (
+    BadMessage,
+    BlocksChunk,
+    FrameKind,
+    Health,
+    M,
+    ReadDone,
+    ReadRequest,
+    SeedDone,
+    SeedRequest,
+    StatsRequest,
+    StorageStats,
+    WriteDone,
+    WriteRequest,
+    parse,
+    to_frame,
+)
 
 WRITE_CHUNK_BYTES = 1 << 20
 """Target payload of one `write` frame (whole blocks, so at least one block)."""
@@ -31,7 +51,7 @@ OnChunk = Callable[[SliceSet, Payload], None]
 it must not block; it runs between two frames of the connection."""
 
 
-class StorageClientError(Exception):
+class StorageClientError(DualPathError):
     """Base of the client's own errors (transport and KV errors are raised as they are)."""
 
 
@@ -129,18 +149,18 @@ async def _all_or_first_error(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T
     return [t.result() for t in tasks]
 
 
-def _check_reply(frame: Frame, kind: str, req: int) -> None:
-    if frame.kind != kind:
-        raise StorageProtocolError(f"expected {kind!r} for req {req}, got {frame.kind!r}")
-    if frame.header.get("req") != req:
-        raise StorageProtocolError(f"{kind!r} for req {frame.header.get('req')!r}, sent {req}")
-
-
-def _int(header: dict[str, Any], name: str) -> int:
-    value = header.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise StorageProtocolError(f"field {name!r} is {value!r}, expected an integer")
-    return value
+def _reply(frame: Frame, cls: type[M], req: int) -> M:
+    """The reply `frame` carries, which must be a `cls` for request `req`."""
+    if frame.kind != cls.KIND:
+        raise StorageProtocolError(f"expected {cls.KIND!r} for req {req}, got {frame.kind!r}")
+    try:
+        reply = parse(frame, cls)
+    except BadMessage as exc:
+        raise StorageProtocolError(str(exc)) from None
+    got = getattr(reply, "req", None)
+    if got != req:
+        raise StorageProtocolError(f"{cls.KIND!r} for req {got!r}, sent {req}")
+    return reply
 
 
 class StorageClient:
@@ -166,9 +186,9 @@ class StorageClient:
             slice_bytes=profile.layer_group_bytes(0), layer_groups=profile.layer_groups
         )
         self._block_bytes = profile.block_bytes
-        self._max_slices = max(1, spec.max_frame_bytes // self._gen.slice_bytes)
-        self._write_blocks_per_frame = max(
-            1, min(WRITE_CHUNK_BYTES, spec.max_frame_bytes) // self._block_bytes
+        self._max_slices = per_frame(spec.max_frame_bytes, self._gen.slice_bytes)
+        self._write_blocks_per_frame = per_frame(
+            min(WRITE_CHUNK_BYTES, spec.max_frame_bytes), self._block_bytes
         )
         self._data_pools: dict[str, ConnectionPool] = {}
         self._mgmt_pools: dict[str, ConnectionPool] = {}
@@ -240,42 +260,36 @@ class StorageClient:
         verified = 0
         pos = 0  # blocks[pos] is the next block the server must send
         async with self._pool(node, mgmt=False).connection() as conn:
-            head: dict[str, Any] = {"req": req, "traj": traj, "blocks": list(blocks)}
-            if self.client_id is not None:
-                head["client"] = self.client_id
-            await conn.send(Frame("read", head))
+            ask = ReadRequest(req=req, traj=traj, blocks=blocks, client=self.client_id or "?")
+            await conn.send(to_frame(ask))
             while True:
                 frame = await conn.recv_reply()
-                if frame.kind == "read_done":
-                    _check_reply(frame, "read_done", req)
-                    num_blocks = _int(frame.header, "num_blocks")
-                    num_bytes = _int(frame.header, "num_bytes")
+                if frame.kind == FrameKind.READ_DONE:
+                    done = _reply(frame, ReadDone, req)
+                    num_blocks, num_bytes = done.num_blocks, done.num_bytes
                     if pos != len(blocks) or num_blocks != len(blocks) or num_bytes != verified:
                         raise StorageProtocolError(
                             f"{node.node_id} read_done of {num_blocks} blocks/{num_bytes} bytes "
                             f"after {pos} of {len(blocks)} blocks/{verified} bytes"
                         )
                     return verified
-                _check_reply(frame, "blocks", req)
+                chunk = _reply(frame, BlocksChunk, req)
                 try:
-                    s = SliceSet.from_wire(
-                        frame.header, layer_groups=groups, max_slices=self._max_slices
-                    )
-                except KvCorruption as exc:
+                    s = chunk.slices(layer_groups=groups, max_slices=self._max_slices)
+                except BadMessage as exc:
                     raise StorageProtocolError(f"{node.node_id} blocks frame: {exc}") from None
                 if s.traj != traj:
                     raise StorageProtocolError(f"blocks of traj {s.traj}, read traj {traj}")
-                carried = _int(frame.header, "crc")
                 payload = frame.payload
                 self.bytes_read += len(payload)
                 want = blocks[pos : pos + len(s.blocks)]
                 if not s.blocks or s.blocks != want or (s.g0, s.g1) != (0, groups):
                     raise KvCorruption(
-                        f"traj {traj}: {node.node_id} sent blocks {_head(s.blocks)} groups "
-                        f"[{s.g0}, {s.g1}), expected {_head(want or blocks[pos : pos + 1])} "
+                        f"traj {traj}: {node.node_id} sent blocks {describe(s.blocks)} groups "
+                        f"[{s.g0}, {s.g1}), expected {describe(want or blocks[pos : pos + 1])} "
                         f"groups [0, {groups}) (whole blocks in request order)"
                     )
-                verified += self._gen.verify(s, payload, carried)
+                verified += self._gen.verify(s, payload, chunk.crc)
                 self.bytes_verified += len(payload)
                 self.verified_from[node.node_id] = self.verified_from.get(node.node_id, 0) + len(
                     payload
@@ -296,26 +310,19 @@ class StorageClient:
 
     async def _write_to(self, node: NodeSpec, traj: int, blocks: list[int]) -> int:
         groups = self._gen.layer_groups
-        per_frame = self._write_blocks_per_frame
+        per_chunk = self._write_blocks_per_frame
         written = 0
         async with self._pool(node, mgmt=False).connection() as conn:
-            for i in range(0, len(blocks), per_frame):
-                s = SliceSet(traj, tuple(blocks[i : i + per_frame]), 0, groups)
+            for ids in chunks(blocks, per_chunk):
+                s = SliceSet(traj, tuple(ids), 0, groups)
                 payload = self._gen.payload(s)
                 req = next(self._req_ids)
-                head = {
-                    "req": req,
-                    **s.to_wire(),
-                    "crc": crc(payload),
-                    FRAME_AUTH_FIELD: self.spec.secret,
-                }
-                await conn.send(Frame("write", head, payload))
-                reply = await conn.recv_reply()
-                _check_reply(reply, "write_done", req)
-                if _int(reply.header, "num_bytes") != len(payload):
+                ask = WriteRequest.of(req, s, crc(payload), auth=self.spec.secret)
+                await conn.send(to_frame(ask, payload))
+                done = _reply(await conn.recv_reply(), WriteDone, req)
+                if done.num_bytes != len(payload):
                     raise StorageProtocolError(
-                        f"{node.node_id} acknowledged {reply.header['num_bytes']} of "
-                        f"{len(payload)} bytes"
+                        f"{node.node_id} acknowledged {done.num_bytes} of {len(payload)} bytes"
                     )
                 written += len(payload)
                 self.bytes_written += len(payload)
@@ -349,18 +356,14 @@ class StorageClient:
 
     async def _seed_on(self, node: NodeSpec, traj: int, first: int, end: int) -> tuple[int, int]:
         req = next(self._req_ids)
-        head = {
-            "req": req,
-            "traj": traj,
-            "first_block": first,
-            "end_block": end,
-            FRAME_AUTH_FIELD: self.spec.secret,
-        }
+        ask = SeedRequest(
+            req=req, traj=traj, first_block=first, end_block=end, auth=self.spec.secret
+        )
         async with self._pool(node, mgmt=True).connection() as conn:
-            await conn.send(Frame("seed", head))
+            await conn.send(to_frame(ask))
             reply = await conn.recv_reply()
-        _check_reply(reply, "seed_done", req)
-        return _int(reply.header, "num_blocks"), _int(reply.header, "num_bytes")
+        done = _reply(reply, SeedDone, req)
+        return done.num_blocks, done.num_bytes
 
     async def stats(self, node_id: str) -> dict[str, Any]:
         """A storage server's counters (read queue, bytes, blocks stored, errors), its `boot`
@@ -368,19 +371,10 @@ class StorageClient:
         ports' connections and limit counters)."""
         req = next(self._req_ids)
         async with self._pool(self.spec.node(node_id), mgmt=True).connection() as conn:
-            await conn.send(Frame("stats", {"req": req}))
+            await conn.send(to_frame(StatsRequest(req=req)))
             reply = await conn.recv_reply()
-        _check_reply(reply, "stats", req)
-        h = reply.header
-        nested = ("req", "boot", "read_by", "transport")
-        out: dict[str, Any] = {k: _int(h, k) for k in h if k not in nested}
-        boot, read_by = h.get("boot", ""), h.get("read_by", {})
-        transport = h.get("transport", {})
-        if not all(isinstance(v, t) for v, t in ((boot, str), (read_by, dict), (transport, dict))):
-            raise StorageProtocolError(f"{node_id} stats: bad boot, read_by or transport")
-        out["boot"] = boot
-        out["read_by"] = {str(k): _int(read_by, k) for k in read_by}
-        out["transport"] = {str(k): _int(transport, k) for k in transport}
+        out: dict[str, Any] = msgspec.structs.asdict(_reply(reply, StorageStats, req))
+        del out["req"]
         return out
 
     async def health(self, node_id: str) -> dict[str, Any]:
@@ -388,9 +382,9 @@ class StorageClient:
         msgpack payload (its series can outgrow a frame header)."""
         req = next(self._req_ids)
         async with self._pool(self.spec.node(node_id), mgmt=True).connection() as conn:
-            await conn.send(Frame("health", {"req": req}))
+            await conn.send(to_frame(Health(req=req)))
             reply = await conn.recv_reply()
-        _check_reply(reply, "health", req)
+        _reply(reply, Health, req)
         try:
             snapshot = msgpack.unpackb(reply.payload, raw=False)
         except Exception as exc:  # msgpack raises several unrelated types
@@ -404,7 +398,3 @@ class StorageClient:
         self._closed = True
         for pool in (*self._data_pools.values(), *self._mgmt_pools.values()):
             await pool.close()
-
-
-def _head(blocks: Sequence[int]) -> str:
-    return str(list(blocks[:4])) + ("..." if len(blocks) > 4 else "")

@@ -1,9 +1,10 @@
-"""Thin asyncio transport for codec frames: pumps bytes, sets DSCP, enforces limits.
+"""Thin asyncio transport for codec frames: one connection's bytes on the wire, both ways.
 
 Protocol logic lives in the codec and the node modules; this module only moves frames. Reads go
 through an asyncio.BufferedProtocol straight into each payload's own buffer (FrameReceiver);
-writes hand the payload to the transport as it is. A malformed frame gets an error frame back
-and the connection closed; the server keeps serving.
+writes hand the payload to the transport as it is. connect() opens the client side; the
+accepting side (FrameServer, serve, limits) is services/transport_server.py, the socket options
+(DSCP, NODELAY) services/sockopts.py.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import fcntl
 import socket
-import struct
-import termios
-from collections.abc import Awaitable, Callable
-from enum import IntEnum
+from collections.abc import Callable
 from typing import Any, cast
 
+from dualpath.errors import DualPathError
 from services.codec import (
     DEFAULT_MAX_HEADER_ITEMS,
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -29,9 +27,9 @@ from services.codec import (
     OversizeFrame,
     Payload,
     encode,
-    error_frame,
 )
-from services.limits import PortLimits
+from services.sockopts import Dscp, has_native_writelines, kernel_unread, set_dscp, tune_socket
+from services.wire.frames import BadMessage, ErrorReply, FrameKind, parse
 
 RECV_QUEUE_FRAMES = 8
 RECV_QUEUE_BYTES = 16 << 20
@@ -44,32 +42,17 @@ COALESCE_BYTES = 16 << 10
 this size is sent in one write with its header (one small copy, one packet with TCP_NODELAY);
 a larger one is written as a second buffer."""
 
-_INQ = struct.Struct("i")
 
-
-class Dscp(IntEnum):
-    """Traffic classes on the cnic (architecture: collective > control > kv)."""
-
-    COLLECTIVE = 46
-    CONTROL = 24
-    KV = 8
-    BEST_EFFORT = 0
-
-    @property
-    def tos(self) -> int:
-        return int(self) << 2
-
-
-class ConnectionClosed(Exception):
+class ConnectionClosed(DualPathError):
     """The peer closed the connection (cleanly or not) before a whole frame arrived."""
 
 
-class FrameTimeout(TimeoutError):
+class FrameTimeout(DualPathError, TimeoutError):
     """A frame whose first bytes arrived was not complete within the port's frame timeout:
     the peer sends too slowly (or trickles on purpose)."""
 
 
-class RemoteError(Exception):
+class RemoteError(DualPathError):
     """The peer answered with an error frame."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -78,40 +61,7 @@ class RemoteError(Exception):
         self.message = message
 
 
-def set_dscp(sock: socket.socket | None, dscp: Dscp) -> None:
-    if sock is None:
-        return
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp.tos)
-
-
-def _tune(sock: Any) -> None:
-    if sock is None:
-        return
-    # Only NODELAY: fixed SO_SNDBUF/SO_RCVBUF would switch off the kernel's autotuning.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _kernel_unread(sock: Any) -> int:
-    """Bytes in the socket's kernel receive queue (FIONREAD, alias SIOCINQ); 0 if unknown."""
-    if sock is None:
-        return 0
-    try:
-        fd = sock.fileno()
-        if fd < 0:
-            return 0
-        raw = fcntl.ioctl(fd, termios.FIONREAD, bytes(_INQ.size))
-    except (OSError, ValueError):
-        return 0
-    return int(_INQ.unpack(raw)[0])
-
-
-def _has_native_writelines(transport: asyncio.Transport) -> bool:
-    # uvloop and 3.12+'s selector transports write a list without joining it first.
-    return type(transport).writelines is not asyncio.WriteTransport.writelines
-
-
-class _FrameProtocol(asyncio.BufferedProtocol):
+class FrameProtocol(asyncio.BufferedProtocol):
     """The event side of one connection: fills FrameReceiver's buffers, queues whole frames,
     applies read back-pressure and tracks write pause/resume. FrameConnection is its API."""
 
@@ -122,7 +72,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         max_queued_frames: int,
         max_queued_bytes: int,
         dscp: Dscp | None = None,
-        on_made: Callable[[_FrameProtocol], None] | None = None,
+        on_made: Callable[[FrameProtocol], None] | None = None,
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_header_items: int = DEFAULT_MAX_HEADER_ITEMS,
     ) -> None:
@@ -168,8 +118,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         if self._dscp is not None:
             with contextlib.suppress(OSError):
                 set_dscp(self.sock, self._dscp)
-        _tune(self.sock)
-        self.native_writelines = _has_native_writelines(self.transport)
+        tune_socket(self.sock)
+        self.native_writelines = has_native_writelines(self.transport)
         if self._on_made is not None:
             self._on_made(self)
 
@@ -265,7 +215,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
 
 class FrameConnection:
-    """One TCP connection carrying frames in both directions. Made by connect() and serve().
+    """One TCP connection carrying frames in both directions. Made by connect() and
+    transport_server.serve().
 
     recv() returns frames in arrival order; a timed-out or cancelled recv() loses nothing (the
     frame stays queued). send() is serialised per connection and returns once the frame is
@@ -274,7 +225,7 @@ class FrameConnection:
 
     def __init__(
         self,
-        protocol: _FrameProtocol,
+        protocol: FrameProtocol,
         *,
         io_timeout_s: float,
         frame_timeout_s: float | None = None,
@@ -359,8 +310,12 @@ class FrameConnection:
     async def recv_reply(self) -> Frame:
         """Like recv(), but an error frame raises RemoteError."""
         frame = await self.recv()
-        if frame.kind == "error":
-            raise RemoteError(str(frame.header.get("code")), str(frame.header.get("message")))
+        if frame.kind == FrameKind.ERROR:
+            try:
+                err = parse(frame, ErrorReply)
+            except BadMessage as exc:
+                raise RemoteError("malformed", str(exc)) from None
+            raise RemoteError(err.code, err.message)
         return frame
 
     # -- sending -----------------------------------------------------------------------------
@@ -420,7 +375,7 @@ class FrameConnection:
 
     def unread_bytes(self) -> int:
         """Received but not consumed: the kernel's receive queue (FIONREAD) + queued_bytes()."""
-        kernel = 0 if self._proto.lost else _kernel_unread(self._proto.sock)
+        kernel = 0 if self._proto.lost else kernel_unread(self._proto.sock)
         return kernel + self.queued_bytes()
 
     def send_backlog_bytes(self) -> int:
@@ -458,7 +413,7 @@ async def connect(
 ) -> FrameConnection:
     """Open a frame connection, marked with `dscp` (IP_TOS) from the first packet on."""
     loop = asyncio.get_running_loop()
-    proto = _FrameProtocol(
+    proto = FrameProtocol(
         max_payload_bytes=max_payload_bytes,
         max_queued_frames=max_queued_frames,
         max_queued_bytes=max_queued_bytes,
@@ -467,7 +422,7 @@ async def connect(
     try:
         sock.setblocking(False)
         set_dscp(sock, dscp)
-        _tune(sock)
+        tune_socket(sock)
         if local_host:
             sock.bind((local_host, 0))
         async with asyncio.timeout(timeout_s):
@@ -479,174 +434,3 @@ async def connect(
         sock.close()
         raise
     return FrameConnection(proto, io_timeout_s=io_timeout_s)
-
-
-Handler = Callable[[FrameConnection, Frame], Awaitable[None]]
-
-
-SERVER_COUNTERS = ("refused", "idle_closed", "timed_out", "oversize", "malformed")
-"""What a FrameServer counts: connections refused over the cap, closed idle, cut off mid-frame
-(slow senders), frames over the port's header/payload limit, other malformed frames."""
-
-
-class FrameServer:
-    """A listening frame server; `close()` also ends its live connections (3.11's
-    asyncio.Server.close() leaves them running)."""
-
-    def __init__(self, limits: PortLimits) -> None:
-        self.limits = limits
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._conns: set[FrameConnection] = set()
-        self._closing = False
-        self.counters: dict[str, int] = dict.fromkeys(SERVER_COUNTERS, 0)
-
-    @property
-    def num_connections(self) -> int:
-        return len(self._conns)
-
-    def stats(self) -> dict[str, int]:
-        """The counters and the live connections, for a node's stats."""
-        return {"connections": len(self._conns), **self.counters}
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return tuple(self.server.sockets) if self.server else ()
-
-    def _track(self, conn: FrameConnection, task: asyncio.Task[None]) -> None:
-        self._conns.add(conn)
-        self.tasks.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self.tasks.discard(t)
-            self._conns.discard(conn)
-            conn.abort()  # no-op after close(); ends a connection whose task never ran
-
-        task.add_done_callback(done)
-
-    async def close(self) -> None:
-        self._closing = True
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for conn in list(self._conns):
-            conn.abort()
-        if self.server is not None:
-            with contextlib.suppress(Exception):
-                await self.server.wait_closed()
-
-
-def default_limits(*, max_payload_bytes: int, io_timeout_s: float) -> PortLimits:
-    """Limits of a server given none: the frame codec's own bounds, 1,024 connections."""
-    return PortLimits(
-        kind="frames",
-        max_connections=1024,
-        idle_timeout_s=io_timeout_s,
-        frame_timeout_s=io_timeout_s,
-        max_header_bytes=MAX_HEADER_BYTES,
-        max_payload_bytes=max_payload_bytes,
-        max_header_items=DEFAULT_MAX_HEADER_ITEMS,
-    )
-
-
-async def serve(
-    host: str,
-    port: int,
-    handler: Handler,
-    *,
-    dscp: Dscp = Dscp.BEST_EFFORT,
-    limits: PortLimits | None = None,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    io_timeout_s: float = 3600.0,
-    on_error: Callable[[str], None] | None = None,
-    max_queued_frames: int = RECV_QUEUE_FRAMES,
-    max_queued_bytes: int = RECV_QUEUE_BYTES,
-) -> FrameServer:
-    """Serve frames: `handler(conn, frame)` per frame, in order, per connection.
-
-    A malformed frame is answered with an error frame and the connection is closed; an
-    exception from the handler is answered with an error frame (carrying the request's `req`)
-    and the connection stays open. `limits` bound connections, time and sizes (without it,
-    `max_payload_bytes` and `io_timeout_s` with default_limits); a connection over the cap is
-    accepted and closed at once. What was refused or cut off is in FrameServer.counters.
-    """
-    loop = asyncio.get_running_loop()
-    if limits is None:
-        limits = default_limits(max_payload_bytes=max_payload_bytes, io_timeout_s=io_timeout_s)
-    fs = FrameServer(limits)
-    counters = fs.counters
-
-    async def run(conn: FrameConnection) -> None:
-        try:
-            while True:
-                try:
-                    frame = await conn.recv()
-                except ConnectionClosed:
-                    return
-                except FrameTimeout as exc:
-                    counters["timed_out"] += 1
-                    if on_error:
-                        on_error(str(exc))
-                    return
-                except TimeoutError:
-                    counters["idle_closed"] += 1
-                    return
-                except FrameError as exc:
-                    counters["oversize" if isinstance(exc, OversizeFrame) else "malformed"] += 1
-                    if on_error:
-                        on_error(f"malformed frame from {conn.peer}: {exc}")
-                    with contextlib.suppress(Exception):
-                        await conn.send(error_frame("malformed", str(exc)))
-                    return
-                try:
-                    await handler(conn, frame)
-                except (ConnectionClosed, ConnectionError, TimeoutError):
-                    return
-                except Exception as exc:
-                    if on_error:
-                        on_error(f"{frame.kind} from {conn.peer} failed: {exc}")
-                    err = error_frame(
-                        type(exc).__name__, str(exc) or repr(exc), req=frame.header.get("req")
-                    )
-                    with contextlib.suppress(Exception):
-                        await conn.send(err)
-        except asyncio.CancelledError:
-            # The server is closing: end the connection now, not after a graceful close.
-            conn.abort()
-            return
-        finally:
-            await conn.close()
-
-    def on_made(proto: _FrameProtocol) -> None:
-        conn = FrameConnection(
-            proto, io_timeout_s=limits.idle_timeout_s, frame_timeout_s=limits.frame_timeout_s
-        )
-        if fs._closing:
-            conn.abort()
-            return
-        if len(fs._conns) >= limits.max_connections:
-            counters["refused"] += 1  # accepted and closed: the live ones keep their slots
-            conn.abort()
-            return
-        fs._track(conn, loop.create_task(run(conn)))
-
-    def factory() -> _FrameProtocol:
-        return _FrameProtocol(
-            max_payload_bytes=limits.max_payload_bytes,
-            max_queued_frames=max_queued_frames,
-            max_queued_bytes=max_queued_bytes,
-            dscp=dscp,
-            on_made=on_made,
-            max_header_bytes=limits.max_header_bytes,
-            max_header_items=limits.max_header_items,
-        )
-
-    fs.server = await loop.create_server(factory, host, port, reuse_address=True)
-    # Marked on the listener too: Linux answers the SYN with the listener's TOS and accepted
-    # sockets inherit it, so even the handshake travels in the listener's class.
-    for sock in fs.server.sockets:
-        with contextlib.suppress(OSError):
-            set_dscp(sock, dscp)
-    return fs

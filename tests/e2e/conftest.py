@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from stack_helpers import need
 
-from lab.compose_backend import ComposeError, compose_cli, ensure_image, remove_leftovers
+from compose.backend import ComposeError, compose_cli, ensure_image, remove_leftovers
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.compose_backend import leftovers
+from compose.backend import leftovers
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ROOT / "examples" / "compose-small.yaml"

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from stack_helpers import ROOT, RUN_TIMEOUT_S, SMALL, dualpath, nothing_left, render, subnets
 
-from lab.compose_agent import EXIT_NO_NET_ADMIN
-from lab.compose_backend import run_cmd
-from lab.compose_render import LAB_LABEL, NODE_LABEL
+from compose.agent import EXIT_NO_NET_ADMIN
+from compose.backend import run_cmd
+from compose.render import LAB_LABEL, NODE_LABEL
 
 SCENARIO = Path(__file__).with_name("snic-dip.yaml")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from stack_helpers import RUN_TIMEOUT_S, need, nothing_left, render
 
-from lab.compose_backend import ComposeError, leftovers, run_cmd
+from compose.backend import ComposeError, leftovers, run_cmd
 
 SWARM_POOL = "198.19.128.0/18"
 """Addresses swarm hands out on its own (the ingress network): inside the benchmarking range."""

@@ -20,9 +20,9 @@ from services.codec import (
     FrameReceiver,
     decode_header,
     encode_bytes,
-    error_frame,
     parse_prefix,
 )
+from services.wire.frames import error_frame
 
 valid_frames = st.builds(
     Frame,

@@ -44,6 +44,7 @@ from services.kvblocks import KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec
 from services.storage import StorageServer
 from services.transport import connect
+from services.wire.frames import slice_fields
 
 STORAGE_CODES = frozenset(
     {
@@ -63,7 +64,7 @@ DATAPLANE_CODES = frozenset({"malformed", "ValueError"})
 
 reqs = st.integers(min_value=0, max_value=1 << 20) | st.text(max_size=8)
 runs = st.lists(st.tuples(small_uints, st.integers(min_value=0, max_value=4)).map(list), max_size=4)
-slice_fields: dict[str, st.SearchStrategy[Any]] = {
+slice_strategies: dict[str, st.SearchStrategy[Any]] = {
     "traj": small_uints,
     "runs": runs,
     "g0": st.integers(min_value=0, max_value=6),
@@ -111,7 +112,7 @@ def _valid_write(spec: ClusterSpec) -> st.SearchStrategy[Frame]:
         s = SliceSet(traj, tuple(blocks), 0, p.layer_groups)
         payload = gen.payload(s)
         carried = crc(payload) ^ (1 if bad_crc else 0)
-        head = {"req": req, **s.to_wire(), "crc": carried, FRAME_AUTH_FIELD: spec.secret}
+        head = {"req": req, **slice_fields(s), "crc": carried, FRAME_AUTH_FIELD: spec.secret}
         return Frame("write", head, payload)
 
     return st.builds(
@@ -132,7 +133,7 @@ def data_port_inputs(spec: ClusterSpec) -> st.SearchStrategy[bytes]:
                 "blocks": uint_lists,
                 "client": st.text(min_size=1, max_size=12),
             },
-            "write": {"req": reqs, **slice_fields, FRAME_AUTH_FIELD: st.just(spec.secret)},
+            "write": {"req": reqs, **slice_strategies, FRAME_AUTH_FIELD: st.just(spec.secret)},
         }
     )
     valid_writes = _valid_write(spec).map(encode_bytes)
@@ -207,7 +208,7 @@ def _kv_frame(spec: ClusterSpec, kind: str, traj: int, blocks: tuple[int, ...]) 
     gen = KvGenerator(slice_bytes=p.layer_group_bytes(0), layer_groups=p.layer_groups)
     s = SliceSet(traj, blocks, 0, p.layer_groups)
     payload = gen.payload(s)
-    head: dict[str, Any] = {"req": 7, **s.to_wire(), "crc": crc(payload)}
+    head: dict[str, Any] = {"req": 7, **slice_fields(s), "crc": crc(payload)}
     if kind == "write":  # storage writes present the lab's secret
         head[FRAME_AUTH_FIELD] = spec.secret
     return Frame(kind, head, payload)
@@ -296,7 +297,7 @@ async def _plane_alive(p: _Plane, port: int, n: int) -> None:
 
 def dataplane_inputs() -> st.SearchStrategy[bytes]:
     turns = st.sampled_from(["t1", "t2", "x"]) | st.text(max_size=8)
-    kv = {"turn": turns, "src": st.text(max_size=12), **slice_fields}
+    kv = {"turn": turns, "src": st.text(max_size=12), **slice_strategies}
     fuzzed = frames(
         {
             "kv": kv,

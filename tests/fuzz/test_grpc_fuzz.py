@@ -24,8 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.auth import GRPC_AUTH_KEY, bearer, new_secret
-from services.scheduler_service import SERVICE
 from services.spec import ClusterSpec
+from services.wire.rpc import SERVICE
 
 SECRET = new_secret()
 FETCH = {

@@ -30,12 +30,12 @@ from fuzzlib import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.backends import BackendError
-from lab.chaos import ClusterLinks
-from lab.compose_agent import Agent, http_app
-from lab.control import ControlServer
+from compose.agent import Agent, http_app
+from lab.run.backends import BackendError
+from lab.run.chaos import ClusterLinks
+from lab.run.control import ControlServer
 from netem.counters import NicCounters
-from netem.plan import Change
+from netem.linkchange import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services.auth import new_secret
 from services.prom import METRICS_PATH, MetricsExporter

@@ -12,9 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lab.backends import free_port_base
-from lab.config import build_cluster_spec, parse_config
-from services.scheduler_service import serve_scheduler
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import parse_config
+from lab.run.backends import free_port_base
+from services.scheduler.service import serve_scheduler
 from services.spec import ClusterSpec
 
 SMALL_CONFIG: dict[str, Any] = {

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lab.compose_agent import Agent, http_app
+from compose.agent import Agent, http_app
 from netem.counters import NicCounters
-from netem.plan import Change
+from netem.linkchange import Change
 from netem.spec import LinkShape, NicSpec, SpecError
 from services.auth import new_secret
 from services.spec import ClusterSpec

@@ -16,6 +16,7 @@ from services.dataplane import DataPlane
 from services.ipc import DpStatus, IpcChannel, Stop
 from services.kvblocks import KvGenerator, SliceSet
 from services.spec import ClusterSpec
+from services.wire.frames import slice_fields
 
 TIMEOUT_S = 30.0  # a guard against hangs, not a timing assertion
 
@@ -58,7 +59,7 @@ def _kv(dp: DataPlane, carried: Any) -> Frame:
     gen = KvGenerator(slice_bytes=p.layer_group_bytes(0), layer_groups=p.layer_groups)
     s = SliceSet(0, (0, 1), 0, p.layer_groups)
     payload = gen.payload(s)
-    head = {**s.to_wire(), "turn": "t1", "src": "decode-0@b", "crc": carried}
+    head = {**slice_fields(s), "turn": "t1", "src": "decode-0@b", "crc": carried}
     return Frame("kv", head, payload)
 
 

@@ -2,7 +2,7 @@
 
 One subprocess serves a storage server (KV frames + management frames), the scheduler (HTTP
 API + gRPC) and a node's /metrics on loopback, with the idle and frame timeouts (and the HTTP
-API's connection cap) made small through PortLimits; lab.garbage sends random bytes,
+API's connection cap) made small through PortLimits; lab.run.garbage sends random bytes,
 oversize length prefixes, a slow sender and 2,000 connections to each port, then a
 legitimate request. The server's peak RSS
 (VmHWM) must stay far below what unbounded headers and payloads would cost.
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from lab.garbage import Outcome, Target, attack_all, oversize_messages, peak_rss_bytes, probe
+from lab.run.garbage import Outcome, Target, attack_all, oversize_messages, peak_rss_bytes, probe
 from services.spec import ClusterSpec, Role
 from services.storage_client import StorageClient
 
@@ -28,7 +28,7 @@ SERVER_SCRIPT = r"""
 import asyncio, json, sys
 from services.limits import HTTP_API_LIMITS, MGMT_PORT_LIMITS, METRICS_LIMITS, kv_limits_for
 from services.prom import MetricsExporter
-from services.scheduler_service import serve_scheduler
+from services.scheduler.service import serve_scheduler
 from services.spec import ClusterSpec
 from services.storage import StorageServer
 

@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
-from lab.backends import LocalBackend, RunState, free_port_base
-from lab.config import build_cluster_spec, parse_config
-from lab.runner import run_once
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import parse_config
+from lab.run.backends import LocalBackend, RunState, free_port_base
+from lab.run.runner import run_once
 from services.codec import PREFIX_SIZE, decode_header, parse_prefix
 from services.spec import ClusterSpec
+from services.wire.frames import slice_fields
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -151,7 +153,7 @@ def test_corrupt_kv_frame_is_detected_and_reported(local_lab: ClusterSpec) -> No
     payload = kv.payload(slices)
     bad = bytearray(payload)
     bad[100] ^= 0xFF
-    header = {"turn": "t-none", **slices.to_wire(), "crc": crc(payload)}
+    header = {"turn": "t-none", **slice_fields(slices), "crc": crc(payload)}
     frame = Frame("kv", header, bytes(bad))
     with socket.create_connection((decode.cnic.host, decode.cnic.port), timeout=5) as s:
         s.sendall(encode_bytes(frame))
@@ -252,7 +254,7 @@ def test_decode_node_killed_and_restarted_mid_run_every_turn_completes(tmp_path:
     """Chaos on real processes: the decode node is SIGKILLed mid-run and restarted. Turns it
     held fail as retryable (the scheduler sees the new process), the driver resubmits them
     with backoff, and every agent's trajectory completes with every byte verified."""
-    from lab.chaos import cluster_links, compile_scenario
+    from lab.run.chaos import cluster_links, compile_scenario
 
     cfg = parse_config(
         {

@@ -20,8 +20,9 @@ import pytest
 from grpc import aio
 
 from services.auth import new_secret
-from services.scheduler_service import SERVICE, SchedulerClient
+from services.scheduler.client import SchedulerClient
 from services.spec import ClusterSpec
+from services.wire.rpc import SERVICE, FetchReply, FetchRequest, ReportRequest, TurnEvent, decode_as
 
 FETCH = {
     "node_id": "prefill-0",
@@ -100,7 +101,7 @@ async def test_a_pull_stream_without_the_secret_is_refused(scheduler: ClusterSpe
     other = SchedulerClient(scheduler.model_copy(update={"secret": new_secret()}))
     try:
         with pytest.raises(aio.AioRpcError) as refused:
-            await other.fetch(FETCH)
+            await other.fetch(decode_as(FETCH, FetchRequest))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await other.close()
@@ -111,9 +112,8 @@ async def test_grpc_calls_with_the_secret_go_through(scheduler: ClusterSpec) -> 
     spec = scheduler
     client = SchedulerClient(spec)
     try:
-        assignments, cancel = await client.fetch(FETCH)
-        assert (assignments, cancel) == ([], [])
-        await client.report([("t-unknown", "done", 1.0, {})])
+        assert await client.fetch(decode_as(FETCH, FetchRequest)) == FetchReply()
+        await client.report(ReportRequest((TurnEvent("t-unknown", "done", 1.0, {}),)))
     finally:
         await client.close()
     assert set((await _status(spec))["nodes"]) == {"prefill-0"}
@@ -152,7 +152,8 @@ async def test_a_turn_with_the_secret_is_queued(scheduler: ClusterSpec) -> None:
         # end the turn (no engine will), through an authenticated Report: its stream closes
         client = SchedulerClient(spec)
         try:
-            await client.report([(first["turn_id"], "failed", 1.0, {"reason": "test"})])
+            failed = TurnEvent(first["turn_id"], "failed", 1.0, {"reason": "test"})
+            await client.report(ReportRequest((failed,)))
         finally:
             await client.close()
         last = json.loads((await resp.content.read()).splitlines()[-1])

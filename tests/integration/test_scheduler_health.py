@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 
-from lab.driver import gather_health
+from lab.run.driver import gather_health
 from services.health import HealthMonitor
-from services.scheduler_service import serve_scheduler
+from services.scheduler.service import serve_scheduler
 from services.spec import ClusterSpec
 from services.transport import RemoteError
 

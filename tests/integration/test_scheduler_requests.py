@@ -15,8 +15,8 @@ import pytest
 from grpc import aio
 
 from services.auth import GRPC_AUTH_KEY, bearer
-from services.scheduler_service import SERVICE
 from services.spec import ClusterSpec
+from services.wire.rpc import SERVICE
 
 FETCH = {
     "node_id": "prefill-0",

@@ -15,15 +15,13 @@ from services.auth import FRAME_AUTH_FIELD
 from services.codec import Frame, FrameDecoder
 from services.kvblocks import KvCorruption, KvGenerator, SliceSet, crc
 from services.spec import ClusterSpec
-from services.storage import (
-    CATALOG_NAME,
-    READ_CHUNK_BYTES,
-    StorageServer,
-    read_catalog,
-    serve_storage,
-)
+from services.storage import StorageServer, serve_storage
 from services.storage_client import StorageClient, StorageProtocolError
-from services.transport import ConnectionClosed, FrameConnection, RemoteError, connect, serve
+from services.storage_files import CATALOG_NAME, read_catalog
+from services.storage_protocol import READ_CHUNK_BYTES
+from services.transport import ConnectionClosed, FrameConnection, RemoteError, connect
+from services.transport_server import serve
+from services.wire.frames import BlocksChunk, parse, slice_fields
 
 TIMEOUT_S = 30.0  # a guard against hangs, not a timing assertion
 
@@ -204,8 +202,9 @@ async def test_read_queue_holds_blocks_not_yet_sent(
         gen = generator(spec)
         got: list[int] = []
         while (frame := await conn.recv_reply()).kind == "blocks":
-            s = SliceSet.from_wire(frame.header, layer_groups=gen.layer_groups, max_slices=1 << 20)
-            gen.verify(s, frame.payload, frame.header["crc"])
+            chunk = parse(frame, BlocksChunk)
+            s = chunk.slices(layer_groups=gen.layer_groups, max_slices=1 << 20)
+            gen.verify(s, frame.payload, chunk.crc)
             got.extend(s.blocks)
         assert frame.kind == "read_done"
         assert got == blocks
@@ -310,7 +309,7 @@ def write_frame(
     req: int, s: SliceSet, payload: bytes | bytearray, carried: int, *, secret: object
 ) -> Frame:
     """A storage write; `secret` is what its header presents (None: no auth field)."""
-    head: dict[str, Any] = {"req": req, **s.to_wire(), "crc": carried}
+    head: dict[str, Any] = {"req": req, **slice_fields(s), "crc": carried}
     if secret is not None:
         head[FRAME_AUTH_FIELD] = secret
     return Frame("write", head, bytes(payload))
@@ -419,15 +418,15 @@ def _misbehave(
     groups = gen.layer_groups
     s = SliceSet(traj, tuple(blocks), 0, groups)
     payload = gen.payload(s)
-    head = {**s.to_wire(), "crc": crc(payload)}
+    head = {**slice_fields(s), "crc": crc(payload)}
     if how == "other_blocks":  # real blocks, correct crc, but not the ones asked for
         other = SliceSet(traj, tuple(b + 1 for b in blocks), 0, groups)
         payload = gen.payload(other)
-        head = {**other.to_wire(), "crc": crc(payload)}
+        head = {**slice_fields(other), "crc": crc(payload)}
     elif how == "part_of_a_block":
         part = SliceSet(traj, tuple(blocks), 0, groups - 1)
         payload = gen.payload(part)
-        head = {**part.to_wire(), "crc": crc(payload)}
+        head = {**slice_fields(part), "crc": crc(payload)}
     elif how == "flipped_bit":
         damaged = bytearray(payload)
         damaged[len(damaged) // 3] ^= 4
@@ -438,7 +437,7 @@ def _misbehave(
     elif how == "other_traj":  # the same blocks of another trajectory, self-consistent
         other = SliceSet(traj + 1, tuple(blocks), 0, groups)
         payload = gen.payload(other)
-        head = {**other.to_wire(), "crc": crc(payload)}
+        head = {**slice_fields(other), "crc": crc(payload)}
     elif how == "malformed":
         head["runs"] = [[blocks[0]]]
     return head, payload

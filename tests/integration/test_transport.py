@@ -14,15 +14,9 @@ import pytest
 import uvloop
 
 from services.codec import Frame, FrameDecoder, encode_bytes
-from services.transport import (
-    ConnectionClosed,
-    Dscp,
-    FrameConnection,
-    FrameServer,
-    RemoteError,
-    connect,
-    serve,
-)
+from services.sockopts import Dscp
+from services.transport import ConnectionClosed, FrameConnection, RemoteError, connect
+from services.transport_server import FrameServer, serve
 
 T = TypeVar("T")
 Runner = Callable[[Coroutine[Any, Any, T]], T]

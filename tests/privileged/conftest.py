@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from netem.netns import NetnsLab, down_from_state
+from netem.lifecycle import down_from_state
+from netem.netns import NetnsLab
 from netem.spec import TopologySpec
 
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from netem.netns import NetnsLab, down_from_state
+from netem.lifecycle import down_from_state
+from netem.netns import NetnsLab
 from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec
 
 ROOT_REASON = (

@@ -9,7 +9,8 @@ from collections.abc import Callable
 import pytest
 from netem_helpers import ROOT_REASON, engine_host, run, storage_host, tc_show
 
-from netem.netns import NetemError, NetnsLab, apply_shaping
+from netem.errors import NetemError
+from netem.netns import NetnsLab, apply_shaping
 from netem.plan import plan_nic
 from netem.spec import LinkShape, NicSpec, TopologySpec
 

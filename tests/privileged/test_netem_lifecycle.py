@@ -26,13 +26,9 @@ from netem_helpers import (
     tc_show,
 )
 
-from netem.netns import (
-    NetemError,
-    NetemPermissionError,
-    NetnsLab,
-    down_from_state,
-    recorded_labs,
-)
+from netem.errors import NetemError, NetemPermissionError
+from netem.lifecycle import down_from_state, recorded_labs
+from netem.netns import NetnsLab
 from netem.spec import TopologySpec
 
 pytestmark = [
@@ -212,7 +208,8 @@ def test_non_root_gets_a_clear_permission_error(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     code = (
         "import sys\n"
-        "from netem.netns import NetemPermissionError, require_net_admin\n"
+        "from netem.errors import NetemPermissionError\n"
+        "from netem.kernel import require_net_admin\n"
         "try:\n"
         "    require_net_admin()\n"
         "except NetemPermissionError as exc:\n"

@@ -32,8 +32,10 @@ from netem_helpers import (
 
 from netem.capabilities import KernelCaps
 from netem.doctor import PROBE_PREFIX, probe
-from netem.netns import NetemError, NetnsLab, apply_shaping, down_from_state, recorded_labs
-from netem.plan import RuleChange, TcChange
+from netem.errors import NetemError
+from netem.lifecycle import down_from_state, recorded_labs
+from netem.linkchange import RuleChange, TcChange
+from netem.netns import NetnsLab, apply_shaping
 from netem.spec import DirectionSpec, HostSpec, LinkShape, NicSpec, SpecError, TopologySpec
 
 pytestmark = [

@@ -16,7 +16,7 @@ import pytest
 from netem_helpers import ROOT_REASON, address, engine_host, netns_names, run, send_marked
 from test_lab_lifecycle import TINY
 
-from lab.selftest import SelftestOptions, links_of, measure
+from lab.run.selftest import SelftestOptions, links_of, measure
 from netem.netns import NetnsLab
 from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec
 from services.prom import parse_samples

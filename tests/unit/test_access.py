@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lab.backends import DataDir, RunState, down_recorded, make_data_dir
+from compose.backend import ComposeError, down_stack
 from lab.cli import build_parser
-from lab.compose_backend import ComposeError, down_stack
-from lab.config import build_cluster_spec, parse_config
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import parse_config
+from lab.run.backends import DataDir, RunState, down_recorded, make_data_dir
 from services.auth import SecretError, bearer, new_secret, presented, shared_secret
 from services.spec import ClusterSpec
 

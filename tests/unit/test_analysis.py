@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.config import LabConfig, load_config
+from lab.config.models import LabConfig, load_config
 from scheduler.analysis import (
     Analysis,
     Resource,

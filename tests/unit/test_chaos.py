@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from lab.chaos import (
+from lab.config.models import load_config
+from lab.run.chaos import (
     ClusterLinks,
     LinkStep,
     NodeStep,
@@ -19,7 +20,6 @@ from lab.chaos import (
     parse_percent,
     parse_rate,
 )
-from lab.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 LINKS = ClusterLinks(

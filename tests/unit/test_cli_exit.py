@@ -8,19 +8,13 @@ from typing import Any
 
 import pytest
 
-import lab.cli as cli
-from lab.cli import (
-    EXIT_FAILED,
-    EXIT_HOST_BOUND,
-    EXIT_OK,
-    accept_host_bound,
-    build_parser,
-    exit_status,
-    host_bound_message,
-)
-from lab.health import assess
-from lab.metrics import summarize
-from lab.runner import RunResult
+import lab.commands as commands
+from dualpath.errors import EXIT_FAILED, EXIT_HOST_BOUND, EXIT_OK
+from lab.cli import build_parser
+from lab.results.health import assess
+from lab.results.metrics import summarize
+from lab.results.verdict import accept_host_bound, exit_status, host_bound_message
+from lab.run.runner import RunResult
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +88,7 @@ def test_the_flag_belongs_to_run_compare_and_chaos() -> None:
 
 
 def _fake_run_once(summary: dict[str, Any]) -> Any:
-    """Stands in for lab.runner.run_once: writes `summary` where the runner would."""
+    """Stands in for lab.run.runner.run_once: writes `summary` where the runner would."""
 
     def run_once(cfg: Any, *, out_dir: Path, **kw: Any) -> RunResult:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +125,7 @@ def test_dualpath_run_prints_everything_then_exits_3_or_records_the_acceptance(
     allow: bool,
     status: int,
 ) -> None:
-    monkeypatch.setattr(cli, "run_once", _fake_run_once(_host_bound_summary()))
+    monkeypatch.setattr(commands, "run_once", _fake_run_once(_host_bound_summary()))
     out = tmp_path / "run"
     argv = ["run", "-c", str(REPO / "examples" / "laptop.yaml"), "--backend", "local"]
     argv += ["--out", str(out)] + (["--allow-host-bound"] if allow else [])

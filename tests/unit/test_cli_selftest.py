@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.cli import EXIT_USAGE, _selftest_options, build_parser
+from dualpath.errors import EXIT_USAGE
+from lab.cli import build_parser
+from lab.commands import selftest_options
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,10 +20,10 @@ def test_percent_on_the_command_line_is_a_fraction_in_the_options() -> None:
         ["run", "-c", "x.yaml", "--selftest", "--selftest-tolerance", "2.5",
          "--selftest-seconds", "1", "--max-concurrent-mbit", "400", "--allow-out-of-tolerance"]
     )  # fmt: skip
-    opts = _selftest_options(args)
+    opts = selftest_options(args)
     assert (opts.tolerance, opts.seconds, opts.max_concurrent_mbit) == (0.025, 1.0, 400.0)
     assert opts.allow_out_of_tolerance
-    default = _selftest_options(build_parser().parse_args(["selftest", "-c", "x.yaml"]))
+    default = selftest_options(build_parser().parse_args(["selftest", "-c", "x.yaml"]))
     assert (default.tolerance, default.seconds, default.allow_out_of_tolerance) == (
         0.05,
         2.0,

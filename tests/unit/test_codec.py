@@ -24,9 +24,9 @@ from services.codec import (
     encode,
     encode_bytes,
     encode_prefix,
-    error_frame,
     parse_prefix,
 )
+from services.wire.frames import error_frame
 
 
 def raw_frame(header: object, payload: bytes = b"") -> bytes:

@@ -14,18 +14,20 @@ from typing import Any
 import pytest
 import yaml
 
-from lab.backends import BackendError
-from lab.compose_agent import NicArg, net_admin_message
-from lab.compose_backend import source_hash
-from lab.compose_render import (
+from compose.agent import NicArg, net_admin_message
+from compose.backend import source_hash
+from compose.render import (
     LAB_LABEL,
     RenderError,
     RenderOptions,
     render,
     render_text,
 )
-from lab.compose_stack import check_agent, with_addresses
-from lab.config import build_cluster_spec, load_config, parse_config
+from compose.stack import check_agent
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import load_config, parse_config
+from lab.config.topology import with_addresses
+from lab.run.backends import BackendError
 from netem.spec import SpecError
 from services.spec import ClusterSpec
 

@@ -9,14 +9,8 @@ from typing import Any
 
 import pytest
 
-from lab.config import (
-    ConfigError,
-    LabConfig,
-    build_cluster_spec,
-    load_config,
-    parse_config,
-    parse_settings,
-)
+from lab.config.cluster import build_cluster_spec
+from lab.config.models import ConfigError, LabConfig, load_config, parse_config, parse_settings
 from services.spec import ClusterSpec, Policy, Role
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -346,7 +340,7 @@ def test_a_set_field_is_validated_like_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("isolation", [True, False])
 def test_isolation_switches_the_cnic_priority_classes(isolation: bool) -> None:
-    from lab.backends import topology_for
+    from lab.config.topology import topology_for
 
     cfg = parse_config({"network": {"isolation": isolation}})
     spec = build_cluster_spec(cfg, lab_id="u", backend="netns", data_dir=Path("/nonexistent"))

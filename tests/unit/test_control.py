@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from lab.backends import BackendError
-from lab.chaos import ClusterLinks
-from lab.control import MAX_BODY_BYTES, ControlServer
+from lab.run.backends import BackendError
+from lab.run.chaos import ClusterLinks
+from lab.run.control import MAX_BODY_BYTES, ControlServer
 from services.auth import new_secret
 
 SECRET = new_secret()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.dataplane import DramBuffer
+from services.kv_reads import DramBuffer
 
 
 async def test_a_reservation_that_cannot_get_room_times_out_and_takes_nothing() -> None:

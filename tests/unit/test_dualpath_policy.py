@@ -10,19 +10,17 @@ from hypothesis import strategies as st
 
 from scheduler.de_selection import select_decode
 from scheduler.dualpath_policy import (
-    DUALPATH_POLICIES,
     DualPathPolicy,
     LeastTokensBaseline,
     RoundRobinCursor,
     RoundRobinPolicy,
     SplitAssignment,
-    UnknownDualPathPolicyError,
-    make_dualpath_policy,
     round_robin_plan,
 )
 from scheduler.pe_selection import select_prefill
-from scheduler.policies import SchedulingPolicy, UnknownPolicyError, make_policy
+from scheduler.policies import SchedulingPolicy
 from scheduler.read_side import tie_side
+from scheduler.registry import POLICIES, PolicyKnobs, UnknownPolicyError, make_policy
 from scheduler.views import EngineView, NodeView, PendingTurn, ReadSide, SchedulePlan
 
 BIG = 10**9
@@ -38,22 +36,31 @@ def turn(i: int, prompt: int = 1000, hit: int = 896, gen: int = 10) -> PendingTu
     return PendingTurn(f"t{i}", i, prompt, hit, gen)
 
 
+DUALPATH_SYSTEM = ("dualpath", "dualpath_split", "least_tokens", "round_robin")
+"""The registry's policies of the dualpath system: the paper's selection and its baselines."""
+
+
+def system_policy(
+    name: str, *, alpha_tokens: int, beta_tokens: int, block_tokens: int = 64
+) -> SchedulingPolicy:
+    knobs = PolicyKnobs(
+        alpha_tokens=alpha_tokens, beta_tokens=beta_tokens, block_tokens=block_tokens
+    )
+    return make_policy(name, knobs)
+
+
 def test_registry_names_and_unknown_name() -> None:
-    assert sorted(DUALPATH_POLICIES) == [
-        "dualpath",
-        "dualpath_split",
-        "least_tokens",
-        "round_robin",
-    ]
-    with pytest.raises(UnknownDualPathPolicyError, match="dualpath, dualpath_split, least_tokens"):
-        make_dualpath_policy("fastest", alpha_tokens=1, beta_tokens=1)
-    with pytest.raises(UnknownPolicyError):  # one `except` catches both registries' errors
-        make_dualpath_policy("fastest", alpha_tokens=1, beta_tokens=1)
-    for name in DUALPATH_POLICIES:
-        policy: SchedulingPolicy = make_dualpath_policy(name, alpha_tokens=1, beta_tokens=1)
+    assert sorted(POLICIES) == sorted(["basic", "oracle", *DUALPATH_SYSTEM])
+    with pytest.raises(UnknownPolicyError, match="dualpath, dualpath_split, least_tokens"):
+        system_policy("fastest", alpha_tokens=1, beta_tokens=1)
+    for name in DUALPATH_SYSTEM:
+        policy: SchedulingPolicy = system_policy(name, alpha_tokens=1, beta_tokens=1)
         assert policy.name == name
-    split = DUALPATH_POLICIES["dualpath_split"](alpha_tokens=1, beta_tokens=2)
+    split = make_policy("dualpath_split", PolicyKnobs(alpha_tokens=1, beta_tokens=2))
     assert split == DualPathPolicy(alpha_tokens=1, beta_tokens=2, split_reads=True)
+    knobs = PolicyKnobs(beta_tokens=2, baseline_read_side="alternate")
+    rotating = make_policy("round_robin", knobs)
+    assert isinstance(rotating, RoundRobinPolicy) and rotating.read_rule == "alternate"
 
 
 def test_constructor_validation() -> None:
@@ -211,7 +218,9 @@ def test_least_tokens_baseline_equals_the_basic_policy() -> None:
     prefill = [node("prefill-0", 0, [300, 0, 200])]
     decode = [node("decode-0", 0, [0, 400], free=3000)]
     ours = LeastTokensBaseline(beta_tokens=1500).schedule(queue, prefill, decode, now=0.0)
-    theirs = make_policy("basic", beta_tokens=1500).schedule(queue, prefill, decode, now=0.0)
+    theirs = make_policy("basic", PolicyKnobs(beta_tokens=1500)).schedule(
+        queue, prefill, decode, now=0.0
+    )
     assert ours == theirs
 
 
@@ -290,7 +299,7 @@ def check_invariants(
     turn_specs,
     st.integers(0, 4000),
     st.integers(0, 4000),
-    st.sampled_from(sorted(DUALPATH_POLICIES)),
+    st.sampled_from(DUALPATH_SYSTEM),
 )
 def test_invariants_of_every_policy(
     pspec: list[tuple[int, list[int]]],
@@ -302,12 +311,12 @@ def test_invariants_of_every_policy(
 ) -> None:
     queue, prefill, decode = build(pspec, dspec, tspec)
     snapshot = copy.deepcopy((queue, prefill, decode))
-    policy = make_dualpath_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
+    policy = system_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
     plan = policy.schedule(queue, prefill, decode, now=0.0)
     check_invariants(plan, queue, prefill, decode, beta, 16)
     assert (queue, prefill, decode) == snapshot
     # deterministic: a fresh policy (round robin has a cursor) gives the same plan
-    again = make_dualpath_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
+    again = system_policy(name, alpha_tokens=alpha, beta_tokens=beta, block_tokens=16)
     assert again.schedule(queue, prefill, decode, now=5.0) == plan
 
 
@@ -319,11 +328,13 @@ def test_least_tokens_baseline_matches_basic_and_dualpath_rules(
     beta: int,
 ) -> None:
     queue, prefill, decode = build(pspec, dspec, tspec)
-    for rule, old in (("prefill", "basic"), ("shorter_queue", "dualpath")):
+    for rule, old in (("prefill", "basic"), ("shorter_queue", "least_tokens")):
         ours = LeastTokensBaseline(beta_tokens=beta, read_rule=rule).schedule(  # type: ignore[arg-type]
             queue, prefill, decode, now=0.0
         )
-        assert ours == make_policy(old, beta_tokens=beta).schedule(queue, prefill, decode, now=0.0)
+        assert ours == make_policy(old, PolicyKnobs(beta_tokens=beta)).schedule(
+            queue, prefill, decode, now=0.0
+        )
 
 
 @given(node_specs, decode_specs, turn_specs, st.integers(0, 4000), st.integers(0, 4000))

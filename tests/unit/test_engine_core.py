@@ -10,13 +10,14 @@ import pytest
 
 from scheduler.costmodel import CostModel, CostModelParams
 from services.assignment import TurnAssignment
-from services.engine_core import (
+from services.engine_core import EngineCore
+from services.spec import Role
+from services.timeline import (
     Action,
     AssignKv,
     Collective,
     DropKv,
     Emit,
-    EngineCore,
     Persist,
     PrefillDone,
     PrefillStepStats,
@@ -24,7 +25,7 @@ from services.engine_core import (
     StepTimed,
     TimelineConfig,
 )
-from services.spec import Role
+from services.wire.rpc import EngineLoadReport
 
 G = 3
 BT = 64
@@ -106,7 +107,10 @@ def test_assignment_goes_to_the_data_plane_and_loads_the_engine() -> None:
     core.assign(assignment(engine=1), 0.0)
     acts = core.actions()
     assert of(acts, AssignKv) == [AssignKv(assignment(engine=1))]
-    assert core.engine_loads() == [(0, 0, 0, 100_000), (1, 1, 740, 100_000)]
+    assert core.engine_loads() == [
+        EngineLoadReport(0, 0, 0, 100_000),
+        EngineLoadReport(1, 1, 740, 100_000),
+    ]
     assert core.next_deadline() is None  # nothing ready: nothing timed
 
 
@@ -115,7 +119,7 @@ def test_a_repeated_assignment_is_ignored() -> None:
     core.assign(assignment(), 0.0)
     core.assign(assignment(), 0.0)
     assert len(of(core.actions(), AssignKv)) == 1
-    assert core.engine_loads()[0][1] == 1
+    assert core.engine_loads()[0].seq == 1
 
 
 def test_an_engine_the_node_lacks_is_an_error() -> None:
@@ -149,9 +153,9 @@ def test_layerwise_step_computes_group_by_group_and_sends_each_group() -> None:
     timed = of(acts, StepTimed)
     assert len(timed) == 1 and timed[0].planned_s == pytest.approx(step_s(100))
     assert end == pytest.approx(1.5 + 2 * per_group)
-    assert core.engine_loads()[0][1] == 1  # still loaded until the data plane releases it
+    assert core.engine_loads()[0].seq == 1  # still loaded until the data plane releases it
     core.on_released("t1", end)
-    assert core.engine_loads()[0][1:3] == (0, 0)
+    assert (core.engine_loads()[0].seq, core.engine_loads()[0].tok) == (0, 0)
     assert core.counters["turns_prefilled"] == 1
     assert "t1" not in core.turns
 
@@ -285,7 +289,7 @@ def test_layer_timeout_fails_the_missing_turn_and_the_step_goes_on() -> None:
     assert [p.turn_id for p in of(acts, PrefillDone)] == ["t1"]
     assert "t2" not in core.turns
     assert core.loads[0].queue == __import__("collections").deque()  # t1 done, t2 removed
-    assert core.engine_loads()[0][1] == 1  # t1 until released
+    assert core.engine_loads()[0].seq == 1  # t1 until released
     assert now >= 5.0
 
 
@@ -297,7 +301,7 @@ def test_data_plane_failure_of_a_queued_turn() -> None:
     acts = core.actions()
     assert emits(acts) == [("t1", "failed")]
     assert not of(acts, DropKv)  # the data plane failed it: it has dropped it already
-    assert core.engine_loads()[0][1:3] == (0, 0)
+    assert (core.engine_loads()[0].seq, core.engine_loads()[0].tok) == (0, 0)
     assert not core.loads[0].queue
 
 
@@ -345,7 +349,7 @@ def test_failure_while_finishing_releases_once() -> None:
     core.actions()
     core.on_failed("t1", "send failed", 2.0, retryable=True, report=True)
     core.on_released("t1", 2.0)  # too late: ignored
-    assert core.engine_loads()[0][1:3] == (0, 0)
+    assert (core.engine_loads()[0].seq, core.engine_loads()[0].tok) == (0, 0)
     assert core.counters["turns_prefilled"] == 0
 
 
@@ -375,7 +379,7 @@ def test_decode_waits_for_the_full_context_then_steps_token_by_token() -> None:
     core = decode_core()
     core.assign(assignment(gen_tokens=4), 0.0)
     assert of(core.actions(), AssignKv)
-    assert core.engine_loads()[0] == (0, 1, 744, 100_000 - 744)
+    assert core.engine_loads()[0] == EngineLoadReport(0, 1, 744, 100_000 - 744)
     assert core.next_deadline() is None
     core.on_kv_complete("t1", 1.0)
     d = COST.decode_step_s(1, 741)
@@ -391,7 +395,7 @@ def test_decode_waits_for_the_full_context_then_steps_token_by_token() -> None:
     assert core.next_deadline() is None
     core.on_persisted("t1", 9.0)
     assert emits(core.actions()) == [("t1", "done")]
-    assert core.engine_loads()[0] == (0, 0, 0, 100_000)
+    assert core.engine_loads()[0] == EngineLoadReport(0, 0, 0, 100_000)
     assert core.counters["turns_decoded"] == 1
 
 
@@ -443,7 +447,7 @@ def test_failure_while_decoding_leaves_the_batch() -> None:
     assert ("t2", "failed") in emits(acts)
     assert ("t2", "second_token") not in emits(acts)
     assert ("t1", "second_token") in emits(acts)
-    assert core.engine_loads()[0][1] == 1
+    assert core.engine_loads()[0].seq == 1
     assert end > 0
 
 

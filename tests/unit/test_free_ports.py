@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from lab import backends
+from lab.run import backends
 
 
 def test_base_is_below_the_ephemeral_range_and_bindable() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from lab.health import (
+from lab.results.health import (
     Thresholds,
     assess,
     counter_share,
@@ -335,7 +335,7 @@ def test_host_text_parsers() -> None:
 
 
 def test_what_a_chaos_pause_did_is_left_out() -> None:
-    from lab.runner import paused_intervals
+    from lab.run.runner import paused_intervals
 
     snap = _snap("decode-0", "timeline", late_frac=0.0)
     snap["steps"][40] = [snap["steps"][40][0], 100.0, 1100.0, 1000.0]  # stopped for 1 s

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lab.kernel_series import counter_summary, merge_rows, queue_series
-from lab.metrics import throughput_series
+from lab.results.kernel_series import counter_summary, merge_rows, queue_series
+from lab.results.metrics import throughput_series
 
 
 def _cls(nbytes: int, drops: int = 0, backlog: int = 0) -> dict[str, int]:

@@ -4,9 +4,7 @@ and any other bytes (flipped in flight, or the right bytes of another slice) fai
 from __future__ import annotations
 
 import random
-import re
 import struct
-from typing import Any
 
 import crc32c
 import pytest
@@ -192,73 +190,6 @@ def test_group_slices_needs_a_whole_block_frame() -> None:
         GEN.group_slices(s, GEN.payload(s), 4)
     with pytest.raises(KvCorruption, match="payload of"):
         GEN.group_slices(s, GEN.payload(s)[:-1], 0)
-
-
-# -- the wire form -----------------------------------------------------------------------------
-
-
-def test_to_wire_compresses_consecutive_blocks_into_runs() -> None:
-    s = SliceSet(7, (1, 2, 3, 7, 8, 5, 5, U32_MAX), 0, 4)
-    assert s.to_wire() == {
-        "traj": 7,
-        "runs": [[1, 3], [7, 2], [5, 1], [5, 1], [U32_MAX, 1]],
-        "g0": 0,
-        "g1": 4,
-    }
-    assert whole(1, []).to_wire()["runs"] == []
-
-
-@given(
-    traj=st.integers(0, U32_MAX),
-    blocks=st.lists(st.one_of(st.integers(0, 20), st.integers(U32_MAX - 3, U32_MAX)), max_size=30),
-    g0=st.integers(0, 3),
-)
-def test_wire_round_trip(traj: int, blocks: list[int], g0: int) -> None:
-    s = SliceSet(traj, tuple(blocks), g0, 4)
-    assert SliceSet.from_wire(s.to_wire(), layer_groups=4, max_slices=1000) == s
-
-
-GOOD: dict[str, Any] = {"traj": 1, "runs": [[0, 2], [10, 1]], "g0": 0, "g1": 4}
-
-
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"traj": None}, "traj"),
-        ({"traj": -1}, "traj"),
-        ({"traj": 1 << 32}, "traj"),
-        ({"traj": True}, "traj"),
-        ({"traj": "1"}, "traj"),
-        ({"runs": None}, "runs"),
-        ({"runs": "0-2"}, "runs"),
-        ({"runs": [[0, 2], [5]]}, "runs[1]"),
-        ({"runs": [[0, 2, 3]]}, "runs[0]"),
-        ({"runs": [7]}, "runs[0]"),
-        ({"runs": [[-1, 2]]}, "runs[0][0]"),
-        ({"runs": [[1 << 32, 1]]}, "runs[0][0]"),
-        ({"runs": [[0, -1]]}, "runs[0][1]"),
-        ({"runs": [[0, 1.5]]}, "runs[0][1]"),
-        ({"runs": [[U32_MAX, 2]]}, "runs[0][1]"),  # would run past the last u32 block id
-        ({"runs": [[0, 2], [5, 1 << 31]]}, "runs[1][1]"),  # far over max_slices
-        ({"runs": [[0, 25]]}, "runs[0][1]"),  # 100 slices, one over
-        ({"g0": None}, "g0"),
-        ({"g0": 4}, "g0"),
-        ({"g1": 5}, "g1"),
-        ({"g0": 2, "g1": 2}, "g1"),
-        ({"g0": 3, "g1": 1}, "g1"),
-    ],
-)
-def test_from_wire_rejects_malformed_fields_by_name(change: dict[str, Any], field: str) -> None:
-    header = {**GOOD, **change}
-    with pytest.raises(KvCorruption, match=re.escape(f"field '{field}'")):
-        SliceSet.from_wire(header, layer_groups=4, max_slices=99)
-
-
-def test_from_wire_limits() -> None:
-    s = SliceSet.from_wire({**GOOD, "runs": [[0, 24], [5, 0]]}, layer_groups=4, max_slices=96)
-    assert s.num_slices == 96
-    s = SliceSet.from_wire({**GOOD, "runs": [[U32_MAX, 1]]}, layer_groups=4, max_slices=4)
-    assert s.blocks == (U32_MAX,)
 
 
 # -- construction and arguments ----------------------------------------------------------------

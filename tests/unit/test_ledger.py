@@ -1,11 +1,11 @@
-"""Byte accounting per pair of peers (lab/ledger.py): whole pairs balance exactly, pairs with a
-killed or restarted end are reported, bytes from nowhere are never accounted."""
+"""Byte accounting per pair of peers (lab/results/ledger.py): whole pairs balance exactly, pairs
+with a killed or restarted end are reported, bytes from nowhere are never accounted."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lab.ledger import account, incarnations, storage_reads
+from lab.results.ledger import account, incarnations, storage_reads
 
 
 def node(boot: str, ledger: dict[str, int], *, retired: bool = False) -> dict[str, Any]:

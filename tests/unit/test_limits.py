@@ -7,7 +7,7 @@ from typing import get_args
 import msgpack
 import pytest
 
-from lab.config import Workload
+from lab.config.models import Workload
 from services.codec import (
     Frame,
     FrameError,

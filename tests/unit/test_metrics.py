@@ -6,15 +6,9 @@ from typing import Any
 
 import pytest
 
-from lab.metrics import (
-    attention_balance_summary,
-    nic_utilisation,
-    percentiles,
-    recovery,
-    snic_balance,
-    summarize,
-    throughput_series,
-)
+from lab.results.balance import attention_balance_summary, snic_balance
+from lab.results.metrics import nic_utilisation, recovery, summarize, throughput_series
+from lab.results.stats import percentiles
 
 
 def sample(t: float, snic_in: int, rate: float = 100.0) -> dict[str, Any]:

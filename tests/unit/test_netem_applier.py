@@ -6,8 +6,8 @@ from __future__ import annotations
 from pyroute2.netlink.rtnl.tcmsg import sched_netem
 from pyroute2.netlink.rtnl.tcmsg.common import percent2u32, time2tick
 
-from netem.netns import netem_arguments
 from netem.plan import LINK_CLASS, NetemParams, QdiscOp, tc_handle
+from netem.tc import netem_arguments
 
 
 def test_netem_leaf_arguments_encode_as_tc_would() -> None:

@@ -7,6 +7,8 @@ import math
 import pytest
 
 from netem.capabilities import KernelCaps
+from netem.linkchange import RuleChange, TcChange, plan_change
+from netem.nft import nft_rule, nft_setup
 from netem.plan import (
     CLASS_IDS,
     ETH_P_ALL,
@@ -24,8 +26,6 @@ from netem.plan import (
     MirredRedirect,
     NetemParams,
     QdiscOp,
-    RuleChange,
-    TcChange,
     U32Key,
     burst_bytes,
     dscp_key,
@@ -34,9 +34,6 @@ from netem.plan import (
     format_handle,
     impaired_networks,
     loss_threshold,
-    nft_rule,
-    nft_setup,
-    plan_change,
     plan_nic,
     plan_topology,
     shape_nic,

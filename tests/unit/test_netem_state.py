@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from netem.errors import NetemError
-from netem.netns import down_from_state, recorded_labs
+from netem.lifecycle import down_from_state, recorded_labs
 from netem.state import LabState, state_path
 
 

@@ -13,15 +13,23 @@ import pytest
 
 PURE = [
     "services.engine_core",
+    "services.prefill_core",
+    "services.decode_core",
+    "services.timeline",
     "services.dataplane_core",
     "services.assignment",
     "services.kvblocks",
     "services.buffers",
+    "services.wire.rpc",
+    "services.storage_protocol",
+    "services.scheduler.state",
     "scheduler.dualpath_policy",
+    "scheduler.registry",
     "scheduler.batching",
     "netem.plan",
-    "lab.scaling",
-    "lab.health",
+    "netem.linkchange",
+    "lab.config.scaling",
+    "lab.results.health",
 ]
 FORBIDDEN = ["asyncio", "pyroute2", "grpc", "aiohttp", "uvloop", "services.transport"]
 """(Not `socket`: pydantic, which the spec models use, imports it through the email package.)"""

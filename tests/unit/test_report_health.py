@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lab.health import assess
-from lab.metrics import summarize
-from lab.report import comparison_table, health_lines, summary_lines
+from lab.results.health import assess
+from lab.results.metrics import summarize
+from lab.results.report import comparison_table, health_lines, summary_lines
 
 T0, T1 = 0.0, 10.0
 

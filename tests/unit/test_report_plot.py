@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lab.metrics import latency_series
-from lab.report import write_plot
+from lab.results.metrics import latency_series
+from lab.results.report import write_plot
 
 
 def test_chaos_events_are_drawn_and_labelled(tmp_path: Path) -> None:
@@ -45,7 +45,7 @@ def test_queues_are_drawn_under_the_throughput_on_the_same_time_axis(tmp_path: P
 
 
 def test_class_plot_only_when_there_are_classes(tmp_path: Path) -> None:
-    from lab.report import write_class_plot
+    from lab.results.report import write_class_plot
 
     plain = [{"t": float(t), "prefill-0/cnic/egress_mbit": 50.0} for t in range(5)]
     assert not write_class_plot(plain, tmp_path / "none.svg", title="t")

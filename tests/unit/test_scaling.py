@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.config import ConfigError, load_config, parse_config, parse_settings
-from lab.scaling import (
+from lab.config.models import ConfigError, load_config, parse_config, parse_settings
+from lab.config.scaling import (
     MIN_LINK_MBIT,
     MIN_STEP_MS,
     REFERENCE_CPU_S_PER_GB,

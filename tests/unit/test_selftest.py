@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lab.config import ConfigError, LabConfig
-from lab.selftest import (
+from lab.config.models import ConfigError, LabConfig
+from lab.run.selftest import (
     LinkResult,
     LinkUnderTest,
     SelftestOptions,
@@ -26,8 +26,8 @@ def _cfg() -> LabConfig:
 
 
 def test_topology_is_the_runs_plus_one_unshaped_probe_per_shaped_network() -> None:
-    from lab.backends import topology_for
-    from lab.config import build_cluster_spec
+    from lab.config.cluster import build_cluster_spec
+    from lab.config.topology import topology_for
 
     cfg = _cfg()
     topo = selftest_topology(cfg, "abc123")

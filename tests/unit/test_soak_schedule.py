@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from lab.chaos import NodeStep, cluster_links, compile_scenario
-from lab.config import load_config
+from lab.config.models import load_config
+from lab.run.chaos import NodeStep, cluster_links, compile_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 

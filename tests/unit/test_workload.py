@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lab.workload import (
+from lab.run.workload import (
     MAX_TRAJECTORY_TOKENS,
     PAPER_TABLE2,
     SUPPORTED_MAX_LENS,
     AgentPlan,
     Trajectory,
     TrajectoryFileError,
-    Turn,
+    TrajectoryTurn,
     TurnPlan,
     dump_jsonl,
     generate,
@@ -31,7 +31,7 @@ from lab.workload import (
 
 
 def traj(traj_id: int, *turns: tuple[int, int]) -> Trajectory:
-    return Trajectory(traj_id, tuple(Turn(a, g) for a, g in turns))
+    return Trajectory(traj_id, tuple(TrajectoryTurn(a, g) for a, g in turns))
 
 
 # -- generator: Table 2 -------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_trajectory_context_and_total() -> None:
 @pytest.mark.parametrize("append, gen", [(0, 1), (1, 0), (-5, 10)])
 def test_turn_rejects_empty_token_counts(append: int, gen: int) -> None:
     with pytest.raises(ValueError):
-        Turn(append, gen)
+        TrajectoryTurn(append, gen)
 
 
 def test_trajectory_rejects_no_turns_and_negative_id() -> None:
@@ -309,7 +309,7 @@ def test_plan_rejects_duplicate_trajectories() -> None:
         plan_agents([FOUR_TURNS, FOUR_TURNS], block_tokens=64)
 
 
-turn_st = st.builds(Turn, st.integers(1, 5000), st.integers(1, 1000))
+turn_st = st.builds(TrajectoryTurn, st.integers(1, 5000), st.integers(1, 1000))
 trajectory_st = st.builds(
     Trajectory, st.integers(0, 10**6), st.lists(turn_st, min_size=1, max_size=30).map(tuple)
 )

@@ -1,0 +1,1 @@
+"""Typed messages on the lab's wires: KV frames (frames), scheduler RPCs (rpc)."""
