@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,9 @@ import pytest
 import yaml
 from netem_helpers import ROOT_REASON, TINY_LAB
 
+from compose.backend import SOURCE_PACKAGES
+
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("lab", "services", "scheduler", "netem")
 
 pytestmark = [
     pytest.mark.privileged,
@@ -60,7 +62,7 @@ def stage() -> Iterator[tuple[Path, pwd.struct_passwd, dict[str, str]]]:
     root = Path(tempfile.mkdtemp(prefix="dualpath-unpriv-", dir="/tmp"))
     try:
         os.chmod(root, 0o755)
-        for pkg in PACKAGES:
+        for pkg in SOURCE_PACKAGES:
             shutil.copytree(
                 REPO / pkg, root / "src" / pkg, ignore=shutil.ignore_patterns("__pycache__")
             )
@@ -97,17 +99,23 @@ def stage() -> Iterator[tuple[Path, pwd.struct_passwd, dict[str, str]]]:
 
 def _python_for(user: pwd.struct_passwd, env: dict[str, str]) -> str | None:
     """This interpreter if the user can run it with the lab's dependencies, else the system's
-    python3 of the same version (extension modules are built for the version, not the build)."""
-    probe = "import numpy, grpc, aiohttp, msgpack, uvloop, crc32c, yaml, lab.cli"
+    python3 of the same version (extension modules are built for the version, not the build).
+    A copy of the lab's own packages that does not import fails the test: only an interpreter
+    or dependencies out of the user's reach may skip it."""
+    probe = "import numpy, grpc, aiohttp, msgpack, msgspec, uvloop, crc32c, yaml, lab.cli"
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for python in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
         if not os.path.exists(python):
             continue
         try:
-            if _as_user(user, [python, "-c", probe], env, timeout=60).returncode == 0:
-                return python
+            done = _as_user(user, [python, "-c", probe], env, timeout=60)
         except PermissionError:  # not even executable by the user (e.g. under /root)
             continue
+        if done.returncode == 0:
+            return python
+        missing = re.search(r"No module named '([\w.]+)'", done.stderr)
+        if missing and missing.group(1).split(".")[0] in SOURCE_PACKAGES:
+            pytest.fail(f"the staged copy of the lab does not import: {done.stderr[-2000:]}")
     return None
 
 

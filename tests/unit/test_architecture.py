@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from compose.backend import SOURCE_PACKAGES
 from dualpath.errors import DualPathError
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("dualpath", "services", "scheduler", "netem", "lab", "compose")
+PACKAGES = SOURCE_PACKAGES
 ROLE_DISPATCH = {"services/__main__.py"}
 """The one module allowed to import inside functions: a node process imports only its own role
 (a storage server without gRPC and the engine: 61 MiB instead of 84 MiB and a third of the
