@@ -27,6 +27,7 @@ from dualpath.errors import (
 )
 from lab import commands
 from lab.run.backends import BACKENDS
+from lab.run.traces import FORMATS
 from services.spec import LAB_ID_PATTERN, NODE_ID_PATTERN, Policy
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -198,6 +199,20 @@ def _add_doctor(sub: Subparsers) -> None:
     doc.set_defaults(func=commands.cmd_doctor)
 
 
+def _add_trace(sub: Subparsers) -> None:
+    trace = sub.add_parser("trace", help="public request traces (Mooncake format)")
+    trace_sub = trace.add_subparsers(dest="trace_command", required=True)
+    ts = trace_sub.add_parser(
+        "stats", help="requests, arrival rate, lengths and the offline prefix-hit rate"
+    )
+    ts.add_argument("file", help="the trace (JSON lines)")
+    ts.add_argument(
+        "--format", default="mooncake", choices=sorted(FORMATS), help="default: mooncake"
+    )
+    ts.add_argument("--json", action="store_true", help="the figures as JSON")
+    ts.set_defaults(func=commands.cmd_trace_stats)
+
+
 def _add_link(sub: Subparsers) -> None:
     link = sub.add_parser("link", help="change a link of a running lab (up/run/chaos)")
     link_sub = link.add_subparsers(dest="link_command", required=True)
@@ -259,6 +274,7 @@ VERBS: tuple[Callable[[Subparsers], None], ...] = (
     _add_compose,
     _add_status,
     _add_exec,
+    _add_trace,
 )
 """Every verb of `dualpath`, in the order `--help` lists them."""
 

@@ -37,6 +37,7 @@ from lab.run.bringup import check_backend, held, prepare
 from lab.run.chaos import cluster_links, load_scenario
 from lab.run.runner import compare, run_once
 from lab.run.selftest import SelftestOptions, run_selftest
+from lab.run.traces import load_trace, stats_lines, trace_stats
 from netem.doctor import probe
 from scheduler.analysis import format_analysis, format_lab_analysis
 from services.auth import AUTH_HEADER, bearer
@@ -279,6 +280,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         print("\n".join(report.lines()))
+    return EXIT_OK
+
+
+def cmd_trace_stats(args: argparse.Namespace) -> int:
+    """A trace's requests, arrival rate, lengths and offline prefix-hit rate (lab.run.traces)."""
+    stats = trace_stats(load_trace(Path(args.file), args.format))
+    print(json.dumps(stats, indent=2) if args.json else "\n".join(stats_lines(stats)))
     return EXIT_OK
 
 

@@ -1,0 +1,112 @@
+"""Public request traces (lab.run.traces): read whole and checked, the offline prefix-hit rate,
+and `dualpath trace stats`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.run.traces import TraceFileError, TraceRequest, load_trace, prefix_hits, trace_stats
+
+SAMPLE = (
+    Path(__file__).resolve().parents[1]
+    / "data"
+    / "traces"
+    / "mooncake-conversation-first1500.jsonl"
+)
+
+
+def _write(tmp_path: Path, rows: list[object]) -> Path:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _req(t: int, ids: list[int], out: int = 10) -> dict[str, object]:
+    return {"timestamp": t, "input_length": 512 * len(ids), "output_length": out, "hash_ids": ids}
+
+
+def test_prefix_hits_stop_at_the_first_unseen_block() -> None:
+    reqs = [
+        TraceRequest(0.0, 1536, 1, (1, 2, 3)),
+        TraceRequest(1.0, 2048, 1, (1, 2, 9, 3)),  # 9 is new: 3 after it does not count
+        TraceRequest(2.0, 1024, 1, (4, 1)),  # the first block is new: no hit at all
+        TraceRequest(3.0, 2048, 1, (1, 2, 9, 3)),
+    ]
+    assert prefix_hits(reqs) == [0, 2, 0, 4]
+
+
+def test_stats_of_a_small_trace(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_req(2000, [1, 2, 3]), _req(0, [1, 2]), _req(1000, [1, 2, 3, 4])])
+    trace = load_trace(path)
+    assert [r.arrival_s for r in trace.requests] == [0.0, 1.0, 2.0]  # arrival order
+    stats = trace_stats(trace)
+    assert stats["requests"] == 3 and stats["duration_s"] == 2.0
+    assert stats["arrival_rate_per_s"] == 1.0
+    # [1,2] misses both; [1,2,3,4] hits 2 of 4; [1,2,3] hits all 3: 5 of 9 blocks
+    assert stats["prompt_blocks"] == 9 and stats["prefix_hit_blocks"] == 5
+    assert stats["prefix_hit_rate"] == round(5 / 9, 4)
+    assert stats["input_tokens"]["max"] == 2048.0
+
+
+def test_the_shipped_mooncake_sample() -> None:
+    stats = trace_stats(load_trace(SAMPLE, "mooncake"))
+    assert stats["requests"] == 1500
+    assert 0.0 < stats["prefix_hit_rate"] < 1.0
+    assert stats["prefix_hit_blocks"] < stats["prompt_blocks"]
+
+
+GOOD = {"timestamp": 0, "input_length": 512, "output_length": 1, "hash_ids": [1]}
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (json.dumps({**GOOD, "timestamp": -1}), "timestamp"),
+        (json.dumps({**GOOD, "input_length": "512"}), "input_length"),
+        (json.dumps({**GOOD, "hash_ids": [1, 2]}), "hash_ids"),
+        (json.dumps({**GOOD, "hash_ids": ["a"]}), "hash_ids"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "output_length"}), "output_length"),
+        ("[1, 2]", None),
+        ("{not json", None),
+    ],
+)
+def test_a_malformed_line_names_file_line_and_field(
+    tmp_path: Path, line: str, field: str | None
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(_req(0, [1])) + "\n" + line + "\n")
+    with pytest.raises(TraceFileError) as info:
+        load_trace(path)
+    assert info.value.line == 2 and info.value.field == field
+    assert str(info.value).startswith(f"{path}:2: ")
+
+
+def test_unknown_format_and_empty_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, [])
+    with pytest.raises(TraceFileError, match="unknown format 'bailian2'; known: mooncake"):
+        load_trace(path, "bailian2")
+    with pytest.raises(TraceFileError, match="no requests"):
+        load_trace(path)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "lab.cli", "trace", "stats", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_trace_stats(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_req(0, [1, 2]), _req(500, [1, 2, 3])])
+    done = _cli(str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    assert stats["prefix_hit_rate"] == 0.4 and stats["requests"] == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0}\n')
+    done = _cli(str(bad))
+    assert done.returncode == 2  # a usage error: one line, no traceback
+    assert done.stderr.startswith(f"error: {bad}:1: ") and "Traceback" not in done.stderr
