@@ -200,7 +200,7 @@ def _add_doctor(sub: Subparsers) -> None:
 
 
 def _add_trace(sub: Subparsers) -> None:
-    trace = sub.add_parser("trace", help="public request traces (Mooncake format)")
+    trace = sub.add_parser("trace", help="public request traces (Mooncake, Qwen-Bailian)")
     trace_sub = trace.add_subparsers(dest="trace_command", required=True)
     ts = trace_sub.add_parser(
         "stats", help="requests, arrival rate, lengths and the offline prefix-hit rate"

@@ -6,6 +6,12 @@ Formats (`FORMATS`):
   `mooncake_trace`): one JSON object per line, `timestamp` (ms since the trace's start),
   `input_length` and `output_length` (tokens), `hash_ids` (one id per 512-token block of the
   prompt; equal ids are equal block content, so shared prefixes show as shared ids).
+- `bailian`: Alibaba's Qwen-Bailian usage traces (AIPerf's `bailian_trace`): `chat_id`,
+  `parent_chat_id` (-1 for a session's first request, the default), `timestamp` (s),
+  `input_length`, `output_length`, `type`, `turn` (default 1) and `hash_ids` (16-token blocks;
+  a request without them counts in the lengths, not in the hit rate). A session is a chain of
+  requests linked by `parent_chat_id` from its root; a parent the file does not hold makes its
+  child a root (a sampled trace).
 
 A file is read whole before anything uses it: a malformed line raises TraceFileError naming
 the file, the line and the field, and nothing of the file is kept.
@@ -48,8 +54,12 @@ class TraceRequest:
     arrival_s: float
     input_tokens: int
     output_tokens: int
-    block_ids: tuple[int, ...]
-    """Content ids of the prompt's blocks, in order (the trace's block size)."""
+    block_ids: tuple[int, ...] | None
+    """Content ids of the prompt's blocks, in order (the trace's block size); None when the
+    trace does not give them for this request."""
+    chat_id: int | None = None
+    parent_id: int | None = None
+    """The request before it in its session (None: the first, or a format without sessions)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +101,39 @@ def _mooncake(obj: Mapping[str, Any]) -> TraceRequest:
     return TraceRequest(float(stamp) / 1000.0, inp, out, tuple(ids))
 
 
+def _block_ids(obj: Mapping[str, Any]) -> tuple[int, ...] | None:
+    ids = obj.get("hash_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise ValueError("hash_ids", "must be a list of integer block ids")
+    return tuple(ids)
+
+
+def _bailian(obj: Mapping[str, Any]) -> TraceRequest:
+    stamp = obj.get("timestamp")
+    if isinstance(stamp, bool) or not isinstance(stamp, int | float) or stamp < 0:
+        raise ValueError("timestamp", f"{stamp!r} is not a time in s >= 0")
+    chat = _int(obj, "chat_id", 0)
+    parent = obj.get("parent_chat_id", -1)
+    if isinstance(parent, bool) or not isinstance(parent, int) or parent < -1:
+        raise ValueError("parent_chat_id", f"{parent!r} is not a chat id or -1")
+    if parent == chat:
+        raise ValueError("parent_chat_id", f"{parent} is the request's own chat_id")
+    return TraceRequest(
+        float(stamp),
+        _int(obj, "input_length", 1),
+        _int(obj, "output_length", 0),
+        _block_ids(obj),
+        chat_id=chat,
+        parent_id=None if parent == -1 else parent,
+    )
+
+
 MOONCAKE_BLOCK_TOKENS = 512
+BAILIAN_BLOCK_TOKENS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +146,7 @@ class TraceFormat:
 
 FORMATS: Mapping[str, TraceFormat] = {
     "mooncake": TraceFormat(_mooncake, MOONCAKE_BLOCK_TOKENS),
+    "bailian": TraceFormat(_bailian, BAILIAN_BLOCK_TOKENS),
 }
 
 
@@ -140,7 +183,22 @@ def load_trace(path: Path, fmt: str = "mooncake") -> Trace:
     if not requests:
         raise TraceFileError(path, None, None, "no requests")
     ordered = sorted(requests, key=lambda r: r.arrival_s)  # stable: file order breaks ties
+    chats: set[int] = set()
+    for r in ordered:
+        if r.chat_id is not None:
+            if r.chat_id in chats:
+                raise TraceFileError(path, None, "chat_id", f"{r.chat_id} appears twice")
+            chats.add(r.chat_id)
     return Trace(path, fmt, form.block_tokens, tuple(ordered))
+
+
+def sessions(requests: Sequence[TraceRequest]) -> int | None:
+    """How many sessions the requests form (chains of `parent_id` from a root); None for a
+    format without sessions. A parent the trace does not hold makes its child a root."""
+    chats = {r.chat_id: r.parent_id for r in requests if r.chat_id is not None}
+    if not chats:
+        return None
+    return sum(1 for parent in chats.values() if parent is None or parent not in chats)
 
 
 def prefix_hits(requests: Sequence[TraceRequest]) -> list[int]:
@@ -148,6 +206,9 @@ def prefix_hits(requests: Sequence[TraceRequest]) -> list[int]:
     seen: set[int] = set()
     hits: list[int] = []
     for r in requests:
+        if r.block_ids is None:
+            hits.append(0)
+            continue
         n = 0
         for block in r.block_ids:
             if block not in seen:
@@ -163,21 +224,22 @@ def trace_stats(trace: Trace) -> dict[str, Any]:
     reqs = trace.requests
     first, last = reqs[0].arrival_s, reqs[-1].arrival_s
     duration = last - first
-    blocks = sum(len(r.block_ids) for r in reqs)
+    blocks = sum(len(r.block_ids) for r in reqs if r.block_ids is not None)
     hits = sum(prefix_hits(reqs))
     return {
         "file": str(trace.path),
         "format": trace.format,
         "block_tokens": trace.block_tokens,
         "requests": len(reqs),
-        "sessions": None,  # the format carries none
+        "sessions": sessions(reqs),
         "duration_s": round(duration, 3),
         "arrival_rate_per_s": round((len(reqs) - 1) / duration, 3) if duration > 0 else None,
         "input_tokens": percentiles([float(r.input_tokens) for r in reqs]),
         "output_tokens": percentiles([float(r.output_tokens) for r in reqs]),
         "prompt_blocks": blocks,
         "prefix_hit_blocks": hits,
-        "prefix_hit_rate": round(hits / blocks, 4) if blocks else 0.0,
+        "requests_without_blocks": sum(1 for r in reqs if r.block_ids is None),
+        "prefix_hit_rate": round(hits / blocks, 4) if blocks else None,
     }
 
 
@@ -198,5 +260,7 @@ def stats_lines(stats: Mapping[str, Any]) -> list[str]:
         f"  input tokens    {dist('input_tokens')}",
         f"  output tokens   {dist('output_tokens')}",
         f"  prefix hit rate {100 * stats['prefix_hit_rate']:.2f} % of {stats['prompt_blocks']} "
-        "prompt blocks (arrival order, unbounded cache)",
+        "prompt blocks (arrival order, unbounded cache)"
+        if stats["prefix_hit_rate"] is not None
+        else "  prefix hit rate unknown: no request gives its block ids",
     ]

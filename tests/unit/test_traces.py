@@ -88,7 +88,7 @@ def test_a_malformed_line_names_file_line_and_field(
 
 def test_unknown_format_and_empty_file(tmp_path: Path) -> None:
     path = _write(tmp_path, [])
-    with pytest.raises(TraceFileError, match="unknown format 'bailian2'; known: mooncake"):
+    with pytest.raises(TraceFileError, match="unknown format 'bailian2'; known: mooncake, bailian"):
         load_trace(path, "bailian2")
     with pytest.raises(TraceFileError, match="no requests"):
         load_trace(path)
@@ -110,3 +110,60 @@ def test_cli_trace_stats(tmp_path: Path) -> None:
     done = _cli(str(bad))
     assert done.returncode == 2  # a usage error: one line, no traceback
     assert done.stderr.startswith(f"error: {bad}:1: ") and "Traceback" not in done.stderr
+
+
+def _chat(chat: int, parent: int, t: float, ids: list[int] | None) -> dict[str, object]:
+    row: dict[str, object] = {
+        "chat_id": chat,
+        "parent_chat_id": parent,
+        "timestamp": t,
+        "input_length": 16 * len(ids or [1]),
+        "output_length": 5,
+        "type": "text",
+        "turn": 1,
+    }
+    if ids is not None:
+        row["hash_ids"] = ids
+    return row
+
+
+def test_bailian_sessions_and_hits(tmp_path: Path) -> None:
+    rows = [
+        _chat(1, -1, 0.0, [10, 11]),
+        _chat(2, 1, 1.5, [10, 11, 12]),  # turn 2 of session 1: its context is a hit
+        _chat(3, -1, 2.0, [20]),
+        _chat(5, 4, 3.0, [10, 99]),  # parent 4 is not in the file: a root of its own
+        _chat(6, 2, 4.0, None),  # no block ids: lengths only
+    ]
+    trace = load_trace(_write(tmp_path, rows), "bailian")
+    assert trace.block_tokens == 16 and trace.requests[1].parent_id == 1
+    stats = trace_stats(trace)
+    assert stats["sessions"] == 3 and stats["requests_without_blocks"] == 1
+    # blocks: 2 + 3 + 1 + 2 = 8; hits: 0 + 2 + 0 + 1 = 3
+    assert (stats["prompt_blocks"], stats["prefix_hit_blocks"]) == (8, 3)
+    assert stats["prefix_hit_rate"] == round(3 / 8, 4)
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"parent_chat_id": -2}, "parent_chat_id"),
+        ({"parent_chat_id": 7}, "parent_chat_id"),  # its own chat_id
+        ({"chat_id": "7"}, "chat_id"),
+        ({"timestamp": "now"}, "timestamp"),
+        ({"hash_ids": [1, None]}, "hash_ids"),
+    ],
+)
+def test_a_bad_bailian_line_names_its_field(
+    tmp_path: Path, row: dict[str, object], field: str
+) -> None:
+    path = _write(tmp_path, [{**_chat(7, -1, 0.0, [1]), **row}])
+    with pytest.raises(TraceFileError) as info:
+        load_trace(path, "bailian")
+    assert info.value.line == 1 and info.value.field == field
+
+
+def test_a_chat_id_twice_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_chat(1, -1, 0.0, [1]), _chat(1, -1, 1.0, [2])])
+    with pytest.raises(TraceFileError, match="chat_id: 1 appears twice"):
+        load_trace(path, "bailian")
