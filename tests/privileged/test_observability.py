@@ -223,9 +223,11 @@ def test_run_with_selftest_records_counters_queues_and_metrics(tmp_path: Path) -
     state = tmp_path / "state"
     env = {**os.environ, "DUALPATH_STATE_DIR": str(state), "DUALPATH_DATA_DIR": str(tmp_path)}
     out = tmp_path / "run"
+    # The selftest's 0.5 s windows may read a link a few per cent over its rate (HTB's burst):
+    # this test is about the counters and /metrics, so a link out of tolerance does not stop it.
     proc = _cli(
         ["run", "-c", str(config), "--out", str(out), "-q", "--selftest", "--selftest-seconds",
-         "0.5"],
+         "0.5", "--allow-out-of-tolerance"],
         env,
     )  # fmt: skip
     try:
