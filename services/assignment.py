@@ -50,6 +50,34 @@ def _range(wire: Mapping[str, Any], side: str, hit_blocks: int) -> tuple[int, in
     return first, end
 
 
+def _sources(wire: Mapping[str, Any], hit_blocks: int) -> tuple[tuple[int, int, int], ...]:
+    """`sources`: (trajectory, first, end) runs that tile [0, hit_blocks) in order, or none."""
+    value = wire.get("sources", ())
+    if not isinstance(value, list | tuple):
+        raise AssignmentError("assignment field 'sources' must be a list of [traj, first, end]")
+    out: list[tuple[int, int, int]] = []
+    at = 0
+    for i, src in enumerate(value):
+        if (
+            not isinstance(src, list | tuple)
+            or len(src) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in src)
+        ):
+            raise AssignmentError(f"assignment field 'sources[{i}]' must be [traj, first, end]")
+        traj, first, end = (int(v) for v in src)
+        if first != at or end <= first:
+            raise AssignmentError(
+                f"assignment field 'sources[{i}]': [{first}, {end}) does not continue at {at}"
+            )
+        out.append((traj, first, end))
+        at = end
+    if out and at != hit_blocks:
+        raise AssignmentError(
+            f"assignment field 'sources' covers {at} blocks, the turn hits {hit_blocks}"
+        )
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class TurnAssignment:
     turn_id: str
@@ -72,6 +100,10 @@ class TurnAssignment:
     """Hit blocks [first, end) the prefill node reads from storage (empty: first == end)."""
     decode_read: tuple[int, int]
     """Hit blocks [first, end) the decode node reads and relays to the prefill node."""
+    sources: tuple[tuple[int, int, int], ...] = ()
+    """Where the hit blocks live when other requests persisted them (content-addressed
+    prefixes, docs/design.md "Request traces"): (trajectory, first, end) runs tiling
+    [0, hit_blocks). Empty: every block is the turn's own trajectory's."""
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> TurnAssignment:
@@ -92,6 +124,7 @@ class TurnAssignment:
             read_side=_str(wire, "read_side"),
             prefill_read=_range(wire, "prefill", hit),
             decode_read=_range(wire, "decode", hit),
+            sources=_sources(wire, hit),
         )
         if not a.hit_blocks <= a.prompt_blocks or a.persist_end_block < a.hit_blocks:
             raise AssignmentError(
@@ -118,6 +151,7 @@ class TurnAssignment:
             "decode_engine": self.decode_engine,
             "read_side": self.read_side,
             "reads": {"prefill": list(self.prefill_read), "decode": list(self.decode_read)},
+            "sources": [list(src) for src in self.sources],
         }
 
     @property
@@ -129,6 +163,29 @@ class TurnAssignment:
         """The hit blocks the node of `role` reads from storage for this turn."""
         first, end = self.prefill_read if role is Role.PREFILL else self.decode_read
         return range(first, end)
+
+    def pieces(self, blocks: range) -> list[tuple[int, range]]:
+        """`blocks` cut where their trajectory changes: (trajectory, blocks) in order. Blocks
+        past the hit ones, and every block when the turn has no sources, are its own."""
+        if not self.sources:
+            return [(self.traj_id, blocks)] if blocks else []
+        out: list[tuple[int, range]] = []
+        for traj, first, end in (*self.sources, (self.traj_id, self.hit_blocks, blocks.stop)):
+            lo, hi = max(first, blocks.start), min(end, blocks.stop)
+            if lo < hi:
+                out.append((traj, range(lo, hi)))
+        return out
+
+    def owns(self, traj: int, blocks: tuple[int, ...]) -> bool:
+        """Every one of `blocks` lives in trajectory `traj` (the check of an inbound frame)."""
+        if not self.sources:
+            return traj == self.traj_id
+        if not blocks:
+            return True
+        spans = self.pieces(range(min(blocks), max(blocks) + 1))
+        if len(spans) == 1:  # the usual frame: one run of one trajectory
+            return spans[0][0] == traj
+        return all(any(t == traj and b in r for t, r in spans) for b in blocks)
 
     def hit_tokens(self, block_tokens: int) -> int:
         return self.hit_blocks * block_tokens

@@ -176,6 +176,8 @@ class _KvTurn:
     a: TurnAssignment
     own: range
     read_done: bool = False
+    reads_left: int = 0
+    """Storage reads of the own range still out: one per trajectory its blocks live in."""
     # prefill side
     relay_got: list[set[int]] = field(default_factory=list)
     relayed: list[bool] = field(default_factory=list)
@@ -231,7 +233,9 @@ class DataPlaneCore:
             t.present = [set() for _ in range(g)]
         self.turns[a.turn_id] = t
         if t.own and not self.cfg.oracle:
-            self._actions.append(StartRead(a.turn_id, a.traj_id, t.own))
+            pieces = a.pieces(t.own)
+            t.reads_left = len(pieces)
+            self._actions.extend(StartRead(a.turn_id, traj, blocks) for traj, blocks in pieces)
         else:
             t.read_done = True
         if self.role is Role.PREFILL:
@@ -282,8 +286,12 @@ class DataPlaneCore:
 
     # -- from the shell's I/O ------------------------------------------------------------------
     def on_read_done(self, turn_id: str) -> None:
+        """One of the turn's storage reads is in; the own read is done with the last one."""
         t = self.turns.get(turn_id)
         if t is None or t.read_done:
+            return
+        t.reads_left -= 1
+        if t.reads_left > 0:
             return
         t.read_done = True
         if self.role is Role.PREFILL:
@@ -392,8 +400,11 @@ class DataPlaneCore:
         assert s is not None
         if self.role is not role:
             raise FrameMismatch(f"a {p.kind} frame on a {self.role.value} node")
-        if s.traj != t.a.traj_id:
-            raise FrameMismatch(f"trajectory {s.traj}, the turn's is {t.a.traj_id}")
+        if not t.a.owns(s.traj, s.blocks):
+            raise FrameMismatch(
+                f"trajectory {s.traj} does not hold blocks {describe(s.blocks)} of the turn "
+                f"(the turn's is {t.a.traj_id})"
+            )
         if s.g1 != s.g0 + 1:
             raise FrameMismatch(f"layer groups [{s.g0}, {s.g1}): one group per frame")
         if not _blocks_within(s.blocks, allowed):

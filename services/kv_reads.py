@@ -139,7 +139,7 @@ class StorageIo:
         if job.turn_id not in self.core.turns:
             self.free(job.turn_id)
             return
-        self.chunks[job.turn_id] = chunks
+        self.chunks.setdefault(job.turn_id, []).extend(chunks)  # a read per trajectory
         self.core.on_read_done(job.turn_id)
         self._after()
 

@@ -196,26 +196,36 @@ class KvSenders:
     ) -> Iterator[tuple[SliceSet, memoryview]]:
         """Layer group `group` of the turn's own-read KV (regrouped from whole-block storage
         chunks) and then of `extra_blocks` (generated: the new tokens' KV), in frames of about
-        KV_FRAME_BYTES, each assembled with one copy."""
+        KV_FRAME_BYTES, each assembled with one copy. A frame holds blocks of one trajectory:
+        a content-addressed prefix read from several is cut where it changes."""
         frame_slices = per_frame(KV_FRAME_BYTES, self.gen.slice_bytes)
         blocks: list[int] = []
         parts: list[npt.NDArray[np.uint8]] = []
+        traj = a.traj_id
 
         def frame() -> tuple[SliceSet, memoryview]:
             buf = POOL.get(len(blocks) * self.gen.slice_bytes)
             out = np.frombuffer(buf, dtype=np.uint8).reshape(len(blocks), self.gen.slice_bytes)
             np.concatenate(parts, out=out)
-            return SliceSet(a.traj_id, tuple(blocks), group, group + 1), memoryview(buf)
+            return SliceSet(traj, tuple(blocks), group, group + 1), memoryview(buf)
 
         for s, chunk in self._read.get(a.turn_id, []):
+            if blocks and s.traj != traj:
+                yield frame()
+                blocks, parts = [], []
+            traj = s.traj
             blocks.extend(s.blocks)
             parts.append(self.gen.group_view(s, chunk, group))
             if len(blocks) >= frame_slices:
                 yield frame()
                 blocks, parts = [], []
+        if blocks and traj != a.traj_id:
+            yield frame()
+            blocks, parts = [], []
+        traj = a.traj_id
         for ids in chunks(extra_blocks, frame_slices):
             blocks.extend(ids)
-            parts.append(self.gen.payload_array(SliceSet(a.traj_id, tuple(ids), group, group + 1)))
+            parts.append(self.gen.payload_array(SliceSet(traj, tuple(ids), group, group + 1)))
             if len(blocks) >= frame_slices:
                 yield frame()
                 blocks, parts = [], []

@@ -171,6 +171,36 @@ class Scaling(_Model):
         return data
 
 
+TRACE_FORMATS = ("mooncake", "bailian")
+"""Request-trace formats (lab/run/traces.py FORMATS; checked equal in the tests)."""
+
+
+class TraceWorkload(_Model):
+    """A public request trace to replay instead of agent trajectories (docs/design.md,
+    "Replaying a trace")."""
+
+    file: str = Field(description="the trace file (JSONL), relative to the working directory")
+    format: Literal["mooncake", "bailian"] = Field("mooncake", description="mooncake or bailian")
+    block_tokens: int | None = Field(
+        None, ge=1, le=1 << 20, description="the trace's block size, when not its format's"
+    )
+    speedup: float = Field(
+        1.0,
+        gt=0,
+        le=1_000_000,
+        description="arrivals come this many times faster than the trace's timestamps x tau",
+    )
+    max_requests: int | None = Field(
+        None, ge=1, description="replay only the first requests, in arrival order"
+    )
+    max_len: int = Field(
+        131_072,
+        ge=1,
+        le=10_000_000,
+        description="longest request (prompt + output tokens) served; a longer one is an error",
+    )
+
+
 class Workload(_Model):
     num_agents: int = Field(64, ge=1, le=100000, description="agents (trajectories) to replay")
     max_len: Literal[32768, 49152, 65536] = Field(
@@ -215,6 +245,9 @@ class Workload(_Model):
     max_gen_tokens_per_turn: int | None = Field(
         None, ge=1, description="cap generated tokens per turn, after scaling"
     )
+    trace: TraceWorkload | None = Field(
+        None, description="replay a request trace (file, format, block_tokens, speedup)"
+    )
 
     @model_validator(mode="after")
     def _arrival_rate(self) -> Workload:
@@ -222,6 +255,11 @@ class Workload(_Model):
             raise ValueError("arrival 'poisson' needs agents_per_s (agents per real second)")
         if self.arrival == "offline" and self.agents_per_s is not None:
             raise ValueError("agents_per_s applies only with arrival 'poisson'")
+        if self.trace is not None and (self.trajectories_file or self.arrival != "offline"):
+            raise ValueError(
+                "trace replaces trajectories_file and arrival: a trace brings its own requests"
+                " and their timestamps"
+            )
         return self
 
 

@@ -61,6 +61,9 @@ class TurnResult:
     """When decoding produced the turn's last token (its new blocks are persisted after)."""
     done_at: float | None = None
     read_side: str | None = None
+    hit_blocks: int | None = None
+    """Blocks of the prompt the scheduler found persisted (its last attempt's)."""
+    prompt_blocks: int | None = None
     prefill: str | None = None
     decode: str | None = None
     error: str | None = None
@@ -114,13 +117,15 @@ async def _run_turn(
         gen_tokens=turn.gen_tokens,
         submitted_at=time.time(),
     )
-    body = {
+    body: dict[str, Any] = {
         "traj_id": turn.traj_id,
         "turn_index": turn.turn_index,
         "context_tokens": turn.context_tokens,
         "append_tokens": turn.append_tokens,
         "gen_tokens": turn.gen_tokens,
     }
+    if turn.block_keys:
+        body["block_keys"] = list(turn.block_keys)
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(f"{base}/v1/turns", json=body) as resp:
@@ -151,6 +156,8 @@ def _record_event(res: TurnResult, ev: dict[str, Any], now: float) -> bool:
             res.read_side = "split"
         res.prefill = ev.get("prefill")
         res.decode = ev.get("decode")
+        res.hit_blocks = ev.get("hit_blocks")
+        res.prompt_blocks = ev.get("prompt_blocks")
     elif kind == "read_started" and res.read_started_at is None:
         res.read_started_at = now
     elif kind == "prefill_started" and res.prefill_started_at is None:

@@ -34,6 +34,8 @@ from lab.run.player import ChaosPlayer
 from lab.run.progress import Progress
 from lab.run.sampling import sample
 from lab.run.selftest import SelftestOptions, run_selftest
+from lab.run.trace_replay import load_configured, options_of, plan_trace, trace_summary
+from lab.run.traces import Trace
 from lab.run.workload import ReplayPlan, generate, load_jsonl, plan_agents, poisson_arrivals
 from services.prom import exported_nodes, metrics_url
 from services.spec import ClusterSpec, Policy
@@ -128,6 +130,8 @@ class _Plan:
     lab: Prepared
     replay: ReplayPlan
     plan_path: Path
+    trace: Trace | None = None
+    """The request trace replayed, when the workload is one."""
 
 
 @dataclass
@@ -152,13 +156,16 @@ def _plan(cfg: LabConfig, backend: str, out_dir: Path) -> _Plan:
     (it needs the spec's block size)."""
     plans: list[ReplayPlan] = []
     plan_path = out_dir / "agents.json"
+    # a trace is read and checked whole before anything starts: a bad line costs nothing
+    trace = load_configured(cfg) if cfg.workload.trace is not None else None
 
     def write_plan(spec: ClusterSpec) -> None:
-        plans.append(_replay_plan(cfg, spec.profile.block_tokens))
+        bt = spec.profile.block_tokens
+        plans.append(plan_trace(trace, options_of(cfg, bt)) if trace else _replay_plan(cfg, bt))
         plan_path.write_bytes(plans[0].encode())
 
     lab = prepare(cfg, backend=backend, out_dir=out_dir, before_backend=write_plan)
-    return _Plan(lab, plans[0], plan_path)
+    return _Plan(lab, plans[0], plan_path, trace)
 
 
 def _play(
@@ -313,6 +320,15 @@ def _summarize(
     )
     summary["scaling"] = scaling
     summary["arrival"] = _arrival(plan)
+    if plan.trace is not None:
+        summary["trace"] = trace_summary(
+            plan.trace,
+            options_of(cfg, spec.profile.block_tokens),
+            plan.replay,
+            driver["turns"],
+            storage_read_bytes=int(summary["bytes_storage_read"]),
+            block_bytes=spec.profile.block_bytes,
+        )
     summary.update(_fault_records(played))
     paused = paused_intervals(faults, started, finished)
     if faults:
@@ -338,7 +354,7 @@ def _arrival(plan: _Plan) -> dict[str, Any]:
     """summary.json `arrival`: the arrival mode, its rate and the last agent's arrival."""
     w = plan.lab.cfg.workload
     return {
-        "mode": w.arrival,
+        "mode": "trace" if w.trace is not None else w.arrival,
         "agents_per_s": w.agents_per_s,  # real-equivalent (APS)
         "last_arrival_s": round(max((a.start_after_s for a in plan.replay.agents), default=0.0), 3),
     }

@@ -24,6 +24,7 @@ prefix caches), then every block of its prompt is in the cache. Pure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class TraceRequest:
     chat_id: int | None = None
     parent_id: int | None = None
     """The request before it in its session (None: the first, or a format without sessions)."""
+    line: int = 0
+    """Its line in the file (1-based), for errors about it found after reading."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +179,7 @@ def load_trace(path: Path, fmt: str = "mooncake") -> Trace:
         if not isinstance(obj, dict):
             raise TraceFileError(path, number, None, "not a JSON object")
         try:
-            requests.append(form.parse(obj))
+            requests.append(dataclasses.replace(form.parse(obj), line=number))
         except ValueError as exc:
             field, message = exc.args if len(exc.args) == 2 else (None, str(exc))
             raise TraceFileError(path, number, field, message) from None

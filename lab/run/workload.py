@@ -366,6 +366,7 @@ def _check_block_tokens(block_tokens: int) -> None:
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+BlockKey = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 
 
 class TurnPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -377,6 +378,9 @@ class TurnPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context_tokens: NonNegativeInt
     append_tokens: PositiveInt
     gen_tokens: PositiveInt
+    block_keys: tuple[BlockKey, ...] = ()
+    """A trace request's content-addressed prompt: one key per full block (context 0); the
+    scheduler finds which of them are persisted (services/prefixes.py)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -411,7 +415,8 @@ class AgentPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         for turn in self.turns:
-            if turn.traj_id != self.traj_id:
+            # a trace session's requests each persist under their own id (content-addressed)
+            if turn.traj_id != self.traj_id and not turn.block_keys:
                 raise ValueError(
                     f"agent {self.traj_id}: turn {turn.turn_index} is planned for "
                     f"trajectory {turn.traj_id}"

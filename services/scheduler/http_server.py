@@ -17,7 +17,12 @@ from services import http_bounds
 from services.auth import bearer_middleware
 from services.health import HealthMonitor
 from services.limits import HTTP_API_LIMITS
-from services.scheduler.state import TERMINAL_EVENTS, SchedulerState, TurnEventRecord
+from services.scheduler.state import (
+    TERMINAL_EVENTS,
+    SchedulerState,
+    SubmissionError,
+    TurnEventRecord,
+)
 from services.wire.rpc import MessageError, TurnSubmission, decode_as, json_body
 
 READ_ONLY_ROUTES = frozenset({"/v1/status", "/v1/cluster", "/metrics", "/v1/health"})
@@ -85,7 +90,10 @@ class SchedulerApi:
             submission = decode_as(body, TurnSubmission)
         except MessageError as exc:
             return problem(400, "invalid turn", str(exc))
-        turn = self.state.submit(submission, self.clock())
+        try:
+            turn = self.state.submit(submission, self.clock())
+        except SubmissionError as exc:
+            return problem(400, "invalid turn", str(exc))
         queue: asyncio.Queue[TurnEventRecord] = asyncio.Queue()
         for ev in turn.events:
             queue.put_nowait(ev)

@@ -21,6 +21,7 @@ from scheduler.policies import SchedulingPolicy
 from scheduler.registry import PolicyKnobs, make_policy, policy_name
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
 from services.blocks import TurnBlocks
+from services.prefixes import PrefixCatalogue, Source
 from services.spec import ClusterSpec, Role
 from services.wire.rpc import (
     AssignedTurn,
@@ -45,6 +46,10 @@ MAX_RETIRED = 256
 
 TurnEventRecord = dict[str, Any]
 """A turn event as its client reads it: `{event, turn_id, at, **fields}` (one JSON line)."""
+
+
+class SubmissionError(DualPathError, ValueError):
+    """A submitted turn that decodes but does not fit the cluster; nothing was queued."""
 
 
 class FetchInputError(DualPathError, ValueError):
@@ -95,28 +100,41 @@ class TurnRecord:
     listeners: list[Callable[[TurnEventRecord], None]] = field(default_factory=list)
     """Who streams the turn's events (a client's request); each gets every later event."""
     finished: bool = False
+    hit: int | None = None
+    """Content-addressed turns (`block_keys`): the persisted prefix found at submission."""
+    sources: tuple[Source, ...] = ()
+    """... and where its blocks live."""
 
     @property
     def turn_id(self) -> str:
         return self.pending.turn_id
 
     def blocks(self, block_tokens: int) -> TurnBlocks:
+        """An agent's turn persists its whole context after decoding (the next turn's
+        prefix); a content-addressed request persists its prompt's new full blocks, the
+        ones its keys name."""
         s = self.submission
-        prompt = s.context_tokens + s.append_tokens
-        return TurnBlocks.of(s.context_tokens, prompt, s.gen_tokens, block_tokens)
+        if self.hit is None:
+            return TurnBlocks.of(s.context_tokens, s.prompt_tokens, s.gen_tokens, block_tokens)
+        full = len(s.block_keys)
+        return TurnBlocks(self.hit, -(-s.prompt_tokens // block_tokens), max(full, self.hit))
+
+    def context_tokens(self, block_tokens: int) -> int:
+        """Tokens whose KV is read, not computed: the hit prefix of a keyed request."""
+        s = self.submission
+        return s.context_tokens if self.hit is None else self.hit * block_tokens
 
     def assigned(self, block_tokens: int) -> AssignedTurn:
         """The turn as its nodes receive it (it must have been assigned)."""
         a, s = self.assignment, self.submission
         assert a is not None
-        prompt = s.context_tokens + s.append_tokens
         blocks = self.blocks(block_tokens)
         return AssignedTurn(
             turn_id=self.turn_id,
             traj_id=s.traj_id,
             turn_index=s.turn_index,
-            context_tokens=s.context_tokens,
-            prompt_tokens=prompt,
+            context_tokens=self.context_tokens(block_tokens),
+            prompt_tokens=s.prompt_tokens,
             gen_tokens=s.gen_tokens,
             hit_blocks=blocks.hit,
             prompt_blocks=blocks.prompt,
@@ -127,6 +145,7 @@ class TurnRecord:
             decode_engine=a.decode_engine,
             read_side=a.read_side.value,
             reads=read_ranges(a, blocks.hit),
+            sources=self.sources,
         )
 
 
@@ -172,6 +191,8 @@ class SchedulerState:
         """Engine nodes that stopped fetching for node_timeout_s; back once they fetch again."""
         self.finished: deque[tuple[float, str]] = deque()
         """(finished at, turn id) in finishing order: what `prune` may forget."""
+        self.prefixes = PrefixCatalogue()
+        """Content-addressed blocks persisted so far (turns submitted with block_keys)."""
 
     @property
     def block_tokens(self) -> int:
@@ -179,14 +200,26 @@ class SchedulerState:
 
     # -- clients --------------------------------------------------------------------------
     def submit(self, s: TurnSubmission, now: float) -> TurnRecord:
+        """Queue a turn. A content-addressed one (block_keys) gets the longest persisted
+        prefix of its keys as its hit blocks; SubmissionError when its keys do not cover its
+        prompt's full blocks."""
+        bt = self.block_tokens
+        hit: int | None = None
+        sources: tuple[Source, ...] = ()
+        if s.block_keys:
+            if len(s.block_keys) != s.prompt_tokens // bt:
+                raise SubmissionError(
+                    f"block_keys: {len(s.block_keys)} keys for a prompt of {s.prompt_tokens} "
+                    f"tokens, which has {s.prompt_tokens // bt} full blocks of {bt} tokens"
+                )
+            hit, sources = self.prefixes.lookup(s.block_keys)
         self._next_id += 1
         turn_id = f"t{self._next_id}"
-        bt = self.block_tokens
-        prompt = s.context_tokens + s.append_tokens
-        pending = PendingTurn(
-            turn_id, s.traj_id, prompt, (s.context_tokens // bt) * bt, s.gen_tokens
+        context = (s.context_tokens // bt) * bt if hit is None else hit * bt
+        pending = PendingTurn(turn_id, s.traj_id, s.prompt_tokens, context, s.gen_tokens)
+        record = TurnRecord(
+            pending=pending, submission=s, submitted_at=now, hit=hit, sources=sources
         )
-        record = TurnRecord(pending=pending, submission=s, submitted_at=now)
         self.turns[turn_id] = record
         self.queue.append(turn_id)
         self.event(turn_id, "queued", now)
@@ -210,6 +243,12 @@ class SchedulerState:
                 uncovered.discard(turn_id)
             if kind == "done":
                 self.num_done += 1
+                if turn.hit is not None:
+                    blocks = turn.blocks(self.block_tokens)
+                    keys = turn.submission.block_keys
+                    self.prefixes.persisted(
+                        turn.submission.traj_id, keys, range(blocks.hit, blocks.persist_end)
+                    )
             else:
                 self.num_failed += 1
 
@@ -321,7 +360,8 @@ class SchedulerState:
             for node_id in (a.prefill_node, a.decode_node):
                 self.outbox[node_id].append(a.turn_id)
                 self.uncovered[node_id].add(a.turn_id)
-            reads = read_ranges(a, turn.blocks(bt).hit)
+            blocks = turn.blocks(bt)
+            reads = read_ranges(a, blocks.hit)
             self.read_total[a.prefill_node] += _span(reads.prefill) * bt
             self.read_total[a.decode_node] += _span(reads.decode) * bt
             self.event(
@@ -332,6 +372,8 @@ class SchedulerState:
                 decode=f"{a.decode_node}/{a.decode_engine}",
                 read_side=a.read_side.value,
                 reads={"prefill": list(reads.prefill), "decode": list(reads.decode)},
+                hit_blocks=blocks.hit,
+                prompt_blocks=blocks.prompt,
             )
         done = plan.assigned_ids
         self.queue = deque(t for t in self.queue if t not in done)

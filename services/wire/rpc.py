@@ -33,6 +33,8 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=I64_MAX)]
 Signed = Annotated[int, msgspec.Meta(ge=-I64_MAX - 1, le=I64_MAX)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=U32_MAX)]
 Positive32 = Annotated[int, msgspec.Meta(ge=1, le=U32_MAX)]
+BlockKey = Annotated[int, msgspec.Meta(ge=0, le=I64_MAX)]
+"""A content-addressed block's key: 63 bits (msgpack and msgspec bound integers to int64)."""
 Name = Annotated[str, msgspec.Meta(min_length=1)]
 
 EVENT_FIELDS = frozenset({"event", "turn_id", "at"})
@@ -119,6 +121,9 @@ class AssignedTurn(msgspec.Struct, frozen=True):
     decode_engine: Count
     read_side: Name
     reads: ReadRanges
+    sources: tuple[tuple[U32, Count, Count], ...] = ()
+    """Where hit blocks persisted by other requests live: (trajectory, first, end) runs
+    tiling [0, hit_blocks); empty when they are all the turn's own (TurnAssignment.sources)."""
 
     def turn_assignment(self) -> TurnAssignment:
         """What the engine node works from. Built through `TurnAssignment.from_wire`, the one
@@ -169,17 +174,30 @@ class ReportReply(msgspec.Struct, frozen=True):
 
 
 class TurnSubmission(msgspec.Struct, frozen=True):
-    """A client's turn: which trajectory, and its token counts."""
+    """A client's turn: which trajectory, and its token counts.
+
+    With `block_keys` the turn is a request whose prompt is content-addressed: one key per
+    full block of the prompt (a block's key names it and everything before it), context 0.
+    The scheduler then finds the longest prefix of the keys already persisted, by whichever
+    request, and the turn reads those blocks from where they live; its own trajectory id
+    only names where its new blocks go."""
 
     traj_id: U32
     turn_index: U32
     context_tokens: U32
     append_tokens: Positive32
     gen_tokens: Positive32
+    block_keys: tuple[BlockKey, ...] = ()
 
     def __post_init__(self) -> None:
         if self.context_tokens + self.append_tokens > MAX_CONTEXT_TOKENS:
             raise ValueError(f"context_tokens + append_tokens exceeds {MAX_CONTEXT_TOKENS}")
+        if self.block_keys and self.context_tokens:
+            raise ValueError("a turn with block_keys has context_tokens 0: its keys say the rest")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.context_tokens + self.append_tokens
 
 
 # -- HTTP: GET /v1/status, GET /v1/cluster ----------------------------------------------------

@@ -22,6 +22,8 @@ PURE = [
     "services.buffers",
     "services.wire.rpc",
     "services.storage_protocol",
+    "services.prefixes",
+    "lab.run.trace_replay",
     "services.scheduler.state",
     "scheduler.dualpath_policy",
     "scheduler.registry",
