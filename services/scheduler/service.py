@@ -41,6 +41,7 @@ async def serve_scheduler(
     (services.health) is measured all along and served at GET /v1/health. `http_limits`:
     the HTTP API's (services.limits; tests shrink them)."""
     state = SchedulerState(spec, policy_for(spec, InstalledPolicies()))
+    print(f"[{node_id}] policy {state.policy.name}", flush=True)  # a plugin's name shows here
     monitor = HealthMonitor(node_id, "scheduler")
     monitor.start()
     server = await start_grpc(state, clock)
