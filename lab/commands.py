@@ -19,7 +19,7 @@ from typing import Any
 
 from compose.backend import down_stack, exec_argv, recorded_stack, repo_root, run_stack
 from compose.render import render_text
-from dualpath.errors import EXIT_FAILED, EXIT_HOST_BOUND, EXIT_OK, EXIT_USAGE
+from dualpath.errors import EXIT_FAILED, EXIT_HOST_BOUND, EXIT_OK, EXIT_USAGE, UsageError
 from lab.config.models import (
     ConfigError,
     LabConfig,
@@ -41,6 +41,7 @@ from lab.run.traces import load_trace, stats_lines, trace_stats
 from netem.doctor import probe
 from scheduler.analysis import format_analysis, format_lab_analysis
 from scheduler.plugins import catalogue
+from scheduler.registry import SELECTORS
 from services.auth import AUTH_HEADER, bearer
 from services.spec import Policy
 
@@ -112,6 +113,12 @@ def _compose(
     scenario: str | None = None,
 ) -> dict[str, Any]:
     """One compose stack runs the policies (compose.backend)."""
+    if cfg.scheduling.selector not in SELECTORS:
+        raise UsageError(
+            f"scheduling.selector {cfg.scheduling.selector!r} is a policy plugin, and the"
+            " compose image carries only the built-in policies: run it on --backend netns or"
+            ' local (docs/design.md, "Policy plugins")'
+        )
     return run_stack(
         cfg, policies=policies, out_dir=out, scenario_text=scenario, progress=not args.quiet
     )

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import scheduler.plugins
+from dualpath.errors import UsageError
 from lab.cli import build_parser
 from lab.config.cluster import build_cluster_spec
 from lab.config.models import ConfigError, parse_config
@@ -306,3 +307,16 @@ def test_a_plugin_that_cannot_be_built_stops_the_run_before_bring_up(
     with pytest.raises(PolicyPluginError, match=r"'raises' .*: its factory raised RuntimeError"):
         prepare(cfg, backend="local", out_dir=out)
     assert list(tmp_path.iterdir()) == [out] and list(out.iterdir()) == []  # nothing left
+
+
+def test_the_compose_backend_refuses_a_plugin_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_group(monkeypatch, ep("first", "good_factory"))
+    config = tmp_path / "lab.yaml"
+    config.write_text("scheduling:\n  selector: first\n")
+    argv = ["run", "-c", str(config), "--backend", "compose", "--out", str(tmp_path / "out")]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(UsageError, match="'first' is a policy plugin, and the compose image"):
+        args.func(args)
+    assert not (tmp_path / "out").exists()
