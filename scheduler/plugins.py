@@ -140,7 +140,8 @@ def check_plan(
 
 class CheckedPolicy:
     """A plugin's policy, whose every plan is checked (`check_plan`) before the scheduler
-    carries it out: a wrong plan is an error naming the plugin, not a broken turn table."""
+    carries it out: a wrong plan, or an exception out of `schedule`, is an error naming the
+    plugin, not a broken turn table."""
 
     def __init__(self, policy: object, who: str) -> None:
         self.inner: Any = policy
@@ -159,7 +160,12 @@ class CheckedPolicy:
         *,
         now: float,
     ) -> SchedulePlan:
-        plan = self.inner.schedule(queue, prefill, decode, now=now)
+        try:
+            plan = self.inner.schedule(queue, prefill, decode, now=now)
+        except Exception as exc:
+            raise PolicyPluginError(
+                f"{self.who}: schedule() raised {type(exc).__name__}: {exc}"
+            ) from exc
         return check_plan(plan, queue, prefill, decode, self.who)
 
 

@@ -59,6 +59,8 @@ class FirstEngines:
         *,
         now: float,
     ) -> SchedulePlan:
+        if isinstance(self.plan_override, Exception):
+            raise self.plan_override
         if self.plan_override is not None:
             return self.plan_override  # type: ignore[no-any-return]
         pe, de = prefill[0], decode[0]
@@ -225,6 +227,19 @@ def _bad_plans() -> list[tuple[object, str]]:
         (SchedulePlan((a(side=ReadSide.NONE),)), "turn 't0' has hit tokens but read side 'none'"),
         (SchedulePlan(("t0",)), "str is not an Assignment"),  # type: ignore[arg-type]
     ]
+
+
+def test_an_exception_out_of_schedule_names_the_plugin() -> None:
+    failing = FirstEngines(plan_override=KeyError("decode-7"))
+    policy = CheckedPolicy(failing, "policy plugin 'p' (m:f, from d 1)")
+    queue, prefill, decode = views()
+    with pytest.raises(PolicyPluginError) as exc:
+        policy.schedule(queue, prefill, decode, now=0.0)
+    assert (
+        str(exc.value)
+        == "policy plugin 'p' (m:f, from d 1): schedule() raised KeyError: 'decode-7'"
+    )
+    assert isinstance(exc.value.__cause__, KeyError)
 
 
 @pytest.mark.parametrize(("plan", "problem"), _bad_plans())
