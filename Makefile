@@ -40,7 +40,8 @@ demo: system-deps venv
 	$(BIN)/dualpath compare -c $(CONFIG) --out $(OUT)
 
 lint: venv
-	$(T) $(BIN)/ruff check dualpath services scheduler netem lab compose tests bench examples/policy-plugin
+	$(T) $(BIN)/ruff check dualpath services scheduler netem lab compose tests bench \
+	  examples/policy-plugin
 	$(T) $(BIN)/ruff format --check dualpath services scheduler netem lab compose tests bench \
 	  examples/policy-plugin
 	$(T) $(BIN)/lint-imports --no-cache

@@ -117,6 +117,7 @@ DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
 """One line per built-in policy, as `dualpath policies` lists them."""
 
 NO_PLUGINS: Mapping[str, PolicyFactory] = MappingProxyType({})
+"""The `plugins` of a caller that takes the built-in policies only (unit tests, benches)."""
 
 SELECTORS = ("dualpath", "round_robin", "least_tokens")
 """The engine selectors of the `dualpath` system (`scheduling.selector`): registry names."""
