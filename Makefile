@@ -26,10 +26,12 @@ system-deps:
 	fi
 
 $(BIN)/dualpath: PHASE_NAME = venv
-$(BIN)/dualpath: pyproject.toml
+$(BIN)/dualpath: pyproject.toml examples/policy-plugin/pyproject.toml
 	$(T) $(PYTHON) -m venv $(VENV)
 	$(T) $(BIN)/pip install -q --upgrade pip
 	$(T) $(BIN)/pip install -q -e '.[dev]'
+	# the example policy plugin (docs/design.md, "Policy plugins"): its tests need it installed
+	$(T) $(BIN)/pip install -q --no-deps -e examples/policy-plugin
 	@touch $@
 
 venv: $(BIN)/dualpath
@@ -38,8 +40,10 @@ demo: system-deps venv
 	$(BIN)/dualpath compare -c $(CONFIG) --out $(OUT)
 
 lint: venv
-	$(T) $(BIN)/ruff check dualpath services scheduler netem lab compose tests bench
-	$(T) $(BIN)/ruff format --check dualpath services scheduler netem lab compose tests bench
+	$(T) $(BIN)/ruff check dualpath services scheduler netem lab compose tests bench \
+	  examples/policy-plugin
+	$(T) $(BIN)/ruff format --check dualpath services scheduler netem lab compose tests bench \
+	  examples/policy-plugin
 	$(T) $(BIN)/lint-imports --no-cache
 
 typecheck: venv

@@ -213,6 +213,15 @@ def _add_trace(sub: Subparsers) -> None:
     ts.set_defaults(func=commands.cmd_trace_stats)
 
 
+def _add_policies(sub: Subparsers) -> None:
+    po = sub.add_parser(
+        "policies",
+        help="scheduling policies: built-in and plugins (entry points dualpath.policies)",
+    )
+    po.add_argument("--json", action="store_true", help="the list as JSON")
+    po.set_defaults(func=commands.cmd_policies)
+
+
 def _add_link(sub: Subparsers) -> None:
     link = sub.add_parser("link", help="change a link of a running lab (up/run/chaos)")
     link_sub = link.add_subparsers(dest="link_command", required=True)
@@ -275,6 +284,7 @@ VERBS: tuple[Callable[[Subparsers], None], ...] = (
     _add_status,
     _add_exec,
     _add_trace,
+    _add_policies,
 )
 """Every verb of `dualpath`, in the order `--help` lists them."""
 

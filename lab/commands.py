@@ -19,7 +19,7 @@ from typing import Any
 
 from compose.backend import down_stack, exec_argv, recorded_stack, repo_root, run_stack
 from compose.render import render_text
-from dualpath.errors import EXIT_FAILED, EXIT_HOST_BOUND, EXIT_OK, EXIT_USAGE
+from dualpath.errors import EXIT_FAILED, EXIT_HOST_BOUND, EXIT_OK, EXIT_USAGE, UsageError
 from lab.config.models import (
     ConfigError,
     LabConfig,
@@ -40,6 +40,8 @@ from lab.run.selftest import SelftestOptions, run_selftest
 from lab.run.traces import load_trace, stats_lines, trace_stats
 from netem.doctor import probe
 from scheduler.analysis import format_analysis, format_lab_analysis
+from scheduler.plugins import catalogue
+from scheduler.registry import SELECTORS
 from services.auth import AUTH_HEADER, bearer
 from services.spec import Policy
 
@@ -111,6 +113,12 @@ def _compose(
     scenario: str | None = None,
 ) -> dict[str, Any]:
     """One compose stack runs the policies (compose.backend)."""
+    if cfg.scheduling.selector not in SELECTORS:
+        raise UsageError(
+            f"scheduling.selector {cfg.scheduling.selector!r} is a policy plugin, and the"
+            " compose image carries only the built-in policies: run it on --backend netns or"
+            ' local (docs/design.md, "Policy plugins")'
+        )
     return run_stack(
         cfg, policies=policies, out_dir=out, scenario_text=scenario, progress=not args.quiet
     )
@@ -288,6 +296,43 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
     stats = trace_stats(load_trace(Path(args.file), args.format))
     print(json.dumps(stats, indent=2) if args.json else "\n".join(stats_lines(stats)))
     return EXIT_OK
+
+
+CHOSEN_BY: Mapping[str, str] = {
+    "basic": "policy: basic",
+    "oracle": "policy: oracle",
+    "dualpath": "policy: dualpath (scheduling.selector: dualpath, the default)",
+    "dualpath_split": "policy: dualpath, scheduling.split_reads: true",
+    "round_robin": "policy: dualpath, scheduling.selector: round_robin",
+    "least_tokens": "policy: dualpath, scheduling.selector: least_tokens",
+}
+"""The config that runs each built-in policy; a plugin runs as a selector of `dualpath`."""
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    """Every scheduling policy: built-in, then each plugin (scheduler.plugins) with its
+    distribution; a plugin that cannot be used is listed with why, and the status is 1."""
+    rows = [
+        {
+            "name": e.name,
+            "origin": e.origin,
+            "description": e.description,
+            "entry_point": e.value,
+            "config": CHOSEN_BY.get(e.name, f"policy: dualpath, scheduling.selector: {e.name}"),
+            "error": e.error,
+        }
+        for e in catalogue()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(len(r["name"]) for r in rows)
+        origin_width = max(len(r["origin"]) for r in rows)
+        for r in rows:
+            text = f"error: {r['error']}" if r["error"] else r["description"]
+            print(f"{r['name']:<{width}}  {r['origin']:<{origin_width}}  {text}")
+            print(f"{'':<{width}}  {'':<{origin_width}}  config: {r['config']}")
+    return EXIT_FAILED if any(r["error"] for r in rows) else EXIT_OK
 
 
 def cmd_down(args: argparse.Namespace) -> int:

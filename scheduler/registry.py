@@ -6,12 +6,16 @@ prefill side), `oracle` (least tokens, no reads), `dualpath` (§6: Algorithm 1, 
 selection, shorter-queue read side; `split_reads` splits them), `dualpath_split` (the same,
 always split), and the baselines of the `dualpath` system: `round_robin` and `least_tokens`
 (shorter-queue read side; round robin may rotate it instead: `baseline_read_side`).
+
+Policies of other distributions (docs/design.md, "Policy plugins") come in as the `plugins`
+mapping of `make_policy` and `policy_name` (scheduler.plugins finds them); a built-in name
+always wins over a plugin of the same name.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
@@ -42,12 +46,27 @@ class PolicyKnobs:
     """`round_robin` only: `alternate` rotates the read side as well."""
 
 
-class UnknownPolicyError(UsageError, ValueError):
-    """A policy name the registry does not know; the message lists the valid names."""
+PLUGIN_GROUP = "dualpath.policies"
+"""The entry-point group of policy plugins (docs/design.md, "Policy plugins")."""
 
-    def __init__(self, name: str, *, kind: str = "policy", valid: Iterable[str] = ()) -> None:
+
+class UnknownPolicyError(UsageError, ValueError):
+    """A policy name the registry does not know; the message lists the valid names: the
+    built-in ones, then those of the installed plugins."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        kind: str = "policy",
+        valid: Iterable[str] = (),
+        plugins: Iterable[str] = (),
+    ) -> None:
         names = ", ".join(sorted(valid or POLICIES))
-        super().__init__(f"unknown {kind} {name!r}; valid: {names}")
+        extra = ", ".join(sorted(set(plugins))) or "none installed"
+        super().__init__(
+            f"unknown {kind} {name!r}; valid: {names}; plugins ({PLUGIN_GROUP}): {extra}"
+        )
 
 
 PolicyFactory = Callable[[PolicyKnobs], SchedulingPolicy]
@@ -84,23 +103,44 @@ POLICIES: Mapping[str, PolicyFactory] = MappingProxyType(
 )
 """Every policy by name."""
 
+DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "basic": "the paper's Basic: least tokens, every read on the prefill side",
+        "oracle": "least tokens and no storage reads: the upper bound",
+        "dualpath": "the paper's scheduler: Algorithm 1, two-level DE selection, shorter-queue"
+        " read side",
+        "dualpath_split": "dualpath with each turn's hit-KV read split across both sides",
+        "round_robin": "baseline: engines in turn, shorter-queue (or alternating) read side",
+        "least_tokens": "baseline: least-tokens engines, shorter-queue read side",
+    }
+)
+"""One line per built-in policy, as `dualpath policies` lists them."""
+
+NO_PLUGINS: Mapping[str, PolicyFactory] = MappingProxyType({})
+"""The `plugins` of a caller that takes the built-in policies only (unit tests, benches)."""
+
 SELECTORS = ("dualpath", "round_robin", "least_tokens")
 """The engine selectors of the `dualpath` system (`scheduling.selector`): registry names."""
 
 
-def make_policy(name: str, knobs: PolicyKnobs) -> SchedulingPolicy:
-    """The policy called `name`; unknown names raise UnknownPolicyError listing valid ones."""
+def make_policy(
+    name: str, knobs: PolicyKnobs, plugins: Mapping[str, PolicyFactory] = NO_PLUGINS
+) -> SchedulingPolicy:
+    """The policy called `name`: a built-in one, else the plugin of that name (looking it up
+    in `plugins` loads it); unknown names raise UnknownPolicyError listing valid ones."""
     factory = POLICIES.get(name)
+    if factory is None and name in plugins:
+        factory = plugins[name]
     if factory is None:
-        raise UnknownPolicyError(name)
+        raise UnknownPolicyError(name, plugins=plugins)
     return factory(knobs)
 
 
-def policy_name(system: str, selector: str = "dualpath") -> str:
+def policy_name(system: str, selector: str = "dualpath", plugins: Collection[str] = ()) -> str:
     """The registry name a configuration runs: `basic` and `oracle` are policies of their
-    own; the `dualpath` system runs its selector (the paper's, or a baseline)."""
+    own; the `dualpath` system runs its selector (the paper's, a baseline or a plugin's)."""
     if system != "dualpath":
         return system
-    if selector not in SELECTORS:
-        raise UnknownPolicyError(selector, kind="selector", valid=SELECTORS)
+    if selector not in SELECTORS and selector not in plugins:
+        raise UnknownPolicyError(selector, kind="selector", valid=SELECTORS, plugins=plugins)
     return selector

@@ -2,7 +2,9 @@
 
 Fields carry their units in their names and are real-hardware figures; `scaling` turns them
 into emulated ones (rate x bandwidth_scale, time x time_dilation, bytes x both). Errors name
-the field and the allowed values. No file I/O happens while the models are constructed.
+the field and the allowed values. No file I/O happens while the models are constructed, but
+for a `scheduling.selector` that is not built in: the installed policy plugins' metadata is
+read to know their names (scheduler.plugins; the plugin itself is not imported here).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dualpath.errors import UsageError
 from scheduler.analysis import Analysis, LabAnalysis, analyze, analyze_lab
 from scheduler.costmodel import CostModel, CostModelParams
-from scheduler.registry import SELECTORS
+from scheduler.plugins import InstalledPolicies
+from scheduler.registry import SELECTORS, UnknownPolicyError
 from services.spec import Policy, Role
 
 
@@ -320,7 +323,8 @@ class Scheduling(_Model):
     selector: str = Field(
         "dualpath",
         description="engine selection under policy dualpath: the paper's (Algorithm 1 + two-level"
-        " DE selection) or a baseline of scheduler.registry.SELECTORS (round_robin, least_tokens)",
+        " DE selection), a baseline of scheduler.registry.SELECTORS (round_robin, least_tokens)"
+        " or an installed policy plugin's name (`dualpath policies`)",
     )
     node_timeout_s: float = Field(
         5.0,
@@ -351,8 +355,11 @@ class Scheduling(_Model):
     @field_validator("selector")
     @classmethod
     def _known_selector(cls, value: str) -> str:
-        if value not in SELECTORS:
-            raise ValueError(f"{value!r}: valid selectors are {', '.join(SELECTORS)}")
+        if value in SELECTORS:
+            return value
+        plugins = InstalledPolicies()
+        if value not in plugins:
+            raise UnknownPolicyError(value, kind="selector", valid=SELECTORS, plugins=plugins)
         return value
 
     @model_validator(mode="after")

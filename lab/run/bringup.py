@@ -33,6 +33,8 @@ from lab.run.backends import (
 from lab.run.chaos import cluster_links
 from lab.run.control import ControlServer
 from netem.kernel import require_net_admin
+from scheduler.plugins import InstalledPolicies
+from services.scheduler.state import policy_for
 from services.spec import ClusterSpec
 
 BackendFactory = Callable[["Prepared"], Backend]
@@ -107,7 +109,9 @@ def prepare(
 ) -> Prepared:
     """Data directory, spec, record for a new lab of `cfg` on `backend`. `before_backend`
     writes what else the lab needs from its spec (e.g. the runner's workload plan); if it or
-    anything else here fails, the data directory is removed before the error goes on."""
+    anything else here fails, the data directory is removed before the error goes on. The
+    spec's policy is built once here, as the scheduler will build it, so that a policy plugin
+    that cannot be used (scheduler.plugins.PolicyPluginError) stops the run before bring-up."""
     lab_id = lab_id or secrets.token_hex(3)
     base_port = free_port_base(LOCAL_PORTS) if backend == "local" else 0
     data_dir = make_data_dir(lab_id)
@@ -115,6 +119,7 @@ def prepare(
         spec = build_cluster_spec(
             cfg, lab_id=lab_id, backend=backend, data_dir=data_dir.path, base_port=base_port
         )
+        policy_for(spec, InstalledPolicies())
         spec_path = (out_dir / "spec.json").resolve()
         spec.dump(spec_path)
         if before_backend is not None:

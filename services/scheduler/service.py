@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from scheduler.plugins import InstalledPolicies
 from services import http_bounds
 from services.health import HealthMonitor
 from services.limits import HTTP_API_LIMITS, PortLimits
@@ -39,7 +40,8 @@ async def serve_scheduler(
     """Run the scheduler's gRPC and HTTP servers until `stop` is set; its emulation health
     (services.health) is measured all along and served at GET /v1/health. `http_limits`:
     the HTTP API's (services.limits; tests shrink them)."""
-    state = SchedulerState(spec, policy_for(spec))
+    state = SchedulerState(spec, policy_for(spec, InstalledPolicies()))
+    print(f"[{node_id}] policy {state.policy.name}", flush=True)  # a plugin's name shows here
     monitor = HealthMonitor(node_id, "scheduler")
     monitor.start()
     server = await start_grpc(state, clock)

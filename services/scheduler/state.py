@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dualpath.errors import DualPathError
 from scheduler.dualpath_policy import SplitAssignment
 from scheduler.policies import SchedulingPolicy
-from scheduler.registry import PolicyKnobs, make_policy, policy_name
+from scheduler.registry import NO_PLUGINS, PolicyFactory, PolicyKnobs, make_policy, policy_name
 from scheduler.views import Assignment, EngineView, NodeView, PendingTurn, ReadSide
 from services.blocks import TurnBlocks
 from services.prefixes import PrefixCatalogue, Source
@@ -57,9 +57,12 @@ class FetchInputError(DualPathError, ValueError):
     the message names the field. Nothing was changed."""
 
 
-def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
+def policy_for(
+    spec: ClusterSpec, plugins: Mapping[str, PolicyFactory] = NO_PLUGINS
+) -> SchedulingPolicy:
     """The scheduling policy a cluster runs, from the one registry (scheduler.registry):
-    `basic` or `oracle`, or under `dualpath` its selector (the paper's or a baseline)."""
+    `basic` or `oracle`, or under `dualpath` its selector (the paper's, a baseline, or one of
+    `plugins`: scheduler.plugins.InstalledPolicies)."""
     knobs = PolicyKnobs(
         alpha_tokens=spec.alpha_tokens,
         beta_tokens=spec.beta_tokens,
@@ -69,7 +72,7 @@ def policy_for(spec: ClusterSpec) -> SchedulingPolicy:
         if spec.baseline_read_side == "alternate"
         else "shorter_queue",
     )
-    return make_policy(policy_name(spec.policy.value, spec.selector), knobs)
+    return make_policy(policy_name(spec.policy.value, spec.selector, plugins), knobs, plugins)
 
 
 def read_ranges(a: Assignment, hit_blocks: int) -> ReadRanges:

@@ -27,6 +27,7 @@ PURE = [
     "services.scheduler.state",
     "scheduler.dualpath_policy",
     "scheduler.registry",
+    "scheduler.plugins",
     "scheduler.batching",
     "netem.plan",
     "netem.linkchange",
