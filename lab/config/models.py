@@ -387,6 +387,27 @@ class LabConfig(_Model):
     network: Network = Network()
     scheduling: Scheduling = Scheduling()
 
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _known_policy(cls, value: Any) -> Any:
+        """A name that is not a system says which names are, and that a plugin (or a
+        baseline) is chosen as `scheduling.selector` under `policy: dualpath`."""
+        if isinstance(value, str) and value not in {p.value for p in Policy}:
+            plugins = InstalledPolicies()
+            where = (
+                f"; {value!r} is a selector: write policy: dualpath and scheduling.selector:"
+                f" {value}"
+                if value in SELECTORS or value in plugins
+                else ""
+            )
+            systems = ", ".join(p.value for p in Policy)
+            raise ValueError(
+                f"unknown policy {value!r}; valid: {systems} (selectors under dualpath: "
+                f"{', '.join(sorted(SELECTORS))}; plugins: "
+                f"{', '.join(sorted(plugins)) or 'none installed'}){where}"
+            )
+        return value
+
     # -- emulated figures -------------------------------------------------------------------
     @property
     def emulated_kv_bytes_per_token(self) -> float:

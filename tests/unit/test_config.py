@@ -52,7 +52,7 @@ def test_example_configs_load(path: Path) -> None:
     [
         ({"cluster": {"gpus_per_node": 0}}, "cluster.gpus_per_node", "greater than or equal"),
         ({"cluster": {"prefill_nodes": 17}}, "cluster.prefill_nodes", "less than or equal"),
-        ({"policy": "fastest"}, "policy", "'basic', 'dualpath' or 'oracle'"),
+        ({"policy": "fastest"}, "policy", "valid: basic, dualpath, oracle"),
         ({"network": {"compute_subnet": "bogus"}}, "network.compute_subnet", "not an IPv4"),
         ({"network": {"compute_subnet": "198.18.0.1/24"}}, "network.compute_subnet", "host bits"),
         ({"network": {"mgmt_subnet": "10.0.0.0/28"}}, "network.mgmt_subnet", "too small"),
@@ -350,3 +350,14 @@ def test_isolation_switches_the_cnic_priority_classes(isolation: bool) -> None:
         cnic, snic = host.nic("cnic"), host.nic("snic")
         assert cnic.shape.priority_classes is isolation
         assert snic.shape.priority_classes is False  # the snic carries storage traffic only
+
+
+def test_an_unknown_policy_lists_the_systems_selectors_and_plugins() -> None:
+    with pytest.raises(
+        ConfigError, match="unknown policy 'fastest'; valid: basic, dualpath, oracle"
+    ):
+        parse_config({"policy": "fastest"})
+    with pytest.raises(
+        ConfigError, match=r"write policy: dualpath and scheduling\.selector: round_robin"
+    ):
+        parse_config({"policy": "round_robin"})
