@@ -213,6 +213,24 @@ def _add_trace(sub: Subparsers) -> None:
     ts.set_defaults(func=commands.cmd_trace_stats)
 
 
+def _add_tokenizer(sub: Subparsers) -> None:
+    tk = sub.add_parser(
+        "tokenizer",
+        help="write the lab's tokenizer (a token per UTF-8 byte) as HuggingFace files, for"
+        " benchmark clients such as AIPerf",
+    )
+    tk.add_argument("dir", help="directory to write tokenizer.json and tokenizer_config.json to")
+    tk.add_argument(
+        "--hub-cache",
+        help="also lay the files out as a HuggingFace hub cache here (HF_HUB_CACHE), so a"
+        " client that takes only a repo id loads them offline",
+    )
+    tk.add_argument(
+        "--repo-id", default=commands.TOKENIZER_REPO_ID, help="repo id in the hub cache"
+    )
+    tk.set_defaults(func=commands.cmd_tokenizer)
+
+
 def _add_policies(sub: Subparsers) -> None:
     po = sub.add_parser(
         "policies",
@@ -285,6 +303,7 @@ VERBS: tuple[Callable[[Subparsers], None], ...] = (
     _add_exec,
     _add_trace,
     _add_policies,
+    _add_tokenizer,
 )
 """Every verb of `dualpath`, in the order `--help` lists them."""
 

@@ -6,8 +6,10 @@ Errors are raised (dualpath.errors), and lab.cli turns them into a message and a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -44,6 +46,7 @@ from scheduler.plugins import catalogue
 from scheduler.registry import SELECTORS
 from services.auth import AUTH_HEADER, bearer
 from services.spec import Policy
+from services.tokenizer import tokenizer_files
 
 
 def _load(args: argparse.Namespace) -> LabConfig:
@@ -298,6 +301,37 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TOKENIZER_REPO_ID = "dualpath/byte-tokenizer"
+"""The repo id `dualpath tokenizer --hub-cache` files the lab's tokenizer under."""
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    """The lab's tokenizer (services.tokenizer) as HuggingFace files: in DIR, and with
+    --hub-cache also as a hub cache entry (refs/main naming a snapshot by the files' hash)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", args.repo_id):
+        raise UsageError(f"--repo-id {args.repo_id!r}: expected ORG/NAME")
+    files = tokenizer_files()
+    targets = [Path(args.dir)]
+    if args.hub_cache:
+        digest = hashlib.sha1("".join(files[k] for k in sorted(files)).encode()).hexdigest()
+        repo = Path(args.hub_cache) / ("models--" + args.repo_id.replace("/", "--"))
+        targets.append(repo / "snapshots" / digest)
+    try:
+        for target in targets:
+            target.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (target / name).write_text(text, encoding="utf-8")
+        if args.hub_cache:
+            (repo / "refs").mkdir(exist_ok=True)
+            (repo / "refs" / "main").write_text(digest)
+    except OSError as exc:
+        raise UsageError(f"cannot write the tokenizer: {exc}") from None
+    print(f"tokenizer written to {', '.join(str(t) for t in targets)}")
+    if args.hub_cache:
+        print(f"  HF_HUB_CACHE={args.hub_cache} HF_HUB_OFFLINE=1 ... --tokenizer {args.repo_id}")
+    return EXIT_OK
+
+
 CHOSEN_BY: Mapping[str, str] = {
     "basic": "policy: basic",
     "oracle": "policy: oracle",
@@ -456,7 +490,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {node:12s} pid {pid:<8d} {'running' if node in alive else 'exited'}")
         for node, url in sorted(lab.get("metrics_urls", {}).items()):
             print(f"  metrics {node:12s} {url}")
+        api = _openai_endpoint(Path(lab["spec"]))
+        if api is not None:
+            print(f'  openai api   {api}  (api key: the spec\'s "secret")')
     return EXIT_OK
+
+
+def _openai_endpoint(spec_path: Path) -> str | None:
+    """The OpenAI-compatible API of a recorded lab: its base URL and model, from its spec."""
+    try:
+        spec = json.loads(spec_path.read_text())
+        http, model = spec["http"], spec["profile"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"http://{http['host']}:{http['port']}/v1  model {model}"
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

@@ -50,6 +50,13 @@ def _range(wire: Mapping[str, Any], side: str, hit_blocks: int) -> tuple[int, in
     return first, end
 
 
+def _flag(wire: Mapping[str, Any], name: str) -> bool:
+    value = wire.get(name, False)
+    if not isinstance(value, bool):
+        raise AssignmentError(f"assignment field {name!r} must be true or false")
+    return value
+
+
 def _sources(wire: Mapping[str, Any], hit_blocks: int) -> tuple[tuple[int, int, int], ...]:
     """`sources`: (trajectory, first, end) runs that tile [0, hit_blocks) in order, or none."""
     value = wire.get("sources", ())
@@ -100,6 +107,9 @@ class TurnAssignment:
     """Hit blocks [first, end) the prefill node reads from storage (empty: first == end)."""
     decode_read: tuple[int, int]
     """Hit blocks [first, end) the decode node reads and relays to the prefill node."""
+    stream_tokens: bool = False
+    """The decode node reports every generated token (`token` events), not only the first,
+    second and last: a client streams them (the scheduler's OpenAI-compatible API)."""
     sources: tuple[tuple[int, int, int], ...] = ()
     """Where the hit blocks live when other requests persisted them (content-addressed
     prefixes, docs/design.md "Request traces"): (trajectory, first, end) runs tiling
@@ -124,6 +134,7 @@ class TurnAssignment:
             read_side=_str(wire, "read_side"),
             prefill_read=_range(wire, "prefill", hit),
             decode_read=_range(wire, "decode", hit),
+            stream_tokens=_flag(wire, "stream_tokens"),
             sources=_sources(wire, hit),
         )
         if not a.hit_blocks <= a.prompt_blocks or a.persist_end_block < a.hit_blocks:
@@ -151,6 +162,7 @@ class TurnAssignment:
             "decode_engine": self.decode_engine,
             "read_side": self.read_side,
             "reads": {"prefill": list(self.prefill_read), "decode": list(self.decode_read)},
+            "stream_tokens": self.stream_tokens,
             "sources": [list(src) for src in self.sources],
         }
 

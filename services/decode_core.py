@@ -116,6 +116,8 @@ class DecodeGpu:
             t.emitted_tokens += 1
             if t.emitted_tokens == 2:
                 self.out.items.append(Emit(t.a.turn_id, "second_token", {"node": self.cfg.node_id}))
+            elif t.a.stream_tokens and 2 < t.emitted_tokens < t.a.gen_tokens:
+                self.out.items.append(Emit(t.a.turn_id, "token", {"n": t.emitted_tokens}))
             if t.emitted_tokens >= t.a.gen_tokens:
                 # Decoding ends here; persisting the new blocks follows in the background
                 # (DualPath §3), so TPOT ends at this token, not when `done` is reported.

@@ -50,6 +50,8 @@ class ProfileSpec(_Frozen):
     name: str
     num_layers: int
     layer_groups: int
+    max_model_len: int = 131_072
+    """Longest request (prompt + generated tokens) the model serves."""
     block_tokens: int
     kv_bytes_per_token: float
     cost: CostModelParams

@@ -106,6 +106,7 @@ def _profile(cfg: LabConfig) -> ProfileSpec:
     """The emulated model: its layers, block size, KV bytes per token and cost model."""
     return ProfileSpec(
         name=cfg.model.name,
+        max_model_len=cfg.model.max_model_len,
         num_layers=cfg.model.num_layers,
         layer_groups=cfg.model.layer_groups,
         block_tokens=cfg.model.block_tokens,

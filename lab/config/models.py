@@ -33,7 +33,17 @@ class _Model(BaseModel):
 
 
 class ModelProfile(_Model):
-    name: str = Field("ds27b-like", description="profile name shown in reports")
+    name: str = Field(
+        "ds27b-like",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$",
+        description="profile name shown in reports; the model id the OpenAI-compatible API serves",
+    )
+    max_model_len: int = Field(
+        131_072,
+        ge=1,
+        le=10_000_000,
+        description="longest request (prompt + generated tokens) the model serves",
+    )
     num_layers: int = Field(30, ge=1, le=256, description="transformer layers")
     kv_bytes_per_token: float = Field(
         20480, gt=0, description="real KV bytes per token over all layers"
@@ -196,11 +206,12 @@ class TraceWorkload(_Model):
     max_requests: int | None = Field(
         None, ge=1, description="replay only the first requests, in arrival order"
     )
-    max_len: int = Field(
-        131_072,
+    max_len: int | None = Field(
+        None,
         ge=1,
         le=10_000_000,
-        description="longest request (prompt + output tokens) served; a longer one is an error",
+        description="longest request (prompt + output tokens) replayed, a longer one is an"
+        " error; default: model.max_model_len",
     )
 
 

@@ -148,7 +148,7 @@ def options_of(cfg: LabConfig, model_block_tokens: int) -> TraceReplayOptions:
         time_dilation=cfg.scaling.time_dilation,
         speedup=t.speedup,
         max_requests=t.max_requests,
-        max_len=t.max_len,
+        max_len=t.max_len if t.max_len is not None else cfg.model.max_model_len,
         trace_block_tokens=t.block_tokens,
         gen_token_scale=w.gen_token_scale,
         max_gen_tokens=w.max_gen_tokens_per_turn,

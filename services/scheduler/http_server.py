@@ -17,15 +17,19 @@ from services import http_bounds
 from services.auth import bearer_middleware
 from services.health import HealthMonitor
 from services.limits import HTTP_API_LIMITS
+from services.scheduler.openai_api import OpenAiApi
 from services.scheduler.state import (
     TERMINAL_EVENTS,
     SchedulerState,
     SubmissionError,
     TurnEventRecord,
 )
+from services.scheduler.vllm_metrics import VllmMetrics
 from services.wire.rpc import MessageError, TurnSubmission, decode_as, json_body
 
-READ_ONLY_ROUTES = frozenset({"/v1/status", "/v1/cluster", "/metrics", "/v1/health"})
+READ_ONLY_ROUTES = frozenset(
+    {"/v1/status", "/v1/cluster", "/metrics", "/v1/health", "/v1/models", "/v1/api/summary"}
+)
 """GETs that change nothing and may be read without the secret (a Prometheus scraper, curl
 from a node); every other method and path requires it (docs/design.md, "Access control")."""
 
@@ -73,11 +77,17 @@ class SchedulerApi:
         health: HealthMonitor | None = None,
         *,
         port_stats: Callable[[], dict[str, int]] | None = None,
+        openai: OpenAiApi | None = None,
+        vllm: VllmMetrics | None = None,
     ) -> None:
         self.state = state
         self.clock = clock
         self.health = health
         self.port_stats = port_stats
+        self.openai = openai
+        """The OpenAI-compatible routes (services/scheduler/openai_api.py), when served."""
+        self.vllm = vllm
+        """Request metrics under vLLM's names, added to /metrics."""
 
     async def submit_turn(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -121,7 +131,10 @@ class SchedulerApi:
 
     async def metrics(self, request: web.Request) -> web.Response:
         stats = self.port_stats() if self.port_stats is not None else None
-        return web.Response(text=prometheus_text(self.state, stats), content_type="text/plain")
+        text = prometheus_text(self.state, stats)
+        if self.vllm is not None:
+            text += self.vllm.exposition()
+        return web.Response(text=text, content_type="text/plain")
 
     async def health_report(self, request: web.Request) -> web.Response:
         if self.health is None:
@@ -140,4 +153,6 @@ class SchedulerApi:
         app.router.add_get("/v1/cluster", self.cluster)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/health", self.health_report)
+        if self.openai is not None:
+            self.openai.add_routes(app)
         return app

@@ -17,7 +17,9 @@ from services.health import HealthMonitor
 from services.limits import HTTP_API_LIMITS, PortLimits
 from services.scheduler.grpc_server import start_grpc
 from services.scheduler.http_server import SchedulerApi
+from services.scheduler.openai_api import OpenAiApi
 from services.scheduler.state import SchedulerState, policy_for
+from services.scheduler.vllm_metrics import VllmMetrics
 from services.spec import ClusterSpec
 
 
@@ -47,7 +49,16 @@ async def serve_scheduler(
     server = await start_grpc(state, clock)
     reaping = asyncio.create_task(_reap_forever(state, clock))
     sites: list[http_bounds.BoundedSite] = []
-    api = SchedulerApi(state, clock, monitor, port_stats=lambda: sites[0].stats() if sites else {})
+    vllm = VllmMetrics(state, spec.profile.name)
+    state.observers.append(vllm.observe)
+    api = SchedulerApi(
+        state,
+        clock,
+        monitor,
+        port_stats=lambda: sites[0].stats() if sites else {},
+        openai=OpenAiApi(state, clock, spec),
+        vllm=vllm,
+    )
     # handler_cancellation: a client that disconnects mid-turn ends its handler, which
     # cancels the turn (SchedulerApi.submit_turn), instead of leaving it to run for nobody
     runner = web.AppRunner(

@@ -148,6 +148,7 @@ class TurnRecord:
             decode_engine=a.decode_engine,
             read_side=a.read_side.value,
             reads=read_ranges(a, blocks.hit),
+            stream_tokens=s.stream_tokens,
             sources=self.sources,
         )
 
@@ -194,6 +195,8 @@ class SchedulerState:
         """Engine nodes that stopped fetching for node_timeout_s; back once they fetch again."""
         self.finished: deque[tuple[float, str]] = deque()
         """(finished at, turn id) in finishing order: what `prune` may forget."""
+        self.observers: list[Callable[[TurnRecord, TurnEventRecord], None]] = []
+        """Who sees every turn's every event (the vLLM-named metrics)."""
         self.prefixes = PrefixCatalogue()
         """Content-addressed blocks persisted so far (turns submitted with block_keys)."""
 
@@ -233,9 +236,12 @@ class SchedulerState:
         if turn is None or turn.finished:
             return
         ev = {"event": kind, "turn_id": turn_id, "at": at, **extra}
-        turn.events.append(ev)
+        if kind != "token":  # a streamed turn's every token goes to its listeners only
+            turn.events.append(ev)
         for listener in turn.listeners:
             listener(ev)
+        for observe in self.observers:
+            observe(turn, ev)
         if kind in TERMINAL_EVENTS:
             turn.finished = True
             self.finished.append((at, turn_id))

@@ -121,6 +121,8 @@ class AssignedTurn(msgspec.Struct, frozen=True):
     decode_engine: Count
     read_side: Name
     reads: ReadRanges
+    stream_tokens: bool = False
+    """Report every generated token (`token` events) for a client that streams them."""
     sources: tuple[tuple[U32, Count, Count], ...] = ()
     """Where hit blocks persisted by other requests live: (trajectory, first, end) runs
     tiling [0, hit_blocks); empty when they are all the turn's own (TurnAssignment.sources)."""
@@ -188,6 +190,8 @@ class TurnSubmission(msgspec.Struct, frozen=True):
     append_tokens: Positive32
     gen_tokens: Positive32
     block_keys: tuple[BlockKey, ...] = ()
+    stream_tokens: bool = False
+    """The client streams tokens as they come: the decode node reports each one."""
 
     def __post_init__(self) -> None:
         if self.context_tokens + self.append_tokens > MAX_CONTEXT_TOKENS:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,7 @@ import pytest
 
 from lab.config.cluster import build_cluster_spec
 from lab.config.models import parse_config
-from lab.run.backends import free_port_base
+from lab.run.backends import LocalBackend, RunState, free_port_base
 from services.scheduler.service import serve_scheduler
 from services.spec import ClusterSpec
 
@@ -77,3 +81,57 @@ async def running_scheduler(spec: ClusterSpec) -> AsyncIterator[None]:
 def run_scheduler() -> Callable[[ClusterSpec], Any]:
     """running_scheduler, for test modules (the tiers are directories without packages)."""
     return running_scheduler
+
+
+def lab_get(spec: ClusterSpec, path: str) -> Any:
+    """GET a scheduler path's JSON (the read-only ones need no secret)."""
+    with urllib.request.urlopen(f"http://{spec.http.host}:{spec.http.port}{path}", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def wait_ready(spec: ClusterSpec, *, timeout_s: float = 60.0) -> None:
+    # Five interpreters start at once: on a loaded two-core machine that alone took over 10 s.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if lab_get(spec, "/v1/status")["ready"]:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"cluster not ready within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def local_lab(tmp_path: Path, config: dict[str, Any], lab_id: str) -> Iterator[ClusterSpec]:
+    """A whole cluster as local processes on free loopback ports, ready; down on exit."""
+    cfg = parse_config(config)
+    spec = build_cluster_spec(
+        cfg,
+        lab_id=lab_id,
+        backend="local",
+        data_dir=tmp_path / f"dualpath-{lab_id}",
+        base_port=free_port_base(64),
+    )
+    spec_path = tmp_path / "spec.json"
+    spec.dump(spec_path)
+    state = RunState(lab_id, "local", spec_path, None)
+    be = LocalBackend(spec, spec_path, tmp_path / "logs", state)
+    be.up()
+    try:
+        wait_ready(spec)
+        yield spec
+    finally:
+        be.down()
+
+
+@pytest.fixture
+def start_local_lab(tmp_path: Path) -> Callable[..., Any]:
+    """local_lab, for test modules: `with start_local_lab(config, "id") as spec:`."""
+    return lambda config, lab_id: local_lab(tmp_path, config, lab_id)
+
+
+@pytest.fixture(scope="module")
+def start_module_lab(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    """local_lab for a module-scoped fixture: the module's tests share one cluster."""
+    return lambda config, lab_id: local_lab(tmp_path_factory.mktemp(lab_id), config, lab_id)

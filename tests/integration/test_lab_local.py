@@ -14,15 +14,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab.config.cluster import build_cluster_spec
 from lab.config.models import parse_config
-from lab.run.backends import LocalBackend, RunState, free_port_base
 from lab.run.runner import run_once
 from services.codec import PREFIX_SIZE, decode_header, parse_prefix
 from services.spec import ClusterSpec
@@ -77,44 +75,14 @@ def test_policy_completes_and_accounts_every_byte(policy: str, tmp_path: Path) -
 
 
 @pytest.fixture
-def local_lab(tmp_path: Path) -> Iterator[ClusterSpec]:
-    cfg = parse_config({**TINY, "policy": "dualpath"})
-    spec = build_cluster_spec(
-        cfg,
-        lab_id="itest",
-        backend="local",
-        data_dir=tmp_path / "dualpath-itest",
-        base_port=free_port_base(64),
-    )
-    spec_path = tmp_path / "spec.json"
-    spec.dump(spec_path)
-    be = LocalBackend(
-        spec, spec_path, tmp_path / "logs", RunState("itest", "local", spec_path, None)
-    )
-    be.up()
-    try:
-        _wait_ready(spec)
+def local_lab(start_local_lab: Callable[..., Any]) -> Iterator[ClusterSpec]:
+    with start_local_lab({**TINY, "policy": "dualpath"}, "itest") as spec:
         yield spec
-    finally:
-        be.down()
 
 
 def _get(spec: ClusterSpec, path: str) -> Any:
     with urllib.request.urlopen(f"http://{spec.http.host}:{spec.http.port}{path}", timeout=5) as r:
         return json.loads(r.read())
-
-
-def _wait_ready(spec: ClusterSpec, *, timeout_s: float = 60.0) -> None:
-    # Five interpreters start at once: on a loaded two-core machine that alone took over 10 s.
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if _get(spec, "/v1/status")["ready"]:
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"cluster not ready within {timeout_s:.0f} s")
 
 
 def _garbage_gets_error_frame(host: str, port: int) -> None:

@@ -23,6 +23,7 @@ PURE = [
     "services.wire.rpc",
     "services.storage_protocol",
     "services.prefixes",
+    "services.tokenizer",
     "lab.run.trace_replay",
     "services.scheduler.state",
     "scheduler.dualpath_policy",
