@@ -196,12 +196,18 @@ def trace_summary(
     trace's blocks, as `dualpath trace stats` gives it, and in the model's) beside what the
     replay got: `prefix_hit_rate` is the blocks the storage servers actually served over the
     prompt blocks of the requests that finished; `assigned_hit_rate` what the scheduler found
-    persisted for them (equal unless reads were retried or failed)."""
+    persisted for them (equal unless reads were retried or failed). The `_per_request` figures
+    are means over requests of each one's hit share, as AIPerf's analyze-trace reports it."""
     reqs = replayed(trace, opts.max_requests)
     offline = trace_stats(Trace(trace.path, trace.format, trace.block_tokens, reqs))
     ok = [t for t in turns if t.get("error") is None and t.get("done_at") is not None]
     prompt_blocks = sum(int(t.get("prompt_blocks") or 0) for t in ok)
     hit_blocks = sum(int(t.get("hit_blocks") or 0) for t in ok)
+    shares = [
+        int(t.get("hit_blocks") or 0) / int(t["prompt_blocks"])
+        for t in ok
+        if t.get("prompt_blocks")
+    ]
     served = storage_read_bytes // block_bytes if block_bytes > 0 else 0
     return {
         "file": str(trace.path),
@@ -219,4 +225,6 @@ def trace_summary(
         "prefix_hit_rate": round(served / prompt_blocks, 4) if prompt_blocks else None,
         "assigned_hit_blocks": hit_blocks,
         "assigned_hit_rate": round(hit_blocks / prompt_blocks, 4) if prompt_blocks else None,
+        "offline_prefix_hit_rate_per_request": offline["prefix_hit_rate_per_request"],
+        "prefix_hit_rate_per_request": round(sum(shares) / len(shares), 4) if shares else None,
     }

@@ -155,6 +155,7 @@ def test_the_summary_counts_blocks_the_storage_served_over_the_prompts_that_fini
     out = trace_summary(trace, opts(), plan, turns, storage_read_bytes=3 * 1000, block_bytes=1000)
     assert (out["prompt_blocks"], out["blocks_served_by_storage"]) == (10, 3)
     assert (out["prefix_hit_rate"], out["assigned_hit_rate"]) == (0.3, 0.4)
+    assert out["prefix_hit_rate_per_request"] == 0.4  # the one finished request: 4 of 10
     assert out["offline_prefix_hit_rate"] == 0.0
 
 

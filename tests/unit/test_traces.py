@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from lab.run.traces import TraceFileError, TraceRequest, load_trace, prefix_hits, trace_stats
+from lab.run.traces import (
+    Trace,
+    TraceFileError,
+    TraceRequest,
+    load_trace,
+    prefix_hits,
+    trace_stats,
+)
 
 SAMPLE = (
     Path(__file__).resolve().parents[1]
@@ -58,6 +65,17 @@ def test_the_shipped_mooncake_sample() -> None:
     assert stats["requests"] == 1500
     assert 0.0 < stats["prefix_hit_rate"] < 1.0
     assert stats["prefix_hit_blocks"] < stats["prompt_blocks"]
+
+
+def test_the_hit_rate_by_blocks_and_by_requests() -> None:
+    # Two requests: the second hits 1 of its 3 blocks; the first, of 1 block, none.
+    reqs = [
+        TraceRequest(0.0, 512, 1, (1,)),
+        TraceRequest(1.0, 1536, 1, (1, 2, 3)),
+    ]
+    stats = trace_stats(Trace(Path("x"), "mooncake", 512, tuple(reqs)))
+    assert stats["prefix_hit_rate"] == 0.25  # 1 of 4 blocks
+    assert stats["prefix_hit_rate_per_request"] == round((0 + 1 / 3) / 2, 4)
 
 
 GOOD = {"timestamp": 0, "input_length": 512, "output_length": 1, "hash_ids": [1]}
