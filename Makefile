@@ -6,7 +6,7 @@ CONFIG ?= examples/laptop.yaml
 OUT    ?= results/demo
 
 .PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation \
-	clean tests fuzz fuzz-long docker images e2e fresh-test
+	clean tests fuzz fuzz-long docker images e2e fresh-test aiperf clients
 
 # `$(T) CMD` times a step of CI (.ci/run sets DUALPATH_PHASES); nothing otherwise.
 T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
@@ -58,10 +58,25 @@ integration: venv
 privileged: system-deps venv
 	$(BIN)/pytest -q tests/privileged
 
-test: system-deps venv lint typecheck tests fuzz e2e
+test: system-deps venv lint typecheck tests fuzz clients e2e
 
 tests: system-deps venv
-	$(T) $(BIN)/pytest -q tests/unit tests/integration tests/privileged
+	$(T) $(BIN)/pytest -q -m "not clients" tests/unit tests/integration tests/privileged
+
+# Benchmark clients driving the lab unmodified (tests marked `clients`): NVIDIA's AIPerf, in a
+# venv of its own (it pins many packages), replays a Mooncake trace against the OpenAI API.
+AIPERF_VENV    ?= .venv-aiperf
+AIPERF_VERSION ?= 0.13.0
+$(AIPERF_VENV)/bin/aiperf: PHASE_NAME = aiperf
+$(AIPERF_VENV)/bin/aiperf:
+	$(T) $(PYTHON) -m venv $(AIPERF_VENV)
+	$(T) $(AIPERF_VENV)/bin/pip install -q --disable-pip-version-check aiperf==$(AIPERF_VERSION)
+	@touch $@
+
+aiperf: $(AIPERF_VENV)/bin/aiperf
+
+clients: venv aiperf
+	$(T) env DUALPATH_AIPERF=$(AIPERF_VENV)/bin/aiperf $(BIN)/pytest -q -m clients tests/integration
 
 # The fuzz tier on live servers (tests/fuzz): the CI budget, derandomized, so every run tries
 # the same inputs; inputs tried per target go to the terminal and to results/fuzz/.
