@@ -1,0 +1,87 @@
+"""The pytest plugin's labs on loopback (lab.testing.harness on the local backend): a lab held
+up runs its workload once, refuses a second run and a link change it cannot make, and is taken
+down whatever the test did. Nothing is asserted on speed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.config.models import parse_config
+from lab.run.runner import RunError
+from lab.testing.harness import Lab, LabChangeError, LabFixtureError, lab_factory
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "policy": "basic",
+    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 1, "gpus_per_node": 2},
+    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
+    "workload": {
+        "num_agents": 2,
+        "max_len": 32768,
+        "seed": 4,
+        "start_turn_fraction": 0.5,
+        "max_turns_per_agent": 2,
+        "gen_token_scale": 0.05,
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALPATH_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("DUALPATH_DATA_DIR", str(tmp_path))
+
+
+def _nothing_left(tmp_path: Path, pids: list[int]) -> None:
+    assert not list((tmp_path / "state").glob("*.run.json"))
+    assert not list(tmp_path.glob("dualpath-*"))  # the data directories
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def test_a_held_lab_runs_its_workload_once_and_goes_down(tmp_path: Path) -> None:
+    lab = Lab(parse_config(TINY), backend="local", out_dir=tmp_path / "lab")
+    with lab:
+        assert not lab.shaped
+        assert list((tmp_path / "state").glob("*.run.json"))  # recorded while up
+        pids = list(lab.up.prepared.state.data["pids"].values())
+        with pytest.raises(LabChangeError, match="local backend has no shaped links"):
+            lab.set_link("prefill-0", "snic", rate="50%")
+        with pytest.raises(LabFixtureError, match="rate"):
+            lab.set_link("prefill-0", "snic", rate="fast")
+        with pytest.raises(LabFixtureError, match="nothing to change"):
+            lab.set_link("prefill-0", "snic")
+        result = lab.run()
+        s = result.summary
+        assert s["turns_done"] == 4 and s["turns_failed"] == 0 and s["errors"] == []
+        assert s["bytes_accounted"] and set(s["read_sides"]) == {"prefill"}
+        assert "control" not in s  # the refused changes changed nothing
+        assert s["scaling"]["time_dilation"] == 2
+        assert result.out_dir == tmp_path / "lab" and (result.out_dir / "summary.json").is_file()
+        with pytest.raises(RunError, match="has run its workload already"):
+            lab.run()
+    _nothing_left(tmp_path, pids)
+    with pytest.raises(LabFixtureError, match="not up"):
+        lab.set_link("prefill-0", "snic", rate="50%")
+
+
+def test_labs_of_the_factory_go_down_when_the_test_fails(tmp_path: Path) -> None:
+    pids: list[int] = []
+    with (
+        pytest.raises(AssertionError, match="the test failed"),
+        lab_factory(tmp_path / "labs", "local") as make,
+    ):
+        for policy in ("basic", "dualpath"):
+            lab = make(TINY, policy=policy, agents=1)
+            assert lab.cfg.policy.value == policy and lab.cfg.workload.num_agents == 1
+            pids += lab.up.prepared.state.data["pids"].values()
+        assert sorted(p.name for p in (tmp_path / "labs").iterdir()) == [
+            "tiny-basic",
+            "tiny-dualpath",
+        ]
+        raise AssertionError("the test failed")
+    assert len(pids) == 8  # two labs of four nodes
+    _nothing_left(tmp_path, pids)
