@@ -60,8 +60,9 @@ privileged: system-deps venv
 
 test: system-deps venv lint typecheck tests fuzz e2e
 
+# examples/pytest: a user's test written only with the pytest plugin's fixtures (docs/testing.md).
 tests: system-deps venv
-	$(T) $(BIN)/pytest -q tests/unit tests/integration tests/privileged
+	$(T) $(BIN)/pytest -q tests/unit tests/integration tests/privileged examples/pytest
 
 # The fuzz tier on live servers (tests/fuzz): the CI budget, derandomized, so every run tries
 # the same inputs; inputs tried per target go to the terminal and to results/fuzz/.
