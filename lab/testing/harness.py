@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from http import HTTPStatus
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from dualpath.errors import DualPathError, UsageError
@@ -176,6 +179,25 @@ def run_dir_name(cfg: LabConfig, taken: set[str]) -> str:
 
 
 # --- labs and runs ---------------------------------------------------------------------------
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a cancelled CI job, `timeout`) raised as KeyboardInterrupt while the block runs,
+    as the CLI does, so that the labs' teardown runs before the process ends; in the main
+    thread only, the previous handler restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Lab:
     """A lab of one config held up until `close()` (or the end of a `with` block): its links
     and nodes changed through its control endpoint, its workload run once on it."""
@@ -304,7 +326,8 @@ def lab_factory(
         return lab.start()
 
     try:
-        yield make
+        with sigterm_interrupts():
+            yield make
     finally:
         errors: list[BaseException] = []
         for lab in reversed(made):
@@ -329,6 +352,7 @@ def run(
     comes up, the workload runs, the lab goes down whatever happens; summary.json in
     `out_dir`."""
     chaos = load_scenario(Path(scenario), cluster_links(cfg)) if scenario is not None else None
-    return run_once(
-        cfg, backend=backend, out_dir=out_dir, progress=progress, log=log, scenario=chaos
-    )
+    with sigterm_interrupts():
+        return run_once(
+            cfg, backend=backend, out_dir=out_dir, progress=progress, log=log, scenario=chaos
+        )

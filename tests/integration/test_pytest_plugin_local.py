@@ -4,6 +4,7 @@ down whatever the test did. Nothing is asserted on speed."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 from lab.config.models import parse_config
 from lab.run.runner import RunError
 from lab.testing.harness import Lab, LabChangeError, LabFixtureError, lab_factory
+
+pytest_plugins = ["pytester"]
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -84,4 +87,35 @@ def test_labs_of_the_factory_go_down_when_the_test_fails(tmp_path: Path) -> None
         ]
         raise AssertionError("the test failed")
     assert len(pids) == 8  # two labs of four nodes
+    _nothing_left(tmp_path, pids)
+
+
+INNER = """
+import json
+import os
+import signal
+
+CONFIG = {config!r}
+
+
+def test_terminated_while_a_lab_is_up(dualpath_lab):
+    lab = dualpath_lab(CONFIG)
+    pids = list(lab.up.prepared.state.data["pids"].values())
+    with open({pids_file!r}, "w") as fh:
+        json.dump(pids, fh)
+    os.kill(os.getpid(), signal.SIGTERM)  # as a cancelled CI job is
+    raise AssertionError("not reached: SIGTERM interrupts the test")
+"""
+
+
+def test_a_terminated_session_takes_its_labs_down(
+    tmp_path: Path, pytester: pytest.Pytester
+) -> None:
+    pids_file = tmp_path / "pids.json"
+    pytester.makepyfile(test_inner=INNER.format(config=TINY, pids_file=str(pids_file)))
+    result = pytester.runpytest_subprocess("--dualpath-backend", "local", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    pids = json.loads(pids_file.read_text())
+    assert len(pids) == 4  # the lab was up: scheduler, prefill, decode, storage
+    result.stderr.fnmatch_lines(["*lab * down: removed * objects*"])
     _nothing_left(tmp_path, pids)
