@@ -164,16 +164,30 @@ def _plan(cfg: LabConfig, backend: str, out_dir: Path) -> _Plan:
     (it needs the spec's block size)."""
     plans: list[ReplayPlan] = []
     plan_path = out_dir / "agents.json"
-    # a trace is read and checked whole before anything starts: a bad line costs nothing
-    trace = load_configured(cfg) if cfg.workload.trace is not None else None
+    trace = _configured_trace(cfg)
 
     def write_plan(spec: ClusterSpec) -> None:
-        bt = spec.profile.block_tokens
-        plans.append(plan_trace(trace, options_of(cfg, bt)) if trace else _replay_plan(cfg, bt))
-        plan_path.write_bytes(plans[0].encode())
+        plans.append(_write_plan(cfg, spec, plan_path, trace))
 
     lab = prepare(cfg, backend=backend, out_dir=out_dir, before_backend=write_plan)
     return _Plan(lab, plans[0], plan_path, trace)
+
+
+def _configured_trace(cfg: LabConfig) -> Trace | None:
+    """The config's request trace, read and checked whole before anything starts (a bad line
+    costs nothing); None when the workload is not a trace."""
+    return load_configured(cfg) if cfg.workload.trace is not None else None
+
+
+def _write_plan(
+    cfg: LabConfig, spec: ClusterSpec, plan_path: Path, trace: Trace | None
+) -> ReplayPlan:
+    """The replay plan of a lab of `spec` (the trace's, or the config's trajectories), written
+    to `plan_path` for the driver: the one place both `run_once` and `run_held` make it."""
+    bt = spec.profile.block_tokens
+    replay = plan_trace(trace, options_of(cfg, bt)) if trace is not None else _replay_plan(cfg, bt)
+    plan_path.write_bytes(replay.encode())
+    return replay
 
 
 def _play(
@@ -247,9 +261,9 @@ def run_held(
             "workload, since storage, scheduler and engine counters keep the first run's state"
         )
     _, record = resolve_scaling(lab.cfg, say, scaling)
-    replay = _replay_plan(lab.cfg, lab.spec.profile.block_tokens)
-    plan_path.write_bytes(replay.encode())
-    plan = _Plan(lab, replay, plan_path)
+    trace = _configured_trace(lab.cfg)
+    replay = _write_plan(lab.cfg, lab.spec, plan_path, trace)
+    plan = _Plan(lab, replay, plan_path, trace)
     say(
         f"[{lab.cfg.policy.value}] lab {lab.lab_id} on {lab.spec.backend} (up): "
         f"{len(replay.agents)} agents, {replay.num_turns} turns"
