@@ -103,6 +103,12 @@ def dualpath_results(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def _dualpath_dirs() -> set[str]:
+    """The run directories this test's labs and runs took under dualpath_results."""
+    return set()
+
+
+@pytest.fixture
 def dualpath_config() -> Callable[..., LabConfig]:
     """config(source, *, policy=None, agents=None, turns=None, overrides=None) -> LabConfig:
     a YAML file, mapping or LabConfig with overrides (dotted keys or nested mappings, e.g.
@@ -113,29 +119,31 @@ def dualpath_config() -> Callable[..., LabConfig]:
 
 
 @pytest.fixture
-def dualpath_lab(dualpath_backend: str, dualpath_results: Path) -> Iterator[Callable[..., Lab]]:
+def dualpath_lab(
+    dualpath_backend: str, dualpath_results: Path, _dualpath_dirs: set[str]
+) -> Iterator[Callable[..., Lab]]:
     """lab(source, **overrides) -> Lab: a lab up on the session's backend until the test
     ends, then taken down whatever happened (lab.testing.harness.Lab)."""
     from lab.testing.harness import lab_factory
 
-    with lab_factory(dualpath_results, dualpath_backend) as make:
+    with lab_factory(dualpath_results, dualpath_backend, taken=_dualpath_dirs) as make:
         yield make
 
 
 @pytest.fixture
-def dualpath_run(dualpath_backend: str, dualpath_results: Path) -> Callable[..., RunResult]:
+def dualpath_run(
+    dualpath_backend: str, dualpath_results: Path, _dualpath_dirs: set[str]
+) -> Callable[..., RunResult]:
     """run(source, *, scenario=None, progress=False, **overrides) -> RunResult: one run end
     to end like `dualpath run` (`dualpath chaos` with a scenario file); .summary is
     summary.json."""
     from lab.testing.harness import load, run, run_dir_name
 
-    taken: set[str] = set()
-
     def run_config(
         source: Any, *, scenario: Any = None, progress: bool = False, **overrides: Any
     ) -> RunResult:
         cfg = load(source, **overrides)
-        out = dualpath_results / run_dir_name(cfg, taken)
+        out = dualpath_results / run_dir_name(cfg, _dualpath_dirs)
         return run(cfg, backend=dualpath_backend, out_dir=out, scenario=scenario, progress=progress)
 
     return run_config

@@ -312,12 +312,13 @@ class Lab:
 
 @contextmanager
 def lab_factory(
-    out_root: Path, backend: str, log: Say | None = None
+    out_root: Path, backend: str, log: Say | None = None, taken: set[str] | None = None
 ) -> Iterator[Callable[..., Lab]]:
     """A factory of started labs (`make(config, **overrides)`, the overrides of `load`) for
-    the `with` block; every lab it made is taken down on the way out, whatever happened."""
+    the `with` block; every lab it made is taken down on the way out, whatever happened.
+    `taken`: directory names under `out_root` already used (`run_dir_name`)."""
     made: list[Lab] = []
-    taken: set[str] = set()
+    taken = set() if taken is None else taken
 
     def make(source: ConfigSource, **kwargs: Any) -> Lab:
         cfg = load(source, **kwargs)

@@ -119,3 +119,38 @@ def test_a_terminated_session_takes_its_labs_down(
     assert len(pids) == 4  # the lab was up: scheduler, prefill, decode, storage
     result.stderr.fnmatch_lines(["*lab * down: removed * objects*"])
     _nothing_left(tmp_path, pids)
+
+
+BOTH = """
+CONFIG = {config!r}
+
+
+def test_a_run_and_a_lab_of_one_config(dualpath_run, dualpath_lab, dualpath_results):
+    first = dualpath_run(CONFIG, agents=1)
+    lab = dualpath_lab(CONFIG, agents=1)
+    second = lab.run()
+    assert first.out_dir != second.out_dir
+    assert {{first.out_dir.name, second.out_dir.name}} == {{"tiny-basic", "tiny-basic-2"}}
+    assert first.out_dir.parent == second.out_dir.parent == dualpath_results
+    for result in (first, second):
+        assert result.summary["turns_done"] == 2 and result.summary["turns_failed"] == 0
+        assert (result.out_dir / "summary.json").is_file()
+"""
+
+
+def test_the_fixtures_on_loopback_keep_results_where_asked(
+    tmp_path: Path, pytester: pytest.Pytester
+) -> None:
+    pytester.makepyfile(test_inner=BOTH.format(config=TINY))
+    results = tmp_path / "results"
+    result = pytester.runpytest_subprocess(
+        "--dualpath-backend", "local", "--dualpath-results", str(results), "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=1)
+    kept = sorted(p.relative_to(results) for p in results.glob("*/*/summary.json"))
+    test_dir = "test_inner.py_test_a_run_and_a_lab_of_one_config"
+    assert [str(p) for p in kept] == [
+        f"{test_dir}/tiny-basic/summary.json",
+        f"{test_dir}/tiny-basic-2/summary.json",
+    ]
+    _nothing_left(tmp_path, [])
