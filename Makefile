@@ -41,9 +41,9 @@ demo: system-deps venv
 
 lint: venv
 	$(T) $(BIN)/ruff check dualpath services scheduler netem lab compose tests bench \
-	  examples/policy-plugin
+	  examples/policy-plugin examples/pytest
 	$(T) $(BIN)/ruff format --check dualpath services scheduler netem lab compose tests bench \
-	  examples/policy-plugin
+	  examples/policy-plugin examples/pytest
 	$(T) $(BIN)/lint-imports --no-cache
 
 typecheck: venv

@@ -13,7 +13,7 @@ import pytest
 
 from lab.config.models import parse_config
 from lab.run.runner import RunError
-from lab.testing.harness import Lab, LabChangeError, LabFixtureError, lab_factory
+from lab.testing.harness import Lab, LabChangeError, LabFixtureError, lab_factory, load
 
 pytest_plugins = ["pytester"]
 
@@ -153,4 +153,33 @@ def test_the_fixtures_on_loopback_keep_results_where_asked(
         f"{test_dir}/tiny-basic/summary.json",
         f"{test_dir}/tiny-basic-2/summary.json",
     ]
+    _nothing_left(tmp_path, [])
+
+
+def _request(chat: int, parent: int, at: float, tokens: int, blocks: int) -> dict[str, Any]:
+    """A Qwen-Bailian trace line: 16-token blocks, a session as a parent_chat_id chain."""
+    return {
+        "chat_id": chat,
+        "parent_chat_id": parent,
+        "timestamp": at,
+        "input_length": tokens,
+        "output_length": 3,
+        "type": "text",
+        "turn": 1 if parent < 0 else 2,
+        "hash_ids": list(range(blocks)),
+    }
+
+
+def test_a_held_lab_replays_a_request_trace_given_as_an_override(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    rows = [_request(1, -1, 0.0, 320, 20), _request(2, 1, 0.3, 640, 40)]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {k: v for k, v in TINY.items() if k != "workload"}
+    cfg = load(base, overrides={"workload.trace": {"file": str(trace), "format": "bailian"}})
+    with Lab(cfg, backend="local", out_dir=tmp_path / "lab") as lab:
+        s = lab.run().summary
+    assert s["arrival"]["mode"] == "trace" and s["trace"]["requests_replayed"] == 2
+    assert s["turns_done"] == 2 and s["turns_failed"] == 0 and s["errors"] == []
+    assert s["trace"]["assigned_hit_blocks"] > 0  # the second request's prefix is the first's
+    assert s["bytes_accounted"] and s["byte_ledger"]["balanced"]
     _nothing_left(tmp_path, [])
