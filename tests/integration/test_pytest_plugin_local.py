@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from lab.config.models import parse_config
+from lab.run.chaos import ScenarioError
 from lab.run.runner import RunError
-from lab.testing.harness import Lab, LabChangeError, LabFixtureError, lab_factory, load
+from lab.testing.harness import Lab, LabChangeError, LabFixtureError, lab_factory, load, run
 
 pytest_plugins = ["pytester"]
 
@@ -182,4 +183,13 @@ def test_a_held_lab_replays_a_request_trace_given_as_an_override(tmp_path: Path)
     assert s["turns_done"] == 2 and s["turns_failed"] == 0 and s["errors"] == []
     assert s["trace"]["assigned_hit_blocks"] > 0  # the second request's prefix is the first's
     assert s["bytes_accounted"] and s["byte_ledger"]["balanced"]
+    _nothing_left(tmp_path, [])
+
+
+def test_a_scenario_that_cannot_be_read_stops_a_run_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ScenarioError, match="cannot read scenario"):
+        run(parse_config(TINY), backend="local", out_dir=tmp_path / "out", scenario="nope.yaml")
+    assert not (tmp_path / "out").exists()
     _nothing_left(tmp_path, [])
