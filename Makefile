@@ -41,9 +41,9 @@ demo: system-deps venv
 
 lint: venv
 	$(T) $(BIN)/ruff check dualpath services scheduler netem lab compose tests bench \
-	  examples/policy-plugin
+	  examples/policy-plugin examples/pytest
 	$(T) $(BIN)/ruff format --check dualpath services scheduler netem lab compose tests bench \
-	  examples/policy-plugin
+	  examples/policy-plugin examples/pytest
 	$(T) $(BIN)/lint-imports --no-cache
 
 typecheck: venv
@@ -60,8 +60,9 @@ privileged: system-deps venv
 
 test: system-deps venv lint typecheck tests fuzz clients e2e
 
+# examples/pytest: a user's test written only with the pytest plugin's fixtures (docs/testing.md).
 tests: system-deps venv
-	$(T) $(BIN)/pytest -q -m "not clients" tests/unit tests/integration tests/privileged
+	$(T) $(BIN)/pytest -q -m "not clients" tests/unit tests/integration tests/privileged examples/pytest
 
 # Benchmark clients driving the lab unmodified (tests marked `clients`): NVIDIA's AIPerf, in a
 # venv of its own (it pins many packages), replays a Mooncake trace against the OpenAI API.

@@ -27,7 +27,15 @@ from lab.results.kernel_series import counter_summary, merge_rows, queue_series
 from lab.results.metrics import Sample, latency_series, recovery, summarize, throughput_series
 from lab.results.report import write_class_plot, write_plot
 from lab.run.backends import Backend, BackendError, stop_pids
-from lab.run.bringup import BackendFactory, Prepared, check_backend, held, make_backend, prepare
+from lab.run.bringup import (
+    BackendFactory,
+    HeldLab,
+    Prepared,
+    check_backend,
+    held,
+    make_backend,
+    prepare,
+)
 from lab.run.calibrate import calibrate
 from lab.run.chaos import Scenario
 from lab.run.player import ChaosPlayer
@@ -156,16 +164,30 @@ def _plan(cfg: LabConfig, backend: str, out_dir: Path) -> _Plan:
     (it needs the spec's block size)."""
     plans: list[ReplayPlan] = []
     plan_path = out_dir / "agents.json"
-    # a trace is read and checked whole before anything starts: a bad line costs nothing
-    trace = load_configured(cfg) if cfg.workload.trace is not None else None
+    trace = _configured_trace(cfg)
 
     def write_plan(spec: ClusterSpec) -> None:
-        bt = spec.profile.block_tokens
-        plans.append(plan_trace(trace, options_of(cfg, bt)) if trace else _replay_plan(cfg, bt))
-        plan_path.write_bytes(plans[0].encode())
+        plans.append(_write_plan(cfg, spec, plan_path, trace))
 
     lab = prepare(cfg, backend=backend, out_dir=out_dir, before_backend=write_plan)
     return _Plan(lab, plans[0], plan_path, trace)
+
+
+def _configured_trace(cfg: LabConfig) -> Trace | None:
+    """The config's request trace, read and checked whole before anything starts (a bad line
+    costs nothing); None when the workload is not a trace."""
+    return load_configured(cfg) if cfg.workload.trace is not None else None
+
+
+def _write_plan(
+    cfg: LabConfig, spec: ClusterSpec, plan_path: Path, trace: Trace | None
+) -> ReplayPlan:
+    """The replay plan of a lab of `spec` (the trace's, or the config's trajectories), written
+    to `plan_path` for the driver: the one place both `run_once` and `run_held` make it."""
+    bt = spec.profile.block_tokens
+    replay = plan_trace(trace, options_of(cfg, bt)) if trace is not None else _replay_plan(cfg, bt)
+    plan_path.write_bytes(replay.encode())
+    return replay
 
 
 def _play(
@@ -187,13 +209,69 @@ def _play(
         say(f"[{policy}] lab {lab.lab_id} down: removed {len(removed)} objects")
 
     with held(lab, factory, on_down=said_down) as up:
-        _record_metrics_urls(lab)
-        say(f"[{policy}] control: {up.control.url} (dualpath link set NODE NIC key=value)")
-        chaos = ChaosPlayer(scenario, up.backend, say) if scenario is not None else None
-        samples, host = _replay(plan, up.backend, chaos, Progress(policy, progress))
+        return _play_held(plan, up, scenario, say, progress)
+
+
+def _play_held(
+    plan: _Plan,
+    up: HeldLab,
+    scenario: Scenario | None,
+    say: Callable[[str], None],
+    progress: bool,
+) -> _Played:
+    """The driver replays the plan on a lab that is up (counters and host sampled, the
+    scenario's steps applied); the changes made through its control endpoint so far are the
+    run's faults by hand (those made before the driver started have a negative `t`)."""
+    lab, policy = plan.lab, plan.lab.cfg.policy.value
+    _record_metrics_urls(lab)
+    say(f"[{policy}] control: {up.control.url} (dualpath link set NODE NIC key=value)")
+    chaos = ChaosPlayer(scenario, up.backend, say) if scenario is not None else None
+    samples, host = _replay(plan, up.backend, chaos, Progress(policy, progress))
     driver = json.loads((lab.out_dir / DRIVER_RESULTS).read_text())
     by_hand = _by_hand(up.control.applied, float(driver["started_at"]))
     return _Played(driver, samples, host, chaos, by_hand)
+
+
+def run_held(
+    up: HeldLab,
+    *,
+    scaling: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    scenario: Scenario | None = None,
+) -> RunResult:
+    """Run the config's workload once on a lab that is already up (`bringup.held`) and that
+    the caller takes down; summary.json and the rest go to the lab's own directory. The lab's
+    config must have its scaling resolved (`resolve_scaling` before `prepare`; `scaling` is
+    that choice's record). Once per lab: a second run would find the first one's KV in storage
+    and its turns in the scheduler and engine counters, so it is refused (RunError). Link and
+    node changes made through the lab's control endpoint before the run are its faults, at a
+    negative `t`."""
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    lab = up.prepared
+    if lab.cfg.scaling.auto:
+        raise RunError(
+            f"lab {lab.lab_id}: scaling {', '.join(lab.cfg.scaling.auto)} left on auto; "
+            "resolve it (lab.run.runner.resolve_scaling) before the lab is prepared"
+        )
+    plan_path = lab.out_dir / "agents.json"
+    if plan_path.exists():
+        raise RunError(
+            f"lab {lab.lab_id} has run its workload already ({plan_path}): a lab runs one "
+            "workload, since storage, scheduler and engine counters keep the first run's state"
+        )
+    _, record = resolve_scaling(lab.cfg, say, scaling)
+    trace = _configured_trace(lab.cfg)
+    replay = _write_plan(lab.cfg, lab.spec, plan_path, trace)
+    plan = _Plan(lab, replay, plan_path, trace)
+    say(
+        f"[{lab.cfg.policy.value}] lab {lab.lab_id} on {lab.spec.backend} (up): "
+        f"{len(replay.agents)} agents, {replay.num_turns} turns"
+    )
+    played = _play_held(plan, up, scenario, say, progress)
+    summary = _summarize(plan, played, record, None)
+    (lab.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(summary, lab.out_dir)
 
 
 def _record_metrics_urls(lab: Prepared) -> None:
@@ -530,4 +608,4 @@ def compare(
     return comparison
 
 
-__all__ = ["BackendError", "RunError", "RunResult", "compare", "run_once"]
+__all__ = ["BackendError", "RunError", "RunResult", "compare", "run_held", "run_once"]
