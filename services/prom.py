@@ -1,22 +1,27 @@
 """A node's kernel NIC counters as Prometheus metrics: HTTP `GET /metrics` on the node's
-management address, text exposition format 0.0.4.
+management address, text exposition format 0.0.4 written by `prometheus_client`.
 
 The node reads its own network namespace with pyroute2 (`netem.counters`: the shaping HTB
 roots and leaf classes, link statistics for unshaped NICs), so every figure is the kernel's.
-Rendering is pure (`render`); only `KernelCounterReader` and `MetricsExporter` do I/O. Nothing
-here changes a kernel object, and a failed read answers 500 instead of stale numbers.
+`NodeCollector` turns one read into metric families (a `prometheus_client` custom collector),
+`render` exposes them; only `KernelCounterReader` and `MetricsExporter` do I/O. Nothing here
+changes a kernel object, and a failed read answers 500 instead of stale numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from netem.counters import ClassCounters, NicCounters, discover_sources, read_nics
 from services import http_bounds
@@ -25,30 +30,39 @@ from services.limits import METRICS_LIMITS, PortLimits
 METRICS_PORT = 7600
 """On every node's mgmt address (the lab's other ports are 7100-7401, the compose agent's 7500)."""
 METRICS_PATH = "/metrics"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 DIRECTIONS = ("egress", "ingress")
+NIC_LABELS = ("node", "role", "nic", "direction")
+CLASS_LABELS = (*NIC_LABELS, "class")
 
 
 @dataclass(frozen=True)
 class _Family:
     name: str
+    """The family's name; a counter's samples are this name + `_total` (prometheus_client's
+    convention), a gauge's this name."""
     kind: str
     help: str
     field: str
     """NicCounters field (`{direction}_` + this) or ClassCounters field."""
 
+    def make(self, labels: Sequence[str]) -> CounterMetricFamily | GaugeMetricFamily:
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.help, labels=labels)
+        return GaugeMetricFamily(self.name, self.help, labels=labels)
+
 
 NIC_FAMILIES = (
     _Family(
-        "dualpath_nic_bytes_total",
+        "dualpath_nic_bytes",
         "counter",
         "Bytes through the NIC, Ethernet headers included (shaped directions: the HTB root).",
         "bytes",
     ),
-    _Family("dualpath_nic_packets_total", "counter", "Frames through the NIC.", "packets"),
-    _Family("dualpath_nic_drops_total", "counter", "Frames dropped by the NIC's qdiscs.", "drops"),
+    _Family("dualpath_nic_packets", "counter", "Frames through the NIC.", "packets"),
+    _Family("dualpath_nic_drops", "counter", "Frames dropped by the NIC's qdiscs.", "drops"),
     _Family(
-        "dualpath_nic_overlimits_total",
+        "dualpath_nic_overlimits",
         "counter",
         "Times the shaper had a frame but no class could send (shaped directions).",
         "overlimits",
@@ -65,22 +79,20 @@ NIC_FAMILIES = (
 )
 CLASS_FAMILIES = (
     _Family(
-        "dualpath_class_bytes_total",
+        "dualpath_class_bytes",
         "counter",
         "Bytes sent by a cnic priority class (collective, control, kv).",
         "bytes",
     ),
+    _Family("dualpath_class_packets", "counter", "Frames sent by a priority class.", "packets"),
     _Family(
-        "dualpath_class_packets_total", "counter", "Frames sent by a priority class.", "packets"
-    ),
-    _Family(
-        "dualpath_class_drops_total",
+        "dualpath_class_drops",
         "counter",
         "Frames dropped at a priority class's queue.",
         "drops",
     ),
     _Family(
-        "dualpath_class_overlimits_total",
+        "dualpath_class_overlimits",
         "counter",
         "Times a priority class had to wait for tokens.",
         "overlimits",
@@ -104,24 +116,12 @@ RATE_FAMILY = _Family(
     "The rate the NIC direction is shaped to, as the kernel holds it (shaped NICs only).",
     "rate",
 )
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+PORT_FAMILY = _Family(
+    "dualpath_metrics_port",
+    "gauge",
+    "This metrics port's open connections and the connections its limits refused or cut.",
+    "",
+)
 
 
 def _nic_field(c: NicCounters, direction: str, field: str) -> int:
@@ -129,44 +129,88 @@ def _nic_field(c: NicCounters, direction: str, field: str) -> int:
     return int(getattr(c, f"{direction}_{field}"))
 
 
-def render(node_id: str, role: str, nics: Mapping[str, NicCounters]) -> str:
-    """One scrape in the text exposition format: every family once, its samples together."""
-    lines: list[str] = []
-    base = {"node": node_id, "role": role}
-    for fam in NIC_FAMILIES:
-        lines += [f"# HELP {fam.name} {fam.help}", f"# TYPE {fam.name} {fam.kind}"]
-        for nic, c in sorted(nics.items()):
+class NodeCollector(Collector):
+    """One read of a node's kernel counters as metric families: every family once, its
+    samples together (NICs sorted, egress before ingress). `port_stats`: the metrics port's
+    own connection and limit counters (`http_bounds.BoundedSite.stats`), when serving."""
+
+    def __init__(
+        self,
+        node_id: str,
+        role: str,
+        nics: Mapping[str, NicCounters],
+        port_stats: Mapping[str, int] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.role = role
+        self.nics = nics
+        self.port_stats = port_stats
+
+    def _directions(self) -> Iterator[tuple[str, NicCounters, str, list[str]]]:
+        for nic, c in sorted(self.nics.items()):
             for direction in DIRECTIONS:
-                labels = _labels({**base, "nic": nic, "direction": direction})
-                lines.append(f"{fam.name}{labels} {_nic_field(c, direction, fam.field)}")
-    fam = RATE_FAMILY
-    lines += [f"# HELP {fam.name} {fam.help}", f"# TYPE {fam.name} {fam.kind}"]
-    for nic, c in sorted(nics.items()):
-        for direction in DIRECTIONS:
+                yield nic, c, direction, [self.node_id, self.role, nic, direction]
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in NIC_FAMILIES:
+            metric = fam.make(NIC_LABELS)
+            for _, c, direction, labels in self._directions():
+                metric.add_metric(labels, _nic_field(c, direction, fam.field))
+            yield metric
+        rates = RATE_FAMILY.make(NIC_LABELS)
+        for _, c, direction, labels in self._directions():
             rate = c.direction_rate_mbit(direction)
             if rate is not None:
-                labels = _labels({**base, "nic": nic, "direction": direction})
-                lines.append(f"{fam.name}{labels} {_number(round(rate * 1e6))}")
-    for fam in CLASS_FAMILIES:
-        lines += [f"# HELP {fam.name} {fam.help}", f"# TYPE {fam.name} {fam.kind}"]
-        for nic, c in sorted(nics.items()):
-            for direction in DIRECTIONS:
+                rates.add_metric(labels, round(rate * 1e6))
+        yield rates
+        for fam in CLASS_FAMILIES:
+            metric = fam.make(CLASS_LABELS)
+            for _, c, direction, labels in self._directions():
                 classes: Mapping[str, ClassCounters] = getattr(c, f"{direction}_classes")
                 for name, cc in classes.items():
-                    labels = _labels({**base, "nic": nic, "direction": direction, "class": name})
-                    lines.append(f"{fam.name}{labels} {int(getattr(cc, fam.field))}")
-    return "\n".join(lines) + "\n"
+                    metric.add_metric([*labels, name], int(getattr(cc, fam.field)))
+            yield metric
+        if self.port_stats is not None:
+            port = PORT_FAMILY.make(("node", "name"))
+            for key, value in self.port_stats.items():
+                port.add_metric([self.node_id, key], value)
+            yield port
+
+
+def exposition(*collectors: Collector) -> str:
+    """The collectors' metrics in the text exposition format 0.0.4 (`generate_latest` over a
+    registry of their own, so nothing process-wide is exported)."""
+    registry = CollectorRegistry(auto_describe=False)
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry).decode()
+
+
+def render(
+    node_id: str,
+    role: str,
+    nics: Mapping[str, NicCounters],
+    port_stats: Mapping[str, int] | None = None,
+) -> str:
+    """One scrape in the text exposition format: every family once, its samples together."""
+    return exposition(NodeCollector(node_id, role, nics, port_stats))
+
+
+def sample_key(name: str, labels: Mapping[str, str]) -> str:
+    """A sample's key in `parse_samples`: `name{k="v",...}`, the labels sorted by name (the
+    order prometheus_client writes them in), the values as they are."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}" if inner else name
 
 
 def parse_samples(text: str) -> dict[str, float]:
-    """`name{labels}` -> value of every sample line of an exposition (for tests and tools)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        out[key] = float(value)
-    return out
+    """`sample_key` -> value of every sample of an exposition (for tests and tools), read with
+    prometheus_client's parser."""
+    return {
+        sample_key(s.name, s.labels): float(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 class KernelCounterReader:
@@ -233,12 +277,8 @@ class MetricsExporter:
             nics = await self._read()
         except Exception as exc:  # reported to the scraper, never stale figures
             return web.Response(status=500, text=f"reading kernel counters failed: {exc}\n")
-        body = render(self.node_id, self.role, nics)
-        if self.site is not None:  # this port's own connections and limit counters
-            body += "# TYPE dualpath_metrics_port gauge\n" + "".join(
-                f'dualpath_metrics_port{{node="{self.node_id}",name="{k}"}} {v}\n'
-                for k, v in self.site.stats().items()
-            )
+        stats = self.site.stats() if self.site is not None else None
+        body = render(self.node_id, self.role, nics, stats)
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def start(
@@ -275,8 +315,11 @@ __all__: Sequence[str] = (
     "METRICS_PORT",
     "KernelCounterReader",
     "MetricsExporter",
+    "NodeCollector",
     "exported_nodes",
+    "exposition",
     "metrics_url",
     "parse_samples",
     "render",
+    "sample_key",
 )

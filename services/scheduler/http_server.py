@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services import http_bounds
 from services.auth import bearer_middleware
@@ -39,31 +42,48 @@ def problem(status: int, title: str, detail: str) -> web.Response:
     return web.json_response(body, status=status, content_type="application/problem+json")
 
 
-def prometheus_text(state: SchedulerState, port_stats: dict[str, int] | None = None) -> str:
-    """GET /metrics: queue and turn counts, each node's read queue and counters, and the HTTP
+class SchedulerCollector(Collector):
+    """GET /metrics, the lab's own part (a prometheus_client custom collector read at each
+    scrape): queue and turn counts, each node's read queue and report counters, and the HTTP
     port's connection counters (`port_stats`)."""
-    lines = [
-        "# TYPE dualpath_queue_turns gauge",
-        f"dualpath_queue_turns {len(state.queue)}",
-        "# TYPE dualpath_turns_done_total counter",
-        f"dualpath_turns_done_total {state.num_done}",
-        "# TYPE dualpath_turns_failed_total counter",
-        f"dualpath_turns_failed_total {state.num_failed}",
-        "# TYPE dualpath_read_queue_tokens gauge",
-    ]
-    reports = state.reports.values()
-    for r in reports:
-        lines.append(f'dualpath_read_queue_tokens{{node="{r.node_id}"}} {r.fetch.read_q_tokens}')
-    lines.append("# TYPE dualpath_node_counter counter")
-    for r in reports:
-        for key, value in sorted(r.fetch.counters.items()):
-            if isinstance(value, int | float):
-                labels = f'node="{r.node_id}",name="{key}"'
-                lines.append(f"dualpath_node_counter{{{labels}}} {value}")
-    if port_stats is not None:
-        lines.append("# TYPE dualpath_http_port gauge")
-        lines += [f'dualpath_http_port{{name="{k}"}} {v}' for k, v in port_stats.items()]
-    return "\n".join(lines) + "\n"
+
+    def __init__(
+        self, state: SchedulerState, port_stats: Callable[[], dict[str, int]] | None = None
+    ) -> None:
+        self.state = state
+        self.port_stats = port_stats
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state
+        yield GaugeMetricFamily("dualpath_queue_turns", "Turns queued.", value=len(state.queue))
+        yield CounterMetricFamily("dualpath_turns_done", "Turns done.", value=state.num_done)
+        yield CounterMetricFamily("dualpath_turns_failed", "Turns failed.", value=state.num_failed)
+        reports = list(state.reports.values())
+        read_q = GaugeMetricFamily(
+            "dualpath_read_queue_tokens", "A node's storage read queue, tokens.", labels=["node"]
+        )
+        for r in reports:
+            read_q.add_metric([r.node_id], r.fetch.read_q_tokens)
+        yield read_q
+        counters = CounterMetricFamily(
+            "dualpath_node_counter",
+            "An engine node's counters as its last report gave them.",
+            labels=["node", "name"],
+        )
+        for r in reports:
+            for key, value in sorted(r.fetch.counters.items()):
+                if isinstance(value, int | float):
+                    counters.add_metric([r.node_id, key], value)
+        yield counters
+        if self.port_stats is not None:
+            port = GaugeMetricFamily(
+                "dualpath_http_port",
+                "The HTTP port's open connections and the connections its limits refused or cut.",
+                labels=["name"],
+            )
+            for key, count in self.port_stats().items():
+                port.add_metric([key], count)
+            yield port
 
 
 class SchedulerApi:
@@ -88,6 +108,9 @@ class SchedulerApi:
         """The OpenAI-compatible routes (services/scheduler/openai_api.py), when served."""
         self.vllm = vllm
         """Request metrics under vLLM's names, added to /metrics."""
+        self.registry = CollectorRegistry(auto_describe=False)
+        """The lab's own metrics (read from the state at each scrape); vLLM's have theirs."""
+        self.registry.register(SchedulerCollector(state, port_stats))
 
     async def submit_turn(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -130,8 +153,7 @@ class SchedulerApi:
         return web.json_response(json_body(self.state.cluster()))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        stats = self.port_stats() if self.port_stats is not None else None
-        text = prometheus_text(self.state, stats)
+        text = generate_latest(self.registry).decode()
         if self.vllm is not None:
             text += self.vllm.exposition()
         return web.Response(text=text, content_type="text/plain")

@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 
+from services.prom import parse_samples, sample_key
 from services.spec import ClusterSpec
 from services.tokenizer import block_keys
 
@@ -138,6 +139,11 @@ def test_metrics_carry_vllm_names_and_the_summary_counts_the_requests(
     ):
         assert label in lines.get(name, ""), name
     hits = float(lines["vllm:prefix_cache_hits_total"].rsplit(" ", 1)[1])
+    # the lab's own families beside vLLM's: one exposition, one parse
+    samples = parse_samples(text)
+    assert samples["dualpath_turns_done_total"] >= 1
+    assert samples[sample_key("dualpath_http_port", {"name": "connections"})] >= 1
+    assert samples[sample_key("vllm:prefix_cache_hits_total", {"model_name": MODEL})] == hits
     assert hits >= len(block_keys(SYSTEM.encode(), BT)) * BT
     with urllib.request.urlopen(f"{url}/v1/api/summary", timeout=5) as r:
         summary = json.loads(r.read())

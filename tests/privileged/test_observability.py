@@ -19,7 +19,7 @@ from test_lab_lifecycle import TINY
 from lab.run.selftest import SelftestOptions, links_of, measure
 from netem.netns import NetnsLab
 from netem.spec import HostSpec, LinkShape, NicSpec, TopologySpec
-from services.prom import parse_samples
+from services.prom import parse_samples, sample_key
 
 pytestmark = [
     pytest.mark.privileged,
@@ -93,27 +93,20 @@ def test_a_node_exports_its_own_kernel_counters(make_lab: MakeLab, lab_id: str) 
     finally:
         exporter.terminate()
         exporter.wait(timeout=10)
-    labels = 'node="prefill-0",role="prefill",nic="cnic",direction="egress"'
-    coll = f'dualpath_class_bytes_total{{{labels},class="collective"}}'
-    kv = f'dualpath_class_bytes_total{{{labels},class="kv"}}'
+    labels = {"node": "prefill-0", "role": "prefill", "nic": "cnic", "direction": "egress"}
+    coll = sample_key("dualpath_class_bytes_total", {**labels, "class": "collective"})
+    kv = sample_key("dualpath_class_bytes_total", {**labels, "class": "kv"})
+    nic_bytes = sample_key("dualpath_nic_bytes_total", labels)
     # The marked bytes went through the collective class and the exporter saw them there.
     assert after[coll] - before[coll] >= NBYTES
     assert after[kv] - before[kv] < NBYTES // 100
-    assert (
-        after[f"dualpath_nic_bytes_total{{{labels}}}"]
-        >= before[f"dualpath_nic_bytes_total{{{labels}}}"] + NBYTES
-    )
+    assert after[nic_bytes] >= before[nic_bytes] + NBYTES
     # Rates are the kernel's: the lab's configured ones, per NIC; unshaped NICs have none.
     rate = "dualpath_nic_rate_bits_per_second"
-    assert after[f"{rate}{{{labels}}}"] == 200e6
-    assert (
-        after[f'{rate}{{node="prefill-0",role="prefill",nic="snic",direction="ingress"}}'] == 50e6
-    )
+    assert after[sample_key(rate, labels)] == 200e6
+    assert after[sample_key(rate, {**labels, "nic": "snic", "direction": "ingress"})] == 50e6
     assert not any(k.startswith(rate) and 'nic="mgmt"' in k for k in after)
-    assert (
-        'dualpath_nic_bytes_total{node="prefill-0",role="prefill",nic="mgmt",direction="egress"}'
-        in after
-    )
+    assert sample_key("dualpath_nic_bytes_total", {**labels, "nic": "mgmt"}) in after
 
 
 def test_selftest_flags_a_link_the_kernel_shapes_differently_from_its_spec(
