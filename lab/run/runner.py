@@ -226,7 +226,8 @@ def _play_held(
     _record_metrics_urls(lab)
     say(f"[{policy}] control: {up.control.url} (dualpath link set NODE NIC key=value)")
     chaos = ChaosPlayer(scenario, up.backend, say) if scenario is not None else None
-    samples, host = _replay(plan, up.backend, chaos, Progress(policy, progress))
+    show = Progress(policy, progress, agents_total=len(plan.replay.agents))
+    samples, host = _replay(plan, up.backend, chaos, show)
     driver = json.loads((lab.out_dir / DRIVER_RESULTS).read_text())
     by_hand = _by_hand(up.control.applied, float(driver["started_at"]))
     return _Played(driver, samples, host, chaos, by_hand)
@@ -312,6 +313,7 @@ def _replay(
             why = fatal[0] if fatal else f"driver exited with status {proc.returncode}"
             raise RunError(f"{why} (logs in {out_dir / 'logs'})")
     finally:
+        show.close()
         if chaos is not None:
             chaos.stop.set()
         if proc is not None and proc.poll() is None:  # interrupted: the driver goes first
