@@ -19,7 +19,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -30,7 +29,8 @@ from services.limits import METRICS_LIMITS, PortLimits
 METRICS_PORT = 7600
 """On every node's mgmt address (the lab's other ports are 7100-7401, the compose agent's 7500)."""
 METRICS_PATH = "/metrics"
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The content type of what `generate_latest` writes (text format 0.0.4)."""
 DIRECTIONS = ("egress", "ingress")
 NIC_LABELS = ("node", "role", "nic", "direction")
 CLASS_LABELS = (*NIC_LABELS, "class")
