@@ -351,16 +351,18 @@ def recorded_stack(lab_id: str | None) -> dict[str, Any] | None:
     return labs[0] if labs else None
 
 
-def exec_in(record: dict[str, Any], node_id: str, argv: Sequence[str]) -> int:
+def exec_in(
+    record: dict[str, Any], node_id: str, argv: Sequence[str], *, stdin: bool = False
+) -> int:
     """Run `argv` in one node's (or the driver's) container of a recorded compose lab; its
-    exit status. Through the engine's API, output streamed to ours, no stdin; on a terminal
-    (stdin and stdout both TTYs) `docker exec -it` takes over this process instead, since an
-    interactive TTY session (raw mode, window size, stdin) is what the CLI does and the API
-    leaves to its client."""
+    exit status. Through the engine's API, output streamed to ours, our stdin copied to the
+    command's with `stdin`; with `stdin` on a terminal (stdin and stdout both TTYs)
+    `docker exec -it` takes over this process instead, since an interactive TTY session (raw
+    mode, window size, keys) is what the CLI does and the API leaves to its client."""
     ids = dict(record.get("compose", {}).get("containers", {}))
     if node_id not in ids:
         raise ComposeError(f"lab {record['lab_id']} has no node {node_id!r} (have: {sorted(ids)})")
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    if stdin and sys.stdin.isatty() and sys.stdout.isatty():
         os.execvp("docker", ["docker", "exec", "-it", ids[node_id], *argv])
     out, err = sys.stdout.buffer, sys.stderr.buffer
 
@@ -371,7 +373,14 @@ def exec_in(record: dict[str, Any], node_id: str, argv: Sequence[str]) -> int:
 
         return put
 
-    return engine.exec_in(ids[node_id], argv, name=node_id, out=write(out), err=write(err))
+    return engine.exec_in(
+        ids[node_id],
+        argv,
+        name=node_id,
+        out=write(out),
+        err=write(err),
+        stdin=sys.stdin.fileno() if stdin else None,
+    )
 
 
 __all__ = [

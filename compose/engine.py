@@ -15,6 +15,8 @@ all says so and how to start one.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cache
@@ -23,6 +25,7 @@ from typing import IO, Any, Literal
 import docker
 import docker.errors
 from docker import DockerClient
+from docker.utils.socket import STDOUT, frames_iter
 
 from lab.run.backends import BackendError
 
@@ -206,20 +209,50 @@ def exec_in(
     name: str,
     out: Callable[[bytes], object],
     err: Callable[[bytes], object],
+    stdin: int | None = None,
 ) -> int:
-    """Run `argv` in the container (no stdin, no TTY), its stdout and stderr handed to `out`
-    and `err` as they come; its exit status."""
+    """Run `argv` in the container (no TTY), its stdout and stderr handed to `out` and `err`
+    as they come; its exit status. With `stdin` (a file descriptor), what it reads is copied
+    to the command's stdin, which sees end-of-file when the descriptor does."""
     api = client().api
     with engine_errors(f"container {name} ({cid[:12]})"):
-        exec_id = api.exec_create(cid, list(argv), stdout=True, stderr=True, stdin=False)["Id"]
-        for stdout, stderr in api.exec_start(exec_id, stream=True, demux=True):
-            if stdout:
-                out(stdout)
-            if stderr:
-                err(stderr)
+        exec_id = api.exec_create(
+            cid, list(argv), stdout=True, stderr=True, stdin=stdin is not None
+        )["Id"]
+        if stdin is None:
+            for stdout, stderr in api.exec_start(exec_id, stream=True, demux=True):
+                if stdout:
+                    out(stdout)
+                if stderr:
+                    err(stderr)
+        else:
+            # The attached connection itself: stdin goes in on it, then the engine's frames
+            # (stream id, bytes) come back until the command has exited.
+            conn = api.exec_start(exec_id, socket=True)
+            sock = getattr(conn, "_sock", conn)
+            if not isinstance(sock, socket.socket):  # an ssh:// engine: a channel, no socket
+                raise EngineError(
+                    f"container {name}: stdin cannot be copied over this engine's connection "
+                    f"({type(conn).__name__}); run the command without piping into it"
+                )
+            sock.settimeout(None)  # a command may be quiet for longer than a request may
+            threading.Thread(target=_feed, args=(stdin, sock), daemon=True).start()
+            frames: Iterable[tuple[int, bytes]] = frames_iter(conn, tty=False)  # type: ignore[no-untyped-call]
+            for stream, data in frames:
+                (out if stream == STDOUT else err)(data)
+            sock.close()
         code = api.exec_inspect(exec_id).get("ExitCode")
     # None: the engine lost track of the process (the container went away meanwhile)
     return 1 if code is None else int(code)
+
+
+def _feed(fd: int, sock: socket.socket) -> None:
+    """Copy `fd` into the exec's connection, then half-close it (end-of-file for the
+    command); the command may exit first, closing the connection under us."""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 65536):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
 
 
 __all__ = [

@@ -522,7 +522,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print("error: no command given (dualpath exec NODE -- CMD...)", file=sys.stderr)
         return EXIT_USAGE
     if lab["backend"] == "compose":
-        return exec_in(lab, args.node, cmd)
+        return exec_in(lab, args.node, cmd, stdin=True)
     if lab["backend"] != "netns":
         os.execvp(cmd[0], cmd)
     ns = f"dp-{lab['lab_id']}-{args.node}"

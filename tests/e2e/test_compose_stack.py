@@ -114,6 +114,12 @@ def test_chaos_and_control_reach_into_the_containers(
         shown = dualpath("exec", "prefill-0", "--", "sh", "-c", every_nic)
         assert shown.returncode == 0, shown.stderr
         assert "rate 360Mbit" in shown.stdout
+        # through the engine's exec: stdin in, stdout and stderr apart, the exit status out
+        piped = dualpath(
+            "exec", "prefill-0", "--", "sh", "-c", "tr a-z A-Z; echo gone >&2; exit 7",
+            stdin="kv bytes\n",
+        )  # fmt: skip
+        assert (piped.returncode, piped.stdout, piped.stderr) == (7, "KV BYTES\n", "gone\n")
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
         if proc.poll() is None:

@@ -126,3 +126,11 @@ def test_leftovers_are_removed_by_id_and_one_failure_does_not_stop_the_rest(
     assert done == ["container c2", "network n1", "volume v1"]
     both = {LAB_LABEL: "ab12cd", "com.docker.compose.project": "dualpath-ab12cd"}
     assert asked == [("container", both), ("network", both), ("volume", both)]
+
+
+def test_exec_into_a_node_the_stack_does_not_have_names_the_ones_it_has() -> None:
+    record = {"lab_id": "ab12cd", "compose": {"containers": {"driver": "c1", "decode-0": "c2"}}}
+    with pytest.raises(
+        engine.ComposeError, match=r"no node 'prefill-7' \(have: \['decode-0', 'driver'\]\)"
+    ):
+        backend.exec_in(record, "prefill-7", ["true"])
