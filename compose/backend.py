@@ -7,6 +7,10 @@ the project comes up with the compose CLI (v2 `docker compose` or v1 `docker-com
 driver container runs the workload and collects the counters from inside the stack
 (`compose.stack`) into OUT, which it has mounted. Then the project goes down and whatever
 still carries the lab's label is removed, by id, and nothing else.
+
+Only `compose up/down` and the image build run a command; everything else (the engine's
+version, images, containers and what they carry, states, logs, removal, exec) goes to the
+engine through its API (`compose.engine`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import time
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from compose import engine
+from compose.engine import ComposeError
 from compose.render import (
     IMAGE,
     IMAGE_REPO,
@@ -35,7 +41,7 @@ from compose.render import (
     to_yaml,
 )
 from lab.config.models import LabConfig
-from lab.run.backends import BackendError, RunState, state_dir
+from lab.run.backends import RunState, state_dir
 from lab.run.runner import RunError
 from services.spec import LAB_ID_PATTERN
 
@@ -45,10 +51,6 @@ COMPOSE_TIMEOUT_S = 300.0
 WATCH_INTERVAL_S = 3.0
 
 Say = Callable[[str], None]
-
-
-class ComposeError(BackendError):
-    """Docker or compose refused or failed; the message says which command and why."""
 
 
 def _stderr(message: str) -> None:
@@ -73,7 +75,7 @@ def source_hash(root: Path) -> str:
 
 
 def run_cmd(argv: Sequence[str], *, timeout_s: float = COMPOSE_TIMEOUT_S) -> str:
-    """Run a docker/compose command; its stdout, or ComposeError with its stderr."""
+    """Run a compose (or build) command; its stdout, or ComposeError with its stderr."""
     try:
         done = subprocess.run(
             list(argv), capture_output=True, text=True, timeout=timeout_s, check=False
@@ -108,19 +110,16 @@ def ensure_image(*, say: Say = _stderr) -> str:
     """The image to run: `dualpath-mesh:<hash of these sources>`, built with
     compose/build-image.sh when missing (`--offline` when DUALPATH_OFFLINE=1: debootstrap base,
     local wheelhouse, no network). Without a source tree (an installed package), `latest`."""
-    run_cmd(["docker", "info", "--format", "{{.ServerVersion}}"], timeout_s=60)
+    engine.server_version()  # EngineError, saying how to start one, when none answers
     root = repo_root()
     if root is None:
-        try:
-            run_cmd(["docker", "image", "inspect", "--format", "{{.Id}}", IMAGE])
-        except ComposeError:
+        if not engine.image_exists(IMAGE):
             raise ComposeError(
                 f"image {IMAGE} does not exist and there is no source tree to build it from"
-            ) from None
+            )
         return IMAGE
     image = f"{IMAGE_REPO}:{source_hash(root)}"
-    with contextlib.suppress(ComposeError):
-        run_cmd(["docker", "image", "inspect", "--format", "{{.Id}}", image])
+    if engine.image_exists(image):
         return image
     say(f"[compose] building {image} (a few minutes the first time)")
     argv = [str(root / "compose" / "build-image.sh")]
@@ -134,21 +133,20 @@ PROJECT_LABEL = "com.docker.compose.project"
 """What compose (v1 and v2) labels every container, network and volume of a project with."""
 
 
-def _ids(kind: str, lab_id: str, project: str | None = None) -> list[str]:
-    filters = ["--filter", f"label={LAB_LABEL}={lab_id}"]
-    if project is not None:  # both labels must match (docker ANDs label filters)
-        filters += ["--filter", f"label={PROJECT_LABEL}={project}"]
-    if kind == "container":
-        argv = ["docker", "ps", "-aq", *filters]
-    else:
-        argv = ["docker", kind, "ls", "-q", *filters]
-    return run_cmd(argv, timeout_s=60).split()
+def lab_labels(lab_id: str, project: str | None = None) -> dict[str, str]:
+    """The labels that mark the lab's objects, and with `project` that compose project's
+    (an object must carry all of them)."""
+    labels = {LAB_LABEL: lab_id}
+    if project is not None:
+        labels[PROJECT_LABEL] = project
+    return labels
 
 
-def leftovers(lab_id: str, project: str | None = None) -> dict[str, list[str]]:
+def leftovers(lab_id: str, project: str | None = None) -> dict[engine.Kind, list[str]]:
     """Containers, networks and volumes that carry the lab's label (ids), and with `project`
     only those of that compose project."""
-    return {kind: _ids(kind, lab_id, project) for kind in ("container", "network", "volume")}
+    labels = lab_labels(lab_id, project)
+    return {kind: engine.ids(kind, labels) for kind in engine.KINDS}
 
 
 def remove_leftovers(lab_id: str, project: str | None = None) -> list[str]:
@@ -157,45 +155,15 @@ def remove_leftovers(lab_id: str, project: str | None = None) -> list[str]:
     removed: list[str] = []
     for kind, ids in leftovers(lab_id, project).items():
         for ident in ids:
-            argv = (
-                ["docker", "rm", "-f", ident]
-                if kind == "container"
-                else ["docker", kind, "rm", ident]
-            )
             with contextlib.suppress(ComposeError):
-                run_cmd(argv, timeout_s=120)
+                engine.remove(kind, ident)
                 removed.append(f"{kind} {ident[:12]}")
     return removed
 
 
 def _containers(lab_id: str) -> dict[str, str]:
     """node id (or 'driver') -> container id, for the lab's containers."""
-    out = run_cmd(
-        [
-            "docker",
-            "ps",
-            "-a",
-            "--filter",
-            f"label={LAB_LABEL}={lab_id}",
-            "--format",
-            '{{.ID}} {{.Label "' + NODE_LABEL + '"}}',
-        ],
-        timeout_s=60,
-    )
-    return {node: cid for cid, node in (line.split() for line in out.splitlines() if " " in line)}
-
-
-def _states(ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Container id -> its State, in one `docker inspect` (one process per poll, not per
-    container: the poll runs beside the measured workload on the same cores)."""
-    out = run_cmd(["docker", "inspect", "--format", "{{.Id}} {{json .State}}", *ids], timeout_s=60)
-    states: dict[str, dict[str, Any]] = {}
-    for line in out.splitlines():
-        ident, _, state = line.partition(" ")
-        for short in ids:
-            if ident.startswith(short):
-                states[short] = json.loads(state)
-    return states
+    return engine.labelled({LAB_LABEL: lab_id}, NODE_LABEL)
 
 
 def down_stack(record: dict[str, Any]) -> list[str]:
@@ -312,10 +280,7 @@ def _save_container_logs(lab_id: str, logs: Path) -> None:
     """Every container's output to logs/NODE.container.log (a container gone is skipped)."""
     for node, cid in _containers(lab_id).items():
         with contextlib.suppress(ComposeError):
-            log = subprocess.run(
-                ["docker", "logs", cid], capture_output=True, timeout=60, check=False
-            )
-            (logs / f"{node}.container.log").write_bytes(log.stdout + log.stderr)
+            (logs / f"{node}.container.log").write_bytes(engine.logs(cid, name=node))
 
 
 def _take_down(state: RunState, say: Say) -> None:
@@ -343,44 +308,30 @@ def _stack_result(out_dir: Path, name: str, status: int | None) -> dict[str, Any
 
 
 def _follow(ids: dict[str, str], log: Path, *, progress: bool) -> int:
-    """Wait for the driver container to exit (its output to stderr when `progress`); a node
-    container that exits first ends the run at once, naming the node and its last words."""
+    """Wait for the driver container to exit (its stdout to `log`, its stderr to stderr when
+    `progress`, else to `log` too); a node container that exits first ends the run at once,
+    naming the node and its last words. One inspect per container and poll, over the
+    engine's socket: no process per poll beside the measured workload."""
     driver = ids.get("driver")
     if driver is None:
         raise ComposeError(f"the stack has no driver container (containers: {sorted(ids)})")
     with log.open("wb") as sink:
-        follower = subprocess.Popen(
-            ["docker", "logs", "-f", driver],
-            stdout=sink,
-            stderr=subprocess.STDOUT if not progress else None,
-            stdin=subprocess.DEVNULL,
-        )
+        follower = engine.LogFollower(driver, sink, sys.stderr.buffer if progress else sink)
         try:
             while True:
-                states = _states(list(ids.values()))
-                if not states[driver].get("Running"):
-                    return int(states[driver].get("ExitCode", 1))
-                for node, cid in ids.items():
-                    st = states[cid]
+                states = engine.states(ids)
+                if not states["driver"].get("Running"):
+                    return int(states["driver"].get("ExitCode", 1))
+                for node, st in states.items():
                     if node != "driver" and not st.get("Running"):
-                        words = subprocess.run(
-                            ["docker", "logs", "--tail", "5", cid],
-                            capture_output=True,
-                            text=True,
-                            timeout=60,
-                            check=False,
-                        )
-                        text = (words.stdout + words.stderr).strip()
+                        words = engine.logs(ids[node], name=node, tail=5)
+                        text = words.decode(errors="replace").strip()
                         raise ComposeError(
                             f"{node}'s container exited with status {st.get('ExitCode')}: {text}"
                         )
                 time.sleep(WATCH_INTERVAL_S)
         finally:
-            with contextlib.suppress(Exception):
-                follower.wait(timeout=5)
-            if follower.poll() is None:
-                follower.kill()
-                follower.wait()
+            follower.close()
 
 
 def recorded_stack(lab_id: str | None) -> dict[str, Any] | None:
@@ -400,13 +351,36 @@ def recorded_stack(lab_id: str | None) -> dict[str, Any] | None:
     return labs[0] if labs else None
 
 
-def exec_argv(record: dict[str, Any], node_id: str, argv: Sequence[str]) -> list[str]:
-    """`docker exec` into one node's container of a recorded compose lab."""
+def exec_in(
+    record: dict[str, Any], node_id: str, argv: Sequence[str], *, stdin: bool = False
+) -> int:
+    """Run `argv` in one node's (or the driver's) container of a recorded compose lab; its
+    exit status. Through the engine's API, output streamed to ours, our stdin copied to the
+    command's with `stdin`; with `stdin` on a terminal (stdin and stdout both TTYs)
+    `docker exec -it` takes over this process instead, since an interactive TTY session (raw
+    mode, window size, keys) is what the CLI does and the API leaves to its client."""
     ids = dict(record.get("compose", {}).get("containers", {}))
     if node_id not in ids:
         raise ComposeError(f"lab {record['lab_id']} has no node {node_id!r} (have: {sorted(ids)})")
-    tty = ["-t"] if sys.stdin.isatty() and sys.stdout.isatty() else []
-    return ["docker", "exec", "-i", *tty, ids[node_id], *argv]
+    if stdin and sys.stdin.isatty() and sys.stdout.isatty():
+        os.execvp("docker", ["docker", "exec", "-it", ids[node_id], *argv])
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def write(sink: IO[bytes]) -> Callable[[bytes], None]:
+        def put(data: bytes) -> None:
+            sink.write(data)
+            sink.flush()
+
+        return put
+
+    return engine.exec_in(
+        ids[node_id],
+        argv,
+        name=node_id,
+        out=write(out),
+        err=write(err),
+        stdin=sys.stdin.fileno() if stdin else None,
+    )
 
 
 __all__ = [
@@ -414,7 +388,8 @@ __all__ = [
     "compose_cli",
     "down_stack",
     "ensure_image",
-    "exec_argv",
+    "exec_in",
+    "lab_labels",
     "leftovers",
     "recorded_stack",
     "run_stack",

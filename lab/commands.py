@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from compose.backend import down_stack, exec_argv, recorded_stack, repo_root, run_stack
+from compose.backend import down_stack, exec_in, recorded_stack, repo_root, run_stack
 from compose.render import render_text
 from dualpath.errors import EXIT_FAILED, EXIT_HOST_BOUND, EXIT_OK, EXIT_USAGE, UsageError
 from lab.config.models import (
@@ -226,7 +226,6 @@ def _detach_output(log: Path) -> None:
 
 def _up_detached(args: argparse.Namespace) -> int:
     """Start `up --foreground` in its own session, relay its output until it is ready."""
-    import subprocess
 
     lab_id = secrets.token_hex(3)
     cmd = [sys.executable, "-m", "lab.cli", "up", "-c", args.config, "--backend", args.backend]
@@ -449,7 +448,7 @@ def _in_stack(lab_id: str | None, argv: list[str]) -> int | None:
     stack = recorded_stack(lab_id)
     if stack is None:
         return None
-    return subprocess.run(exec_argv(stack, "driver", ["dualpath", *argv]), check=False).returncode
+    return exec_in(stack, "driver", ["dualpath", *argv])
 
 
 def cmd_link_set(args: argparse.Namespace) -> int:
@@ -523,8 +522,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print("error: no command given (dualpath exec NODE -- CMD...)", file=sys.stderr)
         return EXIT_USAGE
     if lab["backend"] == "compose":
-        argv = exec_argv(lab, args.node, cmd)
-        os.execvp(argv[0], argv)
+        return exec_in(lab, args.node, cmd, stdin=True)
     if lab["backend"] != "netns":
         os.execvp(cmd[0], cmd)
     ns = f"dp-{lab['lab_id']}-{args.node}"

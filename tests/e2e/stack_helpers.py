@@ -38,9 +38,12 @@ def subnets() -> list[str]:
     ]
 
 
-def dualpath(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def dualpath(
+    *args: str, timeout_s: float = 120, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lab.cli", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -11,18 +11,22 @@
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from stack_helpers import ROOT, RUN_TIMEOUT_S, SMALL, dualpath, nothing_left, render, subnets
 
+from compose import engine
 from compose.agent import EXIT_NO_NET_ADMIN
 from compose.backend import run_cmd
 from compose.render import LAB_LABEL, NODE_LABEL
+from lab.run.backends import BackendError
 
 SCENARIO = Path(__file__).with_name("snic-dip.yaml")
 
@@ -110,6 +114,12 @@ def test_chaos_and_control_reach_into_the_containers(
         shown = dualpath("exec", "prefill-0", "--", "sh", "-c", every_nic)
         assert shown.returncode == 0, shown.stderr
         assert "rate 360Mbit" in shown.stdout
+        # through the engine's exec: stdin in, stdout and stderr apart, the exit status out
+        piped = dualpath(
+            "exec", "prefill-0", "--", "sh", "-c", "tr a-z A-Z; echo gone >&2; exit 7",
+            stdin="kv bytes\n",
+        )  # fmt: skip
+        assert (piped.returncode, piped.stdout, piped.stderr) == (7, "KV BYTES\n", "gone\n")
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
         if proc.poll() is None:
@@ -139,26 +149,33 @@ def test_a_node_without_net_admin_exits_with_a_clear_message(
     file.write_text(yaml.safe_dump(doc, sort_keys=False))
     try:
         run_cmd([*compose, "-p", lab_name, "-f", str(file), "up", "-d", "prefill-0"])
-        label = [
-            "--filter",
-            f"label={LAB_LABEL}={lab_name}",
-            "--filter",
-            f"label={NODE_LABEL}=prefill-0",
-        ]
-        (cid,) = run_cmd(["docker", "ps", "-aq", *label]).split()
+        (cid,) = engine.ids("container", {LAB_LABEL: lab_name, NODE_LABEL: "prefill-0"})
 
         def exited() -> dict[str, Any] | None:
-            st: dict[str, Any] = json.loads(
-                run_cmd(["docker", "inspect", "--format", "{{json .State}}", cid])
-            )
+            st = engine.states({"prefill-0": cid})["prefill-0"]
             return None if st["Running"] else st
 
         st = _wait_for("prefill-0 to exit", exited, 120)
-        logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True, check=False)
+        text = engine.logs(cid, name="prefill-0").decode()
     finally:
         _down(compose, lab_name, file)
     assert st["ExitCode"] == EXIT_NO_NET_ADMIN
-    text = logs.stdout + logs.stderr
     assert "prefill-0: this container lacks CAP_NET_ADMIN" in text
     assert "cap_add: [NET_ADMIN]" in text
     nothing_left(lab_name)
+
+
+def test_engine_errors_name_the_container_and_the_cause(image: str) -> None:
+    """What the engine answers about a container it does not have reaches the user as the
+    lab's error, naming the container and the engine's words."""
+    missing = "dualpath-e2e-no-such-" + secrets.token_hex(4)
+    with pytest.raises(engine.EngineError) as info:
+        engine.logs(missing, name="prefill-9")
+    assert isinstance(info.value, BackendError)
+    text = str(info.value)
+    assert text.startswith(f"container prefill-9 ({missing[:12]})")
+    assert "No such container" in text and missing in text
+    with pytest.raises(
+        engine.EngineError, match=f"container driver .*No such container: {missing}"
+    ):
+        engine.exec_in(missing, ["true"], name="driver", out=print, err=print)

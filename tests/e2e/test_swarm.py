@@ -14,36 +14,37 @@ from pathlib import Path
 import pytest
 from stack_helpers import RUN_TIMEOUT_S, need, nothing_left, render
 
+from compose import engine
 from compose.backend import ComposeError, leftovers, run_cmd
 
 SWARM_POOL = "198.19.128.0/18"
 """Addresses swarm hands out on its own (the ingress network): inside the benchmarking range."""
+FINAL = ("complete", "failed", "rejected", "shutdown")
+"""Task states after which a task never runs again."""
 
 
 def _swarm_state() -> str:
-    return run_cmd(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"]).strip()
+    with engine.engine_errors("the Docker engine"):
+        return str(engine.client().info()["Swarm"]["LocalNodeState"])
+
+
+def _gwbridges() -> list[str]:
+    with engine.engine_errors("network docker_gwbridge"):
+        found = engine.client().api.networks(names=["docker_gwbridge"])
+    return [str(n["Id"]) for n in found if n["Name"] == "docker_gwbridge"]
 
 
 @pytest.fixture
 def swarm(compose: tuple[str, ...]) -> Iterator[None]:
     state = _swarm_state()
-    had_gwbridge = bool(
-        run_cmd(["docker", "network", "ls", "-q", "--filter", "name=^docker_gwbridge$"]).split()
-    )
+    had_gwbridge = bool(_gwbridges())
     created = False
     if state == "inactive":
         try:
-            run_cmd(
-                [
-                    "docker",
-                    "swarm",
-                    "init",
-                    "--advertise-addr",
-                    "127.0.0.1",
-                    "--default-addr-pool",
-                    SWARM_POOL,
-                ]
-            )
+            with engine.engine_errors("swarm init"):
+                engine.client().swarm.init(
+                    advertise_addr="127.0.0.1", default_addr_pool=[SWARM_POOL]
+                )
         except ComposeError as exc:
             need(f"docker swarm init failed here: {exc}")
         created = True
@@ -54,13 +55,12 @@ def swarm(compose: tuple[str, ...]) -> Iterator[None]:
     finally:
         # Leave only a swarm this test made, and only when nobody else deployed on it since
         # (another run on the same engine).
-        if created and not run_cmd(["docker", "service", "ls", "-q"]).split():
-            run_cmd(["docker", "swarm", "leave", "--force"])
-            if not had_gwbridge:
-                for ident in run_cmd(
-                    ["docker", "network", "ls", "-q", "--filter", "name=^docker_gwbridge$"]
-                ).split():
-                    run_cmd(["docker", "network", "rm", ident])
+        with engine.engine_errors("swarm leave"):
+            if created and not engine.client().api.services():
+                engine.client().swarm.leave(force=True)
+                if not had_gwbridge:
+                    for ident in _gwbridges():
+                        engine.remove("network", ident)
 
 
 def _stack_rm(stack: str, *, timeout_s: float = 120.0) -> None:
@@ -79,8 +79,17 @@ def _stack_rm(stack: str, *, timeout_s: float = 120.0) -> None:
 
 
 def _driver_state(stack: str) -> str:
-    out = run_cmd(["docker", "service", "ps", "--format", "{{.CurrentState}}", f"{stack}_driver"])
-    return out.strip().split(" ")[0] if out.strip() else ""
+    """The state of the driver service's newest task ("" before it has one)."""
+    with engine.engine_errors(f"service {stack}_driver"):
+        tasks = engine.client().api.tasks(filters={"service": f"{stack}_driver"})
+    newest = max(tasks, key=lambda t: str(t["CreatedAt"]), default=None)
+    return "" if newest is None else str(newest["Status"]["State"])
+
+
+def _service_logs(name: str) -> str:
+    with engine.engine_errors(f"service {name}"):
+        chunks = engine.client().services.get(name).logs(stdout=True, stderr=True)
+        return b"".join(chunks).decode(errors="replace")
 
 
 def test_stack_deploy_runs_the_workload(
@@ -95,13 +104,13 @@ def test_stack_deploy_runs_the_workload(
             ["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(file), lab_name]
         )
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while _driver_state(lab_name) not in ("Complete", "Failed", "Rejected", "Shutdown"):
+        while _driver_state(lab_name) not in FINAL:
             assert time.monotonic() < deadline, (
                 f"the driver did not finish: {_driver_state(lab_name)}"
             )
             time.sleep(2)
         final = _driver_state(lab_name)
-        logs = run_cmd(["docker", "service", "logs", "--raw", f"{lab_name}_driver"])
+        logs = _service_logs(f"{lab_name}_driver")
     finally:
         _stack_rm(lab_name)
         deadline = time.monotonic() + 120
@@ -112,8 +121,8 @@ def test_stack_deploy_runs_the_workload(
         # `docker stack rm` keeps named volumes (the stack's secret volume): removed by hand,
         # as docs/compose.md tells users
         for volume in left["volume"]:
-            run_cmd(["docker", "volume", "rm", volume])
-    assert final == "Complete", logs[-4000:]
+            engine.remove("volume", volume)
+    assert final == "complete", logs[-4000:]
     (path,) = results.glob(f"{lab_name}-dualpath-*/summary.json")
     summary = json.loads(path.read_text())
     assert summary["backend"] == "compose"

@@ -1,0 +1,276 @@
+"""The Docker engine through its API (the Docker SDK for Python, `docker` on PyPI).
+
+Everything the lab asks of the engine itself goes through here: is it up, does an image
+exist, which containers, networks and volumes carry a label, their states, logs, removal, a
+command run in a container. Only what is a client-side feature of the CLI stays on it:
+`compose up/down` (a compose file becomes containers in the compose tool, not in the engine),
+the interactive `dualpath exec` on a terminal (compose.backend.exec_in) and the image build
+(compose/build-image.sh). docs/compose.md says why for each.
+
+Every engine error leaves as `EngineError`, whose message names the object (container
+`prefill-0` (3f2a…), network …) and the engine's cause; an engine that does not answer at
+all says so and how to start one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import cache
+from typing import IO, Any, Literal
+
+import docker
+import docker.errors
+from docker import DockerClient
+from docker.utils.socket import STDOUT, frames_iter
+
+from lab.run.backends import BackendError
+
+Kind = Literal["container", "network", "volume"]
+KINDS: tuple[Kind, ...] = ("container", "network", "volume")
+ENGINE_TIMEOUT_S = 120
+"""Per API call (not for followed logs or exec output, which the SDK streams untimed)."""
+
+
+class ComposeError(BackendError):
+    """Docker or compose refused or failed; the message says which command or object and why."""
+
+
+class EngineError(ComposeError):
+    """The Docker engine refused a request or did not answer; names the object and the cause."""
+
+
+def describe_engine_error(what: str, exc: Exception) -> EngineError:
+    """The lab's error for an exception of the SDK (or of the HTTP client under it, whose
+    errors are OSErrors) on `what` (`container prefill-0 (3f2a…)`, `image dualpath-mesh:…`)."""
+    if isinstance(exc, docker.errors.NotFound):
+        return EngineError(f"{what}: the Docker engine has no such object ({_cause(exc)})")
+    if isinstance(exc, docker.errors.APIError):
+        status = exc.status_code
+        return EngineError(
+            f"{what}: the Docker engine refused (HTTP {status}): {_cause(exc)}"
+            if status is not None
+            else f"{what}: the Docker engine refused: {_cause(exc)}"
+        )
+    if isinstance(exc, docker.errors.DockerException | OSError):
+        return EngineError(
+            f"{what}: no Docker engine answers ({exc}); start one (compose/ensure-docker.sh "
+            "on Debian/Ubuntu) or point DOCKER_HOST at one"
+        )
+    return EngineError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _cause(exc: docker.errors.APIError) -> str:
+    explanation = exc.explanation
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode(errors="replace")
+    return str(explanation).strip() if explanation else str(exc)
+
+
+@contextlib.contextmanager
+def engine_errors(what: str) -> Iterator[None]:
+    """Turn the SDK's errors inside the block into EngineError about `what`."""
+    try:
+        yield
+    except (docker.errors.DockerException, OSError) as exc:
+        raise describe_engine_error(what, exc) from exc
+
+
+@cache
+def client() -> DockerClient:
+    """The engine of DOCKER_HOST (or the local socket), API version negotiated; EngineError
+    when none answers."""
+    with engine_errors("the Docker engine"):
+        return docker.from_env(timeout=ENGINE_TIMEOUT_S)
+
+
+def server_version() -> str:
+    """The engine's version; EngineError when none answers."""
+    with engine_errors("the Docker engine"):
+        return str(client().version().get("Version", "?"))
+
+
+def image_exists(name: str) -> bool:
+    """Whether the engine has image `name` (a tag or id)."""
+    with engine_errors(f"image {name}"):
+        try:
+            client().images.get(name)
+        except docker.errors.ImageNotFound:
+            return False
+    return True
+
+
+def label_filters(labels: Mapping[str, str]) -> dict[str, list[str]]:
+    """The engine's filter for objects carrying every one of `labels` (the engine ANDs label
+    filters): {"label": ["key=value", ...]}."""
+    if not labels:
+        raise ValueError("a label filter needs at least one label (it would match everything)")
+    return {"label": [f"{key}={value}" for key, value in labels.items()]}
+
+
+def ids(kind: Kind, labels: Mapping[str, str]) -> list[str]:
+    """Ids of the containers (stopped ones too), networks or volumes carrying all `labels`."""
+    filters = label_filters(labels)
+    what = f"{kind}s labelled {', '.join(filters['label'])}"
+    api = client().api
+    with engine_errors(what):
+        if kind == "container":
+            return [str(c["Id"]) for c in api.containers(all=True, filters=filters)]
+        if kind == "network":
+            return [str(n["Id"]) for n in api.networks(filters=filters)]
+        volumes = api.volumes(filters=filters).get("Volumes") or []
+        return [str(v["Name"]) for v in volumes]
+
+
+def labelled(labels: Mapping[str, str], key: str) -> dict[str, str]:
+    """Value of label `key` -> container id, for the containers carrying all `labels`."""
+    filters = label_filters(labels)
+    with engine_errors(f"containers labelled {', '.join(filters['label'])}"):
+        found = client().api.containers(all=True, filters=filters)
+    return {str(c["Labels"][key]): str(c["Id"]) for c in found if key in (c.get("Labels") or {})}
+
+
+def remove(kind: Kind, ident: str) -> None:
+    """Remove one object by id (a container even when running)."""
+    api = client().api
+    with engine_errors(f"{kind} {ident[:12]}"):
+        if kind == "container":
+            api.remove_container(ident, force=True)
+        elif kind == "network":
+            api.remove_network(ident)
+        else:
+            api.remove_volume(ident)
+
+
+def states(names: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Name -> the State of its container (Running, ExitCode, ...), for name -> container id."""
+    api = client().api
+    out: dict[str, dict[str, Any]] = {}
+    for name, cid in names.items():
+        with engine_errors(f"container {name} ({cid[:12]})"):
+            out[name] = dict(api.inspect_container(cid)["State"])
+    return out
+
+
+def logs(cid: str, *, name: str | None = None, tail: int | None = None) -> bytes:
+    """The container's output so far (stdout and stderr interleaved), or its last `tail`
+    lines."""
+    with engine_errors(f"container {name or cid[:12]} ({cid[:12]})"):
+        out = client().api.logs(
+            cid, stdout=True, stderr=True, stream=False, tail="all" if tail is None else tail
+        )
+    return bytes(out)
+
+
+class LogFollower:
+    """A container's output as it comes: stdout to `out`, stderr to `err` (the same stream
+    when they are the same object), each on a thread of its own until the container stops
+    or `close()`."""
+
+    def __init__(self, cid: str, out: IO[bytes], err: IO[bytes]) -> None:
+        self._streams: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        api = client().api
+        pairs = [(True, True, out)] if out is err else [(True, False, out), (False, True, err)]
+        with engine_errors(f"container {cid[:12]}"):
+            for stdout, stderr, sink in pairs:
+                stream = api.logs(cid, stdout=stdout, stderr=stderr, stream=True, follow=True)
+                self._streams.append(stream)
+                thread = threading.Thread(target=_copy, args=(stream, sink), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Wait up to `timeout_s` for the output to end, then stop following."""
+        for thread in self._threads:
+            thread.join(timeout_s)
+        for stream in self._streams:
+            with contextlib.suppress(Exception):
+                stream.close()
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+
+def _copy(chunks: Iterable[bytes], sink: IO[bytes]) -> None:
+    # the stream ends when the container stops; closing it from the other side raises here
+    with contextlib.suppress(Exception):
+        for chunk in chunks:
+            sink.write(chunk)
+            sink.flush()
+
+
+def exec_in(
+    cid: str,
+    argv: Sequence[str],
+    *,
+    name: str,
+    out: Callable[[bytes], object],
+    err: Callable[[bytes], object],
+    stdin: int | None = None,
+) -> int:
+    """Run `argv` in the container (no TTY), its stdout and stderr handed to `out` and `err`
+    as they come; its exit status. With `stdin` (a file descriptor), what it reads is copied
+    to the command's stdin, which sees end-of-file when the descriptor does."""
+    api = client().api
+    with engine_errors(f"container {name} ({cid[:12]})"):
+        exec_id = api.exec_create(
+            cid, list(argv), stdout=True, stderr=True, stdin=stdin is not None
+        )["Id"]
+        if stdin is None:
+            for stdout, stderr in api.exec_start(exec_id, stream=True, demux=True):
+                if stdout:
+                    out(stdout)
+                if stderr:
+                    err(stderr)
+        else:
+            # The attached connection itself: stdin goes in on it, then the engine's frames
+            # (stream id, bytes) come back until the command has exited.
+            conn = api.exec_start(exec_id, socket=True)
+            sock = getattr(conn, "_sock", conn)
+            if not isinstance(sock, socket.socket):  # an ssh:// engine: a channel, no socket
+                raise EngineError(
+                    f"container {name}: stdin cannot be copied over this engine's connection "
+                    f"({type(conn).__name__}); run the command without piping into it"
+                )
+            sock.settimeout(None)  # a command may be quiet for longer than a request may
+            threading.Thread(target=_feed, args=(stdin, sock), daemon=True).start()
+            frames: Iterable[tuple[int, bytes]] = frames_iter(conn, tty=False)  # type: ignore[no-untyped-call]
+            for stream, data in frames:
+                (out if stream == STDOUT else err)(data)
+            sock.close()
+        code = api.exec_inspect(exec_id).get("ExitCode")
+    # None: the engine lost track of the process (the container went away meanwhile)
+    return 1 if code is None else int(code)
+
+
+def _feed(fd: int, sock: socket.socket) -> None:
+    """Copy `fd` into the exec's connection, then half-close it (end-of-file for the
+    command); the command may exit first, closing the connection under us."""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(fd, 65536):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+
+
+__all__ = [
+    "KINDS",
+    "ComposeError",
+    "EngineError",
+    "Kind",
+    "LogFollower",
+    "client",
+    "describe_engine_error",
+    "engine_errors",
+    "exec_in",
+    "ids",
+    "image_exists",
+    "label_filters",
+    "labelled",
+    "logs",
+    "remove",
+    "server_version",
+    "states",
+]
