@@ -60,7 +60,7 @@ class _Page:
         return str(text)
 
     def add(self, heading: str, body: str, note: str = "") -> None:
-        para = f'<p class="note">{note}</p>' if note else ""
+        para = f'<p class="note">{html.escape(note)}</p>' if note else ""
         self.sections.append(f"<section><h2>{html.escape(heading)}</h2>{para}{body}</section>")
 
 
