@@ -13,8 +13,10 @@ T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 
 # Debian/Ubuntu packages the lab and its tests use (command:package); installed only when
 # missing. `make fresh-test` proves the list complete on a bare Debian root. python3-venv
-# (ensurepip, for `python3 -m venv`) is a module, not a command.
-SYSTEM_BINS := ip:iproute2 tc:iproute2 iptables:iptables iperf3:iperf3 nft:nftables sysctl:procps
+# (ensurepip, for `python3 -m venv`) is a module, not a command. chromium: headless, for the test
+# that opens an HTML report offline (tests/integration/test_report_browser.py).
+SYSTEM_BINS := ip:iproute2 tc:iproute2 iptables:iptables iperf3:iperf3 nft:nftables sysctl:procps \
+	chromium:chromium
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

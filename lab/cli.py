@@ -1,4 +1,4 @@
-"""The `dualpath` command line: run, compare, up, down, status, exec, analyze, doctor.
+"""The `dualpath` command line: run, compare, report, up, down, status, exec, analyze, doctor.
 
 Only parses arguments, loads the config, calls the runner/backends and prints. Exit status:
 0 ok, 1 the run failed, 2 bad input (config, arguments, missing privileges), 3 a run was
@@ -162,6 +162,23 @@ def _add_chaos(sub: Subparsers) -> None:
     ch.set_defaults(func=commands.cmd_chaos)
 
 
+def _add_report(sub: Subparsers) -> None:
+    rp = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run, or of several runs side by side",
+    )
+    rp.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a run directory (summary.json), or a compare directory for its policies",
+    )
+    rp.add_argument(
+        "-o", "--output", help="file to write (default: report.html in the one RUN_DIR)"
+    )
+    rp.set_defaults(func=commands.cmd_report)
+
+
 def _add_up(sub: Subparsers) -> None:
     up = sub.add_parser("up", help="bring a lab up and leave it running")
     _common(up)
@@ -292,6 +309,7 @@ VERBS: tuple[Callable[[Subparsers], None], ...] = (
     _add_selftest,
     _add_compare,
     _add_chaos,
+    _add_report,
     _add_up,
     _add_analyze,
     _add_down,

@@ -37,6 +37,7 @@ from lab.run.backends import (
 )
 from lab.run.bringup import check_backend, held, prepare
 from lab.run.chaos import cluster_links, load_scenario
+from lab.run.rundir import REPORT, write_run_report
 from lab.run.runner import compare, run_once
 from lab.run.selftest import SelftestOptions, run_selftest
 from lab.run.traces import load_trace, stats_lines, trace_stats
@@ -84,8 +85,12 @@ def _single(summary: dict[str, Any], out: Path, args: argparse.Namespace) -> int
     """Accept (if allowed), print and judge the summary of one run written to `out`."""
     runs = {str(summary["policy"]): summary}
     accept_host_bound(runs, {str(summary["policy"]): out / "summary.json"}, args.allow_host_bound)
+    if args.allow_host_bound and host_bound_runs(runs):  # the page says it was accepted
+        write_run_report([out], out / REPORT)
     print("\n".join(summary_lines(summary)))
     print(f"summary: {out / 'summary.json'}")
+    if (out / REPORT).exists():
+        print(f"report: {out / REPORT}")
     return _finish(runs, args)
 
 
@@ -157,6 +162,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.allow_host_bound and host_bound_runs(runs):
         accept_host_bound(runs, {p: out / p / "summary.json" for p in runs}, True)
         (out / "comparison.json").write_text(json.dumps(cmp, indent=2))
+        write_run_report([out / p for p in runs], out / REPORT)
     print()
     print(
         f"{cfg.name}: {cfg.cluster.prefill_nodes}P{cfg.cluster.decode_nodes}D, "
@@ -164,7 +170,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print(comparison_table(cmp))
     print(f"comparison: {out / 'comparison.json'}")
+    if (out / REPORT).exists():
+        print(f"report: {out / REPORT}")
     return _finish(runs, args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The HTML report (lab.results.html_report) of one run directory, or of several side by
+    side; written to -o, or beside the one directory given."""
+    dirs = [Path(d) for d in args.run_dirs]
+    if args.output:
+        out = Path(args.output)
+    elif len(dirs) == 1:
+        out = dirs[0] / REPORT
+    else:
+        raise UsageError("several run directories: say where the comparison goes with -o FILE")
+    print(f"report: {write_run_report(dirs, out)}")
+    return EXIT_OK
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -138,7 +138,7 @@ SLO_TPOT_MS = 50.0
 """DualPath §8 online SLO: TPOT <= 50 ms (real)."""
 
 
-def _decode_end(t: dict[str, Any]) -> float:
+def _decode_end(t: Mapping[str, Any]) -> float:
     """When the turn's last token came: TPOT covers decoding, not the persisting of its new
     blocks that follows it (results of runs before `last_token` existed: `done`)."""
     end = t.get("last_token_at") or t["done_at"]
@@ -332,20 +332,27 @@ def _speed(ok: Sequence[dict[str, Any]], jct: float, time_dilation: float) -> di
     }
 
 
-def _latencies(
-    ok: Sequence[dict[str, Any]], num_turns: int, time_dilation: float
-) -> dict[str, Any]:
-    """TTFT (and its breakdown), TTST and TPOT percentiles, and the SLO attainment."""
+def turn_latencies(ok: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """Each finished turn's TTFT (s) and, when it has more than two tokens, TPOT (ms): the
+    values the summary's percentiles and the report's distributions count."""
     ttft = [t["first_token_at"] - t["submitted_at"] for t in ok if t["first_token_at"]]
-    ttst = [
-        t["second_token_at"] - t["first_token_at"]
-        for t in ok
-        if t["second_token_at"] and t["first_token_at"]
-    ]
     tpot = [
         (_decode_end(t) - t["second_token_at"]) / (t["gen_tokens"] - 2) * 1000
         for t in ok
         if t["second_token_at"] and t["gen_tokens"] > 2
+    ]
+    return ttft, tpot
+
+
+def _latencies(
+    ok: Sequence[dict[str, Any]], num_turns: int, time_dilation: float
+) -> dict[str, Any]:
+    """TTFT (and its breakdown), TTST and TPOT percentiles, and the SLO attainment."""
+    ttft, tpot = turn_latencies(ok)
+    ttst = [
+        t["second_token_at"] - t["first_token_at"]
+        for t in ok
+        if t["second_token_at"] and t["first_token_at"]
     ]
     return {
         "ttft_s": percentiles(ttft),

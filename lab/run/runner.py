@@ -25,7 +25,6 @@ from lab.config.scaling import choose_scaling, resolve
 from lab.results.health import HostSample, assess, verdict_of
 from lab.results.kernel_series import counter_summary, merge_rows, queue_series
 from lab.results.metrics import Sample, latency_series, recovery, summarize, throughput_series
-from lab.results.report import write_class_plot, write_plot
 from lab.run.backends import Backend, BackendError, stop_pids
 from lab.run.bringup import (
     BackendFactory,
@@ -40,6 +39,7 @@ from lab.run.calibrate import calibrate
 from lab.run.chaos import Scenario
 from lab.run.player import ChaosPlayer
 from lab.run.progress import Progress
+from lab.run.rundir import REPORT, write_run_report
 from lab.run.sampling import sample
 from lab.run.selftest import SelftestOptions, run_selftest
 from lab.run.trace_replay import load_configured, options_of, plan_trace, trace_summary
@@ -128,6 +128,7 @@ def run_once(
     played = _play(plan, factory, scenario, say, progress)
     summary = _summarize(plan, played, scaling, checked)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_report([out_dir], out_dir / REPORT)
     return RunResult(summary, out_dir)
 
 
@@ -272,6 +273,7 @@ def run_held(
     played = _play_held(plan, up, scenario, say, progress)
     summary = _summarize(plan, played, record, None)
     (lab.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_report([lab.out_dir], lab.out_dir / REPORT)
     return RunResult(summary, lab.out_dir)
 
 
@@ -426,7 +428,7 @@ def _summarize(
     )
     summary["emulation_health"] = health
     summary["allowed_host_bound"] = False  # `dualpath ... --allow-host-bound` sets it
-    _write_series(plan, played, health)
+    _write_series(plan, played)
     return summary
 
 
@@ -457,9 +459,9 @@ def _fault_records(played: _Played) -> dict[str, Any]:
     return out
 
 
-def _write_series(plan: _Plan, played: _Played, health: dict[str, Any]) -> None:
-    """timeseries, counters, host and latency JSON beside summary.json, and the plots."""
-    cfg, out_dir = plan.lab.cfg, plan.lab.out_dir
+def _write_series(plan: _Plan, played: _Played) -> None:
+    """timeseries, counters, host and latency JSON beside summary.json."""
+    out_dir = plan.lab.out_dir
     samples, started = played.samples, played.driver["started_at"]
     series = throughput_series(samples, started)
     series = merge_rows(series, queue_series(samples, started))
@@ -468,18 +470,6 @@ def _write_series(plan: _Plan, played: _Played, health: dict[str, Any]) -> None:
     (out_dir / "host.json").write_text(json.dumps(played.host))
     latency = latency_series(played.driver["turns"], started)
     (out_dir / "latency.json").write_text(json.dumps(latency))
-    if series:
-        title = f"{cfg.name} / {cfg.policy.value}"
-        write_plot(
-            series,
-            out_dir / "throughput.svg",
-            title=title,
-            events=played.faults,
-            latency=latency,
-            lateness=health["lateness_per_s"],
-            lateness_threshold=health["thresholds"]["timeline_lateness_p99"],
-        )
-        write_class_plot(series, out_dir / "cnic_classes.svg", title=title)
 
 
 def paused_intervals(
@@ -607,6 +597,7 @@ def compare(
         "runs": results,
     }
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    write_run_report([out_dir / p.value for p in policies], out_dir / REPORT)
     return comparison
 
 

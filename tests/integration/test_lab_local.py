@@ -69,6 +69,8 @@ def test_policy_completes_and_accounts_every_byte(policy: str, tmp_path: Path) -
         assert set(s["read_sides"]) == {"prefill"}
     summary = json.loads((tmp_path / policy / "summary.json").read_text())
     assert summary["policy"] == policy
+    page = (tmp_path / policy / "report.html").read_text()  # the run's report, beside it
+    assert f"tiny / {policy}: DualPath Mesh run" in page and "No kernel counters" in page
     # nothing is left behind: no recorded lab, no data dir
     assert not list((tmp_path / "state").glob("*.run.json"))
     assert not list(tmp_path.glob("dualpath-*"))
