@@ -120,7 +120,7 @@ class TurnRecord:
         if self.hit is None:
             return TurnBlocks.of(s.context_tokens, s.prompt_tokens, s.gen_tokens, block_tokens)
         full = len(s.block_keys)
-        return TurnBlocks(self.hit, -(-s.prompt_tokens // block_tokens), max(full, self.hit))
+        return TurnBlocks(self.hit, -(-s.prompt_tokens // block_tokens), full)
 
     def context_tokens(self, block_tokens: int) -> int:
         """Tokens whose KV is read, not computed: the hit prefix of a keyed request."""

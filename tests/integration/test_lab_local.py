@@ -19,26 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_inputs import TINY
 
 from lab.config.models import parse_config
 from lab.run.runner import run_once
 from services.codec import PREFIX_SIZE, decode_header, parse_prefix
 from services.spec import ClusterSpec
 from services.wire.frames import slice_fields
-
-TINY: dict[str, Any] = {
-    "name": "tiny",
-    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 2, "gpus_per_node": 2},
-    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
-    "workload": {
-        "num_agents": 3,
-        "max_len": 32768,
-        "seed": 3,
-        "start_turn_fraction": 0.5,
-        "max_turns_per_agent": 2,
-        "gen_token_scale": 0.05,
-    },
-}
 
 
 @pytest.fixture(autouse=True)

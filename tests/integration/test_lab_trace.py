@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_inputs import bailian_line
 
 from lab.config.models import parse_config
 from lab.run.runner import run_once
@@ -22,17 +23,7 @@ def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DUALPATH_DATA_DIR", str(tmp_path))
 
 
-def bailian(chat: int, parent: int, at: float, tokens: int, ids: list[int]) -> dict[str, Any]:
-    return {
-        "chat_id": chat,
-        "parent_chat_id": parent,
-        "timestamp": at,
-        "input_length": tokens,
-        "output_length": 3,
-        "type": "text",
-        "turn": 1,
-        "hash_ids": ids,
-    }
+bailian = bailian_line
 
 
 # One session of three requests, each extending the one before (16-token trace blocks), and

@@ -12,25 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lab_inputs import tiny
 
 DUALPATH = Path(sys.executable).with_name("dualpath")
 PLUGIN = "shortest_read_queue"
 
-TINY: dict[str, Any] = {
-    "name": "plugin",
-    "policy": "dualpath",
-    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 2, "gpus_per_node": 2},
-    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
-    "workload": {
-        "num_agents": 3,
-        "max_len": 32768,
-        "seed": 3,
-        "start_turn_fraction": 0.5,
-        "max_turns_per_agent": 2,
-        "gen_token_scale": 0.05,
-    },
-    "scheduling": {"selector": PLUGIN},
-}
+TINY = tiny(name="plugin", policy="dualpath", scheduling={"selector": PLUGIN})
 
 
 def dualpath(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

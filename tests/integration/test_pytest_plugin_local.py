@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_inputs import bailian_line, tiny
 
 from lab.config.models import parse_config
 from lab.run.chaos import ScenarioError
@@ -18,20 +19,7 @@ from lab.testing.harness import Lab, LabChangeError, LabFixtureError, lab_factor
 
 pytest_plugins = ["pytester"]
 
-TINY: dict[str, Any] = {
-    "name": "tiny",
-    "policy": "basic",
-    "cluster": {"prefill_nodes": 1, "decode_nodes": 1, "storage_servers": 1, "gpus_per_node": 2},
-    "scaling": {"bandwidth_scale": 0.00025, "time_dilation": 2},
-    "workload": {
-        "num_agents": 2,
-        "max_len": 32768,
-        "seed": 4,
-        "start_turn_fraction": 0.5,
-        "max_turns_per_agent": 2,
-        "gen_token_scale": 0.05,
-    },
-}
+TINY = tiny(policy="basic", cluster={"storage_servers": 1}, workload={"num_agents": 2, "seed": 4})
 
 
 @pytest.fixture(autouse=True)
@@ -159,16 +147,7 @@ def test_the_fixtures_on_loopback_keep_results_where_asked(
 
 def _request(chat: int, parent: int, at: float, tokens: int, blocks: int) -> dict[str, Any]:
     """A Qwen-Bailian trace line: 16-token blocks, a session as a parent_chat_id chain."""
-    return {
-        "chat_id": chat,
-        "parent_chat_id": parent,
-        "timestamp": at,
-        "input_length": tokens,
-        "output_length": 3,
-        "type": "text",
-        "turn": 1 if parent < 0 else 2,
-        "hash_ids": list(range(blocks)),
-    }
+    return bailian_line(chat, parent, at, tokens, list(range(blocks)), turn=1 if parent < 0 else 2)
 
 
 def test_a_held_lab_replays_a_request_trace_given_as_an_override(tmp_path: Path) -> None:
