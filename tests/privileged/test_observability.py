@@ -256,11 +256,14 @@ def test_run_with_selftest_records_counters_queues_and_metrics(tmp_path: Path) -
     assert proc.returncode == 130
     assert lab_id and not _of_lab(lab_id)
 
-    # A whole run: the selftest's verdict, the window's counters and the queue columns.
+    # A whole run: the selftest's verdict, the window's counters and the queue columns. Its
+    # figures are not asserted, so a host-bound verdict (exit 3 on a busy two-core machine)
+    # does not stop it; the verdict itself is tests/unit/test_health.py's and the CLI's.
     config.write_text(yaml.safe_dump(TINY_RUN))
     done = subprocess.run(
         [sys.executable, "-m", "lab.cli", "run", "-c", str(config), "--out", str(out), "-q",
-         "--selftest", "--selftest-seconds", "0.5", "--allow-out-of-tolerance"],
+         "--selftest", "--selftest-seconds", "0.5", "--allow-out-of-tolerance",
+         "--allow-host-bound"],
         capture_output=True, text=True, timeout=300, env=env, check=False,
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
