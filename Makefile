@@ -14,9 +14,11 @@ T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 # Debian/Ubuntu packages the lab and its tests use (command:package); installed only when
 # missing. `make fresh-test` proves the list complete on a bare Debian root. python3-venv
 # (ensurepip, for `python3 -m venv`) is a module, not a command. chromium: headless, for the test
-# that opens an HTML report offline (tests/integration/test_report_browser.py).
+# that opens an HTML report offline (tests/integration/test_report_browser.py); chromedriver
+# (Debian's, the same version as its chromium) drives it for the live dashboard's test
+# (tests/privileged/test_dashboard.py, through selenium).
 SYSTEM_BINS := ip:iproute2 tc:iproute2 iptables:iptables iperf3:iperf3 nft:nftables sysctl:procps \
-	chromium:chromium
+	chromium:chromium chromedriver:chromium-driver
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
