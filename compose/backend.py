@@ -8,9 +8,9 @@ driver container runs the workload and collects the counters from inside the sta
 (`compose.stack`) into OUT, which it has mounted. Then the project goes down and whatever
 still carries the lab's label is removed, by id, and nothing else.
 
-Only `compose up/down` and the image build run a command; everything else (the engine's
-version, images, containers and what they carry, states, logs, removal, exec) goes to the
-engine through its API (`compose.engine`).
+Only `compose up/down` runs a command; everything else (the engine's version, images and
+their build, containers and what they carry, states, logs, removal, exec) goes to the engine
+through its API (`compose.engine`, `compose.images`).
 """
 
 from __future__ import annotations
@@ -356,15 +356,18 @@ def exec_in(
 ) -> int:
     """Run `argv` in one node's (or the driver's) container of a recorded compose lab; its
     exit status. Through the engine's API, output streamed to ours, our stdin copied to the
-    command's with `stdin`; with `stdin` on a terminal (stdin and stdout both TTYs)
-    `docker exec -it` takes over this process instead, since an interactive TTY session (raw
-    mode, window size, keys) is what the CLI does and the API leaves to its client."""
+    command's with `stdin`; with `stdin` on a terminal (stdin and stdout both TTYs) the
+    command gets a TTY of its own and our terminal talks to it in raw mode, as with
+    `docker exec -it` (compose.engine.exec_tty)."""
     ids = dict(record.get("compose", {}).get("containers", {}))
     if node_id not in ids:
         raise ComposeError(f"lab {record['lab_id']} has no node {node_id!r} (have: {sorted(ids)})")
-    if stdin and sys.stdin.isatty() and sys.stdout.isatty():
-        os.execvp("docker", ["docker", "exec", "-it", ids[node_id], *argv])
     out, err = sys.stdout.buffer, sys.stderr.buffer
+    if stdin and sys.stdin.isatty() and sys.stdout.isatty():
+        out.flush()
+        return engine.exec_tty(
+            ids[node_id], argv, name=node_id, fd_in=sys.stdin.fileno(), fd_out=out.fileno()
+        )
 
     def write(sink: IO[bytes]) -> Callable[[bytes], None]:
         def put(data: bytes) -> None:
