@@ -13,9 +13,11 @@ all says so and how to start one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -92,6 +94,17 @@ def server_version() -> str:
     """The engine's version; EngineError when none answers."""
     with engine_errors("the Docker engine"):
         return str(client().version().get("Version", "?"))
+
+
+def describe_engine() -> str:
+    """`<version>, storage driver <driver>, cgroup <version>` of the engine that answers;
+    EngineError when none does."""
+    with engine_errors("the Docker engine"):
+        info = client().info()
+    return (
+        f"{info.get('ServerVersion', '?')}, storage driver {info.get('Driver', '?')}, "
+        f"cgroup {info.get('CgroupVersion', '?')}"
+    )
 
 
 def image_exists(name: str) -> bool:
@@ -316,6 +329,20 @@ def _feed(fd: int, sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m compose.engine describe` (compose/ensure-docker.sh): the engine's line on
+    stdout and 0, or why no engine answers on stderr and 1."""
+    parser = argparse.ArgumentParser(prog="python -m compose.engine")
+    parser.add_argument("verb", choices=["describe"])
+    parser.parse_args(argv)
+    try:
+        print(describe_engine())
+    except EngineError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
 __all__ = [
     "KINDS",
     "ComposeError",
@@ -323,6 +350,7 @@ __all__ = [
     "Kind",
     "LogFollower",
     "client",
+    "describe_engine",
     "describe_engine_error",
     "engine_errors",
     "exec_in",
@@ -332,7 +360,11 @@ __all__ = [
     "label_filters",
     "labelled",
     "logs",
+    "main",
     "remove",
     "server_version",
     "states",
 ]
+
+if __name__ == "__main__":
+    sys.exit(main())
