@@ -56,18 +56,18 @@ def resize_signals() -> Iterator[int]:
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
+    previous_fd = -1
     try:
         previous = signal.signal(signal.SIGWINCH, _ignore)
     except ValueError:  # not the main thread
         previous = None
-    previous_fd = (
-        None if previous is None else signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    )
+    else:
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     try:
         yield read_fd
     finally:
         if previous is not None:
-            signal.set_wakeup_fd(-1 if previous_fd is None else previous_fd)
+            signal.set_wakeup_fd(previous_fd)
             signal.signal(signal.SIGWINCH, previous)
         os.close(read_fd)
         os.close(write_fd)
