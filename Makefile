@@ -94,14 +94,15 @@ fuzz-long: venv
 	  $(BIN)/pytest -q tests/fuzz
 
 # --- Docker: the compose backend and tests/e2e (docs/compose.md) ----------------------------
-# A Docker engine and compose: Debian's packages when missing, dockerd started when none answers.
-docker:
-	$(T) compose/ensure-docker.sh
+# A Docker engine and compose: Debian's packages when missing, dockerd started when none answers
+# (asked through the engine's API, with the venv's Docker SDK).
+docker: venv
+	$(T) env DUALPATH_PYTHON=$(BIN)/python compose/ensure-docker.sh
 
 # The offline base image (debootstrap) and the project image from a local wheelhouse, no
 # registry and no network during the build; both cached (/var/cache/dualpath, image labels).
 images: docker venv
-	$(T) env PYTHON=$(BIN)/python compose/build-image.sh --offline
+	$(T) env PYTHON=$(BIN)/python DUALPATH_PYTHON=$(BIN)/python compose/build-image.sh --offline
 
 # The compose stack end to end on a real engine; DUALPATH_E2E_REQUIRED turns a missing engine
 # into a failure instead of a skip.
