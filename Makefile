@@ -16,7 +16,7 @@ T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 # (ensurepip, for `python3 -m venv`) is a module, not a command. chromium: headless, for the test
 # that opens an HTML report offline (tests/integration/test_report_browser.py); chromedriver
 # (Debian's, the same version as its chromium) drives it for the live dashboard's test
-# (tests/privileged/test_dashboard.py, through selenium).
+# (tests/privileged/test_dashboard_browser.py, through selenium).
 SYSTEM_BINS := ip:iproute2 tc:iproute2 iptables:iptables iperf3:iperf3 nft:nftables sysctl:procps \
 	chromium:chromium chromedriver:chromium-driver
 system-deps:

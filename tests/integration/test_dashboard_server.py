@@ -1,7 +1,7 @@
 """The live dashboard's server on a real lab (local backend: real processes, a real control
 endpoint): who may read and change what, the stream a page gets, and a control from the
 page reaching the lab's control endpoint. The browser test of the whole page during a chaos
-run on shaped links is tests/privileged/test_dashboard.py."""
+run on shaped links is tests/privileged/test_dashboard_browser.py."""
 
 from __future__ import annotations
 
