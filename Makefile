@@ -111,9 +111,11 @@ e2e: images
 
 # The fresh-machine tier (.ci/fresh-test, root): this checkout's HEAD cloned into a pristine
 # Debian root (compose/build-base.sh --bare) in a privileged container, set up by the repo's
-# own `make system-deps venv`, then `make tests`; an install step missing here fails it.
+# own `make system-deps venv`, then `make tests`; an install step missing here fails it. The
+# container is run, exec'd into and removed through the engine's API (compose/fresh.py, with
+# the venv's python).
 fresh-test: docker
-	$(T) .ci/fresh-test
+	$(T) env DUALPATH_PYTHON=$(BIN)/python .ci/fresh-test
 
 # The checked-in compose file of the laptop demo.
 compose/docker-compose.yml: examples/laptop.yaml compose/render.py | venv

@@ -18,6 +18,10 @@ else
 fi
 has_docker_sdk() { [ "$DUALPATH_SDK" = yes ]; }
 
+# `"${sdk_python[@]}" MODULE ...` runs one of them (as a command line, for a caller that hands
+# it to another program, as .ci/fresh-test does to .ci/phase).
+sdk_python=(env "PYTHONPATH=$DUALPATH_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$DUALPATH_PYTHON" -m)
+
 _sdk_module() {
   local module=$1
   shift
@@ -26,7 +30,7 @@ _sdk_module() {
       "project's dependencies): run make venv, or set DUALPATH_PYTHON to the venv's python" >&2
     return 1
   fi
-  PYTHONPATH="$DUALPATH_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$DUALPATH_PYTHON" -m "$module" "$@"
+  "${sdk_python[@]}" "$module" "$@"
 }
 images() { _sdk_module compose.images "$@"; }
 engine() { _sdk_module compose.engine "$@"; }

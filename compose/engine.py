@@ -2,9 +2,10 @@
 
 Everything the lab asks of the engine itself goes through here: is it up, does an image
 exist, which containers, networks and volumes carry a label, their states, logs, removal, a
-command run in a container, with or without a TTY (the terminal's side of a TTY session is
-compose.terminal's). Only `compose up/down` stays on the CLI: a compose file becomes
-containers in the compose tool, not in the engine (docs/compose.md).
+container run detached from a spec (the fresh-machine tier's), a command run in a container,
+with or without a TTY (the terminal's side of a TTY session is compose.terminal's). Only
+`compose up/down` stays on the CLI: a compose file becomes containers in the compose tool,
+not in the engine (docs/compose.md).
 
 Every engine error leaves as `EngineError`, whose message names the object (container
 `prefill-0` (3f2a…), network …) and the engine's cause; an engine that does not answer at
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from typing import IO, Any, Literal
 
@@ -157,6 +159,97 @@ def remove(kind: Kind, ident: str) -> None:
             api.remove_network(ident)
         else:
             api.remove_volume(ident)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path mounted into a container (`-v SOURCE:TARGET[:ro]`)."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+    def option(self) -> str:
+        return f"{self.source}:{self.target}{':ro' if self.read_only else ''}"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """A container for `run_detached`: the options of `docker run -d`, as data. Capability
+    names as in linux/capability.h without `CAP_` (or `ALL`)."""
+
+    image: str
+    command: tuple[str, ...]
+    network_mode: str | None = None
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
+    security_opt: tuple[str, ...] = ()
+    """What the engine reads itself (`seccomp=unconfined`, `apparmor=unconfined`)."""
+    unconfined_system_paths: bool = False
+    """/proc and /sys neither masked nor read-only: the CLI's `--security-opt
+    systempaths=unconfined`, which it sends as empty MaskedPaths and ReadonlyPaths."""
+    binds: tuple[Bind, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str | None = None
+
+    def cli_options(self) -> list[str]:
+        """The same container as `docker run -d` options (for logs and people)."""
+        opts: list[str] = []
+        if self.network_mode:
+            opts += ["--network", self.network_mode]
+        opts += [o for cap in self.cap_add for o in ("--cap-add", cap)]
+        opts += [o for cap in self.cap_drop for o in ("--cap-drop", cap)]
+        opts += [o for sec in self.security_opt for o in ("--security-opt", sec)]
+        if self.unconfined_system_paths:
+            opts += ["--security-opt", "systempaths=unconfined"]
+        opts += [o for bind in self.binds for o in ("-v", bind.option())]
+        opts += [o for key, value in self.environment.items() for o in ("-e", f"{key}={value}")]
+        opts += [o for key, value in self.labels.items() for o in ("--label", f"{key}={value}")]
+        if self.working_dir:
+            opts += ["-w", self.working_dir]
+        return opts
+
+
+def run_detached(spec: ContainerSpec, *, name: str) -> str:
+    """Create and start a container as `spec` says, as `docker run -d` does (the image must
+    be there: nothing is pulled); its id. A container created but refused its start is
+    removed again before the error leaves."""
+    api = client().api
+    with engine_errors(f"container {name} (image {spec.image})"):
+        host_config = api.create_host_config(
+            network_mode=spec.network_mode,
+            cap_add=[_capability(cap) for cap in spec.cap_add] or None,
+            cap_drop=[_capability(cap) for cap in spec.cap_drop] or None,
+            security_opt=list(spec.security_opt) or None,
+            binds=[bind.option() for bind in spec.binds] or None,
+        )
+        if spec.unconfined_system_paths:
+            host_config["MaskedPaths"] = []
+            host_config["ReadonlyPaths"] = []
+        created = api.create_container(
+            spec.image,
+            list(spec.command),
+            detach=True,
+            environment=dict(spec.environment) or None,
+            labels=dict(spec.labels) or None,
+            working_dir=spec.working_dir,
+            host_config=host_config,
+        )
+    cid = str(created["Id"])
+    try:
+        with engine_errors(f"container {name} ({cid[:12]}, image {spec.image})"):
+            api.start(cid)
+    except EngineError:
+        with contextlib.suppress(EngineError):
+            remove("container", cid)
+        raise
+    return cid
+
+
+def _capability(name: str) -> str:
+    """`NET_ADMIN` -> `CAP_NET_ADMIN` (the engine's spelling); `ALL` stays."""
+    return name if name == "ALL" or name.startswith("CAP_") else f"CAP_{name}"
 
 
 def states(names: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -345,7 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "KINDS",
+    "Bind",
     "ComposeError",
+    "ContainerSpec",
     "EngineError",
     "Kind",
     "LogFollower",
@@ -362,6 +457,7 @@ __all__ = [
     "logs",
     "main",
     "remove",
+    "run_detached",
     "server_version",
     "states",
 ]
