@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from typing import Any
 
 import yaml
@@ -203,3 +205,16 @@ def test_exporter_names_docker_interfaces_by_the_nodes_addresses() -> None:
     same = {"cnic": [by_addr["cnic"]], "snic": [by_addr["snic"]], "mgmt": [by_addr["mgmt"]]}
     plain = {n: _counters(1) for n in same}
     assert rename_nics(plain, same, names) == plain
+
+
+def test_render_command_leaves_the_profile_out_for_swarm() -> None:
+    argv = [sys.executable, "-m", "lab.cli", "compose", "render", "-c", str(LAPTOP)]
+    with_it = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
+    without = subprocess.run(
+        [*argv, "--no-monitoring"], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert "prometheus" in yaml.safe_load(with_it.stdout)["services"]
+    doc = yaml.safe_load(without.stdout)
+    assert "prometheus" not in doc["services"]
+    assert "profiles:" not in without.stdout
+    assert "render with --no-monitoring" in without.stdout  # the header says so for swarm
