@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the Prometheus image of the compose profile `monitoring`, `dualpath-prometheus:<hash of
 # compose/monitoring/>` (also tagged `latest`, the tag rendered files use); an image with the
-# current hash is reused as it is. Prints the image name.
+# current hash is reused as it is; older ones of this script go (below). Prints the image name.
 #
 #   compose/build-monitoring-image.sh             BASE_IMAGE debian:bookworm-slim, prometheus
 #                                                 from Debian's mirror (a laptop with Docker Hub)
@@ -45,4 +45,11 @@ else
   say "built $IMAGE"
 fi
 docker tag "$IMAGE" "$REPO:latest"
+
+# This script's older images (labelled com.dualpath.source), all but the newest
+# $DUALPATH_KEEP_IMAGES (3) with the current one; one that a container uses stays.
+for tag in $(docker image ls "$REPO" --filter "label=com.dualpath.source" --format '{{.Tag}}' \
+  | grep -vx -e latest -e "$HASH" -e '<none>' | tail -n +"${DUALPATH_KEEP_IMAGES:-3}"); do
+  docker image rm "$REPO:$tag" >/dev/null 2>&1 || true
+done
 echo "$IMAGE"
