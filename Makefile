@@ -14,9 +14,11 @@ T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
 # Debian/Ubuntu packages the lab and its tests use (command:package); installed only when
 # missing. `make fresh-test` proves the list complete on a bare Debian root. python3-venv
 # (ensurepip, for `python3 -m venv`) is a module, not a command. chromium: headless, for the test
-# that opens an HTML report offline (tests/integration/test_report_browser.py).
+# that opens an HTML report offline (tests/integration/test_report_browser.py); chromedriver
+# (Debian's, the same version as its chromium) drives it for the live dashboard's test
+# (tests/privileged/test_dashboard_browser.py, through selenium).
 SYSTEM_BINS := ip:iproute2 tc:iproute2 iptables:iptables iperf3:iperf3 nft:nftables sysctl:procps \
-	chromium:chromium
+	chromium:chromium chromedriver:chromium-driver
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
@@ -92,14 +94,15 @@ fuzz-long: venv
 	  $(BIN)/pytest -q tests/fuzz
 
 # --- Docker: the compose backend and tests/e2e (docs/compose.md) ----------------------------
-# A Docker engine and compose: Debian's packages when missing, dockerd started when none answers.
-docker:
-	$(T) compose/ensure-docker.sh
+# A Docker engine and compose: Debian's packages when missing, dockerd started when none answers
+# (asked through the engine's API, with the venv's Docker SDK).
+docker: venv
+	$(T) env DUALPATH_PYTHON=$(BIN)/python compose/ensure-docker.sh
 
 # The offline base image (debootstrap) and the project image from a local wheelhouse, no
 # registry and no network during the build; both cached (/var/cache/dualpath, image labels).
 images: docker venv
-	$(T) env PYTHON=$(BIN)/python compose/build-image.sh --offline
+	$(T) env PYTHON=$(BIN)/python DUALPATH_PYTHON=$(BIN)/python compose/build-image.sh --offline
 
 # The Prometheus image of the compose profile `monitoring`: Debian's prometheus package in a
 # debootstrap base, `docker build --network none` (compose/build-monitoring-image.sh).

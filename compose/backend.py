@@ -8,9 +8,10 @@ driver container runs the workload and collects the counters from inside the sta
 (`compose.stack`) into OUT, which it has mounted. Then the project goes down and whatever
 still carries the lab's label is removed, by id, and nothing else.
 
-Only `compose up/down` and the image build run a command; everything else (the engine's
-version, images, containers and what they carry, states, logs, removal, exec) goes to the
-engine through its API (`compose.engine`).
+Only `compose up/down` runs a Docker command; everything else (the engine's version, images,
+containers and what they carry, states, logs, removal, exec) goes to the engine through its
+API (`compose.engine`), and so do the engine steps of the image build, a script
+(compose/build-image.sh, through `compose.images`) run when the image is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
@@ -74,11 +75,22 @@ def source_hash(root: Path) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
-def run_cmd(argv: Sequence[str], *, timeout_s: float = COMPOSE_TIMEOUT_S) -> str:
-    """Run a compose (or build) command; its stdout, or ComposeError with its stderr."""
+def run_cmd(
+    argv: Sequence[str],
+    *,
+    timeout_s: float = COMPOSE_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Run a compose (or build) command, with `env` added to our environment; its stdout, or
+    ComposeError with its stderr."""
     try:
         done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout_s, check=False
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            env=None if env is None else {**os.environ, **env},
         )
     except FileNotFoundError:
         raise ComposeError(
@@ -108,8 +120,9 @@ def compose_cli() -> tuple[str, ...]:
 
 def ensure_image(*, say: Say = _stderr) -> str:
     """The image to run: `dualpath-mesh:<hash of these sources>`, built with
-    compose/build-image.sh when missing (`--offline` when DUALPATH_OFFLINE=1: debootstrap base,
-    local wheelhouse, no network). Without a source tree (an installed package), `latest`."""
+    compose/build-image.sh when missing (`--offline` when DUALPATH_OFFLINE=1: debootstrap
+    base, local wheelhouse, no network; its engine steps run compose.images on this Python).
+    Without a source tree (an installed package), `latest`."""
     engine.server_version()  # EngineError, saying how to start one, when none answers
     root = repo_root()
     if root is None:
@@ -125,7 +138,8 @@ def ensure_image(*, say: Say = _stderr) -> str:
     argv = [str(root / "compose" / "build-image.sh")]
     if os.environ.get("DUALPATH_OFFLINE") == "1":
         argv.append("--offline")
-    run_cmd(argv, timeout_s=1800)
+    # the script's engine steps (compose.images) run on this Python, which has the SDK
+    run_cmd(argv, timeout_s=1800, env={"DUALPATH_PYTHON": sys.executable})
     return image
 
 
@@ -356,15 +370,18 @@ def exec_in(
 ) -> int:
     """Run `argv` in one node's (or the driver's) container of a recorded compose lab; its
     exit status. Through the engine's API, output streamed to ours, our stdin copied to the
-    command's with `stdin`; with `stdin` on a terminal (stdin and stdout both TTYs)
-    `docker exec -it` takes over this process instead, since an interactive TTY session (raw
-    mode, window size, keys) is what the CLI does and the API leaves to its client."""
+    command's with `stdin`; with `stdin` on a terminal (stdin and stdout both TTYs) the
+    command gets a TTY of its own and our terminal talks to it in raw mode, as with
+    `docker exec -it` (compose.engine.exec_tty)."""
     ids = dict(record.get("compose", {}).get("containers", {}))
     if node_id not in ids:
         raise ComposeError(f"lab {record['lab_id']} has no node {node_id!r} (have: {sorted(ids)})")
-    if stdin and sys.stdin.isatty() and sys.stdout.isatty():
-        os.execvp("docker", ["docker", "exec", "-it", ids[node_id], *argv])
     out, err = sys.stdout.buffer, sys.stderr.buffer
+    if stdin and sys.stdin.isatty() and sys.stdout.isatty():
+        out.flush()
+        return engine.exec_tty(
+            ids[node_id], argv, name=node_id, fd_in=sys.stdin.fileno(), fd_out=out.fileno()
+        )
 
     def write(sink: IO[bytes]) -> Callable[[bytes], None]:
         def put(data: bytes) -> None:

@@ -11,7 +11,8 @@
 #
 # The bare root is debootstrapped once from this machine's Debian mirror; both roots are
 # cached as tarballs under $DUALPATH_CACHE (default /var/cache/dualpath), keyed by the suite,
-# mirror and package lists, and `docker import`ed; an image that exists is reused as it is.
+# mirror and package lists, and imported through the engine's API (compose/images.py, with
+# $DUALPATH_PYTHON, default the checkout's .venv); an image that exists is reused as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,10 @@ BASE_PACKAGES=${DUALPATH_BASE_PACKAGES:-"python3-venv iproute2 iptables nftables
 CACHE=${DUALPATH_CACHE:-/var/cache/dualpath}
 
 say() { echo "[build-base] $*" >&2; }
+
+# The engine's steps (is the image there, import) go through its API: compose/images.py.
+# shellcheck source=compose/engine-python.sh
+. compose/engine-python.sh
 
 mirror() {
   # The first Debian mirror apt uses here (deb822 .sources or one-line .list).
@@ -118,7 +123,8 @@ else
   TARBALL=$CACHE/base-$SUITE-$KEY.tar
 fi
 
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+found=$(images exists "$IMAGE")
+if [ "$found" = yes ]; then
   say "reusing $IMAGE"
   echo "$IMAGE"
   exit 0
@@ -127,10 +133,10 @@ if [ ! -s "$TARBALL" ]; then
   [ -s "$BARE_TARBALL" ] || build_bare "$BARE_TARBALL"
   [ "$bare" = 1 ] || build_base "$BARE_TARBALL" "$TARBALL"
 fi
-say "docker import $TARBALL as $IMAGE"
-docker import \
+say "importing $TARBALL as $IMAGE"
+images import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'CMD ["/bin/bash"]' \
-  "$TARBALL" "$IMAGE" >/dev/null
+  "$TARBALL" "$IMAGE"
 echo "$IMAGE"

@@ -8,12 +8,14 @@
 #                                      from PyPI (a laptop with Docker Hub)
 #   compose/build-image.sh --offline   no registry, no index: the base from build-base.sh
 #                                      (debootstrap), every wheel from a local wheelhouse, and
-#                                      `docker build --network none`
+#                                      a build with no network (`--network none`)
 #   compose/build-image.sh --print-hash
 #
 # The wheelhouse is cached under $DUALPATH_CACHE (default /var/cache/dualpath), keyed by the
 # dependencies in pyproject.toml and the Python version that built it. Of the hash-tagged
 # images, the newest $DUALPATH_KEEP_IMAGES (3) are kept; older ones go unless a container uses them.
+# The engine's steps run through its API (compose/images.py, with $DUALPATH_PYTHON, default the
+# checkout's .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +32,11 @@ esac
 
 say() { echo "[build-image] $*" >&2; }
 
+# The engine's steps (is the image there, build, tag, prune) go through its API:
+# compose/images.py.
+# shellcheck source=compose/engine-python.sh
+. compose/engine-python.sh
+
 # Must match compose.backend.source_hash (a unit test checks that it does).
 source_hash() {
   { find dualpath services scheduler netem lab compose -name '*.py' -type f; echo pyproject.toml; echo compose/Dockerfile; } \
@@ -43,7 +50,8 @@ if [ "${1:-}" = "--print-hash" ]; then
 fi
 IMAGE=$REPO:$HASH
 
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+found=$(images exists "$IMAGE")
+if [ "$found" = yes ]; then
   say "reusing $IMAGE"
 else
   find compose/wheelhouse -name '*.whl' -delete
@@ -68,24 +76,21 @@ else
     fi
     cp "$wheels"/*.whl compose/wheelhouse/
     base=$(compose/build-base.sh)
-    say "docker build --network none from $base"
-    DOCKER_BUILDKIT=0 docker build -q --network none --build-arg "BASE_IMAGE=$base" \
-      --label "com.dualpath.source=$HASH" -f compose/Dockerfile -t "$IMAGE" . >/dev/null
+    say "building $IMAGE from $base, no network"
+    images build "$IMAGE" --network none --build-arg "BASE_IMAGE=$base" \
+      --label "com.dualpath.source=$HASH" --file compose/Dockerfile --context .
     find compose/wheelhouse -name '*.whl' -delete
   else
     base=${DUALPATH_BASE_IMAGE:-python:3.11-slim}
-    say "docker build from $base"
-    docker build -q --build-arg "BASE_IMAGE=$base" \
-      --label "com.dualpath.source=$HASH" -f compose/Dockerfile -t "$IMAGE" . >/dev/null
+    say "building $IMAGE from $base"
+    images build "$IMAGE" --build-arg "BASE_IMAGE=$base" \
+      --label "com.dualpath.source=$HASH" --file compose/Dockerfile --context .
   fi
   say "built $IMAGE"
 fi
-docker tag "$IMAGE" "$REPO:latest"
+images tag "$IMAGE" "$REPO:latest"
 
-# Older hash-tagged images of this repository, newest first after the ones kept.
-older=$(docker image ls "$REPO" --filter "label=com.dualpath.source" --format '{{.Tag}}' \
-  | { grep -vx -e latest -e "$HASH" -e '<none>' || true; } | tail -n +"$KEEP")
-for tag in $older; do
-  docker image rm "$REPO:$tag" >/dev/null 2>&1 || true
-done
+# Older hash-tagged images of this repository, beyond the newest $KEEP (an image a container
+# uses is kept).
+images prune "$REPO" --label com.dualpath.source --keep "$KEEP" --current "$HASH"
 echo "$IMAGE"

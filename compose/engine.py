@@ -2,10 +2,9 @@
 
 Everything the lab asks of the engine itself goes through here: is it up, does an image
 exist, which containers, networks and volumes carry a label, their states, logs, removal, a
-command run in a container. Only what is a client-side feature of the CLI stays on it:
-`compose up/down` (a compose file becomes containers in the compose tool, not in the engine),
-the interactive `dualpath exec` on a terminal (compose.backend.exec_in) and the image build
-(compose/build-image.sh). docs/compose.md says why for each.
+command run in a container, with or without a TTY (the terminal's side of a TTY session is
+compose.terminal's). Only `compose up/down` stays on the CLI: a compose file becomes
+containers in the compose tool, not in the engine (docs/compose.md).
 
 Every engine error leaves as `EngineError`, whose message names the object (container
 `prefill-0` (3f2a…), network …) and the engine's cause; an engine that does not answer at
@@ -14,10 +13,13 @@ all says so and how to start one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from typing import IO, Any, Literal
@@ -27,6 +29,7 @@ import docker.errors
 from docker import DockerClient
 from docker.utils.socket import STDOUT, frames_iter
 
+from compose import terminal
 from lab.run.backends import BackendError
 
 Kind = Literal["container", "network", "volume"]
@@ -91,6 +94,17 @@ def server_version() -> str:
     """The engine's version; EngineError when none answers."""
     with engine_errors("the Docker engine"):
         return str(client().version().get("Version", "?"))
+
+
+def describe_engine() -> str:
+    """`<version>, storage driver <driver>, cgroup <version>` of the engine that answers;
+    EngineError when none does."""
+    with engine_errors("the Docker engine"):
+        info = client().info()
+    return (
+        f"{info.get('ServerVersion', '?')}, storage driver {info.get('Driver', '?')}, "
+        f"cgroup {info.get('CgroupVersion', '?')}"
+    )
 
 
 def image_exists(name: str) -> bool:
@@ -229,19 +243,79 @@ def exec_in(
             # The attached connection itself: stdin goes in on it, then the engine's frames
             # (stream id, bytes) come back until the command has exited.
             conn = api.exec_start(exec_id, socket=True)
-            sock = getattr(conn, "_sock", conn)
-            if not isinstance(sock, socket.socket):  # an ssh:// engine: a channel, no socket
-                raise EngineError(
-                    f"container {name}: stdin cannot be copied over this engine's connection "
-                    f"({type(conn).__name__}); run the command without piping into it"
-                )
-            sock.settimeout(None)  # a command may be quiet for longer than a request may
+            sock = _attached_socket(conn, name)
             threading.Thread(target=_feed, args=(stdin, sock), daemon=True).start()
             frames: Iterable[tuple[int, bytes]] = frames_iter(conn, tty=False)  # type: ignore[no-untyped-call]
             for stream, data in frames:
                 (out if stream == STDOUT else err)(data)
             sock.close()
-        code = api.exec_inspect(exec_id).get("ExitCode")
+    return _exit_code(exec_id, what=f"container {name} ({cid[:12]})")
+
+
+def exec_tty(cid: str, argv: Sequence[str], *, name: str, fd_in: int, fd_out: int) -> int:
+    """Run `argv` in the container on a TTY of its own, as `docker exec -it` does: the
+    terminal on `fd_in` in raw mode (restored on return, also on an error), the exec's TTY
+    sized like the terminal on `fd_out` and resized when it changes (SIGWINCH, main thread),
+    keys copied in and the TTY's output copied out until the command ends; its exit status."""
+    api = client().api
+    what = f"container {name} ({cid[:12]})"
+    with engine_errors(what):
+        exec_id = api.exec_create(cid, list(argv), stdin=True, stdout=True, stderr=True, tty=True)[
+            "Id"
+        ]
+
+    sent: tuple[int, int] | None = None
+
+    def sync_size() -> None:
+        nonlocal sent
+        size = terminal.window_size(fd_out)
+        if size is None or size == sent:
+            return
+        # the command may have ended meanwhile: the session then ends by itself
+        with contextlib.suppress(EngineError), engine_errors(f"{what}, TTY resize"):
+            api.exec_resize(exec_id, height=size[0], width=size[1])
+            sent = size
+
+    with terminal.resize_signals() as resized, terminal.raw_mode(fd_in):
+        with engine_errors(what):
+            conn = api.exec_start(exec_id, tty=True, socket=True)
+        sock = _attached_socket(conn, name)
+        try:
+            sync_size()  # the engine waits for the exec to have started before it resizes
+            terminal.relay(fd_in, fd_out, sock, resized=resized, sync_size=sync_size)
+        except OSError as exc:  # the engine's connection or our terminal broke
+            raise EngineError(f"{what}: the terminal session broke off ({exc})") from exc
+        finally:
+            sock.close()
+    return _exit_code(exec_id, what=what)
+
+
+def _attached_socket(conn: Any, name: str) -> socket.socket:
+    """The socket under an exec's attached connection (exec_start(socket=True)), blocking
+    with no timeout: a command may be quiet for longer than a request may."""
+    sock = getattr(conn, "_sock", conn)
+    if not isinstance(sock, socket.socket):  # an ssh:// engine: a channel, no socket
+        raise EngineError(
+            f"container {name}: input cannot be copied over this engine's connection "
+            f"({type(conn).__name__}); run the command without stdin and not on a terminal"
+        )
+    sock.settimeout(None)
+    return sock
+
+
+EXIT_WAIT_S = 10.0
+
+
+def _exit_code(exec_id: str, *, what: str) -> int:
+    """The exit status of a finished exec. Its output may end a moment before the engine
+    has recorded the exit, so a still-running exec is asked again, for up to EXIT_WAIT_S."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    with engine_errors(f"{what}, exec {exec_id[:12]}"):
+        found = client().api.exec_inspect(exec_id)
+        while found.get("Running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            found = client().api.exec_inspect(exec_id)
+    code = found.get("ExitCode")
     # None: the engine lost track of the process (the container went away meanwhile)
     return 1 if code is None else int(code)
 
@@ -255,6 +329,20 @@ def _feed(fd: int, sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m compose.engine describe` (compose/ensure-docker.sh): the engine's line on
+    stdout and 0, or why no engine answers on stderr and 1."""
+    parser = argparse.ArgumentParser(prog="python -m compose.engine")
+    parser.add_argument("verb", choices=["describe"])
+    parser.parse_args(argv)
+    try:
+        print(describe_engine())
+    except EngineError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
 __all__ = [
     "KINDS",
     "ComposeError",
@@ -262,15 +350,21 @@ __all__ = [
     "Kind",
     "LogFollower",
     "client",
+    "describe_engine",
     "describe_engine_error",
     "engine_errors",
     "exec_in",
+    "exec_tty",
     "ids",
     "image_exists",
     "label_filters",
     "labelled",
     "logs",
+    "main",
     "remove",
     "server_version",
     "states",
 ]
+
+if __name__ == "__main__":
+    sys.exit(main())

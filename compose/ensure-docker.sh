@@ -18,7 +18,23 @@ ADDRESS_POOL=${DUALPATH_DOCKER_POOL:-base=198.19.0.0/17,size=24}
 
 say() { echo "[ensure-docker] $*" >&2; }
 
-answers() { docker info >/dev/null 2>&1; }
+# shellcheck source=compose/engine-python.sh
+. "$(dirname "$0")/engine-python.sh"
+
+# Whether an engine answers, and its line: through its API (the Docker SDK, compose/engine.py)
+# when a Python with the SDK is there (`make docker` makes the venv first). Run by hand before
+# `make venv` on a fresh machine, the script has no SDK yet and asks the CLI that it has just
+# installed with the engine (`docker info`).
+answers() {
+  if has_docker_sdk; then engine describe >/dev/null 2>&1; else docker info >/dev/null 2>&1; fi
+}
+describe() {
+  if has_docker_sdk; then
+    engine describe
+  else
+    docker info --format '{{.ServerVersion}}, storage driver {{.Driver}}, cgroup {{.CgroupVersion}}'
+  fi
+}
 
 # The recorded pid is ours only while it is still a dockerd (pids are reused after a reboot).
 ours_running() {
@@ -68,7 +84,7 @@ start_dockerd() {
   fi
   for _ in $(seq 1 120); do
     if answers; then
-      say "dockerd answers: storage driver $(docker info --format '{{.Driver}}'), cgroup $(docker info --format '{{.CgroupVersion}}')"
+      say "dockerd answers: $(describe)"
       return
     fi
     if ! ours_running; then
@@ -84,7 +100,7 @@ start_dockerd() {
 
 install_missing
 if answers; then
-  say "a Docker daemon answers ($(docker info --format '{{.ServerVersion}}, storage driver {{.Driver}}'))"
+  say "a Docker daemon answers ($(describe))"
 else
   start_dockerd
 fi

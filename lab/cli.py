@@ -27,6 +27,7 @@ from dualpath.errors import (
 )
 from lab import commands
 from lab.run.backends import BACKENDS
+from lab.run.dashboard import DEFAULT_PORT as DEFAULT_DASHBOARD_PORT
 from lab.run.traces import FORMATS
 from services.spec import LAB_ID_PATTERN, NODE_ID_PATTERN, Policy
 
@@ -107,12 +108,31 @@ def _judged(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535; 0: any free one)")
+    return int(text)
+
+
+def _dashboard(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=DEFAULT_DASHBOARD_PORT,
+        type=_port,
+        metavar="PORT",
+        help="serve a live dashboard of the lab on 127.0.0.1:PORT while it is up (default "
+        f"{DEFAULT_DASHBOARD_PORT}; 0: any free port); its URL, with the lab's secret, is printed",
+    )
+
+
 def _add_run(sub: Subparsers) -> None:
     run = sub.add_parser(
         "run", help="run the workload once and write summary.json", epilog=EXIT_STATUS_HELP
     )
     _common(run)
     _judged(run)
+    _dashboard(run)
     run.add_argument(
         "--selftest",
         action="store_true",
@@ -158,6 +178,7 @@ def _add_chaos(sub: Subparsers) -> None:
     )
     _common(ch)
     _judged(ch)
+    _dashboard(ch)
     ch.add_argument("--scenario", required=True, help="scenario file, e.g. examples/chaos/*.yaml")
     ch.set_defaults(func=commands.cmd_chaos)
 
@@ -182,6 +203,7 @@ def _add_report(sub: Subparsers) -> None:
 def _add_up(sub: Subparsers) -> None:
     up = sub.add_parser("up", help="bring a lab up and leave it running")
     _common(up)
+    _dashboard(up)
     up.add_argument(
         "--allow-unemulated",
         action="store_true",

@@ -11,11 +11,13 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,13 @@ from lab.results.report import comparison_table, summary_lines
 from lab.results.verdict import accept_host_bound, exit_status, host_bound_message, host_bound_runs
 from lab.run.backends import (
     BackendError,
+    NetnsBackend,
     down_recorded,
     state_dir,
 )
 from lab.run.bringup import check_backend, held, prepare
 from lab.run.chaos import cluster_links, load_scenario
+from lab.run.dashboard import LabWatch, scheduler_status
 from lab.run.rundir import REPORT, write_run_report
 from lab.run.runner import compare, run_once
 from lab.run.selftest import SelftestOptions, run_selftest
@@ -102,15 +106,39 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--selftest: measures the shaped links of the netns backend, not {args.backend!r}"
         )
     cfg = _load(args)
+    _dashboard_here(args)
     checks = selftest_options(args) if args.selftest else None
     out = Path(args.out) if args.out else _default_out(cfg, cfg.policy.value)
     if args.backend == "compose":
         summary = _compose(cfg, [cfg.policy.value], out, args)
     else:
-        summary = run_once(
-            cfg, backend=args.backend, out_dir=out, progress=not args.quiet, selftest=checks
-        ).summary
+        summary = _run_here(cfg, out, args, selftest=checks)
     return _single(summary, out, args)
+
+
+def _run_here(
+    cfg: LabConfig, out: Path, args: argparse.Namespace, **options: Any
+) -> dict[str, Any]:
+    """One run on this host's backend (netns or local), with the command's common options."""
+    return run_once(
+        cfg,
+        backend=args.backend,
+        out_dir=out,
+        progress=not args.quiet,
+        dashboard_port=args.dashboard,
+        **options,
+    ).summary
+
+
+def _dashboard_here(args: argparse.Namespace) -> None:
+    """--dashboard serves from the process that owns the lab; on compose that is the driver
+    container, whose 127.0.0.1 the host cannot reach."""
+    if args.dashboard is not None and args.backend == "compose":
+        raise UsageError(
+            "--dashboard: a compose lab is owned by its driver container, out of the host's "
+            "reach; watch it with the monitoring profile's Prometheus (docs/compose.md) or run "
+            "on --backend netns"
+        )
 
 
 def _compose(
@@ -135,6 +163,7 @@ def _compose(
 def cmd_chaos(args: argparse.Namespace) -> int:
     """Run the workload once with a chaos scenario playing against the lab."""
     cfg = _load(args)
+    _dashboard_here(args)
     scenario = load_scenario(Path(args.scenario), cluster_links(cfg))  # before anything runs
     out = Path(args.out) if args.out else _default_out(cfg, f"chaos-{scenario.name}")
     if args.backend == "compose":  # the driver container compiles the same file again
@@ -145,9 +174,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         text = yaml.safe_dump(data, sort_keys=False)
         summary = _compose(cfg, [cfg.policy.value], out, args, scenario=text)
     else:
-        summary = run_once(
-            cfg, backend=args.backend, out_dir=out, progress=not args.quiet, scenario=scenario
-        ).summary
+        summary = _run_here(cfg, out, args, scenario=scenario)
     return _single(summary, out, args)
 
 
@@ -212,14 +239,31 @@ def cmd_up(args: argparse.Namespace) -> int:
         lab_id=lab_id,
         allow_unemulated=args.allow_unemulated,
     )
+    watch: LabWatch | None = None
     try:
-        with held(lab, controller_pid=os.getpid()) as up:
+        with held(lab, controller_pid=os.getpid(), dashboard_port=args.dashboard) as up:
             spec = lab.spec
+            status_url = f"http://{spec.http.host}:{spec.http.port}/v1/status"
             print(
                 f"lab {lab_id} is up ({args.backend}): {', '.join(n.node_id for n in spec.nodes)}"
             )
-            print(f"  scheduler HTTP API: http://{spec.http.host}:{spec.http.port}/v1/status")
+            print(f"  scheduler HTTP API: {status_url}")
             print(f"  control endpoint:   {up.control.url} (pid {os.getpid()} owns the lab)")
+            if up.dashboard is not None:
+                control_log = up.control.applied
+                be = up.backend
+                in_lab = (
+                    partial(be.lab.open_socket, "scheduler")
+                    if isinstance(be, NetnsBackend)
+                    else socket.socket
+                )
+                watch = LabWatch(
+                    up.dashboard,
+                    be.counters,
+                    status=partial(scheduler_status, in_lab, spec.http.host, spec.http.port),
+                    steps=lambda: [(control_log, True)],
+                )
+                print(f"  live dashboard:     {up.dashboard.url}")
             print(f"  logs: {out / 'logs'}")
             print("  run a command in a node:  dualpath exec prefill-0 -- ss -tin")
             print("  change a link:            dualpath link set prefill-0 snic rate=50%")
@@ -229,8 +273,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             if args.detached:
                 _detach_output(out / "logs" / "controller.log")
-            while True:
-                time.sleep(3600)
+            try:
+                while True:
+                    time.sleep(3600)
+            finally:
+                if watch is not None:
+                    watch.close()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `dualpath down`
         return EXIT_OK
 
@@ -260,6 +308,8 @@ def _up_detached(args: argparse.Namespace) -> int:
         cmd += ["--out", args.out]
     if args.allow_unemulated:
         cmd.append("--allow-unemulated")
+    if args.dashboard is not None:
+        cmd += ["--dashboard", str(args.dashboard)]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -514,6 +564,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         api = _openai_endpoint(Path(lab["spec"]))
         if api is not None:
             print(f'  openai api   {api}  (api key: the spec\'s "secret")')
+        if lab.get("dashboard_url"):
+            print(f'  dashboard    {lab["dashboard_url"]}#token=<the spec\'s "secret">')
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ directory and then the record, exactly what was created.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from lab.run.backends import (
 )
 from lab.run.chaos import cluster_links
 from lab.run.control import ControlServer
+from lab.run.dashboard import Dashboard, LabInfo
 from netem.kernel import require_net_admin
 from scheduler.plugins import InstalledPolicies
 from services.scheduler.state import policy_for
@@ -66,6 +67,8 @@ class HeldLab:
     prepared: Prepared
     backend: Backend
     control: ControlServer
+    dashboard: Dashboard | None = None
+    """The live dashboard, when one was asked for (`--dashboard`)."""
 
 
 def check_backend(backend: str) -> None:
@@ -131,6 +134,19 @@ def prepare(
     return Prepared(cfg, spec, spec_path, out_dir, data_dir, state, allow_unemulated)
 
 
+def lab_info(lab: Prepared, rates_mbit: Mapping[str, Mapping[str, float]]) -> LabInfo:
+    """What the dashboard shows about `lab` and offers in its controls."""
+    return LabInfo(
+        lab_id=lab.lab_id,
+        backend=lab.spec.backend,
+        policy=lab.cfg.policy.value,
+        time_dilation=float(lab.cfg.scaling.time_dilation),
+        nodes=[n.node_id for n in lab.spec.nodes],
+        links={node: sorted(nics) for node, nics in sorted(rates_mbit.items())},
+        shaped=lab.spec.backend != "local",
+    )
+
+
 @contextmanager
 def held(
     lab: Prepared,
@@ -138,24 +154,40 @@ def held(
     *,
     controller_pid: int | None = None,
     on_down: Callable[[list[str]], None] | None = None,
+    dashboard_port: int | None = None,
 ) -> Iterator[HeldLab]:
     """The lab up, with its control endpoint recorded (and `controller_pid`, the process that
-    owns a lab of `dualpath up`); down again on the way out, `on_down` told what was removed."""
+    owns a lab of `dualpath up`), and its live dashboard on `dashboard_port` (0: any free port)
+    when one is asked for; down again on the way out, `on_down` told what was removed."""
     try:
         be = factory(lab)
     except BaseException:
         lab.data_dir.remove()
         raise
     control: ControlServer | None = None
+    dashboard: Dashboard | None = None
     try:
+        links = cluster_links(lab.cfg)
+        if dashboard_port is not None:  # before the lab: a port that is taken stops nothing up
+            dashboard = Dashboard(
+                lab_info(lab, links.rates_mbit),
+                control_url="http://127.0.0.1:0",  # the control endpoint's, once it is up
+                secret=lab.spec.secret,
+                port=dashboard_port,
+            )
         be.up()
-        control = ControlServer(be, cluster_links(lab.cfg), secret=lab.spec.secret)
+        control = ControlServer(be, links, secret=lab.spec.secret)
         lab.state.data["control_url"] = control.url
+        if dashboard is not None:
+            dashboard.control_url = control.url
+            lab.state.data["dashboard_url"] = dashboard.address
         if controller_pid is not None:
             lab.state.data["controller_pid"] = controller_pid
         lab.state.save()
-        yield HeldLab(lab, be, control)
+        yield HeldLab(lab, be, control, dashboard)
     finally:
+        if dashboard is not None:
+            dashboard.close()
         if control is not None:
             control.close()
         removed = be.down()

@@ -87,7 +87,12 @@ class DriverProgress:
     turns_failed: int = 0
     agents_done: int = 0
     tokens_done: int = 0
+    in_flight: int = 0
+    """Turns submitted (an attempt under way, retries included) and not yet ended."""
     results: list[TurnResult] = field(default_factory=list)
+    fresh_ttft: list[tuple[float, float]] = field(default_factory=list)
+    """(first token's wall time, TTFT s) of the turns that finished since the last progress
+    line: the live dashboard plots TTFT as it happens."""
 
 
 async def _wait_ready(session: aiohttp.ClientSession, base: str) -> None:
@@ -194,9 +199,13 @@ async def _agent(
     if delay > 0:
         await asyncio.sleep(delay)
     for i, turn in enumerate(agent.turns):
-        res = await _turn_with_retries(
-            session, base, turn, timeout_s, retries=retries, backoff_s=backoff_s
-        )
+        progress.in_flight += 1
+        try:
+            res = await _turn_with_retries(
+                session, base, turn, timeout_s, retries=retries, backoff_s=backoff_s
+            )
+        finally:
+            progress.in_flight -= 1
         progress.results.append(res)
         if res.error is not None:
             progress.turns_failed += 1
@@ -205,6 +214,8 @@ async def _agent(
             break
         progress.turns_done += 1
         progress.tokens_done += res.prompt_tokens + res.gen_tokens
+        if res.first_token_at is not None:
+            progress.fresh_ttft.append((res.first_token_at, res.first_token_at - res.submitted_at))
     progress.agents_done += 1
 
 
@@ -260,8 +271,11 @@ async def _progress_printer(progress: DriverProgress, started: float, stop: asyn
                 "turns_total": progress.turns_total,
                 "agents_done": progress.agents_done,
                 "tokens_done": progress.tokens_done,
+                "in_flight": progress.in_flight,
+                "ttft": [[round(t, 3), round(v, 4)] for t, v in progress.fresh_ttft],
             }
         }
+        progress.fresh_ttft.clear()
         print(json.dumps(line), flush=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)

@@ -37,6 +37,7 @@ from lab.run.bringup import (
 )
 from lab.run.calibrate import calibrate
 from lab.run.chaos import Scenario
+from lab.run.dashboard import RunFeed
 from lab.run.player import ChaosPlayer
 from lab.run.progress import Progress
 from lab.run.rundir import REPORT, write_run_report
@@ -107,6 +108,7 @@ def run_once(
     selftest: SelftestOptions | None = None,
     scaling: dict[str, Any] | None = None,
     factory: BackendFactory = make_backend,
+    dashboard_port: int | None = None,
 ) -> RunResult:
     """Run the config's workload once under cfg.policy on `backend`; write summary.json.
     Scaling left on auto is chosen first (lab.config.scaling, after a host calibration); `scaling`
@@ -114,6 +116,7 @@ def run_once(
     With a chaos `scenario`, its steps run against the lab from the driver's start. With
     `selftest`, the lab's links are measured first (lab.run.selftest, in a lab of their own) and
     the run refuses to go on when one is outside tolerance, unless the options allow it.
+    `dashboard_port`: serve the live dashboard there while the lab is up (0: any free port).
     `factory` makes the backend (the compose driver passes the stack's).
 
     Three steps: plan (scaling, selftest, spec and workload plan), play (the lab held up while
@@ -125,7 +128,7 @@ def run_once(
     cfg, scaling = resolve_scaling(cfg, say, scaling)
     checked = _selftest(cfg, backend, out_dir, selftest, say) if selftest is not None else None
     plan = _plan(cfg, backend, out_dir)
-    played = _play(plan, factory, scenario, say, progress)
+    played = _play(plan, factory, scenario, say, progress, dashboard_port)
     summary = _summarize(plan, played, scaling, checked)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     write_run_report([out_dir], out_dir / REPORT)
@@ -197,6 +200,7 @@ def _play(
     scenario: Scenario | None,
     say: Callable[[str], None],
     progress: bool,
+    dashboard_port: int | None = None,
 ) -> _Played:
     """Hold the lab up while the driver replays the plan (counters and host sampled, the
     scenario's steps applied); the lab comes down whatever happens."""
@@ -209,7 +213,7 @@ def _play(
     def said_down(removed: list[str]) -> None:
         say(f"[{policy}] lab {lab.lab_id} down: removed {len(removed)} objects")
 
-    with held(lab, factory, on_down=said_down) as up:
+    with held(lab, factory, on_down=said_down, dashboard_port=dashboard_port) as up:
         return _play_held(plan, up, scenario, say, progress)
 
 
@@ -228,8 +232,22 @@ def _play_held(
     say(f"[{policy}] control: {up.control.url} (dualpath link set NODE NIC key=value)")
     chaos = ChaosPlayer(scenario, up.backend, say) if scenario is not None else None
     show = Progress(policy, progress, agents_total=len(plan.replay.agents))
-    samples, host = _replay(plan, up.backend, chaos, show)
+    feed: RunFeed | None = None
+    if up.dashboard is not None:
+        say(f"[{policy}] dashboard: {up.dashboard.url}")
+        logs = [(chaos.log, False)] if chaos is not None else []
+        logs.append((up.control.applied, True))
+        feed = RunFeed(up.dashboard, steps=lambda: logs)
+    try:
+        samples, host = _replay(plan, up.backend, chaos, show, feed)
+    except BaseException as exc:
+        if feed is not None:
+            feed.finish(f"run stopped: {exc}" if str(exc) else "run stopped")
+        raise
     driver = json.loads((lab.out_dir / DRIVER_RESULTS).read_text())
+    if feed is not None:
+        done = sum(t.get("error") is None for t in driver["turns"])
+        feed.finish(f"{done}/{len(driver['turns'])} turns done; the lab goes down")
     by_hand = _by_hand(up.control.applied, float(driver["started_at"]))
     return _Played(driver, samples, host, chaos, by_hand)
 
@@ -286,7 +304,7 @@ def _record_metrics_urls(lab: Prepared) -> None:
 
 
 def _replay(
-    plan: _Plan, be: Backend, chaos: ChaosPlayer | None, show: Progress
+    plan: _Plan, be: Backend, chaos: ChaosPlayer | None, show: Progress, feed: RunFeed | None
 ) -> tuple[list[Sample], list[HostSample]]:
     """Run the driver to its end, sampling counters and host while it runs, the chaos steps
     played beside it; RunError when it fails. Interrupted, the driver is stopped first."""
@@ -300,14 +318,20 @@ def _replay(
             proc = _start_driver(plan, be, driver_log)
             if chaos is not None:
                 chaos.thread.start()
-            reader = threading.Thread(target=_listen, args=(proc, show, chaos, fatal), daemon=True)
+            reader = threading.Thread(
+                target=_listen, args=(proc, show, chaos, fatal, feed), daemon=True
+            )
             reader.start()
             while proc.poll() is None:
                 sample(be, samples, host)
                 show.update(samples)
+                if feed is not None:
+                    feed.tick(samples, host)
                 time.sleep(SAMPLE_INTERVAL_S)
             sample(be, samples, host)
             reader.join(timeout=5)
+            if feed is not None:
+                feed.tick(samples, host)
             if chaos is not None:
                 chaos.stop.set()
                 chaos.thread.join(timeout=30)
@@ -353,10 +377,14 @@ def _start_driver(plan: _Plan, be: Backend, log: IO[str]) -> subprocess.Popen[st
 
 
 def _listen(
-    proc: subprocess.Popen[str], show: Progress, chaos: ChaosPlayer | None, fatal: list[str]
+    proc: subprocess.Popen[str],
+    show: Progress,
+    chaos: ChaosPlayer | None,
+    fatal: list[str],
+    feed: RunFeed | None = None,
 ) -> None:
     """Read the driver's JSON lines: its start starts the chaos clock, its progress feeds the
-    status line, a fatal error is kept for the RunError."""
+    status line and the dashboard, a fatal error is kept for the RunError."""
     assert proc.stdout is not None
     for line in proc.stdout:
         try:
@@ -365,8 +393,12 @@ def _listen(
             continue
         if "started_at" in msg and chaos is not None:
             chaos.start_clock(float(msg["started_at"]))
+        if "started_at" in msg and feed is not None:
+            feed.on_start(float(msg["started_at"]))
         if "progress" in msg:
             show.progress = msg["progress"]
+            if feed is not None:
+                feed.on_progress(msg["progress"])
         if "fatal" in msg:
             fatal.append(str(msg["fatal"]))
 
