@@ -105,9 +105,9 @@ images: docker venv
 	$(T) env PYTHON=$(BIN)/python DUALPATH_PYTHON=$(BIN)/python compose/build-image.sh --offline
 
 # The Prometheus image of the compose profile `monitoring`: Debian's prometheus package in a
-# debootstrap base, `docker build --network none` (compose/build-monitoring-image.sh).
-monitoring-image: docker
-	$(T) compose/build-monitoring-image.sh --offline
+# debootstrap base, built with no network (compose/build-monitoring-image.sh).
+monitoring-image: docker venv
+	$(T) env DUALPATH_PYTHON=$(BIN)/python compose/build-monitoring-image.sh --offline
 
 # The compose stack end to end on a real engine; DUALPATH_E2E_REQUIRED turns a missing engine
 # into a failure instead of a skip.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -62,7 +63,8 @@ def prometheus_image(image: str) -> str:
     argv = [str(ROOT / "compose" / "build-monitoring-image.sh")]
     if os.environ.get("DUALPATH_OFFLINE") == "1":
         argv.append("--offline")
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    env = {**os.environ, "DUALPATH_PYTHON": sys.executable}  # its engine steps: our SDK
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False, env=env)
     if done.returncode != 0:
         need(f"building the Prometheus image failed: {done.stderr[-2000:]}")
     return done.stdout.strip()
