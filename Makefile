@@ -6,7 +6,7 @@ CONFIG ?= examples/laptop.yaml
 OUT    ?= results/demo
 
 .PHONY: demo test system-deps venv lint typecheck unit integration privileged bench bench-isolation \
-	clean tests fuzz fuzz-long docker images e2e fresh-test aiperf clients
+	clean tests fuzz fuzz-long docker images monitoring-image e2e fresh-test aiperf clients
 
 # `$(T) CMD` times a step of CI (.ci/run sets DUALPATH_PHASES); nothing otherwise.
 T = $(if $(DUALPATH_PHASES),.ci/phase $(or $(PHASE_NAME),$@))
@@ -104,9 +104,14 @@ docker: venv
 images: docker venv
 	$(T) env PYTHON=$(BIN)/python DUALPATH_PYTHON=$(BIN)/python compose/build-image.sh --offline
 
+# The Prometheus image of the compose profile `monitoring`: Debian's prometheus package in a
+# debootstrap base, built with no network (compose/build-monitoring-image.sh).
+monitoring-image: docker venv
+	$(T) env DUALPATH_PYTHON=$(BIN)/python compose/build-monitoring-image.sh --offline
+
 # The compose stack end to end on a real engine; DUALPATH_E2E_REQUIRED turns a missing engine
 # into a failure instead of a skip.
-e2e: images
+e2e: images monitoring-image
 	$(T) env DUALPATH_E2E_REQUIRED=1 DUALPATH_OFFLINE=1 $(BIN)/pytest -q tests/e2e
 
 # The fresh-machine tier (.ci/fresh-test, root): this checkout's HEAD cloned into a pristine

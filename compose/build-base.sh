@@ -20,8 +20,9 @@ SUITE=${DUALPATH_BASE_SUITE:-bookworm}
 # A fresh server install has these (make and git: the README's `git clone` + `make test`);
 # everything else the lab needs must come from the repo's own install steps.
 BARE_PACKAGES=python3,make,git,ca-certificates
-# What the compose image adds on top (the Dockerfile then needs no network).
-BASE_PACKAGES="python3-venv iproute2 iptables nftables procps"
+# What the compose image adds on top (the Dockerfile then needs no network). Another image's
+# base sets its own list (compose/build-monitoring-image.sh: prometheus); the key follows it.
+BASE_PACKAGES=${DUALPATH_BASE_PACKAGES:-"python3-venv iproute2 iptables nftables procps"}
 CACHE=${DUALPATH_CACHE:-/var/cache/dualpath}
 
 say() { echo "[build-base] $*" >&2; }

@@ -5,7 +5,9 @@ Pure: config in, compose document (a dict, or YAML text) out; no Docker, no file
 addresses are the ones `build_cluster_spec` gives the netns backend, so both backends run the
 same cluster. The same file deploys with `docker compose` (v2), Debian's `docker-compose` (v1)
 and `docker stack deploy` (swarm ignores `build`, `depends_on` and fixed addresses: the driver
-then learns every node's address from its agent).
+then learns every node's address from its agent). The `prometheus` service of the profile
+`monitoring` (compose.monitoring) starts only with `--profile monitoring`; swarm's schema has no
+profiles, so a file for `docker stack deploy` is rendered without it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from compose import monitoring
 from lab.config.cluster import build_cluster_spec
 from lab.config.models import ConfigError, LabConfig
 from services.spec import ClusterSpec, NodeSpec, Policy, Role
@@ -74,6 +77,8 @@ class RenderOptions:
     scenario: str | None = None
     """A chaos scenario (YAML text) the driver plays during the run."""
     header: Sequence[str] = field(default_factory=tuple)
+    monitoring: bool = True
+    """Add the `prometheus` service under the profile `monitoring` (off: a file for swarm)."""
 
 
 def check_renderable(cfg: LabConfig) -> None:
@@ -196,6 +201,8 @@ def render(cfg: LabConfig, opts: RenderOptions) -> dict[str, Any]:
     driver["networks"] = {"mgmt": {"ipv4_address": str(mgmt[DRIVER_HOST_OFFSET])}}
     driver["deploy"] = _deploy(manager=True)
     services["driver"] = driver
+    if opts.monitoring:
+        services[monitoring.SERVICE] = _prometheus(cfg, spec, opts)
     # internal: no route in or out of the stack's networks (nothing in a stack needs one: the
     # host drives it with `docker exec`/`logs`, results go through the driver's bind mount)
     networks = {
@@ -208,6 +215,27 @@ def render(cfg: LabConfig, opts: RenderOptions) -> dict[str, Any]:
     }
     volumes = {SECRET_VOLUME: {"labels": {LAB_LABEL: opts.lab}}}
     return {"version": "3.8", "services": services, "networks": networks, "volumes": volumes}
+
+
+def _prometheus(cfg: LabConfig, spec: ClusterSpec, opts: RenderOptions) -> dict[str, Any]:
+    """The Prometheus server (profile `monitoring`) on mgmt only, its scrape configuration in
+    its environment (the entry point writes it to a file), so the file needs nothing beside it.
+    No depends_on: the nodes' exporters come and go with each run, Prometheus keeps scraping."""
+    svc: dict[str, Any] = {"image": monitoring.IMAGE, "profiles": [monitoring.PROFILE]}
+    if opts.build is not None:
+        svc["build"] = {
+            "context": f"{opts.build.context}/{monitoring.BUILD_DIR}",
+            "args": {
+                "BASE_IMAGE": "${DUALPATH_PROMETHEUS_BASE_IMAGE:-"
+                f"{monitoring.DEFAULT_BASE_IMAGE}}}"
+            },
+        }
+    config = monitoring.prometheus_config(spec, lab=opts.lab)
+    svc["environment"] = {monitoring.CONFIG_ENV: _escape(yaml.safe_dump(config, sort_keys=False))}
+    svc["labels"] = {LAB_LABEL: opts.lab, NODE_LABEL: monitoring.SERVICE}
+    svc["networks"] = {"mgmt": {"ipv4_address": monitoring.address(cfg.network.mgmt_subnet)}}
+    svc["sysctls"] = {"net.ipv6.conf.all.disable_ipv6": "1"}
+    return svc
 
 
 class _Dumper(yaml.SafeDumper):
@@ -237,13 +265,20 @@ def render_text(
     policies: Sequence[str] = ALL_POLICIES,
     results: str = "./results",
     image: str = IMAGE,
+    monitoring: bool = True,
 ) -> str:
     """What `dualpath compose render -c CONFIG_ARG [-o OUTPUT_ARG]` writes: the compose file
     with a header saying how it was made and how to use it. `context`: the repository root
-    relative to the output's folder (None: no `build:` sections)."""
+    relative to the output's folder (None: no `build:` sections). `monitoring`: the
+    Prometheus service of the profile `monitoring` (off for swarm)."""
     build = Build(context=context) if context is not None else None
     opts = RenderOptions(
-        lab=cfg.name, image=image, build=build, results=results, policies=tuple(policies)
+        lab=cfg.name,
+        image=image,
+        build=build,
+        results=results,
+        policies=tuple(policies),
+        monitoring=monitoring,
     )
     where = f" -o {output_arg}" if output_arg else ""
     header = [
@@ -254,7 +289,11 @@ def render_text(
         "  docker compose up --build --exit-code-from driver    # v1: docker-compose up ...",
         "  docker compose down -v      # -v: the stack's secret volume too",
         "",
-        "Results: ./results/<name>-<kind>-<time>/. Swarm: docker stack deploy -c FILE NAME",
+        "With `--profile monitoring` (up and down) a Prometheus server scrapes every node",
+        '(docs/compose.md, "Monitoring").',
+        "",
+        "Results: ./results/<name>-<kind>-<time>/. Swarm: render with --no-monitoring, then",
+        "docker stack deploy -c FILE NAME",
         "(docs/compose.md).",
     ]
     return to_yaml(render(cfg, opts), header)

@@ -310,6 +310,13 @@ def _add_compose(sub: Subparsers) -> None:
     )
     cr.add_argument("--results", default="./results", help="host folder for results")
     cr.add_argument("--image", default="dualpath-mesh:latest", help="the image every service runs")
+    cr.add_argument(
+        "--no-monitoring",
+        dest="monitoring",
+        action="store_false",
+        help="leave out the Prometheus service of the profile `monitoring` (a file for swarm, "
+        "whose schema has no profiles)",
+    )
     cr.set_defaults(func=commands.cmd_compose_render)
 
 

@@ -620,6 +620,7 @@ def cmd_compose_render(args: argparse.Namespace) -> int:
         policies=[p.strip() for p in args.policies.split(",") if p.strip()],
         results=args.results,
         image=args.image,
+        monitoring=args.monitoring,
     )
     if out is None:
         sys.stdout.write(text)

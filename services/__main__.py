@@ -16,7 +16,7 @@ from pathlib import Path
 
 import uvloop
 
-from services.prom import METRICS_PORT, MetricsExporter, exported_nodes
+from services.prom import METRICS_PORT, MetricsExporter, exported_nodes, lab_nic_names
 from services.spec import ClusterSpec, Role
 
 
@@ -29,7 +29,7 @@ async def _run(spec: ClusterSpec, spec_path: Path, node_id: str) -> None:
     role = node.role
     exporter = None
     if exported_nodes(spec.backend):
-        exporter = MetricsExporter.of_this_namespace(node_id, role.value)
+        exporter = MetricsExporter.of_this_namespace(node_id, role.value, lab_nic_names(node))
         await exporter.start(node.mgmt.host, METRICS_PORT)
     try:
         await _serve_role(spec, spec_path, node_id, role, stop)

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from netem.counters import ClassCounters, NicCounters, discover_sources, read_nics
 from services import http_bounds
 from services.limits import METRICS_LIMITS, PortLimits
+from services.spec import NodeSpec
 
 METRICS_PORT = 7600
 """On every node's mgmt address (the lab's other ports are 7100-7401, the compose agent's 7500)."""
@@ -213,23 +214,61 @@ def parse_samples(text: str) -> dict[str, float]:
     }
 
 
+def lab_nic_names(node: NodeSpec) -> dict[str, str]:
+    """Address -> the lab's name of the NIC that carries it on `node` (lab.config.topology's
+    names: cnic on compute, snic on storage, mgmt)."""
+    names = {node.mgmt.host: "mgmt"}
+    if node.cnic is not None:
+        names[node.cnic.host] = "cnic"
+    snic = node.snic_host or (node.storage.host if node.storage is not None else None)
+    if snic is not None:
+        names[snic] = "snic"
+    return names
+
+
+def rename_nics(
+    nics: Mapping[str, NicCounters],
+    addresses: Mapping[str, Sequence[str]],
+    names: Mapping[str, str],
+) -> dict[str, NicCounters]:
+    """`nics` keyed by the lab's NIC names where an interface carries one of the node's
+    addresses (`addresses`: interface -> its addresses; `names`: lab_nic_names). A compose
+    container's interfaces are Docker's eth0, eth1, ... in an order of Docker's choosing, a
+    netns node's already cnic, snic, mgmt; an interface with no lab address keeps its name."""
+    lab = {
+        iface: names[addr] for iface, addrs in addresses.items() for addr in addrs if addr in names
+    }
+    return {lab.get(iface, iface): c for iface, c in nics.items()}
+
+
 class KernelCounterReader:
     """Reads this process's network namespace: the NICs and their shaping are discovered from
-    the kernel at every read (a rate changed by `dualpath link set` shows at once).
+    the kernel at every read (a rate changed by `dualpath link set` shows at once). `names`
+    (lab_nic_names): NICs are reported under the lab's names, found by address.
 
     pyroute2's synchronous API runs an event loop of its own, which cannot run in a thread
     whose loop is already running: every netlink call happens on one private thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Mapping[str, str] | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prom-netlink")
         self._ipr: Any = None
+        self._names = dict(names or {})
 
     def _read(self) -> dict[str, NicCounters]:
         from pyroute2 import IPRoute
 
         if self._ipr is None:
             self._ipr = IPRoute()
-        return read_nics(self._ipr, "this namespace", discover_sources(self._ipr))
+        nics = read_nics(self._ipr, "this namespace", discover_sources(self._ipr))
+        if not self._names:
+            return nics
+        ifnames = {int(m["index"]): str(m.get_attr("IFLA_IFNAME")) for m in self._ipr.get_links()}
+        addresses: dict[str, list[str]] = {}
+        for msg in self._ipr.get_addr():
+            iface = ifnames.get(int(msg["index"]))
+            if iface is not None:
+                addresses.setdefault(iface, []).append(str(msg.get_attr("IFA_ADDRESS")))
+        return rename_nics(nics, addresses, self._names)
 
     async def read(self) -> dict[str, NicCounters]:
         loop = asyncio.get_running_loop()
@@ -267,9 +306,12 @@ class MetricsExporter:
         self.site: http_bounds.BoundedSite | None = None
 
     @classmethod
-    def of_this_namespace(cls, node_id: str, role: str) -> MetricsExporter:
-        """Serving the kernel counters of the namespace this process runs in."""
-        reader = KernelCounterReader()
+    def of_this_namespace(
+        cls, node_id: str, role: str, names: Mapping[str, str] | None = None
+    ) -> MetricsExporter:
+        """Serving the kernel counters of the namespace this process runs in (`names`: see
+        KernelCounterReader)."""
+        reader = KernelCounterReader(names)
         return cls(node_id, role, reader.read, on_close=reader.close)
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -318,8 +360,10 @@ __all__: Sequence[str] = (
     "NodeCollector",
     "exported_nodes",
     "exposition",
+    "lab_nic_names",
     "metrics_url",
     "parse_samples",
+    "rename_nics",
     "render",
     "sample_key",
 )

@@ -53,11 +53,18 @@ def dualpath(
 
 
 def render(
-    out: Path, name: str, *, image: str, policies: str, results: str = "./results"
+    out: Path,
+    name: str,
+    *,
+    image: str,
+    policies: str,
+    results: str = "./results",
+    monitoring: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     done = dualpath(
         "compose", "render", "-c", str(SMALL), "--set", f"name={name}", *subnets(),
         "--policies", policies, "--results", results, "--image", image, "-o", str(out),
+        *([] if monitoring else ["--no-monitoring"]),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done

@@ -46,7 +46,8 @@ def spec_of(cfg_path: Path = LAPTOP) -> ClusterSpec:
 
 
 def test_one_service_per_node_plus_the_driver() -> None:
-    doc = laptop_doc()
+    assert list(laptop_doc()["services"])[-1] == "prometheus"  # profile `monitoring`
+    doc = laptop_doc(monitoring=False)
     assert list(doc["services"]) == [
         "storage-0",
         "storage-1",
@@ -76,7 +77,7 @@ def test_networks_have_the_config_subnets_and_the_lab_label() -> None:
 
 
 def test_every_service_shares_the_stack_secret_volume_and_nothing_is_published() -> None:
-    doc = render(load_config(LAPTOP), RenderOptions(lab="x"))
+    doc = render(load_config(LAPTOP), RenderOptions(lab="x", monitoring=False))
     assert doc["volumes"] == {"dualpath-secret": {"labels": {LAB_LABEL: "x"}}}
     for svc in doc["services"].values():
         assert "dualpath-secret:/run/dualpath-secret" in svc["volumes"]
@@ -128,7 +129,7 @@ def test_driver_carries_the_config_and_policies() -> None:
     assert driver["volumes"] == ["dualpath-secret:/run/dualpath-secret", "./results:/results"]
     embedded = parse_config(yaml.safe_load(driver["environment"]["DUALPATH_CONFIG"]))
     assert embedded == load_config(LAPTOP)
-    assert set(driver["depends_on"]) == set(doc["services"]) - {"driver"}
+    assert set(driver["depends_on"]) == set(doc["services"]) - {"driver", "prometheus"}
 
 
 def test_dollar_signs_are_escaped_for_compose() -> None:
