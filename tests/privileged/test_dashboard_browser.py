@@ -203,6 +203,7 @@ def test_the_dashboard_follows_a_chaos_run_and_changes_a_link(
         _until("a sample after the kernel reading", lambda: _sampled_wall(browser) > read_at)
         shown = float(_row_cell(browser, "prefill-0", "snic", "ingress-mb") or "nan") * 1e6
         after = _root_htb_bytes(ns, ifb)
+        print(f"prefill-0 snic ingress bytes: kernel {before}, page {shown:.0f}, kernel {after}")
         assert before - 500 <= shown <= after + 500, (before, shown, after)  # 3-decimal MB
         assert after > 0
 
