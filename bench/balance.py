@@ -38,6 +38,7 @@ from lab.results.balance import (  # noqa: E402
     snic_balance,
 )
 from lab.results.health import verdict_of  # noqa: E402
+from lab.run.rundir import REPORT, write_run_report  # noqa: E402
 from lab.run.runner import run_once  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -48,13 +49,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def run(config: Path, out: Path, repeats: int, variants: list[str], settings: list[str]) -> None:
+    dirs: list[Path] = []
     for rep in range(repeats):
         for name in variants:
             cfg = load_config(config, parse_settings(settings))
             sched = cfg.scheduling.model_copy(update=VARIANTS[name])
             cfg = cfg.model_copy(update={"scheduling": sched})
-            res = run_once(cfg, backend="netns", out_dir=out / f"{name}-{rep}", progress=False)
+            dirs.append(out / f"{name}-{rep}")
+            res = run_once(cfg, backend="netns", out_dir=dirs[-1], progress=False)
             print(f"{name}-{rep} done, emulation {verdict_of(res.summary)}", flush=True)
+    print(f"report: {write_run_report(dirs, out / REPORT)}", flush=True)
 
 
 def row(run_dir: Path, window_s: float, busy_fraction: float) -> dict[str, Any]:

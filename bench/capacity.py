@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 
 from lab.config.models import ConfigError, load_config, parse_settings  # noqa: E402
 from lab.results.health import HOST_BOUND, verdict_of  # noqa: E402
+from lab.run.rundir import REPORT, write_run_report  # noqa: E402
 from lab.run.runner import run_once  # noqa: E402
 
 POLICIES = ("basic", "dualpath", "oracle")
@@ -181,11 +182,13 @@ def run(
     settings: Sequence[str],
     min_attained: float,
 ) -> None:
+    dirs: list[Path] = []
     for policy in policies:
         for aps in sorted(rates):
             sets = [*settings, "workload.arrival=poisson", f"workload.agents_per_s={aps:g}"]
             cfg = load_config(config, {**parse_settings(sets), "policy": policy})
             run_dir = out / run_name(policy, aps)
+            dirs.append(run_dir)
             run_once(cfg, backend="netns", out_dir=run_dir, progress=False)
             r = row(run_dir)
             share = "-" if r["attained"] is None else f"{r['attained']:.1%}"
@@ -195,6 +198,7 @@ def run(
             )
             if not passes(r, min_attained):
                 break  # the next rates would only queue more
+    print(f"report: {write_run_report(dirs, out / REPORT)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lab.config.models import ConfigError, LabConfig, load_config, parse_settings  # noqa: E402
-from lab.run.runner import BACKENDS, run_once  # noqa: E402
+from lab.run.backends import BACKENDS  # noqa: E402
+from lab.run.rundir import REPORT, write_run_report  # noqa: E402
+from lab.run.runner import run_once  # noqa: E402
 from services.spec import Policy  # noqa: E402
 
 
@@ -157,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     rows: list[dict[str, Any]] = []
+    dirs: list[Path] = []
     # repeats interleave the pairs, so a slow spell of the host spreads over all of them
     for repeat in range(args.repeats):
         for k, tau, cfg in configs:
             name = f"{k:g}-{tau:g}" + (f"-{repeat}" if args.repeats > 1 else "")
             print(f"== k={k:g} tau={tau:g} repeat {repeat}", file=sys.stderr, flush=True)
-            summary = run_once(cfg, backend=args.backend, out_dir=out / name).summary
+            dirs.append(out / name)
+            summary = run_once(cfg, backend=args.backend, out_dir=dirs[-1]).summary
             rows.append(row(k, tau, repeat, summary))
     report = {
         "config": args.config,
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "invariance.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {write_run_report(dirs, out / REPORT)}", file=sys.stderr)
     print(
         f"{'k':>9} {'tau':>5} {'JCT real s':>10} {'TTFT p50':>9} {'TPOT p50':>9} "
         f"{'snic':>6} {'KV Gbit/s':>9} {'host CPU':>8}  emulation"

@@ -5,7 +5,8 @@ table gives JCT and its ratio to the reference, TTFT p50, read sides, the storag
 attention balance, whether every byte was accounted for and each run's emulation-health
 verdict (a host-bound run measured the machine's CPU as much as the variant), all from the
 runs' summaries.
-Needs root for the netns backend. Writes DIR/variants.json and each run under DIR/<name>/.
+Needs root for the netns backend. Writes DIR/variants.json, each run under DIR/<name>/ and
+DIR/report.html with the runs side by side.
 
     .venv/bin/python bench/variants.py -c examples/laptop.yaml \\
         --variant whole: --variant split:scheduling.split_reads=true
@@ -28,7 +29,9 @@ if str(REPO) not in sys.path:
 
 from lab.config.models import ConfigError, load_config, parse_settings  # noqa: E402
 from lab.results.health import HOST_BOUND, verdict_of  # noqa: E402
-from lab.run.runner import BACKENDS, run_once  # noqa: E402
+from lab.run.backends import BACKENDS  # noqa: E402
+from lab.run.rundir import REPORT, write_run_report  # noqa: E402
+from lab.run.runner import run_once  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(name, summary, ref_jct))
     report = {"config": args.config, "backend": args.backend, "variants": variants, "rows": rows}
     (out / "variants.json").write_text(json.dumps(report, indent=2))
+    dirs = [out / name for name, _ in configs]
+    print(f"report: {write_run_report(dirs, out / REPORT)}", file=sys.stderr)
     print(
         f"{'variant':<14} {'JCT s':>8} {'vs ref':>7} {'TTFT p50':>9} {'att early':>10} "
         f"{'emulation':>10}  reads"
