@@ -24,7 +24,6 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -49,7 +48,6 @@ from services.spec import LAB_ID_PATTERN
 SOURCE_PACKAGES = ("dualpath", "services", "scheduler", "netem", "lab", "compose")
 SOURCE_FILES = ("pyproject.toml", "compose/Dockerfile")
 COMPOSE_TIMEOUT_S = 300.0
-WATCH_INTERVAL_S = 3.0
 
 Say = Callable[[str], None]
 
@@ -324,26 +322,20 @@ def _stack_result(out_dir: Path, name: str, status: int | None) -> dict[str, Any
 def _follow(ids: dict[str, str], log: Path, *, progress: bool) -> int:
     """Wait for the driver container to exit (its stdout to `log`, its stderr to stderr when
     `progress`, else to `log` too); a node container that exits first ends the run at once,
-    naming the node and its last words. One inspect per container and poll, over the
-    engine's socket: no process per poll beside the measured workload."""
+    naming the node and its last words. The wait follows the engine's events (`die` of the
+    stack's containers), so nothing polls the engine while the workload is measured."""
     driver = ids.get("driver")
     if driver is None:
         raise ComposeError(f"the stack has no driver container (containers: {sorted(ids)})")
     with log.open("wb") as sink:
         follower = engine.LogFollower(driver, sink, sys.stderr.buffer if progress else sink)
         try:
-            while True:
-                states = engine.states(ids)
-                if not states["driver"].get("Running"):
-                    return int(states["driver"].get("ExitCode", 1))
-                for node, st in states.items():
-                    if node != "driver" and not st.get("Running"):
-                        words = engine.logs(ids[node], name=node, tail=5)
-                        text = words.decode(errors="replace").strip()
-                        raise ComposeError(
-                            f"{node}'s container exited with status {st.get('ExitCode')}: {text}"
-                        )
-                time.sleep(WATCH_INTERVAL_S)
+            node, status = engine.wait_for_exit(ids)
+            if node == "driver":
+                return status
+            words = engine.logs(ids[node], name=node, tail=5)
+            text = words.decode(errors="replace").strip()
+            raise ComposeError(f"{node}'s container exited with status {status}: {text}")
         finally:
             follower.close()
 

@@ -192,6 +192,8 @@ class ContainerSpec:
     environment: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     working_dir: str | None = None
+    entrypoint: tuple[str, ...] | None = None
+    """In place of the image's (None: the image's own)."""
 
     def cli_options(self) -> list[str]:
         """The same container as `docker run -d` options (for logs and people)."""
@@ -208,6 +210,8 @@ class ContainerSpec:
         opts += [o for key, value in self.labels.items() for o in ("--label", f"{key}={value}")]
         if self.working_dir:
             opts += ["-w", self.working_dir]
+        if self.entrypoint is not None:  # the CLI takes one word; the rest go before the command
+            opts += ["--entrypoint", self.entrypoint[0] if self.entrypoint else ""]
         return opts
 
 
@@ -234,6 +238,7 @@ def run_detached(spec: ContainerSpec, *, name: str) -> str:
             environment=dict(spec.environment) or None,
             labels=dict(spec.labels) or None,
             working_dir=spec.working_dir,
+            entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
             host_config=host_config,
         )
     cid = str(created["Id"])
@@ -260,6 +265,35 @@ def states(names: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         with engine_errors(f"container {name} ({cid[:12]})"):
             out[name] = dict(api.inspect_container(cid)["State"])
     return out
+
+
+def wait_for_exit(names: Mapping[str, str]) -> tuple[str, int]:
+    """Block until one of the containers (name -> id) is not running, and say which and its
+    exit status. It follows the engine's event stream (`die` events of these containers)
+    instead of polling: no request per container and interval while the lab runs. A
+    container that exited before the stream was open is found by one look at the states made
+    after opening it."""
+    by_id = {cid: name for name, cid in names.items()}
+    what = f"containers {', '.join(sorted(names))}"
+    with engine_errors(what):
+        stream = client().events(
+            filters={"type": "container", "event": "die", "container": list(by_id)},
+            decode=True,
+        )
+    try:
+        for name, st in states(names).items():
+            if not st.get("Running"):
+                return name, int(st.get("ExitCode", 1))
+        with engine_errors(what):
+            for event in stream:
+                actor = event.get("Actor") or {}
+                cid = str(event.get("id") or actor.get("ID") or "")
+                if cid in by_id:
+                    code = (actor.get("Attributes") or {}).get("exitCode", 1)
+                    return by_id[cid], int(code)
+    finally:
+        stream.close()
+    raise EngineError(f"{what}: the engine's event stream ended before any of them exited")
 
 
 def logs(cid: str, *, name: str | None = None, tail: int | None = None) -> bytes:
