@@ -143,7 +143,6 @@ def lab_info(lab: Prepared, rates_mbit: Mapping[str, Mapping[str, float]]) -> La
         time_dilation=float(lab.cfg.scaling.time_dilation),
         nodes=[n.node_id for n in lab.spec.nodes],
         links={node: sorted(nics) for node, nics in sorted(rates_mbit.items())},
-        shaped=lab.spec.backend != "local",
     )
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
@@ -79,8 +79,6 @@ class LabInfo:
     nodes: list[str]
     links: dict[str, list[str]]
     """node -> its NICs that can be changed (the control endpoint's own list)."""
-    shaped: bool
-    """Whether the backend has kernel counters (netns); local labs show turns only."""
 
 
 def _direction(
@@ -219,13 +217,8 @@ class TimelineTap:
         return out
 
 
-@dataclass(eq=False)
-class _Page:
-    """One connected page: the frames it has yet to be sent."""
-
-    queue: asyncio.Queue[tuple[str, Any] | None] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=CLIENT_QUEUE)
-    )
+PageQueue = asyncio.Queue[tuple[str, Any] | None]
+"""One connected page: the events it has yet to be sent (None: close its stream)."""
 
 
 class Dashboard:
@@ -247,7 +240,7 @@ class Dashboard:
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_FRAMES)
         self.events: list[dict[str, Any]] = []
         self.ended: str | None = None
-        self.pages: set[_Page] = set()
+        self.pages: set[PageQueue] = set()
         self.loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
@@ -292,7 +285,6 @@ class Dashboard:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/", self._page)
         app.router.add_get("/plotly.js", self._plotly)
-        app.router.add_get("/v1/info", self._info)
         app.router.add_get("/v1/stream", self._stream)
         app.router.add_post("/v1/links/{node}/{nic}", self._forward)
         app.router.add_post("/v1/nodes/{node}/{action}", self._forward)
@@ -307,7 +299,7 @@ class Dashboard:
     async def _stop(self) -> None:
         for page in list(self.pages):
             with contextlib.suppress(asyncio.QueueFull):
-                page.queue.put_nowait(None)
+                page.put_nowait(None)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -338,11 +330,11 @@ class Dashboard:
             self.ended = str(data.get("text"))
         for page in list(self.pages):
             try:
-                page.queue.put_nowait((kind, data))
+                page.put_nowait((kind, data))
             except asyncio.QueueFull:  # too far behind: drop it, it reconnects
                 self.pages.discard(page)
                 with contextlib.suppress(asyncio.QueueFull):
-                    page.queue.put_nowait(None)
+                    page.put_nowait(None)
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -374,11 +366,6 @@ class Dashboard:
             headers={"Cache-Control": "max-age=3600"},
         )
 
-    async def _info(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._unauthorized()
-        return web.json_response(asdict(self.info))
-
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
             return self._unauthorized()
@@ -386,14 +373,14 @@ class Dashboard:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
         )
         await resp.prepare(request)
-        page = _Page()
+        page: PageQueue = asyncio.Queue(maxsize=CLIENT_QUEUE)
         hello = {"info": asdict(self.info), "history": list(self.history), "ended": self.ended}
         self.pages.add(page)
         try:
             await resp.write(_event("hello", hello))
             while True:
                 try:
-                    item = await asyncio.wait_for(page.queue.get(), timeout=KEEPALIVE_S)
+                    item = await asyncio.wait_for(page.get(), timeout=KEEPALIVE_S)
                 except TimeoutError:
                     await resp.write(b": keepalive\n\n")
                     continue

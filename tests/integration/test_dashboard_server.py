@@ -148,6 +148,6 @@ def test_a_taken_port_is_named_and_nothing_is_left_up(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        info = LabInfo("x", "local", None, 1.0, [], {}, shaped=False)
+        info = LabInfo("x", "local", None, 1.0, [], {})
         with pytest.raises(DashboardError, match=f"127.0.0.1:{port}"):
             Dashboard(info, control_url="http://127.0.0.1:9", secret="s", port=port)
